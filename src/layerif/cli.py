@@ -1,0 +1,119 @@
+"""The ``layerif`` command line: a thin shell over the Python API.
+
+Each sub-command is an argument dataclass plus a function that takes it and
+returns the text to print (the library itself never prints). The
+options are generated from the dataclass fields (``--damping-scale`` for
+``damping_scale``, help text from the field's metadata), so the CLI and the
+config saved beside every result are the same thing. A :class:`UserError`
+becomes one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import sys
+import types
+import typing
+from collections.abc import Callable
+
+from . import __version__, progress
+from .errors import UserError
+
+# sub-command -> (module, argument dataclass name, run function name, one-line help)
+COMMANDS: dict[str, tuple[str, str, str, str]] = {
+    "score": ("layerif.scores", "ScoreArgs", "run", "per-layer influence scores of a model on a task"),
+    "tasks": ("layerif.tasks", "TasksArgs", "run", "list the built-in tasks with chance level and model accuracy"),
+}
+
+
+def _base_type(tp: object) -> tuple[type, bool]:
+    """(the scalar type of a field annotation, whether it is optional)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _base_type(args[0])[0], True
+    if origin in (list, tuple):
+        return list, False
+    return tp, False  # type: ignore[return-value]
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One ``--option`` per dataclass field; list fields take comma-separated values."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("cli") is False:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        tp, _ = _base_type(hints[f.name])
+        help_ = f.metadata.get("help", "")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        kw: dict = {"dest": f.name, "default": argparse.SUPPRESS}
+        if tp is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=f"{help_} (default: {default})", **kw)
+            continue
+        if tp is list:
+            kw["type"] = lambda s: [x.strip() for x in s.split(",") if x.strip()]
+        elif tp in (int, float, str):
+            kw["type"] = tp
+        if "choices" in f.metadata:
+            kw["choices"] = f.metadata["choices"]
+        shown = ",".join(map(str, default)) if isinstance(default, list) else default
+        parser.add_argument(flag, help=f"{help_} (default: {shown})", metavar=f.metadata.get("metavar"), **kw)
+
+
+def build_args(cls: type, ns: argparse.Namespace) -> object:
+    """The dataclass from parsed options; ``--config FILE`` supplies values not given on the line."""
+    import json
+
+    values: dict = {}
+    if getattr(ns, "config", None):
+        try:
+            with open(ns.config, encoding="utf-8") as f:
+                saved = json.load(f)
+        except (OSError, json.JSONDecodeError) as exc:
+            raise UserError(f"cannot read --config {ns.config}: {exc}") from None
+        saved = saved.get("args", saved)
+        names = {f.name for f in dataclasses.fields(cls)}
+        values.update({k: v for k, v in saved.items() if k in names})
+    values.update({k: v for k, v in vars(ns).items() if k not in ("command", "config", "quiet")})
+    return cls(**values)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="layerif", description="Layer-wise influence scores for pretrained LLMs.")
+    parser.add_argument("--version", action="version", version=f"layerif {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (module, cls_name, _, help_) in COMMANDS.items():
+        cls = getattr(importlib.import_module(module), cls_name)
+        p = sub.add_parser(name, help=help_, description=(cls.__doc__ or help_).strip().splitlines()[0])
+        add_dataclass_arguments(p, cls)
+        p.add_argument("--config", help="a config.json saved by an earlier run; options given here override it")
+        p.add_argument("--quiet", action="store_true", help="no progress output")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = make_parser()
+    ns = parser.parse_args(argv)
+    module, cls_name, fn_name, _ = COMMANDS[ns.command]
+    mod = importlib.import_module(module)
+    run: Callable = getattr(mod, fn_name)
+    progress.enable(not ns.quiet)
+    try:
+        args = build_args(getattr(mod, cls_name), ns)
+        summary = run(args)
+    except UserError as exc:
+        print(f"layerif {ns.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"layerif {ns.command}: interrupted", file=sys.stderr)
+        return 130
+    if summary:
+        print(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
