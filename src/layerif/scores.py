@@ -1,0 +1,427 @@
+"""LayerIF scores: per-block influence of train samples on the validation loss.
+
+The pipeline, for each targeted module m of block l:
+
+1. v_m: gradient of the summed validation loss (or per-validation-sample
+   gradients with ``per_val``), from hooks (:mod:`layerif.grads`);
+2. per-sample train gradients g_im, reduced at once to the Gram statistics
+   K_m = G_m G_m^T and P_m = G_m v_m (:mod:`layerif.influence`). Modules are
+   processed in groups whose gradients fit ``grad_memory`` GB; a group costs one
+   forward+backward pass over the records, so no more than one group's
+   gradients are ever held;
+3. lambda_m, the module influence I_m (n_train x k), and the block influence
+   I_l(i) = sum_{m in l} I_m(i).
+
+Layer score (LayerIF's aggregation): S_l = - sum_i min(I_l(i), 0) >= 0, the total
+helpful influence in block l. Other aggregations are reported beside it.
+"""
+
+from __future__ import annotations
+
+import csv
+import io as _io
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import __version__, progress
+from .data import Encoded, Fields, batches, collate, encode_split, load_records
+from .errors import UserError
+from .grads import capture, losses_and_backward
+from .influence import ESTIMATORS, ModuleStats, damping, module_influence
+from .io import prepare_out_dir, write_figure, write_json, write_safetensors, write_text
+from .models import TARGETS, LoadedModel, Target, find_blocks, load_model, select_targets
+
+AGGREGATIONS = ("helpful", "sum", "mean_abs", "helpful_share")
+
+
+@dataclass
+class ScoreArgs:
+    """Compute per-layer influence scores (LayerIF) of a causal LM on a task."""
+
+    model: str | None = field(default=None, metadata={"help": "hub name or local folder (default: embedded SmolLM2-135M-Instruct)"})
+    gguf_file: str | None = field(default=None, metadata={"help": "GGUF file (inside --model, or a path)"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
+    dtype: str | None = field(default=None, metadata={"help": "float32 (CPU default), bfloat16, float16"})
+    trust_remote_code: bool = field(default=False, metadata={"help": "allow the model's own code from the hub"})
+    task: str = field(default="capitals", metadata={"help": "built-in task (see `layerif tasks`)"})
+    train: str | None = field(default=None, metadata={"help": "train records (JSONL/CSV/Parquet or HF dataset); replaces --task"})
+    val: str | None = field(default=None, metadata={"help": "validation records; required with --train"})
+    n_train: int = field(default=64, metadata={"help": "use at most this many train records (0 = all)"})
+    n_val: int = field(default=16, metadata={"help": "use at most this many validation records (0 = all)"})
+    seed: int = field(default=0, metadata={"help": "seed of the built-in task's sampling"})
+    text_field: str = field(default="text", metadata={"help": "record field with plain text"})
+    prompt_field: str = field(default="prompt", metadata={"help": "record field with the prompt"})
+    completion_field: str = field(default="completion", metadata={"help": "record field with the completion"})
+    max_length: int | None = field(default=None, metadata={"help": "truncate records to this many tokens"})
+    target: str = field(default="attn", metadata={"help": "attn, mlp, block, lora, or a regex over module names"})
+    estimator: str = field(default="datainf", metadata={"help": "datainf, exact or grad-dot", "choices": ESTIMATORS})
+    damping_scale: float = field(default=0.1, metadata={"help": "c in lambda_m = c * mean_i ||g_im||^2 / d_m"})
+    per_val: bool = field(default=False, metadata={"help": "also keep the [n_val, n_train] influence matrix"})
+    batch_size: int = field(default=8, metadata={"help": "records per forward/backward pass"})
+    grad_memory: float = field(default=2.0, metadata={"help": "GB of per-sample gradients held at once (more = fewer passes)"})
+    lora_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"], metadata={"help": "modules that get LoRA adapters with --target lora"})
+    lora_rank: int = field(default=8, metadata={"help": "LoRA rank with --target lora"})
+    finetune_steps: int = field(default=0, metadata={"help": "train the LoRA adapters this many steps first (--target lora)"})
+    finetune_lr: float = field(default=1e-3, metadata={"help": "learning rate of --finetune-steps"})
+    out: str = field(default="out/score", metadata={"help": "output folder"})
+
+
+@dataclass
+class ScoreResult:
+    """Everything a scoring run produces (the files are renderings of this)."""
+
+    layers: list[int]  # block indices, model order
+    influence: dict[int, torch.Tensor]  # block -> I_l, [n_train] or [n_val, n_train] with per_val (float64)
+    lambdas: dict[str, float]  # module name -> lambda_m
+    train_loss: torch.Tensor  # [n_train]
+    seconds: float
+    passes: int
+    meta: dict = field(default_factory=dict)
+
+    def summed(self, layer: int) -> torch.Tensor:
+        """I_l(i) for the summed validation loss, [n_train]."""
+        inf = self.influence[layer]
+        return inf.sum(dim=0) if inf.dim() == 2 else inf
+
+    def aggregations(self) -> dict[str, list[float]]:
+        """Per-block aggregations of I_l: helpful (= S_l), sum, mean_abs, helpful_share."""
+        return {name: [aggregate(self.summed(l))[name] for l in self.layers] for name in AGGREGATIONS}
+
+    @property
+    def score(self) -> list[float]:
+        return self.aggregations()["helpful"]
+
+
+def aggregate(I: torch.Tensor) -> dict[str, float]:
+    """Aggregations of one block's influence vector I [n_train]."""
+    return {
+        "helpful": float(-torch.clamp(I, max=0).sum()),
+        "sum": float(I.sum()),
+        "mean_abs": float(I.abs().mean()),
+        "helpful_share": float((I < 0).double().mean()),
+    }
+
+
+# ----------------------------------------------------------------------------- engine
+
+
+def _plan_groups(targets: list[Target], rows: int, budget_bytes: float) -> list[list[Target]]:
+    """Split targets (in model order) into groups whose [rows, d_m] float32 buffers fit the budget."""
+    groups: list[list[Target]] = [[]]
+    used = 0.0
+    for t in targets:
+        need = rows * t.numel * 4
+        if groups[-1] and used + need > budget_bytes:
+            groups.append([])
+            used = 0.0
+        groups[-1].append(t)
+        used += need
+    return groups
+
+
+def _gram(A: torch.Tensor, B: torch.Tensor, cols: int = 1 << 16) -> torch.Tensor:
+    """A B^T in float64, converting column slices at a time to bound memory."""
+    out = torch.zeros(A.shape[0], B.shape[0], dtype=torch.float64, device=A.device)
+    for c in range(0, A.shape[1], cols):
+        out += A[:, c : c + cols].double() @ B[:, c : c + cols].double().T
+    return out
+
+
+def _grad_pass(
+    model: torch.nn.Module,
+    targets: list[Target],
+    records: list[Encoded],
+    pad_id: int,
+    batch_size: int,
+    desc: str,
+    summed: bool,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """One forward+backward pass over ``records``.
+
+    Returns ({name: gradients}, losses [n]); gradients are [n, d_m] per sample,
+    or [1, d_m] summed over the records when ``summed``.
+    """
+    device = next(model.parameters()).device
+    n = len(records)
+    bufs = {t.name: torch.zeros((1 if summed else n), t.numel, device=device) for t in targets}
+    losses = torch.zeros(n, dtype=torch.float64)
+    offset = 0
+
+    def sink(t: Target, g: torch.Tensor) -> None:
+        if summed:
+            bufs[t.name][0] += g.sum(dim=0)
+        else:
+            bufs[t.name][offset : offset + g.shape[0]] = g
+
+    chunks = batches(records, batch_size)
+    with capture(model, targets, sink):
+        for chunk in progress.track(chunks, desc=desc, unit="batch"):
+            loss = losses_and_backward(model, collate(chunk, pad_id, device))
+            losses[offset : offset + len(chunk)] = loss.double().cpu()
+            offset += len(chunk)
+    return bufs, losses
+
+
+def module_stats(
+    model: torch.nn.Module,
+    targets: list[Target],
+    train: list[Encoded],
+    val: list[Encoded],
+    pad_id: int,
+    per_val: bool = False,
+    batch_size: int = 8,
+    grad_memory_gb: float = 2.0,
+) -> tuple[dict[str, ModuleStats], torch.Tensor, int]:
+    """Gram statistics of every target. Returns ({name: stats}, train losses [n], number of passes)."""
+    rows = len(train) + (len(val) if per_val else 0)
+    groups = _plan_groups(targets, rows, grad_memory_gb * 1e9)
+    stats: dict[str, ModuleStats] = {}
+    passes = 0
+    vsum: dict[str, torch.Tensor] = {}
+    if not per_val:
+        vsum, _ = _grad_pass(model, targets, val, pad_id, batch_size, "validation gradients", summed=True)
+        passes += 1
+    train_loss = torch.zeros(0)
+    for gi, group in enumerate(groups):
+        tag = f" (group {gi + 1}/{len(groups)})" if len(groups) > 1 else ""
+        V = vsum
+        if per_val:
+            V, _ = _grad_pass(model, group, val, pad_id, batch_size, f"validation gradients{tag}", summed=False)
+            passes += 1
+        G, train_loss = _grad_pass(model, group, train, pad_id, batch_size, f"train gradients{tag}", summed=False)
+        passes += 1
+        for t in group:
+            stats[t.name] = ModuleStats(K=_gram(G[t.name], G[t.name]).cpu(), P=_gram(G[t.name], V[t.name]).cpu(), d=t.numel)
+            del G[t.name]
+    return stats, train_loss, passes
+
+
+def block_influence(
+    stats: dict[str, ModuleStats], targets: list[Target], estimator: str, damping_scale: float
+) -> tuple[dict[int, torch.Tensor], dict[str, float]]:
+    """Per-block influence I_l [k, n_train] (float64) and lambda per module.
+
+    A module whose train gradients are all zero (lambda = 0; e.g. LoRA A matrices
+    before any training) contributes no influence.
+    """
+    if estimator not in ESTIMATORS:
+        raise UserError(f"unknown estimator {estimator!r} (use {', '.join(ESTIMATORS)})")
+    layers: dict[int, torch.Tensor] = {}
+    lambdas: dict[str, float] = {}
+    for t in targets:
+        s = stats[t.name]
+        lam = damping(s, damping_scale)
+        lambdas[t.name] = lam
+        inf = torch.zeros_like(s.P) if lam == 0.0 else module_influence(s, estimator, lam)
+        layers[t.block] = layers.get(t.block, 0) + inf.T
+    return layers, lambdas
+
+
+def compute(
+    lm: LoadedModel,
+    train: list[Encoded],
+    val: list[Encoded],
+    target: str = "attn",
+    estimator: str = "datainf",
+    damping_scale: float = 0.1,
+    per_val: bool = False,
+    batch_size: int = 8,
+    grad_memory_gb: float = 2.0,
+) -> ScoreResult:
+    """Score every block of ``lm`` with train records ``train`` against validation records ``val``."""
+    if damping_scale <= 0:
+        raise UserError(f"--damping-scale must be > 0 (got {damping_scale})")
+    if estimator not in ESTIMATORS:
+        raise UserError(f"unknown estimator {estimator!r} (use {', '.join(ESTIMATORS)})")
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1 (got {batch_size})")
+    start = time.perf_counter()
+    targets = select_targets(lm.model, target)
+    pad_id = lm.tokenizer.pad_token_id
+    stats, train_loss, passes = module_stats(lm.model, targets, train, val, pad_id, per_val, batch_size, grad_memory_gb)
+    inf, lambdas = block_influence(stats, targets, estimator, damping_scale)
+    layers = sorted(inf)
+    influence = {l: (inf[l] if per_val else inf[l][0]) for l in layers}
+    return ScoreResult(layers=layers, influence=influence, lambdas=lambdas, train_loss=train_loss,
+                       seconds=time.perf_counter() - start, passes=passes)
+
+
+# ----------------------------------------------------------------------------- data & run
+
+
+def load_splits(args: ScoreArgs, tokenizer) -> tuple[list[Encoded], list[Encoded], str, int]:
+    """Tokenized train and validation records, the task label, and how many records were truncated."""
+    fields = Fields(args.text_field, args.prompt_field, args.completion_field)
+    if args.train or args.val:
+        if not (args.train and args.val):
+            raise UserError("--train and --val go together")
+        train_rec, val_rec, label = load_records(args.train), load_records(args.val), Path(args.train).stem
+    else:
+        from .tasks import get_task
+
+        task = get_task(args.task)
+        train_rec = task.split("train", args.n_train or None, args.seed)
+        val_rec = task.split("validation", args.n_val or None, args.seed)
+        label = task.name
+    if args.n_train:
+        train_rec = train_rec[: args.n_train]
+    if args.n_val:
+        val_rec = val_rec[: args.n_val]
+    train, cut_t = encode_split(tokenizer, train_rec, "train", fields, args.max_length)
+    val, cut_v = encode_split(tokenizer, val_rec, "validation", fields, args.max_length)
+    return train, val, label, cut_t + cut_v
+
+
+def validate(args: ScoreArgs) -> None:
+    """Checks that need no model: option values and the output path."""
+    if args.damping_scale <= 0:
+        raise UserError(f"--damping-scale must be > 0 (got {args.damping_scale})")
+    if args.estimator not in ESTIMATORS:
+        raise UserError(f"unknown estimator {args.estimator!r} (use {', '.join(ESTIMATORS)})")
+    if args.n_train < 0 or args.n_val < 0:
+        raise UserError("--n-train and --n-val must be >= 0")
+    if args.max_length is not None and args.max_length < 2:
+        raise UserError(f"--max-length must be >= 2 (got {args.max_length})")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder")
+    for name in ("train", "val"):
+        path = getattr(args, name)
+        if path and not Path(path).exists() and Path(path).suffix:
+            raise UserError(f"data file not found: {path}")
+    if args.train is None and args.val is None:
+        from .tasks import get_task
+
+        get_task(args.task)
+    if args.target not in TARGETS:
+        import re
+
+        try:
+            re.compile(args.target)
+        except re.error as exc:
+            raise UserError(f"--target {args.target!r} is neither {', '.join(TARGETS)} nor a valid regex: {exc}") from None
+
+
+def score(args: ScoreArgs, lm: LoadedModel | None = None) -> ScoreResult:
+    """The Python API behind ``layerif score``: load, tokenize, compute (no files written)."""
+    validate(args)
+    lm = lm or load_model(args.model, args.gguf_file, args.device, args.dtype, args.trust_remote_code)
+    train, val, label, cut = load_splits(args, lm.tokenizer)
+    if cut:
+        progress.info(f"--max-length {args.max_length} truncated {cut} record(s)")
+    if args.target == "lora":
+        from .lora import prepare_lora
+
+        lm = prepare_lora(lm, train, args.lora_modules, args.lora_rank, args.finetune_steps, args.finetune_lr,
+                          args.batch_size, args.seed)
+    progress.info(f"scoring {len(find_blocks(lm.model)[1])} blocks: {len(train)} train x {len(val)} validation records, "
+                  f"target {args.target}, estimator {args.estimator}")
+    result = compute(lm, train, val, args.target, args.estimator, args.damping_scale, args.per_val,
+                     args.batch_size, args.grad_memory)
+    result.meta = {"model": lm.name, "task": label, "n_train": len(train), "n_val": len(val), "truncated": cut}
+    return result
+
+
+def scores_json(result: ScoreResult, args: ScoreArgs) -> dict:
+    """The scores.json document (the contract later tools read)."""
+    return {
+        "model": result.meta.get("model"),
+        "task": result.meta.get("task"),
+        "target": args.target,
+        "estimator": args.estimator,
+        "damping_scale": args.damping_scale,
+        "n_train": result.meta.get("n_train"),
+        "n_val": result.meta.get("n_val"),
+        "layers": result.layers,
+        "score": result.score,
+        "aggregations": result.aggregations(),
+        "lambda": result.lambdas,
+        "passes": result.passes,
+        "seconds": round(result.seconds, 3),
+        "version": __version__,
+    }
+
+
+def scores_csv(result: ScoreResult) -> str:
+    agg = result.aggregations()
+    buf = _io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["layer", "score", *AGGREGATIONS[1:]])
+    for i, l in enumerate(result.layers):
+        w.writerow([l, repr(agg["helpful"][i]), *(repr(agg[a][i]) for a in AGGREGATIONS[1:])])
+    return buf.getvalue()
+
+
+def table(result: ScoreResult, top: int = 5) -> str:
+    """A short terminal table: every block's score with a bar, the top blocks marked."""
+    s = result.score
+    peak = max(s) or 1.0
+    best = sorted(range(len(s)), key=lambda i: -s[i])[:top]
+    lines = [f"{'block':>5}  {'S_l':>11}  {'helpful%':>8}"]
+    share = result.aggregations()["helpful_share"]
+    for i, l in enumerate(result.layers):
+        bar = "#" * int(round(24 * s[i] / peak))
+        mark = " *" if i in best else ""
+        lines.append(f"{l:>5}  {s[i]:>11.4g}  {100 * share[i]:>7.1f}%  {bar}{mark}")
+    return "\n".join(lines)
+
+
+def plot(result: ScoreResult, title: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 3.2))
+    ax.bar(result.layers, result.score, color="#3a6ea5")
+    ax.set_xlabel("decoder block")
+    ax.set_ylabel("S_l (total helpful influence)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    return fig
+
+
+def write(result: ScoreResult, args: ScoreArgs) -> Path:
+    """Write scores.json, scores.csv, influence.safetensors, layer_scores.png, config.json into args.out."""
+    out = prepare_out_dir(args.out)
+    doc = scores_json(result, args)
+    tensors = {f"layer.{l}": result.influence[l].float() for l in result.layers}
+    tensors["train_loss"] = result.train_loss.float()
+    write_safetensors(out / "influence.safetensors", tensors, metadata={"scores": json.dumps({k: doc[k] for k in ("model", "task", "target", "estimator")})})
+    write_text(out / "scores.csv", scores_csv(result))
+    title = f"{doc['model']} · task {doc['task']} · target {args.target} · {args.estimator} · n={doc['n_train']}x{doc['n_val']}"
+    write_figure(out / "layer_scores.png", plot(result, title))
+    write_json(out / "config.json", {"command": "score", "args": asdict(args), "version": __version__})
+    write_json(out / "scores.json", doc)
+    return out
+
+
+def read_scores(path: str | Path) -> dict:
+    """Read a scores.json (or the folder holding it); a missing or malformed file is a user error."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "scores.json"
+    try:
+        with open(p, encoding="utf-8") as f:
+            doc = json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"scores file not found: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read scores file {path}: {exc}") from None
+    if not isinstance(doc, dict) or not {"layers", "score"} <= doc.keys() or len(doc["layers"]) != len(doc["score"]):
+        raise UserError(f"{path} is not a layerif scores.json (needs 'layers' and 'score' of equal length)")
+    return doc
+
+
+def run(args: ScoreArgs) -> str:
+    """``layerif score``: compute, write the files, return the terminal summary."""
+    result = score(args)
+    out = write(result, args)
+    m = result.meta
+    head = (f"{m['model']} · task {m['task']} · target {args.target} · estimator {args.estimator} · "
+            f"{m['n_train']} train x {m['n_val']} validation · {result.passes} pass(es) · {result.seconds:.1f} s")
+    return f"{head}\n{table(result)}\nwrote {out}/scores.json, scores.csv, influence.safetensors, layer_scores.png"
