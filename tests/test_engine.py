@@ -206,3 +206,42 @@ def test_layer_discovery(family):
     assert all(t.name.startswith(prefix) for t in block)
     expected_attn = {"llama": 4, "mistral": 4, "qwen2": 4, "gpt2": 2, "opt": 4, "gpt_neox": 2}[family]
     assert len(attn) == 3 * expected_attn
+
+
+@pytest.mark.parametrize("family,bias", [("llama", True), ("gpt2", False), ("opt", False)])
+def test_factored_gram_equals_dense(tokenizer, family, bias):
+    from layerif.grads import Factored, capture, dense_from_activations, gram, losses_and_backward
+    from layerif.data import collate
+
+    model = tiny_model(family, bias=bias, seed=5)
+    targets = select_targets(model, "block")
+    recs = [encode(tokenizer, {"text": t}) for t in TEXTS]
+    dense = {t.name: [] for t in targets}
+    parts = {t.name: [] for t in targets}
+    for chunk in (recs[:3], recs[3:]):
+        batch = collate(chunk, tokenizer.pad_token_id)
+
+        def sink(t, x, d, mask=batch["attention_mask"]):
+            dense[t.name].append(dense_from_activations(t.module, x, d))
+            parts[t.name].append((x, d, mask))
+
+        with capture(model, targets, sink):
+            losses_and_backward(model, batch)
+    for t in targets:
+        G = torch.cat(dense[t.name])
+        F = Factored.from_batches(t.module, parts[t.name], len(recs))
+        v = torch.randn(3, t.numel)
+        for got, ref in ((gram(F, F), gram(G, G)), (gram(F, v), gram(G, v)), (gram(v, F), gram(v, G)),
+                         (gram(F, F, chunk=5), gram(G, G))):
+            # dense G is formed in float32, the factored Gram in float64
+            torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-6 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("per_val", [False, True])
+def test_factored_layout_equals_dense_layout(per_val):
+    lm = _lm("gpt2", seed=6)
+    train, val = _split(lm.tokenizer, TEXTS[:6]), _split(lm.tokenizer, TEXTS[5:])
+    a = compute(lm, train, val, "block", "exact", 0.1, per_val=per_val, batch_size=4, layout="dense")
+    b = compute(lm, train, val, "block", "exact", 0.1, per_val=per_val, batch_size=3, layout="factored")
+    for l in a.layers:
+        torch.testing.assert_close(a.influence[l], b.influence[l], rtol=1e-4, atol=1e-6 * float(a.influence[l].abs().max()))

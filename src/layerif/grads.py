@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -38,14 +39,13 @@ def flat_params(module: nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().flatten() for p in module.parameters(recurse=False)])
 
 
-def per_sample_from_activations(module: nn.Module, x: torch.Tensor, delta: torch.Tensor, batch: int) -> torch.Tensor:
-    """Per-sample gradients [B, d] from inputs x [B, T, in] and output gradients delta [B, T, out].
+def _shaped(x: torch.Tensor, batch: int) -> torch.Tensor:
+    """[B, T, f] float32 view of an activation (OPT's MLP flattens to [B*T, f])."""
+    return x.float().reshape(batch, -1, x.shape[-1])
 
-    Inputs flattened over (batch, token), as OPT's MLP does ([B*T, in]), are
-    reshaped with ``batch`` = B.
-    """
-    x = x.float().reshape(batch, -1, x.shape[-1])
-    delta = delta.float().reshape(batch, -1, delta.shape[-1])
+
+def dense_from_activations(module: nn.Module, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """Per-sample gradients [B, d] from inputs x [B, T, in] and output gradients delta [B, T, out]."""
     if _is_conv1d(module):
         w = torch.einsum("bti,bto->bio", x, delta)
     else:
@@ -56,14 +56,91 @@ def per_sample_from_activations(module: nn.Module, x: torch.Tensor, delta: torch
     return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
 
+@dataclass
+class Factored:
+    """Per-sample gradients kept as their token factors: g_i = sum_{t in i} delta_t x_t^T.
+
+    ``x`` [N, in (+1 with a bias: a column of ones)], ``delta`` [N, out] over the N
+    real tokens of all samples, ``sample`` [N] the sample index of each token.
+    Dot products between such gradients never form g:
+    g_i . g_j = sum_{t in i, s in j} (x_t . x_s)(delta_t . delta_s).
+    """
+
+    x: torch.Tensor
+    delta: torch.Tensor
+    sample: torch.Tensor
+    n: int
+    conv1d: bool
+    bias: bool
+
+    @classmethod
+    def from_batches(cls, module: nn.Module, parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], n: int) -> "Factored":
+        """From (x [B, T, in], delta [B, T, out], mask [B, T]) of consecutive batches covering n samples."""
+        xs, ds, ss, offset = [], [], [], 0
+        bias = getattr(module, "bias", None) is not None
+        for x, delta, mask in parts:
+            keep = mask.bool()
+            rows = torch.arange(x.shape[0], device=x.device)[:, None].expand_as(keep)
+            xk = x[keep]
+            if bias:
+                xk = torch.cat([xk, torch.ones(xk.shape[0], 1, dtype=xk.dtype, device=xk.device)], dim=1)
+            xs.append(xk)
+            ds.append(delta[keep])
+            ss.append(rows[keep] + offset)
+            offset += x.shape[0]
+        return cls(torch.cat(xs), torch.cat(ds), torch.cat(ss), n, _is_conv1d(module), bias)
+
+    def as_matrices(self, flat: torch.Tensor) -> torch.Tensor:
+        """Flat gradient-shaped vectors [k, d] (contract order) as [k, out, in (+1)] matrices."""
+        k, out, inp = flat.shape[0], self.delta.shape[1], self.x.shape[1] - self.bias
+        w = flat[:, : out * inp]
+        w = w.reshape(k, inp, out).transpose(1, 2) if self.conv1d else w.reshape(k, out, inp)
+        if self.bias:
+            w = torch.cat([w, flat[:, out * inp :, None]], dim=2)
+        return w
+
+
+def _segment_sum(values: torch.Tensor, index: torch.Tensor, n: int) -> torch.Tensor:
+    """Sum rows of values [N, ...] into n groups by index [N]."""
+    out = torch.zeros((n, *values.shape[1:]), dtype=values.dtype, device=values.device)
+    return out.index_add_(0, index, values)
+
+
+def gram(a: torch.Tensor | Factored, b: torch.Tensor | Factored, chunk: int = 4096) -> torch.Tensor:
+    """All dot products a_i . b_j as [n_a, n_b] float64; each side dense [n, d] or :class:`Factored`."""
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        out = torch.zeros(a.shape[0], b.shape[0], dtype=torch.float64, device=a.device)
+        for c in range(0, a.shape[1], 1 << 16):
+            out += a[:, c : c + (1 << 16)].double() @ b[:, c : c + (1 << 16)].double().T
+        return out
+    if isinstance(a, torch.Tensor):
+        return gram(b, a, chunk).T
+    if isinstance(b, torch.Tensor):  # factored x dense: g_i . v_j = sum_t delta_t^T V_j x_t
+        out = torch.zeros(a.n, b.shape[0], dtype=torch.float64, device=a.x.device)
+        for j in range(b.shape[0]):
+            M = a.as_matrices(b[j : j + 1])[0].double()
+            per_token = ((a.delta.double() @ M) * a.x.double()).sum(dim=1)
+            out[:, j] = _segment_sum(per_token, a.sample, a.n)
+        return out
+    out = torch.zeros(a.n, b.n, dtype=torch.float64, device=a.x.device)
+    for i in range(0, a.x.shape[0], chunk):
+        xa, da, sa = a.x[i : i + chunk].double(), a.delta[i : i + chunk].double(), a.sample[i : i + chunk]
+        for j in range(0, b.x.shape[0], chunk):
+            xb, db, sb = b.x[j : j + chunk].double(), b.delta[j : j + chunk].double(), b.sample[j : j + chunk]
+            tok = (xa @ xb.T) * (da @ db.T)  # [Na, Nb]
+            out += _segment_sum(_segment_sum(tok, sa, a.n).T, sb, b.n).T
+    return out
+
+
 @contextmanager
 def capture(
-    model: nn.Module, targets: Sequence[Target], sink: Callable[[Target, torch.Tensor], None]
+    model: nn.Module, targets: Sequence[Target], sink: Callable[[Target, torch.Tensor, torch.Tensor], None]
 ) -> Iterator[None]:
-    """Within the context, every backward pass of ``model`` calls ``sink(target, grads [B, d])`` per target.
+    """Within the context, every backward pass of ``model`` calls ``sink(target, x, delta)`` per target.
 
-    ``grads[i]`` is the gradient of the differentiated objective's i-th sample term
-    w.r.t. the target's parameters (contract order above), in float32.
+    ``x`` [B, T, in] is the module's input and ``delta`` [B, T, out] the gradient of
+    the differentiated objective w.r.t. its output, both float32; sample i's
+    parameter gradient is ``dense_from_activations(module, x, delta)[i]``.
     """
     batch = [0]
 
@@ -75,8 +152,8 @@ def capture(
         def fwd(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
             if not torch.is_grad_enabled() or not output.requires_grad:
                 return
-            x, b = inputs[0].detach(), batch[0]
-            output.register_hook(lambda grad: sink(t, per_sample_from_activations(module, x, grad, b)))
+            x, b = _shaped(inputs[0].detach(), batch[0]), batch[0]
+            output.register_hook(lambda grad: sink(t, x, _shaped(grad, b)))
 
         return fwd
 
@@ -120,7 +197,7 @@ def per_sample_grads(
     device = next(model.parameters()).device
     out: dict[str, list[torch.Tensor]] = {t.name: [] for t in targets}
     losses = []
-    with capture(model, targets, lambda t, g: out[t.name].append(g.cpu())):
+    with capture(model, targets, lambda t, x, d: out[t.name].append(dense_from_activations(t.module, x, d).cpu())):
         for chunk in batches(list(records), batch_size):
             losses.append(losses_and_backward(model, collate(chunk, pad_id, device)).cpu())
     return {k: torch.cat(v) for k, v in out.items()}, torch.cat(losses)

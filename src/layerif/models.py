@@ -100,6 +100,8 @@ def _dequantized_cache(gguf: Path) -> Path:
     progress.info(f"de-quantizing {gguf.name} once (cached in {folder})")
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # The tensors are plain float32 now; drop the GGUF "quantizer" so the model serializes.
+    model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     folder.parent.mkdir(parents=True, exist_ok=True)

@@ -30,10 +30,10 @@ import torch
 from . import __version__, progress
 from .data import Encoded, Fields, batches, collate, encode_split, load_records
 from .errors import UserError
-from .grads import capture, losses_and_backward
+from .grads import Factored, capture, dense_from_activations, gram, losses_and_backward
 from .influence import ESTIMATORS, ModuleStats, damping, module_influence
 from .io import prepare_out_dir, write_figure, write_json, write_safetensors, write_text
-from .models import TARGETS, LoadedModel, Target, find_blocks, load_model, select_targets
+from .models import TARGETS, LoadedModel, Target, find_blocks, load_model, select_targets, weight_out_in
 
 AGGREGATIONS = ("helpful", "sum", "mean_abs", "helpful_share")
 
@@ -63,6 +63,7 @@ class ScoreArgs:
     per_val: bool = field(default=False, metadata={"help": "also keep the [n_val, n_train] influence matrix"})
     batch_size: int = field(default=8, metadata={"help": "records per forward/backward pass"})
     grad_memory: float = field(default=2.0, metadata={"help": "GB of per-sample gradients held at once (more = fewer passes)"})
+    layout: str = field(default="auto", metadata={"help": "per-sample gradients held dense, as token factors, or auto (fewer flops)", "choices": ("auto", "dense", "factored")})
     lora_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"], metadata={"help": "modules that get LoRA adapters with --target lora"})
     lora_rank: int = field(default=8, metadata={"help": "LoRA rank with --target lora"})
     finetune_steps: int = field(default=0, metadata={"help": "train the LoRA adapters this many steps first (--target lora)"})
@@ -109,26 +110,33 @@ def aggregate(I: torch.Tensor) -> dict[str, float]:
 # ----------------------------------------------------------------------------- engine
 
 
-def _plan_groups(targets: list[Target], rows: int, budget_bytes: float) -> list[list[Target]]:
-    """Split targets (in model order) into groups whose [rows, d_m] float32 buffers fit the budget."""
+def _layout(t: Target, n: int, n_tokens: int, prefer: str = "auto") -> tuple[str, float]:
+    """How to hold a module's per-sample gradients for n samples of n_tokens real tokens in all.
+
+    ``factored`` (token factors, :class:`~layerif.grads.Factored`) when its Gram
+    costs fewer flops than forming dense gradients and their Gram, else
+    ``dense``; ``prefer`` forces one. Returns (layout, float32 bytes it needs).
+    """
+    out_f, in_f = weight_out_in(t.module).shape
+    in_f += getattr(t.module, "bias", None) is not None
+    factored_flops = n_tokens**2 * (in_f + out_f)
+    dense_flops = (n_tokens + n * n) * in_f * out_f
+    if prefer == "factored" or (prefer == "auto" and factored_flops <= dense_flops):
+        return "factored", 4.0 * n_tokens * (in_f + out_f)
+    return "dense", 4.0 * n * t.numel
+
+
+def _plan_groups(targets: list[Target], cost: dict[str, float], budget_bytes: float) -> list[list[Target]]:
+    """Split targets (model order) into groups whose gradient buffers (``cost`` bytes each) fit the budget."""
     groups: list[list[Target]] = [[]]
     used = 0.0
     for t in targets:
-        need = rows * t.numel * 4
-        if groups[-1] and used + need > budget_bytes:
+        if groups[-1] and used + cost[t.name] > budget_bytes:
             groups.append([])
             used = 0.0
         groups[-1].append(t)
-        used += need
+        used += cost[t.name]
     return groups
-
-
-def _gram(A: torch.Tensor, B: torch.Tensor, cols: int = 1 << 16) -> torch.Tensor:
-    """A B^T in float64, converting column slices at a time to bound memory."""
-    out = torch.zeros(A.shape[0], B.shape[0], dtype=torch.float64, device=A.device)
-    for c in range(0, A.shape[1], cols):
-        out += A[:, c : c + cols].double() @ B[:, c : c + cols].double().T
-    return out
 
 
 def _grad_pass(
@@ -138,32 +146,45 @@ def _grad_pass(
     pad_id: int,
     batch_size: int,
     desc: str,
-    summed: bool,
-) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    layout: dict[str, str],
+) -> tuple[dict[str, torch.Tensor | Factored], torch.Tensor]:
     """One forward+backward pass over ``records``.
 
-    Returns ({name: gradients}, losses [n]); gradients are [n, d_m] per sample,
-    or [1, d_m] summed over the records when ``summed``.
+    Returns ({name: gradients}, losses [n]). Per module, by ``layout[name]``:
+    ``summed`` -> [1, d] gradient of the summed loss; ``dense`` -> [n, d]
+    per-sample gradients; ``factored`` -> :class:`Factored` per-sample gradients.
     """
     device = next(model.parameters()).device
     n = len(records)
-    bufs = {t.name: torch.zeros((1 if summed else n), t.numel, device=device) for t in targets}
+    bufs: dict[str, torch.Tensor] = {
+        t.name: torch.zeros((1 if layout[t.name] == "summed" else n), t.numel, device=device)
+        for t in targets if layout[t.name] != "factored"
+    }
+    parts: dict[str, list] = {t.name: [] for t in targets if layout[t.name] == "factored"}
     losses = torch.zeros(n, dtype=torch.float64)
-    offset = 0
+    state = {"offset": 0, "mask": None}
 
-    def sink(t: Target, g: torch.Tensor) -> None:
-        if summed:
-            bufs[t.name][0] += g.sum(dim=0)
+    def sink(t: Target, x: torch.Tensor, delta: torch.Tensor) -> None:
+        kind, o = layout[t.name], state["offset"]
+        if kind == "factored":
+            parts[t.name].append((x, delta, state["mask"]))
+        elif kind == "summed":
+            bufs[t.name][0] += dense_from_activations(t.module, x, delta).sum(dim=0)
         else:
-            bufs[t.name][offset : offset + g.shape[0]] = g
+            bufs[t.name][o : o + x.shape[0]] = dense_from_activations(t.module, x, delta)
 
-    chunks = batches(records, batch_size)
     with capture(model, targets, sink):
-        for chunk in progress.track(chunks, desc=desc, unit="batch"):
-            loss = losses_and_backward(model, collate(chunk, pad_id, device))
-            losses[offset : offset + len(chunk)] = loss.double().cpu()
-            offset += len(chunk)
-    return bufs, losses
+        for chunk in progress.track(batches(records, batch_size), desc=desc, unit="batch"):
+            batch = collate(chunk, pad_id, device)
+            state["mask"] = batch["attention_mask"]
+            loss = losses_and_backward(model, batch)
+            losses[state["offset"] : state["offset"] + len(chunk)] = loss.double().cpu()
+            state["offset"] += len(chunk)
+    grads: dict[str, torch.Tensor | Factored] = dict(bufs)
+    for t in targets:
+        if t.name in parts:
+            grads[t.name] = Factored.from_batches(t.module, parts.pop(t.name), n)
+    return grads, losses
 
 
 def module_stats(
@@ -175,28 +196,35 @@ def module_stats(
     per_val: bool = False,
     batch_size: int = 8,
     grad_memory_gb: float = 2.0,
+    layout: str = "auto",
 ) -> tuple[dict[str, ModuleStats], torch.Tensor, int]:
     """Gram statistics of every target. Returns ({name: stats}, train losses [n], number of passes)."""
-    rows = len(train) + (len(val) if per_val else 0)
-    groups = _plan_groups(targets, rows, grad_memory_gb * 1e9)
+    tokens = lambda recs: sum(len(e.input_ids) for e in recs)  # noqa: E731
+    layout_t = {t.name: _layout(t, len(train), tokens(train), layout) for t in targets}
+    layout_v = {t.name: (_layout(t, len(val), tokens(val), layout) if per_val else ("summed", 0.0)) for t in targets}
+    cost = {k: layout_t[k][1] + layout_v[k][1] for k in layout_t}
+    groups = _plan_groups(targets, cost, grad_memory_gb * 1e9)
     stats: dict[str, ModuleStats] = {}
     passes = 0
-    vsum: dict[str, torch.Tensor] = {}
+    vsum: dict = {}
     if not per_val:
-        vsum, _ = _grad_pass(model, targets, val, pad_id, batch_size, "validation gradients", summed=True)
+        vsum, _ = _grad_pass(model, targets, val, pad_id, batch_size, "validation gradients",
+                             {t.name: "summed" for t in targets})
         passes += 1
     train_loss = torch.zeros(0)
     for gi, group in enumerate(groups):
         tag = f" (group {gi + 1}/{len(groups)})" if len(groups) > 1 else ""
         V = vsum
         if per_val:
-            V, _ = _grad_pass(model, group, val, pad_id, batch_size, f"validation gradients{tag}", summed=False)
+            V, _ = _grad_pass(model, group, val, pad_id, batch_size, f"validation gradients{tag}",
+                              {t.name: layout_v[t.name][0] for t in group})
             passes += 1
-        G, train_loss = _grad_pass(model, group, train, pad_id, batch_size, f"train gradients{tag}", summed=False)
+        G, train_loss = _grad_pass(model, group, train, pad_id, batch_size, f"train gradients{tag}",
+                                   {t.name: layout_t[t.name][0] for t in group})
         passes += 1
         for t in group:
-            stats[t.name] = ModuleStats(K=_gram(G[t.name], G[t.name]).cpu(), P=_gram(G[t.name], V[t.name]).cpu(), d=t.numel)
-            del G[t.name]
+            g, v = G.pop(t.name), V.pop(t.name)
+            stats[t.name] = ModuleStats(K=gram(g, g).cpu(), P=gram(g, v).cpu(), d=t.numel)
     return stats, train_loss, passes
 
 
@@ -231,6 +259,7 @@ def compute(
     per_val: bool = False,
     batch_size: int = 8,
     grad_memory_gb: float = 2.0,
+    layout: str = "auto",
 ) -> ScoreResult:
     """Score every block of ``lm`` with train records ``train`` against validation records ``val``."""
     if damping_scale <= 0:
@@ -242,7 +271,8 @@ def compute(
     start = time.perf_counter()
     targets = select_targets(lm.model, target)
     pad_id = lm.tokenizer.pad_token_id
-    stats, train_loss, passes = module_stats(lm.model, targets, train, val, pad_id, per_val, batch_size, grad_memory_gb)
+    stats, train_loss, passes = module_stats(lm.model, targets, train, val, pad_id, per_val, batch_size,
+                                            grad_memory_gb, layout)
     inf, lambdas = block_influence(stats, targets, estimator, damping_scale)
     layers = sorted(inf)
     influence = {l: (inf[l] if per_val else inf[l][0]) for l in layers}
@@ -321,7 +351,7 @@ def score(args: ScoreArgs, lm: LoadedModel | None = None) -> ScoreResult:
     progress.info(f"scoring {len(find_blocks(lm.model)[1])} blocks: {len(train)} train x {len(val)} validation records, "
                   f"target {args.target}, estimator {args.estimator}")
     result = compute(lm, train, val, args.target, args.estimator, args.damping_scale, args.per_val,
-                     args.batch_size, args.grad_memory)
+                     args.batch_size, args.grad_memory, args.layout)
     result.meta = {"model": lm.name, "task": label, "n_train": len(train), "n_val": len(val), "truncated": cut}
     return result
 
