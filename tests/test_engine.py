@@ -170,7 +170,8 @@ def test_per_val_summed_equals_default_and_multi_pass_equals_single_pass():
     train, val = _split(lm.tokenizer, TEXTS[:6]), _split(lm.tokenizer, TEXTS[5:])
     base = compute(lm, train, val, "block", "datainf", 0.1, batch_size=4)
     pv = compute(lm, train, val, "block", "datainf", 0.1, per_val=True, batch_size=3)
-    tiny_budget = compute(lm, train, val, "block", "datainf", 0.1, batch_size=2, grad_memory_gb=1e-6)
+    tiny_budget = compute(lm, train, val, "block", "datainf", 0.1, batch_size=2, max_memory_gb=1e-6,
+                          mode="materialized")
     assert tiny_budget.passes > base.passes
     for l in base.layers:
         assert pv.influence[l].shape == (len(val), len(train))
@@ -245,3 +246,18 @@ def test_factored_layout_equals_dense_layout(per_val):
     b = compute(lm, train, val, "block", "exact", 0.1, per_val=per_val, batch_size=3, layout="factored")
     for l in a.layers:
         torch.testing.assert_close(a.influence[l], b.influence[l], rtol=1e-4, atol=1e-6 * float(a.influence[l].abs().max()))
+
+
+def test_lora_target_after_finetuning_equals_reference():
+    from layerif.lora import prepare_lora
+
+    lm = _lm("llama", seed=7)
+    train, val = TEXTS[:6], TEXTS[6:]
+    lm = prepare_lora(lm, _split(lm.tokenizer, train), ["q_proj", "v_proj"], rank=2, steps=5, lr=1e-2, batch_size=3, seed=0)
+    targets = select_targets(lm.model, "lora")
+    assert len(targets) == 3 * 2 * 2  # blocks x (q, v) x (A, B)
+    assert all(float(t.module.weight.abs().sum()) > 0 for t in targets)
+    res = compute(lm, _split(lm.tokenizer, train), _split(lm.tokenizer, val), "lora", "datainf", 0.1, batch_size=4)
+    ref = reference_layer_influence(lm, train, val, "lora", "datainf", 0.1)
+    for l in res.layers:
+        torch.testing.assert_close(res.influence[l], ref[l], rtol=2e-4, atol=1e-8)

@@ -57,8 +57,8 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             kw["type"] = lambda s: [x.strip() for x in s.split(",") if x.strip()]
         elif tp in (int, float, str):
             kw["type"] = tp
-        if "choices" in f.metadata:
-            kw["choices"] = f.metadata["choices"]
+        if "choices" in f.metadata:  # validated by the command itself, for a one-line error
+            help_ = f"{help_}; one of {', '.join(f.metadata['choices'])}"
         shown = ",".join(map(str, default)) if isinstance(default, list) else default
         parser.add_argument(flag, help=f"{help_} (default: {shown})", metavar=f.metadata.get("metavar"), **kw)
 

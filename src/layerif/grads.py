@@ -44,24 +44,83 @@ def _shaped(x: torch.Tensor, batch: int) -> torch.Tensor:
     return x.float().reshape(batch, -1, x.shape[-1])
 
 
+def _has_bias(module: nn.Module) -> bool:
+    return getattr(module, "bias", None) is not None
+
+
+def augment(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Inputs [..., in] with a column of ones appended when the module has a bias: [..., in (+1)].
+
+    With it, the bias gradient is one more weight column: g = sum_t delta_t x'_t^T.
+    """
+    if not _has_bias(module):
+        return x
+    return torch.cat([x, torch.ones(*x.shape[:-1], 1, dtype=x.dtype, device=x.device)], dim=-1)
+
+
+def to_matrices(module: nn.Module, flat: torch.Tensor) -> torch.Tensor:
+    """Flat gradient-shaped vectors [k, d] (contract order) as [k, out, in (+1)] matrices."""
+    out, inp = module.weight.shape[::-1] if _is_conv1d(module) else module.weight.shape
+    w = flat[:, : out * inp]
+    w = w.reshape(-1, inp, out).transpose(1, 2) if _is_conv1d(module) else w.reshape(-1, out, inp)
+    if _has_bias(module):
+        w = torch.cat([w, flat[:, out * inp :, None]], dim=2)
+    return w
+
+
+def from_matrices(module: nn.Module, W: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`to_matrices`: [k, out, in (+1)] -> flat [k, d] in contract order."""
+    inp = W.shape[2] - _has_bias(module)
+    w = W[:, :, :inp]
+    w = w.transpose(1, 2) if _is_conv1d(module) else w
+    parts = [w.reshape(W.shape[0], -1)]
+    if _has_bias(module):
+        parts.append(W[:, :, inp])
+    return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+
 def dense_from_activations(module: nn.Module, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """Per-sample gradients [B, d] from inputs x [B, T, in] and output gradients delta [B, T, out]."""
-    if _is_conv1d(module):
-        w = torch.einsum("bti,bto->bio", x, delta)
-    else:
-        w = torch.einsum("bto,bti->boi", delta, x)
-    parts = [w.reshape(w.shape[0], -1)]
-    if getattr(module, "bias", None) is not None:
-        parts.append(delta.sum(dim=1))
-    return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+    return from_matrices(module, torch.einsum("bto,bti->boi", delta, augment(module, x)))
+
+
+def weighted_sum(module: nn.Module, x: torch.Tensor, delta: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """sum_i r[i, j] g_i for each column j of r [B, k]: [k, d], without forming any g_i."""
+    return from_matrices(module, torch.einsum("bk,bto,bti->koi", r, delta, augment(module, x)))
+
+
+def sq_norms(module: nn.Module, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """||g_i||^2 for each sample of a batch, [B] float64.
+
+    Ghost norm sum_{t,s} (x_t . x_s)(delta_t . delta_s) when T^2 (in + out) < in * out,
+    else through the dense per-sample gradients.
+    """
+    xa = augment(module, x)
+    T, inp, out = x.shape[1], xa.shape[2], delta.shape[2]
+    if T * T * (inp + out) < inp * out:
+        xx = torch.einsum("bti,bsi->bts", xa.double(), xa.double())
+        dd = torch.einsum("bto,bso->bts", delta.double(), delta.double())
+        return (xx * dd).sum(dim=(1, 2))
+    g = dense_from_activations(module, x, delta).double()
+    return (g * g).sum(dim=1)
+
+
+def dots(module: nn.Module, x: torch.Tensor, delta: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    """g_i . v_j for each sample i of a batch and row j of V [k, d]: [B, k] float64, without forming g_i.
+
+    g_i . v = sum_t delta_t^T M x'_t with M the [out, in (+1)] matrix form of v.
+    """
+    xa, d64 = augment(module, x).double(), delta.double()
+    M = to_matrices(module, V).double()
+    return torch.stack([((d64 @ M[j]) * xa).sum(dim=(1, 2)) for j in range(M.shape[0])], dim=1)
 
 
 @dataclass
 class Factored:
     """Per-sample gradients kept as their token factors: g_i = sum_{t in i} delta_t x_t^T.
 
-    ``x`` [N, in (+1 with a bias: a column of ones)], ``delta`` [N, out] over the N
-    real tokens of all samples, ``sample`` [N] the sample index of each token.
+    ``x`` [N, in (+1 with a bias, see :func:`augment`)], ``delta`` [N, out] over
+    the N real tokens of all samples, ``sample`` [N] the sample index of each token.
     Dot products between such gradients never form g:
     g_i . g_j = sum_{t in i, s in j} (x_t . x_s)(delta_t . delta_s).
     """
@@ -70,34 +129,20 @@ class Factored:
     delta: torch.Tensor
     sample: torch.Tensor
     n: int
-    conv1d: bool
-    bias: bool
+    module: nn.Module
 
     @classmethod
     def from_batches(cls, module: nn.Module, parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], n: int) -> "Factored":
         """From (x [B, T, in], delta [B, T, out], mask [B, T]) of consecutive batches covering n samples."""
         xs, ds, ss, offset = [], [], [], 0
-        bias = getattr(module, "bias", None) is not None
         for x, delta, mask in parts:
             keep = mask.bool()
             rows = torch.arange(x.shape[0], device=x.device)[:, None].expand_as(keep)
-            xk = x[keep]
-            if bias:
-                xk = torch.cat([xk, torch.ones(xk.shape[0], 1, dtype=xk.dtype, device=xk.device)], dim=1)
-            xs.append(xk)
+            xs.append(augment(module, x[keep]))
             ds.append(delta[keep])
             ss.append(rows[keep] + offset)
             offset += x.shape[0]
-        return cls(torch.cat(xs), torch.cat(ds), torch.cat(ss), n, _is_conv1d(module), bias)
-
-    def as_matrices(self, flat: torch.Tensor) -> torch.Tensor:
-        """Flat gradient-shaped vectors [k, d] (contract order) as [k, out, in (+1)] matrices."""
-        k, out, inp = flat.shape[0], self.delta.shape[1], self.x.shape[1] - self.bias
-        w = flat[:, : out * inp]
-        w = w.reshape(k, inp, out).transpose(1, 2) if self.conv1d else w.reshape(k, out, inp)
-        if self.bias:
-            w = torch.cat([w, flat[:, out * inp :, None]], dim=2)
-        return w
+        return cls(torch.cat(xs), torch.cat(ds), torch.cat(ss), n, module)
 
 
 def _segment_sum(values: torch.Tensor, index: torch.Tensor, n: int) -> torch.Tensor:
@@ -118,7 +163,7 @@ def gram(a: torch.Tensor | Factored, b: torch.Tensor | Factored, chunk: int = 40
     if isinstance(b, torch.Tensor):  # factored x dense: g_i . v_j = sum_t delta_t^T V_j x_t
         out = torch.zeros(a.n, b.shape[0], dtype=torch.float64, device=a.x.device)
         for j in range(b.shape[0]):
-            M = a.as_matrices(b[j : j + 1])[0].double()
+            M = to_matrices(a.module, b[j : j + 1])[0].double()
             per_token = ((a.delta.double() @ M) * a.x.double()).sum(dim=1)
             out[:, j] = _segment_sum(per_token, a.sample, a.n)
         return out

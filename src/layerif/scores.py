@@ -6,7 +6,7 @@ The pipeline, for each targeted module m of block l:
    gradients with ``per_val``), from hooks (:mod:`layerif.grads`);
 2. per-sample train gradients g_im, reduced at once to the Gram statistics
    K_m = G_m G_m^T and P_m = G_m v_m (:mod:`layerif.influence`). Modules are
-   processed in groups whose gradients fit ``grad_memory`` GB; a group costs one
+   processed in groups whose gradients fit ``max_memory`` GB; a group costs one
    forward+backward pass over the records, so no more than one group's
    gradients are ever held;
 3. lambda_m, the module influence I_m (n_train x k), and the block influence
@@ -19,6 +19,7 @@ helpful influence in block l. Other aggregations are reported beside it.
 from __future__ import annotations
 
 import csv
+import os
 import io as _io
 import json
 import time
@@ -28,12 +29,14 @@ from pathlib import Path
 import torch
 
 from . import __version__, progress
+from .distributed import init_from_env, is_main, world
 from .data import Encoded, Fields, batches, collate, encode_split, load_records
 from .errors import UserError
 from .grads import Factored, capture, dense_from_activations, gram, losses_and_backward
 from .influence import ESTIMATORS, ModuleStats, damping, module_influence
 from .io import prepare_out_dir, write_figure, write_json, write_safetensors, write_text
-from .models import TARGETS, LoadedModel, Target, find_blocks, load_model, select_targets, weight_out_in
+from .streaming import streaming_influence
+from .models import TARGETS, LoadedModel, Target, find_blocks, load_model, resolve_device, select_targets, weight_out_in
 
 AGGREGATIONS = ("helpful", "sum", "mean_abs", "helpful_share")
 
@@ -62,7 +65,9 @@ class ScoreArgs:
     damping_scale: float = field(default=0.1, metadata={"help": "c in lambda_m = c * mean_i ||g_im||^2 / d_m"})
     per_val: bool = field(default=False, metadata={"help": "also keep the [n_val, n_train] influence matrix"})
     batch_size: int = field(default=8, metadata={"help": "records per forward/backward pass"})
-    grad_memory: float = field(default=2.0, metadata={"help": "GB of per-sample gradients held at once (more = fewer passes)"})
+    mode: str = field(default="auto", metadata={"help": "materialized (Gram statistics, all estimators), streaming (a few gradient-sized buffers; datainf, grad-dot) or auto", "choices": ("auto", "materialized", "streaming")})
+    max_memory: float | None = field(default=None, metadata={"help": "GB of gradient buffers held at once (default: a fifth of RAM, half the free GPU memory)"})
+    val_chunk: int = field(default=8, metadata={"help": "validation columns per pass group in streaming --per-val"})
     layout: str = field(default="auto", metadata={"help": "per-sample gradients held dense, as token factors, or auto (fewer flops)", "choices": ("auto", "dense", "factored")})
     lora_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"], metadata={"help": "modules that get LoRA adapters with --target lora"})
     lora_rank: int = field(default=8, metadata={"help": "LoRA rank with --target lora"})
@@ -124,6 +129,17 @@ def _layout(t: Target, n: int, n_tokens: int, prefer: str = "auto") -> tuple[str
     if prefer == "factored" or (prefer == "auto" and factored_flops <= dense_flops):
         return "factored", 4.0 * n_tokens * (in_f + out_f)
     return "dense", 4.0 * n * t.numel
+
+
+def plan_layouts(
+    targets: list[Target], train: list[Encoded], val: list[Encoded], per_val: bool, prefer: str = "auto"
+) -> tuple[tuple[dict, dict], dict[str, float]]:
+    """Per-module layouts of the train and validation gradients, and bytes each module needs."""
+    tokens = lambda recs: sum(len(e.input_ids) for e in recs)  # noqa: E731
+    layout_t = {t.name: _layout(t, len(train), tokens(train), prefer) for t in targets}
+    layout_v = {t.name: (_layout(t, len(val), tokens(val), prefer) if per_val else ("summed", 0.0)) for t in targets}
+    cost = {k: layout_t[k][1] + layout_v[k][1] for k in layout_t}
+    return (layout_t, layout_v), cost
 
 
 def _plan_groups(targets: list[Target], cost: dict[str, float], budget_bytes: float) -> list[list[Target]]:
@@ -195,15 +211,12 @@ def module_stats(
     pad_id: int,
     per_val: bool = False,
     batch_size: int = 8,
-    grad_memory_gb: float = 2.0,
+    max_memory_gb: float = 2.0,
     layout: str = "auto",
 ) -> tuple[dict[str, ModuleStats], torch.Tensor, int]:
     """Gram statistics of every target. Returns ({name: stats}, train losses [n], number of passes)."""
-    tokens = lambda recs: sum(len(e.input_ids) for e in recs)  # noqa: E731
-    layout_t = {t.name: _layout(t, len(train), tokens(train), layout) for t in targets}
-    layout_v = {t.name: (_layout(t, len(val), tokens(val), layout) if per_val else ("summed", 0.0)) for t in targets}
-    cost = {k: layout_t[k][1] + layout_v[k][1] for k in layout_t}
-    groups = _plan_groups(targets, cost, grad_memory_gb * 1e9)
+    (layout_t, layout_v), cost = plan_layouts(targets, train, val, per_val, layout)
+    groups = _plan_groups(targets, cost, max_memory_gb * 1e9)
     stats: dict[str, ModuleStats] = {}
     passes = 0
     vsum: dict = {}
@@ -228,25 +241,45 @@ def module_stats(
     return stats, train_loss, passes
 
 
-def block_influence(
+def gram_influence(
     stats: dict[str, ModuleStats], targets: list[Target], estimator: str, damping_scale: float
-) -> tuple[dict[int, torch.Tensor], dict[str, float]]:
-    """Per-block influence I_l [k, n_train] (float64) and lambda per module.
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Module influences {name: I_m [k, n_train]} (float64) and lambdas from Gram statistics.
 
     A module whose train gradients are all zero (lambda = 0; e.g. LoRA A matrices
     before any training) contributes no influence.
     """
-    if estimator not in ESTIMATORS:
-        raise UserError(f"unknown estimator {estimator!r} (use {', '.join(ESTIMATORS)})")
-    layers: dict[int, torch.Tensor] = {}
+    inf: dict[str, torch.Tensor] = {}
     lambdas: dict[str, float] = {}
     for t in targets:
         s = stats[t.name]
-        lam = damping(s, damping_scale)
-        lambdas[t.name] = lam
-        inf = torch.zeros_like(s.P) if lam == 0.0 else module_influence(s, estimator, lam)
-        layers[t.block] = layers.get(t.block, 0) + inf.T
-    return layers, lambdas
+        lambdas[t.name] = lam = damping(s, damping_scale)
+        inf[t.name] = (torch.zeros_like(s.P) if lam == 0.0 else module_influence(s, estimator, lam)).T
+    return inf, lambdas
+
+
+def default_max_memory_gb() -> float:
+    """Gradient-buffer budget from the machine: half the free GPU memory, or a fifth of the RAM."""
+    if torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info()
+        return free / 2 / 1e9
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 5 / 1e9
+
+
+def choose_mode(mode: str, estimator: str, groups: int, world_size: int) -> str:
+    """``auto``: streaming under torch.distributed or when the materialized engine would need more
+    than 3 groups (streaming costs 3 train passes); materialized for ``exact`` (it needs K) otherwise."""
+    if mode == "streaming" and estimator == "exact":
+        raise UserError("--mode streaming supports datainf and grad-dot; exact needs --mode materialized")
+    if mode == "materialized" and world_size > 1:
+        raise UserError("--mode materialized runs in one process; use --mode streaming under torchrun")
+    if mode != "auto":
+        return mode
+    if world_size > 1:
+        if estimator == "exact":
+            raise UserError("estimator exact runs in one process (it needs the full n x n Gram matrix)")
+        return "streaming"
+    return "materialized" if estimator == "exact" or groups <= 3 else "streaming"
 
 
 def compute(
@@ -258,10 +291,17 @@ def compute(
     damping_scale: float = 0.1,
     per_val: bool = False,
     batch_size: int = 8,
-    grad_memory_gb: float = 2.0,
+    max_memory_gb: float | None = None,
     layout: str = "auto",
+    mode: str = "auto",
+    val_chunk: int = 8,
 ) -> ScoreResult:
-    """Score every block of ``lm`` with train records ``train`` against validation records ``val``."""
+    """Score every block of ``lm`` with train records ``train`` against validation records ``val``.
+
+    ``mode``: ``materialized`` (Gram statistics; all estimators), ``streaming``
+    (:mod:`layerif.streaming`; datainf and grad-dot, memory of a few gradients),
+    or ``auto`` (:func:`choose_mode`).
+    """
     if damping_scale <= 0:
         raise UserError(f"--damping-scale must be > 0 (got {damping_scale})")
     if estimator not in ESTIMATORS:
@@ -271,13 +311,23 @@ def compute(
     start = time.perf_counter()
     targets = select_targets(lm.model, target)
     pad_id = lm.tokenizer.pad_token_id
-    stats, train_loss, passes = module_stats(lm.model, targets, train, val, pad_id, per_val, batch_size,
-                                            grad_memory_gb, layout)
-    inf, lambdas = block_influence(stats, targets, estimator, damping_scale)
-    layers = sorted(inf)
-    influence = {l: (inf[l] if per_val else inf[l][0]) for l in layers}
+    budget = (max_memory_gb or default_max_memory_gb()) * 1e9
+    layouts, cost = plan_layouts(targets, train, val, per_val, layout)
+    chosen = choose_mode(mode, estimator, len(_plan_groups(targets, cost, budget)), world()[1])
+    if chosen == "streaming":
+        module_inf, lambdas, train_loss, passes = streaming_influence(
+            lm.model, targets, train, val, pad_id, estimator, damping_scale, per_val, batch_size, val_chunk)
+    else:
+        stats, train_loss, passes = module_stats(lm.model, targets, train, val, pad_id, per_val, batch_size,
+                                                max_memory_gb or budget / 1e9, layout)
+        module_inf, lambdas = gram_influence(stats, targets, estimator, damping_scale)
+    blocks: dict[int, torch.Tensor] = {}
+    for t in targets:
+        blocks[t.block] = blocks.get(t.block, 0) + module_inf[t.name]
+    layers = sorted(blocks)
+    influence = {l: (blocks[l] if per_val else blocks[l][0]) for l in layers}
     return ScoreResult(layers=layers, influence=influence, lambdas=lambdas, train_loss=train_loss,
-                       seconds=time.perf_counter() - start, passes=passes)
+                       seconds=time.perf_counter() - start, passes=passes, meta={"mode": chosen})
 
 
 # ----------------------------------------------------------------------------- data & run
@@ -312,6 +362,16 @@ def validate(args: ScoreArgs) -> None:
         raise UserError(f"--damping-scale must be > 0 (got {args.damping_scale})")
     if args.estimator not in ESTIMATORS:
         raise UserError(f"unknown estimator {args.estimator!r} (use {', '.join(ESTIMATORS)})")
+    if args.mode not in ("auto", "materialized", "streaming"):
+        raise UserError(f"unknown mode {args.mode!r} (use auto, materialized or streaming)")
+    if args.max_memory is not None and args.max_memory <= 0:
+        raise UserError(f"--max-memory must be > 0 GB (got {args.max_memory})")
+    if args.val_chunk < 1:
+        raise UserError(f"--val-chunk must be >= 1 (got {args.val_chunk})")
+    if args.layout not in ("auto", "dense", "factored"):
+        raise UserError(f"unknown layout {args.layout!r} (use auto, dense or factored)")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1 (got {args.batch_size})")
     if args.n_train < 0 or args.n_val < 0:
         raise UserError("--n-train and --n-val must be >= 0")
     if args.max_length is not None and args.max_length < 2:
@@ -351,8 +411,8 @@ def score(args: ScoreArgs, lm: LoadedModel | None = None) -> ScoreResult:
     progress.info(f"scoring {len(find_blocks(lm.model)[1])} blocks: {len(train)} train x {len(val)} validation records, "
                   f"target {args.target}, estimator {args.estimator}")
     result = compute(lm, train, val, args.target, args.estimator, args.damping_scale, args.per_val,
-                     args.batch_size, args.grad_memory, args.layout)
-    result.meta = {"model": lm.name, "task": label, "n_train": len(train), "n_val": len(val), "truncated": cut}
+                     args.batch_size, args.max_memory, args.layout, args.mode, args.val_chunk)
+    result.meta |= {"model": lm.name, "task": label, "n_train": len(train), "n_val": len(val), "truncated": cut}
     return result
 
 
@@ -370,6 +430,7 @@ def scores_json(result: ScoreResult, args: ScoreArgs) -> dict:
         "score": result.score,
         "aggregations": result.aggregations(),
         "lambda": result.lambdas,
+        "mode": result.meta.get("mode"),
         "passes": result.passes,
         "seconds": round(result.seconds, 3),
         "version": __version__,
@@ -448,7 +509,15 @@ def read_scores(path: str | Path) -> dict:
 
 
 def run(args: ScoreArgs) -> str:
-    """``layerif score``: compute, write the files, return the terminal summary."""
+    """``layerif score``: compute, write the files, return the terminal summary.
+
+    Under ``torchrun`` every rank computes its shard and rank 0 writes the files.
+    """
+    validate(args)
+    if init_from_env(resolve_device(args.device)) and not is_main():
+        progress.enable(False)
+        score(args)
+        return ""
     result = score(args)
     out = write(result, args)
     m = result.meta

@@ -1,0 +1,162 @@
+r"""Streaming DataInf: exact influence without per-sample gradient storage.
+
+With the validation gradient v_m fixed, DataInf's influence of train sample i is
+
+    I_m(i) = -(1/lambda_m) (g_im . v_m - g_im . w_m / n),   w_m = sum_j r_jm g_jm,
+    r_jm = (v_m . g_jm) / (lambda_m + ||g_jm||^2),
+
+so per module one needs only per-sample scalars and one gradient-sized vector:
+
+* pass A: ||g_im||^2 and g_im . v_m for every train sample (-> lambda_m, r_jm);
+* pass B: w_m = sum_j r_jm g_jm, the ordinary gradient of the weighted loss
+  sum_j r_jm loss_j -- accumulated in the hooks from each batch's activations,
+  with each module's own weights, in one backward per batch;
+* pass C: g_im . w_m.
+
+Norms and dots come from the activations the hooks see (x_t, delta_t) without
+forming g when that is cheaper (:func:`layerif.grads.sq_norms`). Memory: a few
+gradient-sized buffers (v, w) per validation column and one batch of
+activations. ``grad-dot`` needs pass A only.
+
+With ``per_val`` every validation sample is its own column j (v_mj, w_mj);
+columns are processed in chunks of ``val_chunk``, each chunk costing one
+validation pass and passes A-C over the train records.
+
+Under ``torch.distributed`` each rank takes a contiguous shard of the records;
+per-sample scalars are all-gathered, gradient-sized vectors all-reduced, so
+every rank ends with the same full result.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import progress
+from .data import Encoded, batches, collate
+from .distributed import all_gather_rows, all_reduce_sum, shard
+from .grads import capture, dots, losses_and_backward, sq_norms, weighted_sum
+from .models import Target
+
+
+def _pass(model, targets: list[Target], records: list[Encoded], pad_id: int, batch_size: int, desc: str, on_batch) -> torch.Tensor:
+    """One forward+backward pass; ``on_batch(target, x, delta, offset)`` per module and batch. Returns losses [n]."""
+    device = next(model.parameters()).device
+    losses = torch.zeros(len(records), dtype=torch.float64)
+    state = {"offset": 0}
+    with capture(model, targets, lambda t, x, d: on_batch(t, x, d, state["offset"])):
+        for chunk in progress.track(batches(records, batch_size), desc=desc, unit="batch"):
+            batch = collate(chunk, pad_id, device)
+            losses[state["offset"] : state["offset"] + len(chunk)] = losses_and_backward(model, batch).double().cpu()
+            state["offset"] += len(chunk)
+    return losses
+
+
+def _check_finite(values: torch.Tensor, what: str, t: Target, offset: int) -> None:
+    bad = (~torch.isfinite(values)).nonzero()
+    if len(bad):
+        raise FloatingPointError(f"non-finite {what} for sample {offset + int(bad[0, 0])} in module {t.name}")
+
+
+def streaming_influence(
+    model: torch.nn.Module,
+    targets: list[Target],
+    train: list[Encoded],
+    val: list[Encoded],
+    pad_id: int,
+    estimator: str = "datainf",
+    damping_scale: float = 0.1,
+    per_val: bool = False,
+    batch_size: int = 8,
+    val_chunk: int = 8,
+) -> tuple[dict[str, torch.Tensor], dict[str, float], torch.Tensor, int]:
+    """Module influences {name: I_m [k, n_train]} (float64), lambdas, train losses [n], number of passes.
+
+    k = 1 (summed validation loss) or n_val with ``per_val``. Supports
+    ``datainf`` and ``grad-dot`` (``exact`` needs the n x n Gram matrix: use the
+    materialized engine).
+    """
+    if estimator not in ("datainf", "grad-dot"):
+        raise ValueError(f"streaming mode supports datainf and grad-dot, not {estimator!r}")
+    device = next(model.parameters()).device
+    tr, va = shard(train), shard(val)
+    n = len(train)
+    passes = 0
+    columns = [list(range(len(val)))] if not per_val else [list(range(s, min(s + val_chunk, len(val)))) for s in range(0, len(val), val_chunk)]
+    influence: dict[str, list[torch.Tensor]] = {t.name: [] for t in targets}
+    lambdas: dict[str, float] = {}
+    norms: dict[str, torch.Tensor] = {}
+    train_loss = torch.zeros(n, dtype=torch.float64)
+
+    for ci, cols in enumerate(columns):
+        tag = f" (validation chunk {ci + 1}/{len(columns)})" if len(columns) > 1 else ""
+        k = len(cols) if per_val else 1
+        # validation: v [k, d] per module: this chunk's samples as columns, or their sum
+        V = {t.name: torch.zeros(k, t.numel, device=device) for t in targets}
+        select = torch.zeros(len(val), k)
+        for c, j in enumerate(cols):
+            select[j, c if per_val else 0] = 1.0
+        select = select[va].to(device)
+
+        def val_batch(t, x, d, off):
+            V[t.name] += weighted_sum(t.module, x, d, select[off : off + x.shape[0]])
+
+        _pass(model, targets, val[va], pad_id, batch_size, f"validation gradients{tag}", val_batch)
+        for t in targets:
+            all_reduce_sum(V[t.name])
+        passes += 1
+
+        # pass A: norms (first chunk only) and dots with v
+        need_norms = not norms
+        n_local = len(train[tr])
+        local_sq = {t.name: torch.zeros(n_local, dtype=torch.float64) for t in targets}
+        local_dot = {t.name: torch.zeros(n_local, k, dtype=torch.float64) for t in targets}
+
+        def pass_a(t, x, d, off):
+            B = x.shape[0]
+            if need_norms:
+                sq = sq_norms(t.module, x, d)
+                _check_finite(sq, "squared gradient norm", t, tr.start + off)
+                local_sq[t.name][off : off + B] = sq.cpu()
+            local_dot[t.name][off : off + B] = dots(t.module, x, d, V[t.name]).cpu()
+
+        losses = _pass(model, targets, train[tr], pad_id, batch_size, f"train norms and dots{tag}", pass_a)
+        passes += 1
+        train_loss = all_gather_rows(losses)
+        if need_norms:
+            norms = {name: all_gather_rows(v) for name, v in local_sq.items()}
+            lambdas = {t.name: damping_scale * float(norms[t.name].mean()) / t.numel for t in targets}
+        P = {name: all_gather_rows(v) for name, v in local_dot.items()}  # [n, k]
+        if estimator == "grad-dot":
+            for t in targets:
+                influence[t.name].append(-P[t.name].T)
+            continue
+
+        # pass B: w = sum_j r_j g_j per module and column
+        R = {t.name: (P[t.name] / (lambdas[t.name] + norms[t.name])[:, None]) for t in targets}
+        W = {t.name: torch.zeros(k, t.numel, device=device) for t in targets}
+
+        def pass_b(t, x, d, off):
+            r = R[t.name][tr.start + off : tr.start + off + x.shape[0]].to(device=device, dtype=torch.float32)
+            W[t.name] += weighted_sum(t.module, x, d, r)
+
+        _pass(model, targets, train[tr], pad_id, batch_size, f"train weighted gradient{tag}", pass_b)
+        passes += 1
+        for t in targets:
+            all_reduce_sum(W[t.name])
+
+        # pass C: dots with w
+        local_w = {t.name: torch.zeros(n_local, k, dtype=torch.float64) for t in targets}
+
+        def pass_c(t, x, d, off):
+            local_w[t.name][off : off + x.shape[0]] = dots(t.module, x, d, W[t.name]).cpu()
+
+        _pass(model, targets, train[tr], pad_id, batch_size, f"train dots with w{tag}", pass_c)
+        passes += 1
+        for t in targets:
+            lam = lambdas[t.name]
+            if lam == 0.0:
+                influence[t.name].append(torch.zeros(k, n, dtype=torch.float64))
+                continue
+            Pw = all_gather_rows(local_w[t.name])
+            influence[t.name].append((-(P[t.name] - Pw / n) / lam).T)
+    return {name: torch.cat(parts) for name, parts in influence.items()}, lambdas, train_loss, passes

@@ -1,0 +1,100 @@
+"""Streaming mode (no per-sample gradient storage) against the materialized engine, and 2-process gloo runs."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+
+from conftest import make_tokenizer, tiny_model
+from layerif.data import encode_split
+from layerif.grads import dense_from_activations, dots, sq_norms, weighted_sum
+from layerif.models import LoadedModel
+from layerif.scores import choose_mode, compute
+from test_engine import TEXTS
+
+
+def _setup(family="llama", seed=0, bias=False):
+    tok = make_tokenizer()
+    lm = LoadedModel(tiny_model(family, seed=seed, bias=bias), tok, family)
+    split = lambda texts: encode_split(tok, [{"text": t} for t in texts], "x")[0]  # noqa: E731
+    return lm, split(TEXTS[:7]), split(TEXTS[4:])
+
+
+@pytest.mark.parametrize("family,bias", [("llama", True), ("gpt2", False), ("opt", False)])
+def test_batch_statistics_equal_dense(family, bias):
+    model = tiny_model(family, bias=bias, seed=3)
+    from layerif.models import select_targets
+
+    for t in select_targets(model, "block"):
+        g = torch.Generator().manual_seed(1)
+        out_f, in_f = (t.module.weight.shape[::-1] if type(t.module).__name__ == "Conv1D" else t.module.weight.shape)
+        for T in (1, 3, 40):  # short sequences take the ghost path, long ones the dense path
+            x = torch.randn(4, T, in_f, generator=g)
+            d = torch.randn(4, T, out_f, generator=g)
+            G = dense_from_activations(t.module, x.double(), d.double())
+            V = torch.randn(2, t.numel, generator=g)
+            r = torch.randn(4, 2, generator=g)
+            torch.testing.assert_close(sq_norms(t.module, x, d), (G * G).sum(1), rtol=1e-5, atol=1e-8)
+            torch.testing.assert_close(dots(t.module, x, d, V), G @ V.double().T, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(weighted_sum(t.module, x, d, r).double(), r.double().T @ G, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("estimator", ["datainf", "grad-dot"])
+@pytest.mark.parametrize("per_val", [False, True])
+def test_streaming_equals_materialized(family, estimator, per_val):
+    lm, train, val = _setup(family, seed=2)
+    a = compute(lm, train, val, "block", estimator, 0.1, per_val=per_val, batch_size=3, mode="materialized")
+    b = compute(lm, train, val, "block", estimator, 0.1, per_val=per_val, batch_size=4, mode="streaming", val_chunk=2)
+    assert b.meta["mode"] == "streaming" and a.meta["mode"] == "materialized"
+    assert b.lambdas == pytest.approx(a.lambdas, rel=1e-5)
+    for l in a.layers:
+        ref = a.influence[l]
+        torch.testing.assert_close(b.influence[l], ref, rtol=1e-4, atol=1e-6 * float(ref.abs().max()))
+
+
+def test_mode_choice():
+    assert choose_mode("auto", "datainf", groups=1, world_size=1) == "materialized"
+    assert choose_mode("auto", "datainf", groups=4, world_size=1) == "streaming"
+    assert choose_mode("auto", "exact", groups=9, world_size=1) == "materialized"
+    assert choose_mode("auto", "datainf", groups=1, world_size=2) == "streaming"
+    from layerif.errors import UserError
+
+    with pytest.raises(UserError):
+        choose_mode("streaming", "exact", 1, 1)
+
+
+def _worker(rank: int, world: int, port: int, path: str) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        lm, train, val = _setup("llama", seed=4)
+        res = compute(lm, train, val, "attn", "datainf", 0.1, per_val=True, batch_size=2, mode="auto")
+        if rank == 0:
+            torch.save({"influence": res.influence, "mode": res.meta["mode"], "loss": res.train_loss}, path)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_processes_equal_one(tmp_path):
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    path = str(tmp_path / "rank0.pt")
+    mp.spawn(_worker, args=(2, port, path), nprocs=2, join=True)
+    got = torch.load(path)
+    lm, train, val = _setup("llama", seed=4)
+    ref = compute(lm, train, val, "attn", "datainf", 0.1, per_val=True, batch_size=3, mode="materialized")
+    assert got["mode"] == "streaming"
+    torch.testing.assert_close(got["loss"], ref.train_loss, rtol=1e-6, atol=1e-8)
+    for l in ref.layers:
+        torch.testing.assert_close(got["influence"][l], ref.influence[l], rtol=1e-4,
+                                   atol=1e-6 * float(ref.influence[l].abs().max()))
