@@ -98,3 +98,12 @@ def test_two_gloo_processes_equal_one(tmp_path):
     for l in ref.layers:
         torch.testing.assert_close(got["influence"][l], ref.influence[l], rtol=1e-4,
                                    atol=1e-6 * float(ref.influence[l].abs().max()))
+
+
+@pytest.mark.parametrize("mode", ["materialized", "streaming"])
+def test_non_finite_gradients_are_reported_not_summed(mode):
+    lm, train, val = _setup("llama", seed=5)
+    with torch.no_grad():
+        lm.model.model.layers[1].mlp.down_proj.weight[0, 0] = float("inf")
+    with pytest.raises(FloatingPointError, match=r"non-finite squared gradient norm for train sample \d+ in module model\.layers\.\d"):
+        compute(lm, train, val, "attn", "datainf", 0.1, batch_size=3, mode=mode)

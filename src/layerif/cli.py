@@ -107,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"layerif {ns.command}: error: {exc}", file=sys.stderr)
         return 2
+    except FloatingPointError as exc:
+        print(f"layerif {ns.command}: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"layerif {ns.command}: interrupted", file=sys.stderr)
         return 130

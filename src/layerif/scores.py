@@ -35,7 +35,7 @@ from .errors import UserError
 from .grads import Factored, capture, dense_from_activations, gram, losses_and_backward
 from .influence import ESTIMATORS, ModuleStats, damping, module_influence
 from .io import prepare_out_dir, write_figure, write_json, write_safetensors, write_text
-from .streaming import streaming_influence
+from .streaming import check_finite, streaming_influence
 from .models import TARGETS, LoadedModel, Target, find_blocks, load_model, resolve_device, select_targets, weight_out_in
 
 AGGREGATIONS = ("helpful", "sum", "mean_abs", "helpful_share")
@@ -238,6 +238,7 @@ def module_stats(
         for t in group:
             g, v = G.pop(t.name), V.pop(t.name)
             stats[t.name] = ModuleStats(K=gram(g, g).cpu(), P=gram(g, v).cpu(), d=t.numel)
+            check_finite(torch.diagonal(stats[t.name].K), "squared gradient norm", t.name)
     return stats, train_loss, passes
 
 

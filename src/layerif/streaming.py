@@ -51,10 +51,11 @@ def _pass(model, targets: list[Target], records: list[Encoded], pad_id: int, bat
     return losses
 
 
-def _check_finite(values: torch.Tensor, what: str, t: Target, offset: int) -> None:
+def check_finite(values: torch.Tensor, what: str, module: str, offset: int = 0) -> None:
+    """Raise FloatingPointError naming the first sample (offset + row) whose value is inf or nan."""
     bad = (~torch.isfinite(values)).nonzero()
     if len(bad):
-        raise FloatingPointError(f"non-finite {what} for sample {offset + int(bad[0, 0])} in module {t.name}")
+        raise FloatingPointError(f"non-finite {what} for train sample {offset + int(bad[0, 0])} in module {module}")
 
 
 def streaming_influence(
@@ -115,7 +116,7 @@ def streaming_influence(
             B = x.shape[0]
             if need_norms:
                 sq = sq_norms(t.module, x, d)
-                _check_finite(sq, "squared gradient norm", t, tr.start + off)
+                check_finite(sq, "squared gradient norm", t.name, tr.start + off)
                 local_sq[t.name][off : off + B] = sq.cpu()
             local_dot[t.name][off : off + B] = dots(t.module, x, d, V[t.name]).cpu()
 
