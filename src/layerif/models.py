@@ -122,18 +122,22 @@ def load_model(
     device: str = "auto",
     dtype: str | None = None,
     trust_remote_code: bool = False,
+    device_map: str | None = None,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer, in eval mode, on ``device``.
 
     ``name`` is a hub name or local folder; with ``gguf_file`` it is the folder (or
     repo) holding that GGUF file, or ``gguf_file`` may itself be a path. With
     neither, the embedded default model is loaded from its de-quantized cache.
+    ``device_map`` (e.g. ``"auto"``) spreads a model too large for one GPU over
+    the machine's GPUs with accelerate instead of moving it to ``device``.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     kwargs: dict = {"trust_remote_code": trust_remote_code}
+    model_kwargs: dict = {"device_map": device_map} if device_map else {}
     if name is None and gguf_file is None:
         source, label = str(_dequantized_cache(default_gguf_path())), DEFAULT_MODEL
     elif gguf_file is not None:
@@ -150,17 +154,24 @@ def load_model(
     progress.info(f"loading {label}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs, **model_kwargs)
     except (OSError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"cannot load model {label!r}: {first}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model.to(dev).eval()
+    if not device_map:
+        model.to(dev)
+    model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, name=label)
 
 
 # ----------------------------------------------------------------------------- structure
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where input ids must go: the device of the input embeddings (differs per module under a device_map)."""
+    return model.get_input_embeddings().weight.device
 
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -223,6 +234,10 @@ class Target:
     block: int  # index of its decoder block
     name: str  # fully qualified module name
     module: nn.Module
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.module.parameters()).device
 
     @property
     def numel(self) -> int:

@@ -36,7 +36,8 @@ from .grads import Factored, capture, dense_from_activations, gram, losses_and_b
 from .influence import ESTIMATORS, ModuleStats, damping, module_influence
 from .io import prepare_out_dir, write_figure, write_json, write_safetensors, write_text
 from .streaming import check_finite, streaming_influence
-from .models import TARGETS, LoadedModel, Target, find_blocks, load_model, resolve_device, select_targets, weight_out_in
+from . import stability
+from .models import TARGETS, LoadedModel, Target, find_blocks, input_device, load_model, resolve_device, select_targets, weight_out_in
 
 AGGREGATIONS = ("helpful", "sum", "mean_abs", "helpful_share")
 
@@ -50,6 +51,7 @@ class ScoreArgs:
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
     dtype: str | None = field(default=None, metadata={"help": "float32 (CPU default), bfloat16, float16"})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow the model's own code from the hub"})
+    device_map: str | None = field(default=None, metadata={"help": "accelerate device map (auto: spread a large model over the GPUs)"})
     task: str = field(default="capitals", metadata={"help": "built-in task (see `layerif tasks`)"})
     train: str | None = field(default=None, metadata={"help": "train records (JSONL/CSV/Parquet or HF dataset); replaces --task"})
     val: str | None = field(default=None, metadata={"help": "validation records; required with --train"})
@@ -73,6 +75,10 @@ class ScoreArgs:
     lora_rank: int = field(default=8, metadata={"help": "LoRA rank with --target lora"})
     finetune_steps: int = field(default=0, metadata={"help": "train the LoRA adapters this many steps first (--target lora)"})
     finetune_lr: float = field(default=1e-3, metadata={"help": "learning rate of --finetune-steps"})
+    bootstrap: int = field(default=0, metadata={"help": "bootstrap resamples B of the train records for intervals, top-k probabilities and rank stability (0: none; 200 is typical)"})
+    bootstrap_val: bool = field(default=False, metadata={"help": "the bootstrap also resamples validation records (needs --per-val)"})
+    top_k: int = field(default=5, metadata={"help": "k of the top-k block statistics of --bootstrap and --split-half"})
+    split_half: bool = field(default=False, metadata={"help": "score two disjoint halves of the train records separately and compare their rankings"})
     out: str = field(default="out/score", metadata={"help": "output folder"})
 
 
@@ -170,10 +176,10 @@ def _grad_pass(
     ``summed`` -> [1, d] gradient of the summed loss; ``dense`` -> [n, d]
     per-sample gradients; ``factored`` -> :class:`Factored` per-sample gradients.
     """
-    device = next(model.parameters()).device
+    device = input_device(model)
     n = len(records)
     bufs: dict[str, torch.Tensor] = {
-        t.name: torch.zeros((1 if layout[t.name] == "summed" else n), t.numel, device=device)
+        t.name: torch.zeros((1 if layout[t.name] == "summed" else n), t.numel, device=t.device)
         for t in targets if layout[t.name] != "factored"
     }
     parts: dict[str, list] = {t.name: [] for t in targets if layout[t.name] == "factored"}
@@ -361,6 +367,7 @@ def validate(args: ScoreArgs) -> None:
     """Checks that need no model: option values and the output path."""
     if args.damping_scale <= 0:
         raise UserError(f"--damping-scale must be > 0 (got {args.damping_scale})")
+    stability.validate_args(args)
     if args.estimator not in ESTIMATORS:
         raise UserError(f"unknown estimator {args.estimator!r} (use {', '.join(ESTIMATORS)})")
     if args.mode not in ("auto", "materialized", "streaming"):
@@ -400,7 +407,7 @@ def validate(args: ScoreArgs) -> None:
 def score(args: ScoreArgs, lm: LoadedModel | None = None) -> ScoreResult:
     """The Python API behind ``layerif score``: load, tokenize, compute (no files written)."""
     validate(args)
-    lm = lm or load_model(args.model, args.gguf_file, args.device, args.dtype, args.trust_remote_code)
+    lm = lm or load_model(args.model, args.gguf_file, args.device, args.dtype, args.trust_remote_code, args.device_map)
     train, val, label, cut = load_splits(args, lm.tokenizer)
     if cut:
         progress.info(f"--max-length {args.max_length} truncated {cut} record(s)")
@@ -414,6 +421,8 @@ def score(args: ScoreArgs, lm: LoadedModel | None = None) -> ScoreResult:
     result = compute(lm, train, val, args.target, args.estimator, args.damping_scale, args.per_val,
                      args.batch_size, args.max_memory, args.layout, args.mode, args.val_chunk)
     result.meta |= {"model": lm.name, "task": label, "n_train": len(train), "n_val": len(val), "truncated": cut}
+    if args.bootstrap or args.split_half:
+        result.meta["stability"] = stability.assess(result, args, lm, train, val)
     return result
 
 
@@ -435,6 +444,7 @@ def scores_json(result: ScoreResult, args: ScoreArgs) -> dict:
         "passes": result.passes,
         "seconds": round(result.seconds, 3),
         "version": __version__,
+        **({"stability": result.meta["stability"]} if result.meta.get("stability") else {}),
     }
 
 
@@ -470,6 +480,7 @@ def plot(result: ScoreResult, title: str):
 
     fig, ax = plt.subplots(figsize=(8, 3.2))
     ax.bar(result.layers, result.score, color="#3a6ea5")
+    stability.error_bars(ax, result.meta.get("stability"))
     ax.set_xlabel("decoder block")
     ax.set_ylabel("S_l (total helpful influence)")
     ax.set_title(title, fontsize=10)
@@ -478,7 +489,8 @@ def plot(result: ScoreResult, title: str):
 
 
 def write(result: ScoreResult, args: ScoreArgs) -> Path:
-    """Write scores.json, scores.csv, influence.safetensors, layer_scores.png, config.json into args.out."""
+    """Write scores.json, scores.csv, influence.safetensors, layer_scores.png, config.json into args.out,
+    stability.png with --bootstrap / --split-half, and report.md / report.html (:mod:`layerif.report`)."""
     out = prepare_out_dir(args.out)
     doc = scores_json(result, args)
     tensors = {f"layer.{l}": result.influence[l].float() for l in result.layers}
@@ -488,7 +500,12 @@ def write(result: ScoreResult, args: ScoreArgs) -> Path:
     title = f"{doc['model']} · task {doc['task']} · target {args.target} · {args.estimator} · n={doc['n_train']}x{doc['n_val']}"
     write_figure(out / "layer_scores.png", plot(result, title))
     write_json(out / "config.json", {"command": "score", "args": asdict(args), "version": __version__})
+    if result.meta.get("stability"):
+        write_figure(out / "stability.png", stability.figure(result.meta["stability"]))
     write_json(out / "scores.json", doc)
+    from .report import write_report
+
+    write_report(out)
     return out
 
 
@@ -524,4 +541,7 @@ def run(args: ScoreArgs) -> str:
     m = result.meta
     head = (f"{m['model']} · task {m['task']} · target {args.target} · estimator {args.estimator} · "
             f"{m['n_train']} train x {m['n_val']} validation · {result.passes} pass(es) · {result.seconds:.1f} s")
-    return f"{head}\n{table(result)}\nwrote {out}/scores.json, scores.csv, influence.safetensors, layer_scores.png"
+    stab = stability.summary(m.get("stability"))
+    wrote = (f"wrote {out}/scores.json, scores.csv, influence.safetensors, layer_scores.png"
+             f"{', stability.png' if stab else ''}, report.md, report.html")
+    return "\n".join(line for line in (head, table(result), stab, wrote) if line)

@@ -35,12 +35,12 @@ from . import progress
 from .data import Encoded, batches, collate
 from .distributed import all_gather_rows, all_reduce_sum, shard
 from .grads import capture, dots, losses_and_backward, sq_norms, weighted_sum
-from .models import Target
+from .models import Target, input_device
 
 
 def _pass(model, targets: list[Target], records: list[Encoded], pad_id: int, batch_size: int, desc: str, on_batch) -> torch.Tensor:
     """One forward+backward pass; ``on_batch(target, x, delta, offset)`` per module and batch. Returns losses [n]."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     losses = torch.zeros(len(records), dtype=torch.float64)
     state = {"offset": 0}
     with capture(model, targets, lambda t, x, d: on_batch(t, x, d, state["offset"])):
@@ -78,7 +78,6 @@ def streaming_influence(
     """
     if estimator not in ("datainf", "grad-dot"):
         raise ValueError(f"streaming mode supports datainf and grad-dot, not {estimator!r}")
-    device = next(model.parameters()).device
     tr, va = shard(train), shard(val)
     n = len(train)
     passes = 0
@@ -92,14 +91,14 @@ def streaming_influence(
         tag = f" (validation chunk {ci + 1}/{len(columns)})" if len(columns) > 1 else ""
         k = len(cols) if per_val else 1
         # validation: v [k, d] per module: this chunk's samples as columns, or their sum
-        V = {t.name: torch.zeros(k, t.numel, device=device) for t in targets}
+        V = {t.name: torch.zeros(k, t.numel, device=t.device) for t in targets}
         select = torch.zeros(len(val), k)
         for c, j in enumerate(cols):
             select[j, c if per_val else 0] = 1.0
-        select = select[va].to(device)
+        select = select[va]
 
         def val_batch(t, x, d, off):
-            V[t.name] += weighted_sum(t.module, x, d, select[off : off + x.shape[0]])
+            V[t.name] += weighted_sum(t.module, x, d, select[off : off + x.shape[0]].to(x.device))
 
         _pass(model, targets, val[va], pad_id, batch_size, f"validation gradients{tag}", val_batch)
         for t in targets:
@@ -134,10 +133,10 @@ def streaming_influence(
 
         # pass B: w = sum_j r_j g_j per module and column
         R = {t.name: (P[t.name] / (lambdas[t.name] + norms[t.name])[:, None]) for t in targets}
-        W = {t.name: torch.zeros(k, t.numel, device=device) for t in targets}
+        W = {t.name: torch.zeros(k, t.numel, device=t.device) for t in targets}
 
         def pass_b(t, x, d, off):
-            r = R[t.name][tr.start + off : tr.start + off + x.shape[0]].to(device=device, dtype=torch.float32)
+            r = R[t.name][tr.start + off : tr.start + off + x.shape[0]].to(device=x.device, dtype=torch.float32)
             W[t.name] += weighted_sum(t.module, x, d, r)
 
         _pass(model, targets, train[tr], pad_id, batch_size, f"train weighted gradient{tag}", pass_b)
