@@ -107,3 +107,37 @@ def test_non_finite_gradients_are_reported_not_summed(mode):
         lm.model.model.layers[1].mlp.down_proj.weight[0, 0] = float("inf")
     with pytest.raises(FloatingPointError, match=r"non-finite squared gradient norm for train sample \d+ in module model\.layers\.\d"):
         compute(lm, train, val, "attn", "datainf", 0.1, batch_size=3, mode=mode)
+
+
+@pytest.mark.parametrize("mode", ["streaming", "materialized"])
+def test_killed_run_resumes_from_completed_passes(tmp_path, monkeypatch, mode):
+    import layerif.scores as scores
+    import layerif.streaming as streaming
+
+    lm, train, val = _setup("gpt2", seed=6)
+    kw = dict(target="attn", estimator="datainf", damping_scale=0.1, batch_size=3, mode=mode, cache_dir=tmp_path / "c")
+    if mode == "materialized":
+        kw["max_memory_gb"] = 1e-6  # one module group per pass
+    fresh = compute(lm, train, val, **{**kw, "cache_dir": None})
+    module, name = (streaming, "_pass") if mode == "streaming" else (scores, "_grad_pass")
+    real, calls = getattr(module, name), {"n": 0}
+
+    def dies_on_third_pass(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("killed")
+        return real(*a, **k)
+
+    monkeypatch.setattr(module, name, dies_on_third_pass)
+    with pytest.raises(KeyboardInterrupt):
+        compute(lm, train, val, **kw)
+    monkeypatch.setattr(module, name, real)
+    resumed = compute(lm, train, val, **kw)
+    # streaming: validation pass and pass A come from the cache; materialized: the first module
+    # group (its summed validation gradients, gradient-sized, are recomputed rather than stored)
+    assert resumed.passes == fresh.passes - (2 if mode == "streaming" else 1)
+    for l in fresh.layers:
+        torch.testing.assert_close(resumed.influence[l], fresh.influence[l])
+    # other options: the cache is ignored and rebuilt
+    other = compute(lm, train, val, **{**kw, "damping_scale": 0.2})
+    assert other.passes == fresh.passes

@@ -22,6 +22,7 @@ import csv
 import os
 import io as _io
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ import torch
 
 from . import __version__, progress
 from .distributed import init_from_env, is_main, world
+from .cache import PassCache, fingerprint
 from .data import Encoded, Fields, batches, collate, encode_split, load_records
 from .errors import UserError
 from .grads import Factored, capture, dense_from_activations, gram, losses_and_backward
@@ -69,6 +71,7 @@ class ScoreArgs:
     batch_size: int = field(default=8, metadata={"help": "records per forward/backward pass"})
     mode: str = field(default="auto", metadata={"help": "materialized (Gram statistics, all estimators), streaming (a few gradient-sized buffers; datainf, grad-dot) or auto", "choices": ("auto", "materialized", "streaming")})
     max_memory: float | None = field(default=None, metadata={"help": "GB of gradient buffers held at once (default: a fifth of RAM, half the free GPU memory)"})
+    resume: bool = field(default=True, metadata={"help": "keep completed passes in OUT/.layerif-cache and resume from them after a crash"})
     val_chunk: int = field(default=8, metadata={"help": "validation columns per pass group in streaming --per-val"})
     layout: str = field(default="auto", metadata={"help": "per-sample gradients held dense, as token factors, or auto (fewer flops)", "choices": ("auto", "dense", "factored")})
     lora_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"], metadata={"help": "modules that get LoRA adapters with --target lora"})
@@ -219,20 +222,31 @@ def module_stats(
     batch_size: int = 8,
     max_memory_gb: float = 2.0,
     layout: str = "auto",
+    cache: PassCache | None = None,
 ) -> tuple[dict[str, ModuleStats], torch.Tensor, int]:
-    """Gram statistics of every target. Returns ({name: stats}, train losses [n], number of passes)."""
+    """Gram statistics of every target. Returns ({name: stats}, train losses [n], passes run).
+
+    Each completed module group is recorded in ``cache`` and skipped on a re-run.
+    """
+    cache = cache or PassCache(None)
     (layout_t, layout_v), cost = plan_layouts(targets, train, val, per_val, layout)
     groups = _plan_groups(targets, cost, max_memory_gb * 1e9)
     stats: dict[str, ModuleStats] = {}
     passes = 0
     vsum: dict = {}
-    if not per_val:
-        vsum, _ = _grad_pass(model, targets, val, pad_id, batch_size, "validation gradients",
-                             {t.name: "summed" for t in targets})
-        passes += 1
     train_loss = torch.zeros(0)
     for gi, group in enumerate(groups):
+        done = cache.load(f"group{gi}")
+        if done is not None:
+            for t in group:
+                stats[t.name] = ModuleStats(K=done[f"{t.name}.K"], P=done[f"{t.name}.P"], d=t.numel)
+            train_loss = done["train_loss"]
+            continue
         tag = f" (group {gi + 1}/{len(groups)})" if len(groups) > 1 else ""
+        if not per_val and not vsum:
+            vsum, _ = _grad_pass(model, targets, val, pad_id, batch_size, "validation gradients",
+                                 {t.name: "summed" for t in targets})
+            passes += 1
         V = vsum
         if per_val:
             V, _ = _grad_pass(model, group, val, pad_id, batch_size, f"validation gradients{tag}",
@@ -245,6 +259,8 @@ def module_stats(
             g, v = G.pop(t.name), V.pop(t.name)
             stats[t.name] = ModuleStats(K=gram(g, g).cpu(), P=gram(g, v).cpu(), d=t.numel)
             check_finite(torch.diagonal(stats[t.name].K), "squared gradient norm", t.name)
+        cache.save(f"group{gi}", {"train_loss": train_loss} | {f"{t.name}.{k}": getattr(stats[t.name], k)
+                                                              for t in group for k in ("K", "P")})
     return stats, train_loss, passes
 
 
@@ -302,12 +318,15 @@ def compute(
     layout: str = "auto",
     mode: str = "auto",
     val_chunk: int = 8,
+    cache_dir: str | Path | None = None,
 ) -> ScoreResult:
     """Score every block of ``lm`` with train records ``train`` against validation records ``val``.
 
     ``mode``: ``materialized`` (Gram statistics; all estimators), ``streaming``
     (:mod:`layerif.streaming`; datainf and grad-dot, memory of a few gradients),
-    or ``auto`` (:func:`choose_mode`).
+    or ``auto`` (:func:`choose_mode`). With ``cache_dir`` (single process), every
+    completed pass is kept there and a re-run with the same model, data and
+    options resumes after the last one; the caller removes it when done.
     """
     if damping_scale <= 0:
         raise UserError(f"--damping-scale must be > 0 (got {damping_scale})")
@@ -321,12 +340,17 @@ def compute(
     budget = (max_memory_gb or default_max_memory_gb()) * 1e9
     layouts, cost = plan_layouts(targets, train, val, per_val, layout)
     chosen = choose_mode(mode, estimator, len(_plan_groups(targets, cost, budget)), world()[1])
+    cache = PassCache(None)
+    if cache_dir is not None and world()[1] == 1:
+        options = {"target": target, "estimator": estimator, "damping_scale": damping_scale, "per_val": per_val,
+                   "mode": chosen, "layout": layout, "budget": budget, "val_chunk": val_chunk}
+        cache = PassCache(cache_dir, fingerprint(lm.model, lm.name, train, val, options))
     if chosen == "streaming":
         module_inf, lambdas, train_loss, passes = streaming_influence(
-            lm.model, targets, train, val, pad_id, estimator, damping_scale, per_val, batch_size, val_chunk)
+            lm.model, targets, train, val, pad_id, estimator, damping_scale, per_val, batch_size, val_chunk, cache)
     else:
         stats, train_loss, passes = module_stats(lm.model, targets, train, val, pad_id, per_val, batch_size,
-                                                max_memory_gb or budget / 1e9, layout)
+                                                budget / 1e9, layout, cache)
         module_inf, lambdas = gram_influence(stats, targets, estimator, damping_scale)
     blocks: dict[int, torch.Tensor] = {}
     for t in targets:
@@ -404,6 +428,11 @@ def validate(args: ScoreArgs) -> None:
             raise UserError(f"--target {args.target!r} is neither {', '.join(TARGETS)} nor a valid regex: {exc}") from None
 
 
+def cache_dir(args: ScoreArgs) -> Path:
+    """Where a run keeps its completed passes until its outputs are written."""
+    return Path(args.out) / ".layerif-cache"
+
+
 def score(args: ScoreArgs, lm: LoadedModel | None = None) -> ScoreResult:
     """The Python API behind ``layerif score``: load, tokenize, compute (no files written)."""
     validate(args)
@@ -419,7 +448,8 @@ def score(args: ScoreArgs, lm: LoadedModel | None = None) -> ScoreResult:
     progress.info(f"scoring {len(find_blocks(lm.model)[1])} blocks: {len(train)} train x {len(val)} validation records, "
                   f"target {args.target}, estimator {args.estimator}")
     result = compute(lm, train, val, args.target, args.estimator, args.damping_scale, args.per_val,
-                     args.batch_size, args.max_memory, args.layout, args.mode, args.val_chunk)
+                     args.batch_size, args.max_memory, args.layout, args.mode, args.val_chunk,
+                     cache_dir(args) if args.resume else None)
     result.meta |= {"model": lm.name, "task": label, "n_train": len(train), "n_val": len(val), "truncated": cut}
     if args.bootstrap or args.split_half:
         result.meta["stability"] = stability.assess(result, args, lm, train, val)
@@ -538,6 +568,7 @@ def run(args: ScoreArgs) -> str:
         return ""
     result = score(args)
     out = write(result, args)
+    shutil.rmtree(cache_dir(args), ignore_errors=True)
     m = result.meta
     head = (f"{m['model']} · task {m['task']} · target {args.target} · estimator {args.estimator} · "
             f"{m['n_train']} train x {m['n_val']} validation · {result.passes} pass(es) · {result.seconds:.1f} s")

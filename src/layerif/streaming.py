@@ -32,6 +32,7 @@ from __future__ import annotations
 import torch
 
 from . import progress
+from .cache import PassCache
 from .data import Encoded, batches, collate
 from .distributed import all_gather_rows, all_reduce_sum, shard
 from .grads import capture, dots, losses_and_backward, sq_norms, weighted_sum
@@ -69,8 +70,11 @@ def streaming_influence(
     per_val: bool = False,
     batch_size: int = 8,
     val_chunk: int = 8,
+    cache: PassCache | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float], torch.Tensor, int]:
-    """Module influences {name: I_m [k, n_train]} (float64), lambdas, train losses [n], number of passes.
+    """Module influences {name: I_m [k, n_train]} (float64), lambdas, train losses [n], passes run.
+
+    Each completed pass is recorded in ``cache`` (single process) and skipped on a re-run.
 
     k = 1 (summed validation loss) or n_val with ``per_val``. Supports
     ``datainf`` and ``grad-dot`` (``exact`` needs the n x n Gram matrix: use the
@@ -78,85 +82,102 @@ def streaming_influence(
     """
     if estimator not in ("datainf", "grad-dot"):
         raise ValueError(f"streaming mode supports datainf and grad-dot, not {estimator!r}")
+    cache = cache or PassCache(None)
     tr, va = shard(train), shard(val)
-    n = len(train)
+    n, n_local = len(train), len(train[tr])
     passes = 0
-    columns = [list(range(len(val)))] if not per_val else [list(range(s, min(s + val_chunk, len(val)))) for s in range(0, len(val), val_chunk)]
+    if per_val:
+        columns = [list(range(s, min(s + val_chunk, len(val)))) for s in range(0, len(val), val_chunk)]
+    else:
+        columns = [list(range(len(val)))]
     influence: dict[str, list[torch.Tensor]] = {t.name: [] for t in targets}
-    lambdas: dict[str, float] = {}
-    norms: dict[str, torch.Tensor] = {}
-    train_loss = torch.zeros(n, dtype=torch.float64)
+
+    def stage(name: str, fn) -> dict[str, torch.Tensor]:
+        """A pass's (gathered) results: from the cache, or by running fn and recording it."""
+        nonlocal passes
+        got = cache.load(name)
+        if got is None:
+            got = fn()
+            cache.save(name, got)
+            passes += 1
+        return got
 
     for ci, cols in enumerate(columns):
         tag = f" (validation chunk {ci + 1}/{len(columns)})" if len(columns) > 1 else ""
         k = len(cols) if per_val else 1
-        # validation: v [k, d] per module: this chunk's samples as columns, or their sum
-        V = {t.name: torch.zeros(k, t.numel, device=t.device) for t in targets}
-        select = torch.zeros(len(val), k)
-        for c, j in enumerate(cols):
-            select[j, c if per_val else 0] = 1.0
-        select = select[va]
 
-        def val_batch(t, x, d, off):
-            V[t.name] += weighted_sum(t.module, x, d, select[off : off + x.shape[0]].to(x.device))
+        def val_pass() -> dict[str, torch.Tensor]:
+            """v [k, d] per module: this chunk's samples as columns, or their sum."""
+            V = {t.name: torch.zeros(k, t.numel, device=t.device) for t in targets}
+            select = torch.zeros(len(val), k)
+            for c, j in enumerate(cols):
+                select[j, c if per_val else 0] = 1.0
+            select = select[va]
 
-        _pass(model, targets, val[va], pad_id, batch_size, f"validation gradients{tag}", val_batch)
-        for t in targets:
-            all_reduce_sum(V[t.name])
-        passes += 1
+            def on_batch(t, x, d, off):
+                V[t.name] += weighted_sum(t.module, x, d, select[off : off + x.shape[0]].to(x.device))
 
-        # pass A: norms (first chunk only) and dots with v
-        need_norms = not norms
-        n_local = len(train[tr])
-        local_sq = {t.name: torch.zeros(n_local, dtype=torch.float64) for t in targets}
-        local_dot = {t.name: torch.zeros(n_local, k, dtype=torch.float64) for t in targets}
+            _pass(model, targets, val[va], pad_id, batch_size, f"validation gradients{tag}", on_batch)
+            return {name: all_reduce_sum(v) for name, v in V.items()}
 
-        def pass_a(t, x, d, off):
-            B = x.shape[0]
-            if need_norms:
-                sq = sq_norms(t.module, x, d)
-                check_finite(sq, "squared gradient norm", t.name, tr.start + off)
-                local_sq[t.name][off : off + B] = sq.cpu()
-            local_dot[t.name][off : off + B] = dots(t.module, x, d, V[t.name]).cpu()
+        V = stage(f"chunk{ci}.val", val_pass)
 
-        losses = _pass(model, targets, train[tr], pad_id, batch_size, f"train norms and dots{tag}", pass_a)
-        passes += 1
-        train_loss = all_gather_rows(losses)
-        if need_norms:
-            norms = {name: all_gather_rows(v) for name, v in local_sq.items()}
-            lambdas = {t.name: damping_scale * float(norms[t.name].mean()) / t.numel for t in targets}
-        P = {name: all_gather_rows(v) for name, v in local_dot.items()}  # [n, k]
+        def pass_a() -> dict[str, torch.Tensor]:
+            """||g_i||^2 and g_i . v per module, and the train losses."""
+            sq = {t.name: torch.zeros(n_local, dtype=torch.float64) for t in targets}
+            dot = {t.name: torch.zeros(n_local, k, dtype=torch.float64) for t in targets}
+
+            def on_batch(t, x, d, off):
+                B = x.shape[0]
+                s = sq_norms(t.module, x, d)
+                check_finite(s, "squared gradient norm", t.name, tr.start + off)
+                sq[t.name][off : off + B] = s.cpu()
+                dot[t.name][off : off + B] = dots(t.module, x, d, V[t.name].to(x.device)).cpu()
+
+            losses = _pass(model, targets, train[tr], pad_id, batch_size, f"train norms and dots{tag}", on_batch)
+            out = {"train_loss": all_gather_rows(losses)}
+            out |= {f"{name}.sq": all_gather_rows(v) for name, v in sq.items()}
+            out |= {f"{name}.P": all_gather_rows(v) for name, v in dot.items()}
+            return out
+
+        A = stage(f"chunk{ci}.A", pass_a)
+        train_loss = A["train_loss"]
+        lambdas = {t.name: damping_scale * float(A[f"{t.name}.sq"].mean()) / t.numel for t in targets}
+        P = {t.name: A[f"{t.name}.P"] for t in targets}  # [n, k]
         if estimator == "grad-dot":
             for t in targets:
                 influence[t.name].append(-P[t.name].T)
             continue
+        R = {t.name: P[t.name] / (lambdas[t.name] + A[f"{t.name}.sq"])[:, None] for t in targets}
 
-        # pass B: w = sum_j r_j g_j per module and column
-        R = {t.name: (P[t.name] / (lambdas[t.name] + norms[t.name])[:, None]) for t in targets}
-        W = {t.name: torch.zeros(k, t.numel, device=t.device) for t in targets}
+        def pass_b() -> dict[str, torch.Tensor]:
+            """w = sum_j r_j g_j per module and column, [k, d]."""
+            W = {t.name: torch.zeros(k, t.numel, device=t.device) for t in targets}
 
-        def pass_b(t, x, d, off):
-            r = R[t.name][tr.start + off : tr.start + off + x.shape[0]].to(device=x.device, dtype=torch.float32)
-            W[t.name] += weighted_sum(t.module, x, d, r)
+            def on_batch(t, x, d, off):
+                r = R[t.name][tr.start + off : tr.start + off + x.shape[0]].to(device=x.device, dtype=torch.float32)
+                W[t.name] += weighted_sum(t.module, x, d, r)
 
-        _pass(model, targets, train[tr], pad_id, batch_size, f"train weighted gradient{tag}", pass_b)
-        passes += 1
-        for t in targets:
-            all_reduce_sum(W[t.name])
+            _pass(model, targets, train[tr], pad_id, batch_size, f"train weighted gradient{tag}", on_batch)
+            return {name: all_reduce_sum(w) for name, w in W.items()}
 
-        # pass C: dots with w
-        local_w = {t.name: torch.zeros(n_local, k, dtype=torch.float64) for t in targets}
+        W = stage(f"chunk{ci}.B", pass_b)
 
-        def pass_c(t, x, d, off):
-            local_w[t.name][off : off + x.shape[0]] = dots(t.module, x, d, W[t.name]).cpu()
+        def pass_c() -> dict[str, torch.Tensor]:
+            """g_i . w per module, [n, k]."""
+            dot = {t.name: torch.zeros(n_local, k, dtype=torch.float64) for t in targets}
 
-        _pass(model, targets, train[tr], pad_id, batch_size, f"train dots with w{tag}", pass_c)
-        passes += 1
+            def on_batch(t, x, d, off):
+                dot[t.name][off : off + x.shape[0]] = dots(t.module, x, d, W[t.name].to(x.device)).cpu()
+
+            _pass(model, targets, train[tr], pad_id, batch_size, f"train dots with w{tag}", on_batch)
+            return {name: all_gather_rows(v) for name, v in dot.items()}
+
+        C = stage(f"chunk{ci}.C", pass_c)
         for t in targets:
             lam = lambdas[t.name]
             if lam == 0.0:
                 influence[t.name].append(torch.zeros(k, n, dtype=torch.float64))
-                continue
-            Pw = all_gather_rows(local_w[t.name])
-            influence[t.name].append((-(P[t.name] - Pw / n) / lam).T)
+            else:
+                influence[t.name].append((-(P[t.name] - C[t.name] / n) / lam).T)
     return {name: torch.cat(parts) for name, parts in influence.items()}, lambdas, train_loss, passes
