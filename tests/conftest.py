@@ -28,6 +28,9 @@ def make_tokenizer():
     return fast
 
 
+# Tiny models are dominated by threading overhead: one thread is fastest, and leaves the other core free.
+torch.set_num_threads(1)
+
 TINY_VOCAB = 128
 
 
@@ -63,6 +66,16 @@ def tiny_model(family: str = "llama", n_layers: int = 3, seed: int = 0, bias: bo
     else:
         raise ValueError(family)
     return model.float().eval()
+
+
+@pytest.fixture
+def all_cores():
+    """For the tests on the embedded model: use every core, then go back to one."""
+    import os
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    yield
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
