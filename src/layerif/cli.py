@@ -25,6 +25,8 @@ from .errors import UserError
 COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "score": ("layerif.scores", "ScoreArgs", "run", "per-layer influence scores of a model on a task"),
     "tasks": ("layerif.tasks", "TasksArgs", "run", "list the built-in tasks with chance level and model accuracy"),
+    "prune": ("layerif.prune", "PruneArgs", "run", "prune a model with per-layer sparsity from LayerIF scores or a baseline allocation"),
+    "compare-pruning": ("layerif.prune", "CompareArgs", "run_compare", "compare pruning allocations x pruners x sparsities over calibration seeds"),
     "moe": ("layerif.moe", "MoeArgs", "run", "fine-tune a LoRA mixture of experts with per-layer expert counts from LayerIF scores"),
     "compare-moe": ("layerif.moe", "CompareMoeArgs", "run_compare", "compare LoRA-MoE expert allocations (LayerIF, AlphaLoRA, uniform) over seeds"),
 }

@@ -1,0 +1,269 @@
+"""Per-layer allocation maps: pruning sparsity and LoRA-MoE expert counts.
+
+Pure functions, numpy in, numpy out. Every map of the project lives here so the
+pruning and the LoRA-MoE tools share one definition of each.
+
+Sparsity maps (one ratio per decoder block, the share of its prunable weights
+set to zero; ``weights`` are the prunable parameter counts per block, so the
+contract "the mean sparsity equals the target" is about parameters, not blocks):
+
+* :func:`linear_sparsity` -- AlphaPruning's linear map, used with the heavy-tail
+  exponent α (AlphaPruning) or the LayerIF score S_l (LayerIF).
+* :func:`uniform_sparsity` -- the same ratio everywhere.
+* :func:`owl_sparsity` -- OWL: more outliers, less sparsity.
+
+Expert maps (an integer number of LoRA experts per block, summing to a budget T):
+
+* :func:`layerif_experts` -- w_l = (S_l − min S)^β, the LayerIF paper's rule.
+* :func:`alpha_experts` -- AlphaLoRA: n_l ∝ α_l^β.
+* :func:`uniform_experts`, and :func:`top_k_for` (the router's k per block).
+
+Bad input (a target outside [0, 1), ε outside [0, 1], T smaller than the number
+of blocks, β < 0, non-finite metrics) raises :class:`~layerif.errors.UserError`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.signal import savgol_filter
+
+from .errors import UserError
+
+MAX_SPARSITY = 0.99
+"""No block is pruned beyond this ratio; the excess goes to the other blocks."""
+
+SMOOTH_WINDOW = 7
+SMOOTH_ORDER = 3
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _metric(values, name: str) -> np.ndarray:
+    """A non-empty, finite, 1-D float64 copy of ``values``."""
+    arr = np.asarray(values, dtype=np.float64).reshape(-1)
+    if arr.size == 0:
+        raise UserError(f"{name}: no values (need one per block)")
+    if not np.all(np.isfinite(arr)):
+        raise UserError(f"{name}: contains NaN or infinite values")
+    return arr
+
+
+def check_sparsity(target: float) -> float:
+    """``target`` as a float; a value outside [0, 1) is a :class:`UserError`."""
+    target = float(target)
+    if not 0.0 <= target < 1.0:
+        raise UserError(f"sparsity {target:g} is outside [0, 1)")
+    return target
+
+
+def check_epsilon(epsilon: float) -> float:
+    """``epsilon`` as a float; a value outside [0, 1] is a :class:`UserError`."""
+    epsilon = float(epsilon)
+    if not 0.0 <= epsilon <= 1.0:
+        raise UserError(f"epsilon {epsilon:g} is outside [0, 1]")
+    return epsilon
+
+
+def _weights(weights, n: int) -> np.ndarray:
+    """Per-block weights (default all 1), checked to be ``n`` positive finite numbers."""
+    if weights is None:
+        return np.ones(n)
+    w = np.asarray(weights, dtype=np.float64).reshape(-1)
+    if w.size != n:
+        raise UserError(f"{w.size} block weights for {n} blocks")
+    if not np.all(np.isfinite(w)) or np.any(w <= 0):
+        raise UserError("block weights (prunable parameters per block) must be positive")
+    return w
+
+
+def _check_total(total: int, n_layers: int) -> int:
+    if int(total) != total:
+        raise UserError(f"the expert budget T={total} is not an integer")
+    total = int(total)
+    if n_layers < 1:
+        raise UserError("no blocks to allocate experts to")
+    if total < n_layers:
+        raise UserError(f"the expert budget T={total} is smaller than the number of blocks ({n_layers}); need T ≥ {n_layers}")
+    return total
+
+
+def _check_beta(beta: float) -> float:
+    beta = float(beta)
+    if not np.isfinite(beta) or beta < 0:
+        raise UserError(f"beta {beta:g} must be ≥ 0")
+    return beta
+
+
+# ----------------------------------------------------------------------------- sparsity
+
+
+def smooth_metric(metric) -> np.ndarray:
+    """Savitzky–Golay smoothing (window 7, order 3) of a per-block metric, as the LayerIF code does.
+
+    With fewer than 7 blocks the window is the largest odd number ≤ the block
+    count and the order is at most window − 1; a window below 5 leaves the
+    metric unchanged (a cubic through ≤ 3 points interpolates them exactly).
+    """
+    m = _metric(metric, "metric")
+    window = min(SMOOTH_WINDOW, m.size if m.size % 2 else m.size - 1)
+    if window < 5:
+        return m
+    return savgol_filter(m, window_length=window, polyorder=min(SMOOTH_ORDER, window - 1))
+
+
+def fit_weighted_mean(ratios, target: float, weights=None, cap: float = MAX_SPARSITY) -> np.ndarray:
+    """Scale ``ratios`` so their ``weights``-weighted mean is ``target``, each within [0, cap].
+
+    Negative ratios are first set to 0. The ratios are multiplied by one common
+    factor; a block that would exceed ``cap`` is held at ``cap`` and the excess is
+    spread over the others by a larger common factor (repeated until no block
+    exceeds it), so the shape of the map is kept wherever it is not clipped. If
+    every unclipped ratio is 0 the remaining mass is spread evenly over them.
+    Requires ``0 ≤ target ≤ cap``.
+    """
+    target = check_sparsity(target)
+    if target > cap:
+        raise UserError(f"sparsity {target:g} is above {cap:g}, the most a block may be pruned")
+    r = np.clip(_metric(ratios, "ratios"), 0.0, None)
+    w = _weights(weights, r.size)
+    mass = target * w.sum()
+    held = np.zeros(r.size, dtype=bool)
+    while True:
+        free = ~held
+        rest = mass - cap * w[held].sum()
+        denom = (w[free] * r[free]).sum()
+        out = np.where(held, cap, 0.0)
+        if denom <= 0:
+            out[free] = rest / w[free].sum()
+            return out
+        out[free] = r[free] * (rest / denom)
+        over = free & (out > cap)
+        if not over.any():
+            return out
+        held |= over
+
+
+def linear_sparsity(
+    metric, target: float, epsilon: float = 0.2, weights=None, reverse: bool = False, smooth: bool = False
+) -> np.ndarray:
+    """AlphaPruning's linear map from a per-block metric to per-block sparsity.
+
+    r_l = (1 − ε) + 2ε · (m_l − min m) / (max m − min m), then scaled by one common
+    factor so that Σ w_l r_l / Σ w_l = ``target`` exactly, and clipped to
+    [0, 0.99] with the excess redistributed (:func:`fit_weighted_mean`).
+
+    Direction: a higher metric gets more sparsity (AlphaPruning: a larger α, a
+    less well-trained layer; LayerIF: a larger S_l, a less mature layer);
+    ``reverse`` flips it. ``smooth`` applies :func:`smooth_metric` first. A
+    constant metric (or ε = 0) gives the uniform allocation. Returns float64 [L].
+    """
+    target = check_sparsity(target)
+    epsilon = check_epsilon(epsilon)
+    m = smooth_metric(metric) if smooth else _metric(metric, "metric")
+    if reverse:
+        m = -m
+    span = m.max() - m.min()
+    unit = (m - m.min()) / span if span > 0 else np.full(m.size, 0.5)
+    return fit_weighted_mean((1 - epsilon) + 2 * epsilon * unit, target, weights)
+
+
+def uniform_sparsity(n_layers: int, target: float) -> np.ndarray:
+    """``target`` in every one of ``n_layers`` blocks (float64 [L])."""
+    target = check_sparsity(target)
+    if n_layers < 1:
+        raise UserError("no blocks to allocate sparsity to")
+    return np.full(int(n_layers), target)
+
+
+def owl_sparsity(outlier_ratios, target: float, lam: float = 0.08, weights=None) -> np.ndarray:
+    """OWL (Outlier Weighed Layerwise sparsity): blocks with more outliers keep more weights.
+
+    As in the OWL code: the outlier ratios D_l are mapped linearly onto densities
+    spanning 2λ, d_l = 2λ (D_l − min D)/(max D − min D), shifted so the weighted mean
+    density is 1 − ``target``; sparsity = 1 − density. Every block's sparsity
+    therefore lies within ``target`` ± 2λ (± λ around the middle of the span) and
+    the weighted mean is ``target``; values outside [0, 0.99] are clipped with the
+    excess redistributed (:func:`fit_weighted_mean`). Constant ratios → uniform.
+    """
+    target = check_sparsity(target)
+    lam = float(lam)
+    if not 0.0 <= lam < 0.5:
+        raise UserError(f"OWL lambda {lam:g} is outside [0, 0.5)")
+    d = _metric(outlier_ratios, "outlier ratios")
+    w = _weights(weights, d.size)
+    span = d.max() - d.min()
+    spread = 2 * lam * (d - d.min()) / span if span > 0 else np.zeros(d.size)
+    sparsity = target - (spread - np.average(spread, weights=w))
+    return fit_weighted_mean(sparsity, target, w)
+
+
+# ----------------------------------------------------------------------------- experts
+
+
+def _largest_remainder(quota: np.ndarray, units: int) -> np.ndarray:
+    """Integers ⌊quota⌋ plus one unit each to the ``units`` − Σ⌊quota⌋ largest fractional parts.
+
+    Ties go to the lower index. ``quota`` must be ≥ 0 and sum to ``units``.
+    """
+    base = np.floor(quota + 1e-9).astype(np.int64)
+    left = units - int(base.sum())
+    order = np.argsort(-(quota - base), kind="stable")
+    base[order[:left]] += 1
+    return base
+
+
+def uniform_experts(n_layers: int, total: int) -> np.ndarray:
+    """``total`` experts over ``n_layers`` blocks as evenly as possible (extras to the first blocks)."""
+    total = _check_total(total, n_layers)
+    return _largest_remainder(np.full(n_layers, total / n_layers), total)
+
+
+def layerif_experts(scores, total: int, beta: float = 2.5, reverse: bool = False) -> np.ndarray:
+    """LayerIF expert allocation: more experts where S_l is higher (a less mature layer).
+
+    w_l = (S_l − min S)^β, n_l = 1 + ⌊(T − L) · w_l / Σw⌋, with the units still
+    missing to reach T given one each to the largest fractional parts (ties to the
+    lower index). Σ n_l = T, n_l ≥ 1, non-decreasing in S_l for β > 0. All-equal
+    scores (or β = 0) give :func:`uniform_experts`. ``reverse`` uses −S (more
+    experts where S_l is low). Returns int64 [L].
+    """
+    s = _metric(scores, "scores")
+    total = _check_total(total, s.size)
+    beta = _check_beta(beta)
+    if reverse:
+        s = -s
+    w = (s - s.min()) ** beta
+    if w.sum() <= 0:
+        return uniform_experts(s.size, total)
+    return 1 + _largest_remainder((total - s.size) * w / w.sum(), total - s.size)
+
+
+def alpha_experts(alphas, total: int, beta: float = 2.5) -> np.ndarray:
+    """AlphaLoRA expert allocation: n_l = round(T · α_l^β / Σ α^β), fixed up to sum to T.
+
+    Each n_l is at least 1. The fix-up moves one unit at a time: while the sum
+    exceeds T, from the block most above its real-valued share (among blocks with
+    n_l > 1); while it falls short, to the block most below it. Heavy-tail
+    exponents must be positive. Returns int64 [L].
+    """
+    a = _metric(alphas, "alphas")
+    total = _check_total(total, a.size)
+    beta = _check_beta(beta)
+    if np.any(a <= 0):
+        raise UserError("heavy-tail exponents α must be positive")
+    share = total * a**beta / np.sum(a**beta)
+    n = np.maximum(1, np.round(share)).astype(np.int64)
+    while n.sum() > total:
+        n[np.argmax(np.where(n > 1, n - share, -np.inf))] -= 1
+    while n.sum() < total:
+        n[np.argmax(share - n)] += 1
+    return n
+
+
+def top_k_for(experts) -> np.ndarray:
+    """The router's top-k per block: 2 where a block has more than one expert, else 1 (int64 [L])."""
+    n = np.asarray(experts).reshape(-1)
+    if n.size == 0 or np.any(n < 1):
+        raise UserError("every block needs at least one expert")
+    return np.where(n > 1, 2, 1).astype(np.int64)

@@ -1,0 +1,512 @@
+"""Pruners, allocations on models, saving and the two commands, on tiny random-weight models."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import re
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+import layerif.prune as P
+from conftest import TINY_VOCAB, WORDS, make_tokenizer, tiny_model
+from layerif.allocate import linear_sparsity
+from layerif.errors import UserError
+from layerif.models import find_blocks, projections, weight_out_in
+
+
+def calib(n: int = 6, seqlen: int = 16, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, TINY_VOCAB, (n, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+def masks(model) -> dict[str, torch.Tensor]:
+    return {name: weight_out_in(mod) == 0 for name, (_, mod) in P.prunable_modules(model).items()}
+
+
+# ----------------------------------------------------------------------------- pruners
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("method", P.METHODS)
+def test_achieved_sparsity_is_the_allocation(family, method):
+    model = tiny_model(family, n_layers=3)
+    weights = P.prunable_params(model)
+    ratios = linear_sparsity([0.1, 0.9, 0.4], 0.5, epsilon=0.3, weights=weights)
+    targets = P.prune_model(model, ratios, method, calib())
+    per_block, per_module = P.achieved_sparsity(model)
+    mods = P.prunable_modules(model)
+    min_in = min(weight_out_in(m).shape[1] for _, m in mods.values())
+    for name, (_, mod) in mods.items():
+        assert abs(per_module[name] - targets[name]) <= 1 / weight_out_in(mod).shape[1]  # one weight per row
+    np.testing.assert_allclose(per_block, ratios, atol=1 / min_in)
+    assert np.average(per_block, weights=weights) == pytest.approx(0.5, abs=1 / min_in)
+
+
+def test_module_ratios_override_their_block():
+    model = tiny_model("llama", n_layers=3)
+    name = next(n for n in P.prunable_modules(model) if n.endswith("mlp.down_proj"))
+    targets = P.prune_model(model, [0.5, 0.5, 0.5], "magnitude", module_ratios={name: 0.9})
+    assert targets[name] == 0.9
+    assert P.achieved_sparsity(model)[1][name] == pytest.approx(0.9, abs=1e-3)
+    with pytest.raises(UserError, match="not a prunable module"):
+        P.module_targets(model, [0.5] * 3, {"lm_head": 0.5})
+
+
+def direct_wanda(model, windows, ratios) -> None:
+    """Wanda computed directly: full-model forwards collect each block's inputs after the earlier blocks are pruned."""
+    _, blocks = find_blocks(model)
+    for l, block in enumerate(blocks):
+        sq: dict[str, torch.Tensor] = {}
+
+        def hook(rel):
+            def f(mod, inputs, output):
+                x = inputs[0].reshape(-1, inputs[0].shape[-1]).float()
+                sq[rel] = sq.get(rel, 0) + (x * x).sum(0)
+
+            return f
+
+        handles = [m.register_forward_hook(hook(rel)) for rel, m in projections(block).items()]
+        with torch.no_grad():
+            for w in windows:
+                model(input_ids=w[None])
+        for h in handles:
+            h.remove()
+        for rel, mod in projections(block).items():
+            W = weight_out_in(mod)
+            metric = W.detach().abs() * sq[rel].sqrt()[None, :]
+            k = int(round(ratios[l] * W.shape[1]))
+            mask = torch.zeros_like(W, dtype=torch.bool).scatter_(1, torch.argsort(metric, dim=1)[:, :k], True)
+            with torch.no_grad():
+                W.masked_fill_(mask, 0)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
+def test_wanda_masks_equal_direct_computation(family):
+    model = tiny_model(family, n_layers=3)
+    ref = copy.deepcopy(model)
+    windows, ratios = calib(), [0.3, 0.5, 0.65]
+    P.prune_model(model, ratios, "wanda", windows)
+    direct_wanda(ref, windows, ratios)
+    got, want = masks(model), masks(ref)
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+
+
+def test_owl_outlier_ratios_equal_direct_computation():
+    model = tiny_model("llama", n_layers=3)
+    windows = calib()
+    _, blocks = find_blocks(model)
+    sq: dict[int, torch.Tensor] = {}
+    mods = list(P.prunable_modules(model).values())
+
+    def hook(i):
+        def f(mod, inputs, output):
+            x = inputs[0].reshape(-1, inputs[0].shape[-1]).float()
+            sq[i] = sq.get(i, 0) + (x * x).sum(0)
+
+        return f
+
+    handles = [m.register_forward_hook(hook(i)) for i, (_, m) in enumerate(mods)]
+    with torch.no_grad():
+        for w in windows:
+            model(input_ids=w[None])
+    for h in handles:
+        h.remove()
+    want = []
+    for l in range(len(blocks)):
+        scores = torch.cat([(weight_out_in(m).detach().abs() * sq[i].sqrt()).flatten()
+                            for i, (b, m) in enumerate(mods) if b == l])
+        want.append(float((scores > 5 * scores.mean()).float().mean()))
+    np.testing.assert_allclose(P.outlier_ratios(model, windows), want, rtol=1e-6)
+    assert all(m.weight.ne(0).all() for _, m in mods)  # measuring does not prune
+
+
+def layer_inputs(seed: int = 0, n: int = 2048, d: int = 96) -> torch.Tensor:
+    """LLM-like layer inputs: correlated (a rank-16 part) with feature scales spread over orders of magnitude."""
+    g = torch.Generator().manual_seed(seed)
+    Z = torch.randn(n, d, generator=g)
+    return (Z[:, :16] @ torch.randn(16, d, generator=g) + 0.3 * Z) * torch.exp(torch.randn(d, generator=g))
+
+
+def reference_sparsegpt(W, H, sparsity, blocksize, percdamp=0.01):
+    """SparseGPT's ``fasterprune`` (unstructured), transcribed line by line from the reference code."""
+    W = W.clone().float()
+    H = H.clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    damp = percdamp * torch.mean(torch.diag(H))
+    diag = torch.arange(W.shape[1])
+    H[diag, diag] += damp
+    H = torch.linalg.cholesky(H)
+    H = torch.cholesky_inverse(H)
+    H = torch.linalg.cholesky(H, upper=True)
+    Hinv = H
+    for i1 in range(0, W.shape[1], blocksize):
+        i2 = min(i1 + blocksize, W.shape[1])
+        count = i2 - i1
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        tmp = W1**2 / (torch.diag(Hinv1).reshape((1, -1))) ** 2
+        thresh = torch.sort(tmp.flatten())[0][int(tmp.numel() * sparsity)]
+        mask1 = tmp <= thresh
+        for i in range(count):
+            w = W1[:, i]
+            d = Hinv1[i, i]
+            q = w.clone()
+            q[mask1[:, i]] = 0
+            Q1[:, i] = q
+            err1 = (w - q) / d
+            W1[:, i:] -= err1.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
+            Err1[:, i] = err1
+        W[:, i1:i2] = Q1
+        W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
+    return W
+
+
+def test_sparsegpt_equals_the_reference_code():
+    X = layer_inputs(1)
+    W = torch.randn(48, 96, generator=torch.Generator().manual_seed(1))
+    H = X.T @ X
+    # the reference prunes int(size·s) + 1 weights per column block (its "<= threshold"), ours round(size·s):
+    # with 48×32 blocks and size·s = 767.6 both prune 768
+    s = 767.6 / (48 * 32)
+    torch.testing.assert_close(P.sparsegpt_weight(W, H, s, block_size=32), reference_sparsegpt(W, H, s, 32))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_sparsegpt_reconstructs_better_than_magnitude_and_wanda(seed):
+    X = layer_inputs(seed)
+    W = torch.randn(48, 96, generator=torch.Generator().manual_seed(seed))
+    H = X.T @ X
+
+    def err(V):
+        return float(((X @ (W - V).T) ** 2).sum())
+
+    assert torch.equal(P.sparsegpt_weight(W, H, 0.0), W)
+    for ratio in (0.3, 0.5, 0.7):
+        magnitude = W.masked_fill(P.lowest_mask(W.abs(), ratio), 0)
+        wanda = W.masked_fill(P.row_mask(P.wanda_score(W, torch.diag(H)), ratio), 0)
+        for block in (128, 32):
+            Ws = P.sparsegpt_weight(W, H, ratio, block_size=block)
+            assert float((Ws == 0).float().mean()) == pytest.approx(ratio, abs=1 / 96)
+            assert err(Ws) < 0.5 * err(magnitude)
+            assert err(Ws) < err(wanda)
+    Ws = P.sparsegpt_weight(W, H, 0.5, nm=(2, 4))
+    assert err(Ws) < err(W.masked_fill(P.nm_mask(W.abs(), 2, 4), 0))
+
+
+@pytest.mark.parametrize("method", P.METHODS)
+def test_nm_pruning_zeroes_n_of_every_m(method):
+    model = tiny_model("llama", n_layers=2)
+    P.prune_model(model, [0.5, 0.5], method, calib(), nm=(2, 4))
+    for name, mask in masks(model).items():
+        counts = mask.view(mask.shape[0], -1, 4).sum(-1)
+        assert torch.all(counts == 2), name
+
+
+def test_mask_helpers():
+    s = torch.tensor([[4.0, 1.0, 3.0, 2.0], [1.0, 2.0, 3.0, 4.0]])
+    assert P.row_mask(s, 0.5).tolist() == [[False, True, False, True], [True, True, False, False]]
+    assert P.lowest_mask(s, 0.25).tolist() == [[False, True, False, False], [True, False, False, False]]
+    assert P.nm_mask(s, 1, 2).tolist() == [[False, True, False, True], [True, False, True, False]]
+    assert P.parse_nm("2:4") == (2, 4) and P.parse_nm(None) is None
+    for bad in ("4:2", "2:2", "0:4", "2-4", "a:b"):
+        with pytest.raises(UserError):
+            P.parse_nm(bad)
+    with pytest.raises(UserError, match="divisible"):
+        P.nm_mask(torch.rand(2, 6), 2, 4)
+
+
+# ----------------------------------------------------------------------------- saving and export
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_saved_model_reloads_with_identical_logits(tmp_path, family):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model, tok = tiny_model(family, n_layers=3), make_tokenizer()
+    P.prune_model(model, [0.4, 0.5, 0.6], "sparsegpt", calib())
+    dest = P.save_pruned(model, tok, str(tmp_path / "pruned"), {"layers": [0, 1, 2]}, recipe="a: 1\n")
+    assert {"model.safetensors", "allocation.json", "recipe.yaml", "config.json"} <= {p.name for p in dest.iterdir()}
+    loaded = AutoModelForCausalLM.from_pretrained(dest).eval()
+    x = calib(2, 12, seed=3)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=x).logits, loaded(input_ids=x).logits)
+    assert AutoTokenizer.from_pretrained(dest)("the cat")["input_ids"] == tok("the cat")["input_ids"]
+    # an earlier pruned model is replaced; any other non-empty folder is refused
+    P.save_pruned(model, tok, str(dest), {"layers": [0, 1, 2], "again": True})
+    assert json.loads((dest / "allocation.json").read_text())["again"] is True
+    assert not (dest / "recipe.yaml").exists()
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="not an earlier pruned model"):
+        P.save_pruned(model, tok, str(other), {})
+    assert (other / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other", "pruned"]  # no temporary folders left
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_llmcompressor_recipe(family, method):
+    model = tiny_model(family, n_layers=3)
+    prefix, blocks = find_blocks(model)
+    text = P.llmcompressor_recipe(method, [0.4, 0.5, 0.6], prefix, damping=0.01, block_size=128)
+    mod_name = {"wanda": "WandaPruningModifier", "sparsegpt": "SparseGPTModifier"}[method]
+    mod = yaml.safe_load(text)["sparsity_stage"]["sparsity_modifiers"][mod_name]
+    assert mod["sparsity"] == [0.4, 0.5, 0.6]
+    assert mod["mask_structure"] == "0:0"
+    pattern = mod["targets"][0].removeprefix("re:")
+    matched = [n for n, _ in model.named_modules() if re.match(pattern, n)]
+    assert matched == [f"{prefix}.{i}" for i in range(len(blocks))]  # one sparsity per block, in order
+    assert ("dampening_frac" in mod) == (method == "sparsegpt")
+    nm = yaml.safe_load(P.llmcompressor_recipe(method, [0.5] * 3, prefix, nm=(2, 4)))
+    assert nm["sparsity_stage"]["sparsity_modifiers"][mod_name]["mask_structure"] == "2:4"
+    assert P.llmcompressor_recipe("magnitude", [0.5] * 3, prefix) is None
+
+
+# ----------------------------------------------------------------------------- the commands
+
+
+def fake_corpus_module() -> types.ModuleType:
+    """A stand-in for layerif.corpus with its documented signatures, over the tiny tokenizer's words."""
+    mod = types.ModuleType("layerif.corpus")
+    rng = np.random.default_rng(0)
+    default = " ".join(rng.choice(WORDS, size=4000))
+
+    def load_text(path=None):
+        return default if path is None else Path(path).read_text(encoding="utf-8")
+
+    def split_text(text):
+        return text[: len(text) // 2], text[len(text) // 2 :]
+
+    def text_windows(tokenizer, text, n_windows, seqlen, seed):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) < seqlen:
+            raise UserError(f"the calibration text has {len(ids)} tokens, fewer than one window of {seqlen}")
+        starts = np.random.default_rng(seed).integers(0, len(ids) - seqlen + 1, size=n_windows)
+        return torch.tensor([ids[s : s + seqlen] for s in starts])
+
+    mod.load_text, mod.split_text, mod.text_windows = load_text, split_text, text_windows
+    return mod
+
+
+def fake_tasks_module() -> types.ModuleType:
+    """A stand-in for layerif.tasks: get_task(name).split(split, n, seed) -> multiple-choice records."""
+    mod = types.ModuleType("layerif.tasks")
+    capitals = [("france", "paris"), ("germany", "berlin"), ("italy", "rome"), ("spain", "madrid")]
+
+    class Task:
+        def split(self, split, n, seed):
+            out = []
+            for i in range(n):
+                country, city = capitals[i % 4]
+                options = [f" {c}" for _, c in capitals]
+                out.append({"prompt": f"the capital of {country} is", "completion": f" {city}",
+                            "options": options, "answer": i % 4})
+            return out
+
+    def get_task(name):
+        if name not in ("capitals", "toy"):
+            raise UserError(f"unknown task {name!r}")
+        return Task()
+
+    mod.get_task = get_task
+    return mod
+
+
+@pytest.fixture
+def stand_ins(monkeypatch):
+    monkeypatch.setitem(sys.modules, "layerif.corpus", fake_corpus_module())
+    monkeypatch.setitem(sys.modules, "layerif.tasks", fake_tasks_module())
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    folder = tmp_path / "tiny-llama"
+    tiny_model("llama", n_layers=3).save_pretrained(folder)
+    make_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def write_scores(path: Path, score: list[float]) -> str:
+    path.write_text(json.dumps({"model": "tiny", "task": "toy", "target": "attn", "estimator": "datainf",
+                                "layers": list(range(len(score))), "score": score}))
+    return str(path)
+
+
+def prune_args(model_dir, tmp_path, **kw) -> P.PruneArgs:
+    base = dict(model=str(model_dir), device="cpu", scores=write_scores(tmp_path / "scores.json", [1.0, 5.0, 2.0]),
+                sparsity=0.5, n_calib=4, seqlen=16)
+    base.update(kw)
+    return P.PruneArgs(**base)
+
+
+def test_prune_command(stand_ins, model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "pruned"
+    summary = P.run(prune_args(model_dir, tmp_path, save=str(out), eval_windows=2))
+    assert "achieved" in summary and "perplexity" in summary
+    doc = json.loads((out / "allocation.json").read_text())
+    assert {"layers", "sparsity", "achieved", "modules", "args"} <= doc.keys()
+    assert doc["layers"] == [0, 1, 2]
+    assert np.argmax(doc["sparsity"]) == 1  # the highest score gets the most sparsity
+    weights = np.asarray(doc["prunable_params"])
+    assert np.average(doc["sparsity"], weights=weights) == pytest.approx(0.5)
+    assert doc["mean_achieved"] == pytest.approx(0.5, abs=1 / 32)
+    assert all({"target", "achieved"} == set(v) for v in doc["modules"].values())
+    assert doc["args"]["method"] == "wanda" and doc["args"]["allocation"] == "layerif"
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    np.testing.assert_allclose(P.achieved_sparsity(loaded)[0], doc["achieved"])
+    recipe = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert recipe["sparsity_stage"]["sparsity_modifiers"]["WandaPruningModifier"]["sparsity"] == pytest.approx(
+        doc["sparsity"], abs=1e-6)
+    # reversed: the highest score now gets the least sparsity
+    rev = tmp_path / "rev"
+    P.run(prune_args(model_dir, tmp_path, save=str(rev), reverse=True, smooth=False))
+    assert np.argmin(json.loads((rev / "allocation.json").read_text())["sparsity"]) == 1
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "owl", "alpha"])
+def test_prune_command_baseline_allocations(stand_ins, model_dir, tmp_path, allocation):
+    out = tmp_path / allocation
+    P.run(prune_args(model_dir, tmp_path, scores=None, allocation=allocation, method="magnitude", save=str(out)))
+    doc = json.loads((out / "allocation.json").read_text())
+    assert np.average(doc["sparsity"], weights=doc["prunable_params"]) == pytest.approx(0.5)
+    assert (doc["metric"] is None) == (allocation == "uniform")
+    assert not (out / "recipe.yaml").exists()  # llm-compressor has no one-shot magnitude modifier
+
+
+def test_prune_command_nm(stand_ins, model_dir, tmp_path):
+    out = tmp_path / "nm"
+    P.run(prune_args(model_dir, tmp_path, allocation="uniform", method="sparsegpt", nm="2:4", save=str(out)))
+    doc = json.loads((out / "allocation.json").read_text())
+    assert doc["achieved"] == pytest.approx([0.5] * 3)
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(sparsity=1.0), "outside \\[0, 1\\)"),
+        (dict(sparsity=-0.1), "outside \\[0, 1\\)"),
+        (dict(epsilon=1.5), "epsilon"),
+        (dict(epsilon=-0.5), "epsilon"),
+        (dict(method="pca"), "unknown pruning method"),
+        (dict(allocation="random"), "unknown allocation"),
+        (dict(scores=None), "needs --scores"),
+        (dict(nm="2:4"), "use --allocation uniform"),
+        (dict(nm="2:4", allocation="uniform", sparsity=0.6), "means sparsity 0.5"),
+        (dict(nm="4:2", allocation="uniform"), "not N:M"),
+        (dict(allocation="uniform", reverse=True), "--reverse"),
+        (dict(n_calib=0), "--n-calib"),
+        (dict(seqlen=1), "--seqlen"),
+        (dict(damping=0.0), "--damping"),
+        (dict(block_size=0), "--block-size"),
+        (dict(text="SHORT"), "fewer than one window"),
+        (dict(scores="FIVE"), "5 blocks"),
+        (dict(save="FOREIGN"), "not an earlier pruned model"),
+    ],
+)
+def test_prune_bad_input(stand_ins, model_dir, tmp_path, kw, message):
+    if kw.get("text") == "SHORT":
+        kw["text"] = str(tmp_path / "short.txt")
+        Path(kw["text"]).write_text("the cat " * 4)
+    if kw.get("scores") == "FIVE":
+        kw["scores"] = write_scores(tmp_path / "five.json", [1.0, 2.0, 3.0, 4.0, 5.0])
+    if kw.get("save") == "FOREIGN":
+        (tmp_path / "foreign").mkdir()
+        (tmp_path / "foreign" / "data.csv").write_text("x")
+        kw["save"] = str(tmp_path / "foreign")
+    with pytest.raises(UserError, match=message):
+        P.run(prune_args(model_dir, tmp_path, **kw))
+
+
+def test_short_text_with_the_real_corpus(model_dir, tmp_path):
+    pytest.importorskip("layerif.corpus")
+    short = tmp_path / "short.txt"
+    short.write_text("the cat is in the house . " * 4)
+    with pytest.raises(UserError):
+        P.run(prune_args(model_dir, tmp_path, text=str(short), seqlen=64))
+
+
+def test_cli_options_build_the_args():
+    import argparse
+
+    from layerif.cli import add_dataclass_arguments, build_args
+
+    parser = argparse.ArgumentParser()
+    add_dataclass_arguments(parser, P.PruneArgs)
+    args = build_args(P.PruneArgs, parser.parse_args(["--sparsity", "0.6", "--method", "sparsegpt", "--reverse",
+                                                     "--nm", "2:4", "--n-calib", "8"]))
+    assert (args.sparsity, args.method, args.reverse, args.nm, args.n_calib) == (0.6, "sparsegpt", True, "2:4", 8)
+    parser = argparse.ArgumentParser()
+    add_dataclass_arguments(parser, P.CompareArgs)
+    args = build_args(P.CompareArgs, parser.parse_args(["--sparsities", "0.5,0.7", "--seeds", "1,2,3",
+                                                       "--allocations", "uniform,layerif"]))
+    assert (args.sparsities, args.seeds, args.allocations) == (["0.5", "0.7"], ["1", "2", "3"], ["uniform", "layerif"])
+
+
+def compare_args(model_dir, tmp_path, **kw) -> P.CompareArgs:
+    base = dict(model=str(model_dir), device="cpu", scores=write_scores(tmp_path / "scores.json", [1.0, 5.0, 2.0]),
+                methods=["magnitude", "wanda"], sparsities=["0.5"], seeds=["0", "1", "2"], n_calib=3, seqlen=16,
+                eval_windows=2, task_items=4, out=str(tmp_path / "cmp"))
+    base.update(kw)
+    return P.CompareArgs(**base)
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_compare_pruning(stand_ins, model_dir, tmp_path, monkeypatch):
+    args = compare_args(model_dir, tmp_path)
+    summary = P.run_compare(args)
+    out = Path(args.out)
+    rows = read_csv(out / "comparison.csv")
+    assert len(rows) == 1 + 5 * 2 * 3  # dense + allocations × methods × seeds
+    assert {r["allocation"] for r in rows} == {"dense", *P.COMPARE_ALLOCATIONS}
+    for r in rows:
+        if r["allocation"] != "dense":
+            assert float(r["achieved"]) == pytest.approx(0.5, abs=1 / 32)
+            assert float(r["perplexity"]) > 1 and 0 <= float(r["accuracy"]) <= 1
+    md = (out / "comparison.md").read_text()
+    assert "## wanda" in md and "## magnitude" in md and "±" in md and "layerif-reversed" in md
+    assert "- task: toy" in md  # the scores' task is the default accuracy task
+    assert (out / "comparison.png").stat().st_size > 0
+    assert "comparison.csv" in summary
+    # resume: nothing left to run
+    monkeypatch.setattr(P, "prune_model", lambda *a, **k: pytest.fail("resume re-ran a finished run"))
+    P.run_compare(compare_args(model_dir, tmp_path, resume=True))
+    assert len(read_csv(out / "comparison.csv")) == len(rows)
+    with pytest.raises(UserError, match="other options"):
+        P.run_compare(compare_args(model_dir, tmp_path, resume=True, epsilon=0.3))
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(sparsities=["0.5", "1.0"]), "outside \\[0, 1\\)"),
+        (dict(sparsities=["half"]), "--sparsities"),
+        (dict(allocations=["uniform", "random"]), "unknown allocation"),
+        (dict(methods=["pca"]), "unknown pruning method"),
+        (dict(epsilon=2.0), "epsilon"),
+        (dict(scores=None), "need --scores"),
+        (dict(task_items=0), "--task-items"),
+        (dict(task="nope"), "unknown task"),
+    ],
+)
+def test_compare_bad_input(stand_ins, model_dir, tmp_path, kw, message):
+    with pytest.raises(UserError, match=message):
+        P.run_compare(compare_args(model_dir, tmp_path, **kw))
