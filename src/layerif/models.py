@@ -18,7 +18,7 @@ import importlib.util
 import os
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -164,6 +164,22 @@ def load_model(
         model.to(dev)
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, name=label)
+
+
+@dataclass
+class ModelArgs:
+    """Which model every command loads, and where (the first options of each command)."""
+
+    model: str | None = field(default=None, metadata={"help": "hub name or local folder (default: embedded SmolLM2-135M-Instruct)"})
+    gguf_file: str | None = field(default=None, metadata={"help": "GGUF file (inside --model, or a path)"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
+    dtype: str | None = field(default=None, metadata={"help": "float32 (CPU default), bfloat16, float16"})
+    trust_remote_code: bool = field(default=False, metadata={"help": "allow the model's own code from the hub"})
+    device_map: str | None = field(default=None, metadata={"help": "accelerate device map (auto: spread a large model over the GPUs)"})
+
+    def load(self) -> LoadedModel:
+        """:func:`load_model` with these options."""
+        return load_model(self.model, self.gguf_file, self.device, self.dtype, self.trust_remote_code, self.device_map)
 
 
 # ----------------------------------------------------------------------------- structure

@@ -49,7 +49,7 @@ from . import __version__, progress
 from .allocate import alpha_experts, layerif_experts, top_k_for, uniform_experts
 from .errors import UserError
 from .io import prepare_out_dir, write_figure, write_json, write_safetensors, write_text
-from .models import LoadedModel, find_blocks, is_attention, load_model, projections, weight_out_in
+from .models import LoadedModel, ModelArgs, find_blocks, is_attention, projections, weight_out_in
 from .prune import _mean_std, block_scores
 from .train import TrainConfig, check_train_config, evaluate_records, train
 
@@ -466,14 +466,9 @@ def load_adapter(base_model: nn.Module, folder: str | Path) -> nn.Module:
 
 
 @dataclass
-class _MoeOptions:
+class _MoeOptions(ModelArgs):
     """Options shared by ``layerif moe`` and ``layerif compare-moe``."""
 
-    model: str | None = field(default=None, metadata={"help": "hub name or local folder (default: embedded SmolLM2-135M-Instruct)"})
-    gguf_file: str | None = field(default=None, metadata={"help": "GGUF file (inside --model, or a path)"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
-    dtype: str | None = field(default=None, metadata={"help": "float32 (CPU default), bfloat16, float16"})
-    trust_remote_code: bool = field(default=False, metadata={"help": "allow the model's own code from the hub"})
     task: str | None = field(default=None, metadata={"help": "built-in task to train and test on (default: the task of --scores, else capitals)"})
     scores: str | None = field(default=None, metadata={"help": "scores.json of `layerif score` (needed by the layerif allocations)"})
     total_experts: int | None = field(default=None, metadata={"help": "T, the experts over all blocks (default: 5 × blocks)"})
@@ -569,8 +564,7 @@ def _setting(args: _MoeOptions) -> _Setting:
 
     if args.task is not None:
         get_task(args.task)  # an unknown task fails before the model loads
-    lm = load_model(args.model, gguf_file=args.gguf_file, device=args.device, dtype=args.dtype,
-                    trust_remote_code=args.trust_remote_code)
+    lm = args.load()
     _, blocks = find_blocks(lm.model)
     scores, doc = layer_scores(args.scores, len(blocks)) if args.scores else (None, {})
     if doc.get("model") not in (None, lm.name):

@@ -61,7 +61,7 @@ from .allocate import (
 from .errors import UserError
 from .evaluate import mc_accuracy, perplexity
 from .io import prepare_out_dir, write_figure, write_json, write_text
-from .models import find_blocks, load_model, projections, weight_out_in
+from .models import ModelArgs, find_blocks, projections, weight_out_in
 from .scores import read_scores
 from .spectral import block_alphas
 
@@ -615,14 +615,9 @@ def _block_table(layers: list[int], target: np.ndarray, achieved: np.ndarray, me
 
 
 @dataclass
-class PruneArgs:
+class PruneArgs(ModelArgs):
     """Prune a causal LM with per-layer sparsity from LayerIF scores (or a baseline allocation)."""
 
-    model: str | None = field(default=None, metadata={"help": "hub name or local folder (default: embedded SmolLM2-135M-Instruct)"})
-    gguf_file: str | None = field(default=None, metadata={"help": "GGUF file (inside --model, or a path)"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
-    dtype: str | None = field(default=None, metadata={"help": "float32 (CPU default), bfloat16, float16"})
-    trust_remote_code: bool = field(default=False, metadata={"help": "allow the model's own code from the hub"})
     scores: str | None = field(default=None, metadata={"help": "scores.json of `layerif score` (needed by --allocation layerif)"})
     sparsity: float = field(default=0.5, metadata={"help": "target sparsity, the mean over prunable weights, in [0, 1)"})
     method: str = field(default="wanda", metadata={"help": "pruner", "choices": METHODS})
@@ -660,8 +655,7 @@ def run(args: PruneArgs) -> str:
         raise UserError("--allocation layerif needs --scores scores.json (from `layerif score`)")
     if args.save is not None:
         check_save_dir(args.save)
-    lm = load_model(args.model, gguf_file=args.gguf_file, device=args.device, dtype=args.dtype,
-                    trust_remote_code=args.trust_remote_code)
+    lm = args.load()
     model = lm.model
     prefix, blocks = find_blocks(model)
     scores = None
@@ -714,14 +708,9 @@ def run(args: PruneArgs) -> str:
 
 
 @dataclass
-class CompareArgs:
+class CompareArgs(ModelArgs):
     """Compare allocations (uniform, OWL, AlphaPruning, LayerIF both ways) × pruners × sparsities over seeds."""
 
-    model: str | None = field(default=None, metadata={"help": "hub name or local folder (default: embedded SmolLM2-135M-Instruct)"})
-    gguf_file: str | None = field(default=None, metadata={"help": "GGUF file (inside --model, or a path)"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
-    dtype: str | None = field(default=None, metadata={"help": "float32 (CPU default), bfloat16, float16"})
-    trust_remote_code: bool = field(default=False, metadata={"help": "allow the model's own code from the hub"})
     scores: str | None = field(default=None, metadata={"help": "scores.json of `layerif score` (needed by the layerif allocations)"})
     allocations: list[str] = field(default_factory=lambda: list(COMPARE_ALLOCATIONS), metadata={"help": "allocations to compare"})
     methods: list[str] = field(default_factory=lambda: ["wanda", "sparsegpt"], metadata={"help": "pruners"})
@@ -889,8 +878,7 @@ def run_compare(args: CompareArgs) -> str:
         rows = _read_rows(out / "comparison.csv")
     write_json(out / "config.json", config)
 
-    lm = load_model(args.model, gguf_file=args.gguf_file, device=args.device, dtype=args.dtype,
-                    trust_remote_code=args.trust_remote_code)
+    lm = args.load()
     model, tok = lm.model, lm.tokenizer
     _, blocks = find_blocks(model)
     scores, doc = block_scores(args.scores, len(blocks)) if args.scores else (None, {})

@@ -39,21 +39,16 @@ from .influence import ESTIMATORS, ModuleStats, damping, module_influence
 from .io import prepare_out_dir, write_figure, write_json, write_safetensors, write_text
 from .streaming import check_finite, streaming_influence
 from . import stability
-from .models import TARGETS, LoadedModel, Target, find_blocks, input_device, load_model, resolve_device, select_targets, weight_out_in
+from .models import (TARGETS, LoadedModel, ModelArgs, Target, find_blocks, input_device, resolve_device,
+                     select_targets, weight_out_in)
 
 AGGREGATIONS = ("helpful", "sum", "mean_abs", "helpful_share")
 
 
 @dataclass
-class ScoreArgs:
+class ScoreArgs(ModelArgs):
     """Compute per-layer influence scores (LayerIF) of a causal LM on a task."""
 
-    model: str | None = field(default=None, metadata={"help": "hub name or local folder (default: embedded SmolLM2-135M-Instruct)"})
-    gguf_file: str | None = field(default=None, metadata={"help": "GGUF file (inside --model, or a path)"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
-    dtype: str | None = field(default=None, metadata={"help": "float32 (CPU default), bfloat16, float16"})
-    trust_remote_code: bool = field(default=False, metadata={"help": "allow the model's own code from the hub"})
-    device_map: str | None = field(default=None, metadata={"help": "accelerate device map (auto: spread a large model over the GPUs)"})
     task: str = field(default="capitals", metadata={"help": "built-in task (see `layerif tasks`)"})
     train: str | None = field(default=None, metadata={"help": "train records (JSONL/CSV/Parquet or HF dataset); replaces --task"})
     val: str | None = field(default=None, metadata={"help": "validation records; required with --train"})
@@ -436,7 +431,7 @@ def cache_dir(args: ScoreArgs) -> Path:
 def score(args: ScoreArgs, lm: LoadedModel | None = None) -> ScoreResult:
     """The Python API behind ``layerif score``: load, tokenize, compute (no files written)."""
     validate(args)
-    lm = lm or load_model(args.model, args.gguf_file, args.device, args.dtype, args.trust_remote_code, args.device_map)
+    lm = lm or args.load()
     train, val, label, cut = load_splits(args, lm.tokenizer)
     if cut:
         progress.info(f"--max-length {args.max_length} truncated {cut} record(s)")
