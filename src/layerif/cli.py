@@ -27,6 +27,9 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "tasks": ("layerif.tasks", "TasksArgs", "run", "list the built-in tasks with chance level and model accuracy"),
     "prune": ("layerif.prune", "PruneArgs", "run", "prune a model with per-layer sparsity from LayerIF scores or a baseline allocation"),
     "compare-pruning": ("layerif.prune", "CompareArgs", "run_compare", "compare pruning allocations x pruners x sparsities over calibration seeds"),
+    "compare-tasks": ("layerif.compare", "CompareTasksArgs", "run_tasks", "score one model on several tasks and compare the block profiles"),
+    "compare-estimators": ("layerif.compare", "CompareEstimatorsArgs", "run_estimators", "datainf, exact, grad-dot and LiSSA on the same gradients: agreement of the block rankings"),
+    "report": ("layerif.report", "ReportArgs", "run", "re-render report.md and report.html of a result folder"),
     "moe": ("layerif.moe", "MoeArgs", "run", "fine-tune a LoRA mixture of experts with per-layer expert counts from LayerIF scores"),
     "compare-moe": ("layerif.moe", "CompareMoeArgs", "run_compare", "compare LoRA-MoE expert allocations (LayerIF, AlphaLoRA, uniform) over seeds"),
 }
@@ -48,6 +51,9 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if f.metadata.get("cli") is False:
+            continue
+        if f.metadata.get("positional"):
+            parser.add_argument(f.name, nargs="?", default=argparse.SUPPRESS, help=f"{f.metadata.get('help', '')} (default: {f.default})")
             continue
         flag = "--" + f.name.replace("_", "-")
         tp, _ = _base_type(hints[f.name])
@@ -98,6 +104,17 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_libraries(quiet: bool) -> None:
+    """Library warnings go; with --quiet, the libraries' own progress bars go too."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    if quiet:
+        hf_logging.disable_progress_bar()
+    else:
+        hf_logging.enable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = make_parser()
     ns = parser.parse_args(argv)
@@ -105,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     mod = importlib.import_module(module)
     run: Callable = getattr(mod, fn_name)
     progress.enable(not ns.quiet)
+    _quiet_libraries(ns.quiet)
     try:
         args = build_args(getattr(mod, cls_name), ns)
         summary = run(args)

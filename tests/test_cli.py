@@ -1,0 +1,140 @@
+"""The command line: outputs on a local model folder, and a one-line error with exit 2 for every bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import load_file
+
+from conftest import make_tokenizer, tiny_model
+from layerif.cli import main
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model("llama", n_layers=3, seed=0).save_pretrained(d)
+    make_tokenizer().save_pretrained(d)
+    return d
+
+
+def _jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture
+def data(tmp_path):
+    train = _jsonl(tmp_path / "train.jsonl", [{"text": f"the capital of france is paris {w}"} for w in
+                                               ("one", "two", "three", "four", "five", "six")])
+    val = _jsonl(tmp_path / "val.jsonl", [{"prompt": "the capital of italy is", "completion": " rome"},
+                                          {"prompt": "one plus two equals", "completion": " three"}])
+    return train, val
+
+
+def test_score_writes_all_outputs(model_dir, data, tmp_path, capsys):
+    train, val = data
+    out = tmp_path / "out"
+    rc = main(["score", "--model", str(model_dir), "--train", str(train), "--val", str(val), "--out", str(out),
+               "--quiet", "--per-val", "--batch-size", "4"])
+    assert rc == 0
+    doc = json.loads((out / "scores.json").read_text())
+    for key in ("model", "task", "target", "estimator", "damping_scale", "n_train", "n_val", "layers", "score",
+                "aggregations", "lambda", "seconds", "version"):
+        assert key in doc
+    assert doc["layers"] == [0, 1, 2] and len(doc["score"]) == 3 and doc["n_train"] == 6 and doc["n_val"] == 2
+    assert doc["aggregations"]["helpful"] == doc["score"]
+    assert len(doc["lambda"]) == 3 * 4 and all(v > 0 for v in doc["lambda"].values())
+    inf = load_file(out / "influence.safetensors")
+    assert inf["layer.0"].shape == (2, 6)
+    for i, l in enumerate(doc["layers"]):
+        s = float(-inf[f"layer.{l}"].sum(0).clamp(max=0).sum())
+        assert s == pytest.approx(doc["score"][i], rel=1e-5)
+    assert (out / "scores.csv").read_text().splitlines()[0].startswith("layer,score")
+    assert (out / "layer_scores.png").stat().st_size > 1000
+    config = json.loads((out / "config.json").read_text())
+    assert config["args"]["per_val"] is True
+    printed = capsys.readouterr().out
+    assert "block" in printed and "wrote" in printed
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_config_replays_the_run(model_dir, data, tmp_path):
+    train, val = data
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(["score", "--model", str(model_dir), "--train", str(train), "--val", str(val), "--out", str(a),
+                 "--quiet", "--estimator", "exact", "--target", "mlp"]) == 0
+    assert main(["score", "--config", str(a / "config.json"), "--out", str(b), "--quiet"]) == 0
+    sa, sb = (json.loads((d / "scores.json").read_text()) for d in (a, b))
+    assert sa["score"] == sb["score"] and sb["estimator"] == "exact" and sb["target"] == "mlp"
+
+
+def _bad(tmp_path, model_dir, data, capsys, extra, expect):
+    train, val = data
+    out = tmp_path / "never"
+    argv = ["score", "--model", str(model_dir), "--train", str(train), "--val", str(val), "--out", str(out), "--quiet"]
+    rc = main(argv + extra)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert len(err.splitlines()) == 1, err
+    assert expect in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("extra,expect", [
+    (["--estimator", "lissa-ish"], "unknown estimator"),
+    (["--damping-scale", "0"], "--damping-scale must be > 0"),
+    (["--damping-scale", "-1"], "--damping-scale must be > 0"),
+    (["--target", "nomatch_[xyz]+"], "matches no projection"),
+    (["--target", "attn["], "neither"),
+    (["--model", "/nonexistent/model/folder"], "cannot load model"),
+    (["--train", "/nonexistent/train.jsonl"], "data file not found"),
+])
+def test_bad_options(tmp_path, model_dir, data, capsys, extra, expect):
+    _bad(tmp_path, model_dir, data, capsys, extra, expect)
+
+
+def test_bad_records(tmp_path, model_dir, data, capsys):
+    train, val = data
+    empty = _jsonl(tmp_path / "empty.jsonl", [])
+    neither = _jsonl(tmp_path / "neither.jsonl", [{"question": "x"}])
+    short = _jsonl(tmp_path / "short.jsonl", [{"text": "cat"}])
+    _bad(tmp_path, model_dir, data, capsys, ["--train", str(empty)], "train split is empty")
+    _bad(tmp_path, model_dir, data, capsys, ["--val", str(neither)], "neither 'text' nor 'prompt'+'completion'")
+    _bad(tmp_path, model_dir, data, capsys, ["--train", str(short)], "fewer than 2 tokens")
+
+
+def test_out_is_a_file(tmp_path, model_dir, data, capsys):
+    train, val = data
+    f = tmp_path / "file.txt"
+    f.write_text("x")
+    rc = main(["score", "--model", str(model_dir), "--train", str(train), "--val", str(val), "--out", str(f), "--quiet"])
+    assert rc == 2 and "is a file" in capsys.readouterr().err
+    assert f.read_text() == "x"
+
+
+def test_unknown_task(capsys):
+    assert main(["score", "--task", "no-such-task", "--quiet"]) == 2
+    assert "no-such-task" in capsys.readouterr().err
+
+
+def test_max_length_reports_truncation(model_dir, data, tmp_path, capsys):
+    from layerif import progress
+
+    train, val = data
+    rc = main(["score", "--model", str(model_dir), "--train", str(train), "--val", str(val), "--out",
+               str(tmp_path / "o"), "--max-length", "6"])
+    progress.enable(False)
+    assert rc == 0
+    assert "truncated 6 record(s)" in capsys.readouterr().err
+
+
+def test_console_script_exit_status_and_no_traceback(tmp_path):
+    """The installed entry point: one line on stderr, exit 2, no traceback."""
+    p = subprocess.run([sys.executable, "-m", "layerif", "score", "--damping-scale", "0", "--out", str(tmp_path / "x")],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2
+    assert p.stderr.strip() == "layerif score: error: --damping-scale must be > 0 (got 0.0)"
