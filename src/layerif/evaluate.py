@@ -1,7 +1,8 @@
 """Evaluating a causal LM: multiple-choice accuracy, greedy exact match, perplexity.
 
-Every function works on any Hugging Face causal LM on whatever device its
-parameters live on, runs under ``torch.no_grad`` and never prints.
+Every function works on any Hugging Face causal LM wherever it lives (inputs
+go to the device of its input embeddings, so a device map works), runs under
+``torch.no_grad`` and never prints.
 
 Multiple-choice records are the ones :mod:`layerif.tasks` produces::
 
@@ -23,10 +24,7 @@ from torch import nn
 from . import progress
 from .data import IGNORE, Encoded, batches, collate, encode_pair
 from .errors import UserError
-
-
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
+from .models import input_device
 
 
 def _pad_id(tokenizer) -> int:
@@ -37,10 +35,10 @@ def _pad_id(tokenizer) -> int:
 def _summed_logprobs(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Sum over each sequence of ``log p(label_t | tokens < t)`` where the label is not -100: [B]."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
-    labels = batch["labels"][:, 1:]
-    keep = labels != IGNORE
-    logp = torch.log_softmax(logits, dim=-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (logp * keep).sum(dim=1)
+    labels = batch["labels"][:, 1:].to(logits.device)
+    picked = logits.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    logp = picked - torch.logsumexp(logits, dim=-1)
+    return torch.where(labels != IGNORE, logp, 0.0).sum(dim=1)
 
 
 @torch.no_grad()
@@ -52,7 +50,7 @@ def option_logprobs(model: nn.Module, tokenizer, records: list[dict], batch_size
     batches are right-padded, which changes no score.
     """
     pairs: list[Encoded] = [encode_pair(tokenizer, r["prompt"], opt) for r in records for opt in r["options"]]
-    device, pad = _device(model), _pad_id(tokenizer)
+    device, pad = input_device(model), _pad_id(tokenizer)
     flat: list[float] = []
     for chunk in progress.track(batches(pairs, batch_size), "scoring options"):
         flat.extend(_summed_logprobs(model, collate(chunk, pad, device)).tolist())
@@ -75,8 +73,12 @@ def mc_accuracy(model: nn.Module, tokenizer, records: list[dict], batch_size: in
     return hits / len(records)
 
 
+_OPENING_QUOTES = "\"'`\u201c\u2018"
+
+
 def _matches(generated: str, answer: str) -> bool:
-    text, want = generated.lstrip(), answer.strip()
+    """The rule of :func:`greedy_exact_match` for one generated text."""
+    text, want = generated.lstrip().lstrip(_OPENING_QUOTES), answer.strip()
     return text.startswith(want) and (len(text) == len(want) or not text[len(want)].isalnum())
 
 
@@ -88,9 +90,10 @@ def greedy_exact_match(model: nn.Module, tokenizer, records: list[dict], max_new
     and up to ``max_new_tokens`` tokens are generated greedily (``model.generate``
     without sampling, stopping at the tokenizer's EOS token), then decoded
     without special tokens. The record is correct when that text, with leading
-    whitespace removed, starts with ``record["completion"].strip()`` and the
-    next character, if any, is not a letter or digit (so " 5" does not match a
-    generated "50", but matches "5." or "5 apples").
+    whitespace and then opening quote marks (``" ' ` \u201c \u2018``) removed,
+    starts with ``record["completion"].strip()`` and the next character, if
+    any, is not a letter or digit (so " 5" does not match a generated "50",
+    but matches "5." or "5 apples", and " went" matches ' "went" and').
     """
     if not records:
         raise UserError("no records to evaluate")
@@ -98,7 +101,7 @@ def greedy_exact_match(model: nn.Module, tokenizer, records: list[dict], max_new
 
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tokenizer.eos_token_id,
                               pad_token_id=_pad_id(tokenizer))
-    device, hits = _device(model), 0
+    device, hits = input_device(model), 0
     for r in progress.track(records, "generating"):
         ids = torch.tensor([tokenizer(r["prompt"])["input_ids"]], device=device)
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
@@ -126,11 +129,11 @@ def perplexity(model: nn.Module, tokenizer, text: str, seqlen: int = 512, max_wi
     if n < 1:
         raise UserError(f"the text has {ids.numel()} tokens, fewer than one window of {seqlen}")
     windows = ids[: n * seqlen].view(n, seqlen)
-    device, total = _device(model), 0.0
+    device, total = input_device(model), 0.0
     for start in progress.track(range(0, n, batch_size), "perplexity"):
         x = windows[start : start + batch_size].to(device)
         logits = model(input_ids=x).logits[:, :-1].float()
         total += torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1), reduction="sum"
+            logits.reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1).to(logits.device), reduction="sum"
         ).item()
     return math.exp(total / (n * (seqlen - 1)))

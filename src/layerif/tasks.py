@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .errors import UserError
+from .models import ModelArgs
 
 Fact = tuple[str, str]  # (subject, answer)
 SPLITS = ("train", "validation", "test")
@@ -113,7 +114,8 @@ class Task:
 
 def _pairs(table: str) -> list[Fact]:
     """``"a:b|c:d"`` (whitespace around items ignored) -> ``[("a", "b"), ("c", "d")]``."""
-    return [tuple(p.strip() for p in item.split(":")) for item in table.split("|") if item.strip()]  # type: ignore[misc]
+    items = [item.split(":") for item in table.split("|") if item.strip()]
+    return [(subject.strip(), answer.strip()) for subject, answer in items]
 
 
 # Every capital is the seat of government and differs from its country's name.
@@ -221,12 +223,9 @@ def get_task(name: str) -> Task:
 
 
 @dataclass
-class TasksArgs:
+class TasksArgs(ModelArgs):
     """List the built-in tasks with their chance level and a model's multiple-choice accuracy."""
 
-    model: str | None = field(default=None, metadata={"help": "hub name or local folder (default: embedded SmolLM2-135M-Instruct)"})
-    gguf_file: str | None = field(default=None, metadata={"help": "GGUF file (a path, or a file inside --model)"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
     n: int = field(default=100, metadata={"help": "test items per task for the accuracy"})
     seed: int = field(default=0, metadata={"help": "seed of the test items' order and wrong options"})
     accuracy: bool = field(default=True, metadata={"help": "measure the model's accuracy (--no-accuracy: only list)"})
@@ -240,9 +239,8 @@ def run(args: TasksArgs) -> str:
     footer = ""
     if args.accuracy:
         from .evaluate import mc_accuracy
-        from .models import load_model
 
-        lm = load_model(args.model, args.gguf_file, args.device)
+        lm = args.load()
         for name, task in TASKS.items():
             accuracy[name] = mc_accuracy(lm.model, lm.tokenizer, task.split("test", args.n, args.seed))
         footer = f"\naccuracy: {lm.name}, multiple choice on {args.n} test items per task (seed {args.seed})"
