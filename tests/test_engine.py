@@ -63,7 +63,7 @@ def test_prompt_completion_loss_only_on_completion(tokenizer):
         p.requires_grad_(True)
     loss = model(input_ids=ids, labels=labels).loss
     loss.backward()
-    assert float(losses[0]) == pytest.approx(float(loss), rel=1e-5)
+    assert float(losses[0].detach()) == pytest.approx(float(loss.detach()), rel=1e-5)
     for t in targets:
         torch.testing.assert_close(grads[t.name][0], t.module.weight.grad.flatten(), rtol=1e-4, atol=1e-6)
 
