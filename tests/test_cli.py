@@ -138,3 +138,16 @@ def test_console_script_exit_status_and_no_traceback(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 2
     assert p.stderr.strip() == "layerif score: error: --damping-scale must be > 0 (got 0.0)"
+
+
+@pytest.mark.parametrize("argv,expect", [
+    (["prune", "--sparsity", "x"], "layerif prune: error: argument --sparsity: invalid float value"),
+    (["prune", "--no-such-option", "1"], "layerif prune: error: unrecognized arguments: --no-such-option 1"),
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+])
+def test_unparsable_command_lines(capsys, argv, expect):
+    """argparse's own errors keep the contract too: one line, exit status 2."""
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and len(err.splitlines()) == 1 and expect in err, err

@@ -391,7 +391,7 @@ def test_compare_moe_writes_the_table_and_plot(tasks, model_dir, tmp_path):
     args = moe.CompareMoeArgs(model=model_dir, scores=scores, out=str(out), **{**SMALL, "steps": 2})
     md = moe.run_compare(args)
     assert {p.name for p in out.iterdir()} >= {"comparison.csv", "comparison.md", "experts_per_layer.png",
-                                               "allocations.json", "config.json"}
+                                               "allocations.json", "config.json", "report.md", "report.html"}
     rows = (out / "comparison.csv").read_text().splitlines()
     assert rows[0] == "allocation,seed,accuracy,exact_match,final_loss,trainable_params,seconds"
     assert len(rows) == 1 + 1 + 4 * 3  # header, base, 4 allocations × 3 seeds

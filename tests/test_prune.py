@@ -301,34 +301,18 @@ def fake_corpus_module() -> types.ModuleType:
     return mod
 
 
-def fake_tasks_module() -> types.ModuleType:
-    """A stand-in for layerif.tasks: get_task(name).split(split, n, seed) -> multiple-choice records."""
-    mod = types.ModuleType("layerif.tasks")
+def write_task(path: Path) -> str:
+    """A multiple-choice task file (JSONL) over the tiny tokenizer's words."""
     capitals = [("france", "paris"), ("germany", "berlin"), ("italy", "rome"), ("spain", "madrid")]
-
-    class Task:
-        def split(self, split, n, seed):
-            out = []
-            for i in range(n):
-                country, city = capitals[i % 4]
-                options = [f" {c}" for _, c in capitals]
-                out.append({"prompt": f"the capital of {country} is", "completion": f" {city}",
-                            "options": options, "answer": i % 4})
-            return out
-
-    def get_task(name):
-        if name not in ("capitals", "toy"):
-            raise UserError(f"unknown task {name!r}")
-        return Task()
-
-    mod.get_task = get_task
-    return mod
+    records = [{"prompt": f"the capital of {country} is", "completion": f" {city}",
+                "options": [f" {c}" for _, c in capitals], "answer": i} for i, (country, city) in enumerate(capitals)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
 
 
 @pytest.fixture
 def stand_ins(monkeypatch):
     monkeypatch.setitem(sys.modules, "layerif.corpus", fake_corpus_module())
-    monkeypatch.setitem(sys.modules, "layerif.tasks", fake_tasks_module())
 
 
 @pytest.fixture
@@ -388,6 +372,21 @@ def test_prune_command_baseline_allocations(stand_ins, model_dir, tmp_path, allo
     assert not (out / "recipe.yaml").exists()  # llm-compressor has no one-shot magnitude modifier
 
 
+def test_prune_command_task_accuracy(stand_ins, model_dir, tmp_path):
+    """prune --task FILE: the accuracy of the pruned model, as mc_accuracy measures it on the saved model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from layerif.evaluate import mc_accuracy
+    from layerif.tasks import test_records
+
+    out, task = tmp_path / "pruned", write_task(tmp_path / "task.jsonl")
+    summary = P.run(prune_args(model_dir, tmp_path, task=task, save=str(out)))
+    doc = json.loads((out / "allocation.json").read_text())
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert doc["accuracy"] == mc_accuracy(reloaded, AutoTokenizer.from_pretrained(out), test_records(task))
+    assert f"accuracy on {task} (4 items" in summary
+
+
 def test_prune_command_nm(stand_ins, model_dir, tmp_path):
     out = tmp_path / "nm"
     P.run(prune_args(model_dir, tmp_path, allocation="uniform", method="sparsegpt", nm="2:4", save=str(out)))
@@ -416,6 +415,9 @@ def test_prune_command_nm(stand_ins, model_dir, tmp_path):
         (dict(text="SHORT"), "fewer than one window"),
         (dict(scores="FIVE"), "5 blocks"),
         (dict(save="FOREIGN"), "not an earlier pruned model"),
+        (dict(task="no-such-task"), "unknown task"),
+        (dict(task="BADTASK"), "needs prompt"),
+        (dict(task="capitals", task_items=0), "--task-items"),
     ],
 )
 def test_prune_bad_input(stand_ins, model_dir, tmp_path, kw, message):
@@ -428,6 +430,9 @@ def test_prune_bad_input(stand_ins, model_dir, tmp_path, kw, message):
         (tmp_path / "foreign").mkdir()
         (tmp_path / "foreign" / "data.csv").write_text("x")
         kw["save"] = str(tmp_path / "foreign")
+    if kw.get("task") == "BADTASK":
+        kw["task"] = str(tmp_path / "bad.jsonl")
+        Path(kw["task"]).write_text(json.dumps({"prompt": "the cat", "options": [" a", " b"], "answer": 2}) + "\n")
     with pytest.raises(UserError, match=message):
         P.run(prune_args(model_dir, tmp_path, **kw))
 
@@ -460,7 +465,7 @@ def test_cli_options_build_the_args():
 def compare_args(model_dir, tmp_path, **kw) -> P.CompareArgs:
     base = dict(model=str(model_dir), device="cpu", scores=write_scores(tmp_path / "scores.json", [1.0, 5.0, 2.0]),
                 methods=["magnitude", "wanda"], sparsities=["0.5"], seeds=["0", "1", "2"], n_calib=3, seqlen=16,
-                eval_windows=2, task_items=4, out=str(tmp_path / "cmp"))
+                eval_windows=2, task=write_task(tmp_path / "task.jsonl"), task_items=4, out=str(tmp_path / "cmp"))
     base.update(kw)
     return P.CompareArgs(**base)
 
@@ -483,9 +488,9 @@ def test_compare_pruning(stand_ins, model_dir, tmp_path, monkeypatch):
             assert float(r["perplexity"]) > 1 and 0 <= float(r["accuracy"]) <= 1
     md = (out / "comparison.md").read_text()
     assert "## wanda" in md and "## magnitude" in md and "±" in md and "layerif-reversed" in md
-    assert "- task: toy" in md  # the scores' task is the default accuracy task
+    assert "- task: " + args.task in md
     assert (out / "comparison.png").stat().st_size > 0
-    assert "comparison.csv" in summary
+    assert "comparison.csv" in summary and "## comparison.md" in (out / "report.md").read_text()
     # resume: nothing left to run
     monkeypatch.setattr(P, "prune_model", lambda *a, **k: pytest.fail("resume re-ran a finished run"))
     P.run_compare(compare_args(model_dir, tmp_path, resume=True))

@@ -17,6 +17,7 @@ import sys
 import types
 import typing
 from collections.abc import Callable
+from typing import NoReturn
 
 from . import __version__, progress
 from .errors import UserError
@@ -91,8 +92,15 @@ def build_args(cls: type, ns: argparse.Namespace) -> object:
     return cls(**values)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the project's bad-input contract: one line on stderr, exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="layerif", description="Layer-wise influence scores for pretrained LLMs.")
+    parser = _Parser(prog="layerif", description="Layer-wise influence scores for pretrained LLMs.")
     parser.add_argument("--version", action="version", version=f"layerif {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module, cls_name, _, help_) in COMMANDS.items():
@@ -117,7 +125,10 @@ def _quiet_libraries(quiet: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = make_parser()
-    ns = parser.parse_args(argv)
+    ns, extra = parser.parse_known_args(argv)
+    if extra:
+        parser.exit(2, f"layerif {ns.command}: error: unrecognized arguments: {' '.join(extra)} "
+                       f"(see layerif {ns.command} --help)\n")
     module, cls_name, fn_name, _ = COMMANDS[ns.command]
     mod = importlib.import_module(module)
     run: Callable = getattr(mod, fn_name)

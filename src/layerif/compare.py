@@ -55,16 +55,33 @@ from typing import Any
 import torch
 
 from . import __version__, progress
-from .data import Encoded
 from .errors import UserError
 from .influence import ESTIMATORS, ModuleStats, damping
 from .io import prepare_out_dir, write_figure, write_json, write_safetensors, write_text
-from .models import LoadedModel, Target, select_targets
+from .models import Target, select_targets
 from .report import write_report
-from .scores import (ScoreArgs, cache_dir, default_max_memory_gb, gram_influence, load_splits, module_stats, score,
-                     validate, write)
-from .stability import (bootstrap, finite, fmt, layer_scores, pearson, spearman, split_half_from_stats,
-                        top_k_blocks, top_k_overlap)
+from .scores import (
+    ScoreArgs,
+    cache_dir,
+    default_max_memory_gb,
+    gram_influence,
+    module_stats,
+    prepare,
+    score,
+    validate,
+    write,
+)
+from .stability import (
+    bootstrap,
+    finite,
+    fmt,
+    layer_scores,
+    pearson,
+    spearman,
+    split_half_from_stats,
+    top_k_blocks,
+    top_k_overlap,
+)
 
 LISSA = "lissa"
 ALL_ESTIMATORS = (*ESTIMATORS, LISSA)
@@ -363,17 +380,6 @@ def validate_estimators(args: CompareEstimatorsArgs) -> list[str]:
     return names
 
 
-def _prepare(args: ScoreArgs, lm: LoadedModel) -> tuple[LoadedModel, list[Encoded], list[Encoded], str]:
-    """Tokenized splits (and LoRA adapters with --target lora), as ``layerif score`` prepares them."""
-    train, val, label, _ = load_splits(args, lm.tokenizer)
-    if args.target == "lora":
-        from .lora import prepare_lora
-
-        lm = prepare_lora(lm, train, args.lora_modules, args.lora_rank, args.finetune_steps, args.finetune_lr,
-                          args.batch_size, args.seed)
-    return lm, train, val, label
-
-
 def estimators_figure(names: list[str], layers: list[int], scores: dict[str, list[float]], pairs: list[dict]):
     """estimators.png: each estimator's normalized block profile, and the Spearman matrix of the rankings."""
     import matplotlib
@@ -409,7 +415,7 @@ def run_estimators(args: CompareEstimatorsArgs) -> str:
     influence.safetensors (``{estimator}.layer.{l}``), config.json and the report."""
     names = validate_estimators(args)
     out = prepare_out_dir(args.out)
-    lm, train, val, label = _prepare(args, args.load())
+    lm, train, val, label, _ = prepare(args, args.load())
     targets = select_targets(lm.model, args.target)
     progress.info(f"Gram statistics of {len(targets)} modules: {len(train)} train x {len(val)} validation records")
     stats, _, passes = module_stats(lm.model, targets, train, val, lm.tokenizer.pad_token_id, False, args.batch_size,

@@ -99,6 +99,12 @@ def encode_split(
     return out, cut
 
 
+def pad_id(tokenizer) -> int:
+    """The token id used for padding: the tokenizer's pad token, else its EOS token, else 0."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return 0 if pad is None else int(pad)
+
+
 def collate(batch: list[Encoded], pad_id: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """Right-pad a batch: ``input_ids``, ``attention_mask``, ``labels`` (pads are -100), all [B, T]."""
     T = max(len(e.input_ids) for e in batch)

@@ -22,14 +22,9 @@ import torch
 from torch import nn
 
 from . import progress
-from .data import IGNORE, Encoded, batches, collate, encode_pair
+from .data import IGNORE, Encoded, batches, collate, encode_pair, pad_id
 from .errors import UserError
 from .models import input_device
-
-
-def _pad_id(tokenizer) -> int:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return 0 if pad is None else int(pad)
 
 
 def _summed_logprobs(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -50,7 +45,7 @@ def option_logprobs(model: nn.Module, tokenizer, records: list[dict], batch_size
     batches are right-padded, which changes no score.
     """
     pairs: list[Encoded] = [encode_pair(tokenizer, r["prompt"], opt) for r in records for opt in r["options"]]
-    device, pad = input_device(model), _pad_id(tokenizer)
+    device, pad = input_device(model), pad_id(tokenizer)
     flat: list[float] = []
     for chunk in progress.track(batches(pairs, batch_size), "scoring options"):
         flat.extend(_summed_logprobs(model, collate(chunk, pad, device)).tolist())
@@ -100,7 +95,7 @@ def greedy_exact_match(model: nn.Module, tokenizer, records: list[dict], max_new
     from transformers import GenerationConfig
 
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tokenizer.eos_token_id,
-                              pad_token_id=_pad_id(tokenizer))
+                              pad_token_id=pad_id(tokenizer))
     device, hits = input_device(model), 0
     for r in progress.track(records, "generating"):
         ids = torch.tensor([tokenizer(r["prompt"])["input_ids"]], device=device)

@@ -34,9 +34,7 @@ import csv
 import io
 import json
 import math
-import os
 import re
-import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -48,9 +46,25 @@ from torch import nn
 from . import __version__, progress
 from .allocate import alpha_experts, layerif_experts, top_k_for, uniform_experts
 from .errors import UserError
-from .io import prepare_out_dir, write_figure, write_json, write_safetensors, write_text
-from .models import LoadedModel, ModelArgs, find_blocks, is_attention, projections, weight_out_in
-from .prune import _mean_std, block_scores
+from .io import (
+    atomic_dir,
+    prepare_out_dir,
+    write_figure,
+    write_json,
+    write_safetensors,
+    write_text,
+)
+from .models import (
+    LoadedModel,
+    ModelArgs,
+    find_blocks,
+    is_attention,
+    projections,
+    weight_out_in,
+)
+from .prune import block_scores
+from .report import write_report
+from .stability import mean_std
 from .train import TrainConfig, check_train_config, evaluate_records, train
 
 TARGET_KEYWORDS = ("qv", "attn", "mlp", "all")
@@ -399,20 +413,9 @@ def save_adapter(model: nn.Module, folder: str | Path, allocation: dict | None =
         "peft": peft_lora_kwargs(model),
         "version": __version__,
     }
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
-    old = dest.with_name(f".{dest.name}.old{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with atomic_dir(dest) as tmp:
         write_safetensors(tmp / ADAPTER_FILE, adapter_state(model), metadata={"format": "layerif-lora-moe"})
         write_json(tmp / ALLOCATION_FILE, doc)
-        if dest.exists():
-            os.replace(dest, old)
-        os.replace(tmp, dest)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
 
@@ -678,7 +681,7 @@ def _compare_markdown(rows: list[dict], allocs: dict[str, np.ndarray], meta: dic
     lines += [f"- base model without adapter: accuracy {base['accuracy']:.4f}, exact match {base['exact_match']:.4f}",
               "", "| allocation | accuracy ↑ | exact match ↑ | final train loss¹ | trainable params | train time (s) | seeds |",
               "|---|---:|---:|---:|---:|---:|---:|"]
-    stats = {a: {k: _mean_std([r[k] for r in rows if r["allocation"] == a])
+    stats = {a: {k: mean_std([r[k] for r in rows if r["allocation"] == a])
                  for k in ("accuracy", "exact_match", "final_loss", "trainable_params", "seconds")}
              for a in allocs}
     best_acc = max(st["accuracy"][0] for st in stats.values())
@@ -781,4 +784,6 @@ def run_compare(args: CompareMoeArgs) -> str:
     write_json(out / "allocations.json", {a: {"layers": list(range(s.n_blocks)), "experts": e.tolist(),
                                            "top_k": top_k_for(e).tolist()} for a, e in allocs.items()})
     write_figure(out / "experts_per_layer.png", _experts_plot(allocs, f"{s.lm.name} · task {s.task} · T={total}"))
-    return md + f"\nwrote {out}/comparison.csv, comparison.md, experts_per_layer.png, allocations.json, config.json"
+    write_report(out)
+    return md + (f"\nwrote {out}/comparison.csv, comparison.md, experts_per_layer.png, allocations.json, config.json, "
+                 "report.md, report.html")

@@ -37,9 +37,7 @@ import csv
 import io
 import json
 import math
-import os
 import re
-import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -60,10 +58,13 @@ from .allocate import (
 )
 from .errors import UserError
 from .evaluate import mc_accuracy, perplexity
-from .io import prepare_out_dir, write_figure, write_json, write_text
+from .io import atomic_dir, prepare_out_dir, write_figure, write_json, write_text
 from .models import ModelArgs, find_blocks, projections, weight_out_in
+from .report import write_report
 from .scores import read_scores
 from .spectral import block_alphas
+from .stability import mean_std
+from .tasks import test_records
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 ALLOCATIONS = ("layerif", "uniform", "owl", "alpha")
@@ -550,23 +551,13 @@ def save_pruned(model: nn.Module, tokenizer, path: str, allocation: dict, recipe
     leaves the old folder, or none).
     """
     dest = check_save_dir(path)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_dir(dest) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         write_json(tmp / "allocation.json", allocation)
         if recipe is not None:
             write_text(tmp / "recipe.yaml", recipe)
-        old = dest.with_name(f".{dest.name}.old{os.getpid()}")
-        if dest.exists():
-            os.replace(dest, old)
-        os.replace(tmp, dest)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
 
@@ -635,6 +626,9 @@ class PruneArgs(ModelArgs):
     damping: float = field(default=DAMPING, metadata={"help": "SparseGPT damping, a fraction of the mean Hessian diagonal"})
     block_size: int = field(default=BLOCK_SIZE, metadata={"help": "SparseGPT column block size"})
     eval_windows: int = field(default=0, metadata={"help": "also measure perplexity on this many held-out windows (0: no)"})
+    task: str | None = field(default=None, metadata={"help": "also measure multiple-choice accuracy on a built-in task or a JSONL file of {prompt, options, answer} records"})
+    task_items: int = field(default=200, metadata={"help": "test items of a built-in --task (a file: its first N)"})
+    batch_size: int = field(default=4, metadata={"help": "windows / records per evaluation batch"})
     save: str | None = field(default=None, metadata={"help": "folder for the pruned model, allocation.json and recipe.yaml"})
 
 
@@ -653,6 +647,9 @@ def run(args: PruneArgs) -> str:
             raise UserError(f"--nm {args.nm} means sparsity {nm[0] / nm[1]:g}; pass --sparsity {nm[0] / nm[1]:g}")
     if args.allocation == "layerif" and args.scores is None:
         raise UserError("--allocation layerif needs --scores scores.json (from `layerif score`)")
+    if args.task_items < 1:
+        raise UserError(f"--task-items must be ≥ 1 (got {args.task_items})")
+    records = test_records(args.task, args.task_items) if args.task is not None else None
     if args.save is not None:
         check_save_dir(args.save)
     lm = args.load()
@@ -697,6 +694,9 @@ def run(args: PruneArgs) -> str:
     if args.eval_windows > 0:
         record["perplexity"] = perplexity(model, lm.tokenizer, eval_text, seqlen=args.seqlen, max_windows=args.eval_windows)
         lines.append(f"perplexity on {args.eval_windows} held-out windows: {record['perplexity']:.3f}")
+    if records is not None:
+        record["accuracy"] = mc_accuracy(model, lm.tokenizer, records, batch_size=args.batch_size)
+        lines.append(f"accuracy on {args.task} ({len(records)} items, multiple choice): {record['accuracy']:.3f}")
     if args.save is not None:
         recipe = llmcompressor_recipe(args.method, ratios, prefix, nm, args.damping, args.block_size)
         dest = save_pruned(model, lm.tokenizer, args.save, record, recipe)
@@ -724,8 +724,8 @@ class CompareArgs(ModelArgs):
     seqlen: int = field(default=512, metadata={"help": "tokens per calibration / evaluation window"})
     text: str | None = field(default=None, metadata={"help": "text file for calibration and evaluation (default: built-in English corpus)"})
     eval_windows: int = field(default=64, metadata={"help": "held-out perplexity windows (0: all)"})
-    task: str | None = field(default=None, metadata={"help": "built-in task for accuracy (default: the task of --scores, else capitals)"})
-    task_items: int = field(default=200, metadata={"help": "test items of the task"})
+    task: str | None = field(default=None, metadata={"help": "built-in task or JSONL file of {prompt, options, answer} records for accuracy (default: the task of --scores, else capitals)"})
+    task_items: int = field(default=200, metadata={"help": "test items of a built-in task (a file: its first N)"})
     batch_size: int = field(default=4, metadata={"help": "windows / records per evaluation batch"})
     damping: float = field(default=DAMPING, metadata={"help": "SparseGPT damping"})
     block_size: int = field(default=BLOCK_SIZE, metadata={"help": "SparseGPT column block size"})
@@ -746,11 +746,6 @@ def _parse_list(values: list, kind: type, option: str) -> list:
     return out
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    arr = np.asarray(values, dtype=np.float64)
-    return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else 0.0
-
-
 def _compare_markdown(rows: list[dict], meta: dict) -> str:
     """comparison.md: one table per pruner, mean ± std over seeds, best allocation per sparsity in bold."""
     dense = next((r for r in rows if r["allocation"] == "dense"), None)
@@ -767,7 +762,7 @@ def _compare_markdown(rows: list[dict], meta: dict) -> str:
             for r in rows:
                 if r["method"] == method and r["sparsity"] == sp:
                     group.setdefault(r["allocation"], []).append(r)
-            stats = {a: {k: _mean_std([r[k] for r in rs]) for k in ("achieved", "perplexity", "accuracy")}
+            stats = {a: {k: mean_std([r[k] for r in rs]) for k in ("achieved", "perplexity", "accuracy")}
                      for a, rs in group.items()}
             best_ppl = min(s["perplexity"][0] for s in stats.values())
             best_acc = max(s["accuracy"][0] for s in stats.values())
@@ -803,7 +798,7 @@ def _compare_plot(rows: list[dict], title: str):
             sps = sorted({r["sparsity"] for r in pruned if r["method"] == method and r["allocation"] == alloc})
             x = [sp + (j - (len(allocs) - 1) / 2) * step for sp in sps]
             for row, key in enumerate(("perplexity", "accuracy")):
-                ms = [_mean_std([r[key] for r in pruned if r["method"] == method and r["allocation"] == alloc
+                ms = [mean_std([r[key] for r in pruned if r["method"] == method and r["allocation"] == alloc
                                  and r["sparsity"] == sp]) for sp in sps]
                 axes[row][col].errorbar(x, [m for m, _ in ms], yerr=[s for _, s in ms], marker="o", capsize=3,
                                         label=alloc)
@@ -845,8 +840,6 @@ def _rows_csv(rows: list[dict]) -> str:
 
 def run_compare(args: CompareArgs) -> str:
     """``layerif compare-pruning``: every allocation × pruner × sparsity × seed; writes csv, md and a plot."""
-    from .tasks import get_task
-
     allocations = _parse_list(args.allocations, str, "allocations")
     methods = _parse_list(args.methods, str, "methods")
     sparsities = _parse_list(args.sparsities, float, "sparsities")
@@ -864,6 +857,7 @@ def run_compare(args: CompareArgs) -> str:
         raise UserError("the layerif allocations need --scores scores.json (from `layerif score`)")
     if args.task_items < 1:
         raise UserError(f"--task-items must be ≥ 1 (got {args.task_items})")
+    records = test_records(args.task, args.task_items) if args.task else None  # bad --task fails before any output
     out = prepare_out_dir(args.out)
     config = {"command": "compare-pruning", "args": asdict(args), "version": __version__}
     rows: list[dict] = []
@@ -883,7 +877,7 @@ def run_compare(args: CompareArgs) -> str:
     _, blocks = find_blocks(model)
     scores, doc = block_scores(args.scores, len(blocks)) if args.scores else (None, {})
     task = args.task or doc.get("task") or "capitals"
-    records = get_task(task).split("test", args.task_items, 0)
+    records = records or test_records(task, args.task_items)
     calib_text, eval_text = _corpus(args.text)
     max_windows = args.eval_windows or None
     meta = {"model": lm.name, "task": f"{task} ({len(records)} test items, multiple choice)",
@@ -937,4 +931,6 @@ def run_compare(args: CompareArgs) -> str:
                 mods[name][1].weight.copy_(w)
         save_all()
     write_figure(out / "comparison.png", _compare_plot(rows, f"{lm.name} · task {task}"))
-    return (_compare_markdown(rows, meta) + f"\nwrote {out}/comparison.csv, comparison.md, comparison.png, config.json")
+    write_report(out)
+    return (_compare_markdown(rows, meta)
+            + f"\nwrote {out}/comparison.csv, comparison.md, comparison.png, config.json, report.md, report.html")

@@ -19,9 +19,9 @@ helpful influence in block l. Other aggregations are reported beside it.
 from __future__ import annotations
 
 import csv
-import os
 import io as _io
 import json
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -29,18 +29,26 @@ from pathlib import Path
 
 import torch
 
-from . import __version__, progress
-from .distributed import init_from_env, is_main, world
+from . import __version__, progress, stability
 from .cache import PassCache, fingerprint
 from .data import Encoded, Fields, batches, collate, encode_split, load_records
+from .distributed import init_from_env, is_main, world
 from .errors import UserError
 from .grads import Factored, capture, dense_from_activations, gram, losses_and_backward
 from .influence import ESTIMATORS, ModuleStats, damping, module_influence
 from .io import prepare_out_dir, write_figure, write_json, write_safetensors, write_text
+from .models import (
+    TARGETS,
+    LoadedModel,
+    ModelArgs,
+    Target,
+    find_blocks,
+    input_device,
+    resolve_device,
+    select_targets,
+    weight_out_in,
+)
 from .streaming import check_finite, streaming_influence
-from . import stability
-from .models import (TARGETS, LoadedModel, ModelArgs, Target, find_blocks, input_device, resolve_device,
-                     select_targets, weight_out_in)
 
 AGGREGATIONS = ("helpful", "sum", "mean_abs", "helpful_share")
 
@@ -428,10 +436,9 @@ def cache_dir(args: ScoreArgs) -> Path:
     return Path(args.out) / ".layerif-cache"
 
 
-def score(args: ScoreArgs, lm: LoadedModel | None = None) -> ScoreResult:
-    """The Python API behind ``layerif score``: load, tokenize, compute (no files written)."""
-    validate(args)
-    lm = lm or args.load()
+def prepare(args: ScoreArgs, lm: LoadedModel) -> tuple[LoadedModel, list[Encoded], list[Encoded], str, int]:
+    """Tokenized splits, their label and the count of truncated records; with
+    ``--target lora`` the model comes back with fine-tuned LoRA adapters."""
     train, val, label, cut = load_splits(args, lm.tokenizer)
     if cut:
         progress.info(f"--max-length {args.max_length} truncated {cut} record(s)")
@@ -440,6 +447,13 @@ def score(args: ScoreArgs, lm: LoadedModel | None = None) -> ScoreResult:
 
         lm = prepare_lora(lm, train, args.lora_modules, args.lora_rank, args.finetune_steps, args.finetune_lr,
                           args.batch_size, args.seed)
+    return lm, train, val, label, cut
+
+
+def score(args: ScoreArgs, lm: LoadedModel | None = None) -> ScoreResult:
+    """The Python API behind ``layerif score``: load, tokenize, compute (no files written)."""
+    validate(args)
+    lm, train, val, label, cut = prepare(args, lm or args.load())
     progress.info(f"scoring {len(find_blocks(lm.model)[1])} blocks: {len(train)} train x {len(val)} validation records, "
                   f"target {args.target}, estimator {args.estimator}")
     result = compute(lm, train, val, args.target, args.estimator, args.damping_scale, args.per_val,

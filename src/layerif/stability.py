@@ -75,6 +75,12 @@ def spearman(a: Sequence[float] | torch.Tensor, b: Sequence[float] | torch.Tenso
     return float(_pearson_rows(_ranks(a), _ranks(b)))
 
 
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof 1; 0 for a single value) of repeated runs."""
+    arr = torch.tensor(list(values), dtype=torch.float64)
+    return float(arr.mean()), float(arr.std()) if arr.numel() > 1 else 0.0
+
+
 def fmt(x: float | None, digits: int = 4) -> str:
     """A number for people: ``digits`` significant digits, 'n/a' for None."""
     return "n/a" if x is None else f"{x:.{digits}g}"

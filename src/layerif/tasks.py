@@ -24,7 +24,9 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from .data import load_records
 from .errors import UserError
 from .models import ModelArgs
 
@@ -217,6 +219,32 @@ def get_task(name: str) -> Task:
     if name not in TASKS:
         raise UserError(f"unknown task {name!r} (built-in tasks: {', '.join(TASKS)})")
     return TASKS[name]
+
+
+def test_records(task: str, n: int | None = None, seed: int = 0) -> list[dict]:
+    """Multiple-choice test records of a built-in task, or of a records file.
+
+    ``task`` is a built-in name (its ``test`` split, ``n`` records, see
+    :meth:`Task.split`) or a JSONL / JSON / CSV / Parquet file whose records have
+    ``prompt``, ``options`` (a list of strings) and ``answer`` (the index of the
+    correct option); a file gives its first ``n`` records. A file record without
+    those fields, or an answer outside its options, is a :class:`UserError`.
+    """
+    if task in TASKS:
+        return TASKS[task].split("test", n, seed)
+    if not Path(task).is_file():
+        raise UserError(f"unknown task {task!r} (built-in tasks: {', '.join(TASKS)}; or a records file)")
+    records = load_records(task)[:n]
+    for i, r in enumerate(records):
+        options = r.get("options") if isinstance(r, dict) else None
+        if not (isinstance(r, dict) and isinstance(r.get("prompt"), str) and isinstance(options, list) and options
+                and all(isinstance(o, str) for o in options) and isinstance(r.get("answer"), int)
+                and 0 <= r["answer"] < len(options)):
+            raise UserError(f"{task}: record {i} needs prompt (text), options (list of texts) and answer "
+                            "(index of the correct option)")
+    if not records:
+        raise UserError(f"{task}: no records")
+    return records
 
 
 # ----------------------------------------------------------------------------- command

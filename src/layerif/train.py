@@ -27,9 +27,9 @@ import torch
 from torch import nn
 
 from . import progress
-from .data import IGNORE, Encoded, collate, encode_split, per_sample_loss
+from .data import IGNORE, Encoded, collate, encode_split, pad_id, per_sample_loss
 from .errors import UserError
-from .evaluate import _pad_id, greedy_exact_match, mc_accuracy
+from .evaluate import greedy_exact_match, mc_accuracy
 
 LOG_POINTS = 10  # loss messages per run
 
@@ -83,7 +83,7 @@ def train(model: nn.Module, tokenizer, records: list[dict], config: TrainConfig 
     """
     check_train_config(config)
     encoded, _ = encode_split(tokenizer, records, "train", max_length=config.max_length)
-    return train_encoded(model, _pad_id(tokenizer), encoded, config, extra_loss)
+    return train_encoded(model, pad_id(tokenizer), encoded, config, extra_loss)
 
 
 def train_encoded(model: nn.Module, pad: int, encoded: list[Encoded], config: TrainConfig = TrainConfig(),
