@@ -515,3 +515,19 @@ def test_compare_pruning(stand_ins, model_dir, tmp_path, monkeypatch):
 def test_compare_bad_input(stand_ins, model_dir, tmp_path, kw, message):
     with pytest.raises(UserError, match=message):
         P.run_compare(compare_args(model_dir, tmp_path, **kw))
+
+
+def test_comparison_summary_counts_wins_and_says_who_won():
+    def row(method, sp, alloc, seed, ppl, acc):
+        return {"method": method, "sparsity": sp, "allocation": alloc, "seed": seed, "achieved": sp,
+                "perplexity": ppl, "accuracy": acc}
+
+    rows = [row("dense", 0.0, "dense", "-", 10.0, 0.9)]
+    # wanda 0.5: uniform best accuracy (mean 0.55 vs 0.5), layerif best perplexity; wanda 0.6: a tie in accuracy
+    rows += [row("wanda", 0.5, "uniform", s, 30.0, a) for s, a in (("0", 0.5), ("1", 0.6))]
+    rows += [row("wanda", 0.5, "layerif", s, 20.0, 0.5) for s in ("0", "1")]
+    rows += [row("wanda", 0.6, "uniform", s, 50.0, 0.4) for s in ("0", "1")]
+    rows += [row("wanda", 0.6, "layerif", s, 60.0, 0.4) for s in ("0", "1")]
+    md = P._compare_markdown(rows, {"model": "tiny"})
+    assert "| uniform | 2 | 1 |" in md and "| layerif | 1 | 1 |" in md
+    assert "LayerIF does not win: uniform has the best accuracy most often (2 of 2; LayerIF 1)." in md

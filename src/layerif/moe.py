@@ -705,7 +705,8 @@ def _compare_markdown(rows: list[dict], allocs: dict[str, np.ndarray], meta: dic
         elif "layerif" in winners:
             verdict = f"LayerIF ties for the best mean accuracy with {', '.join(w for w in winners if w != 'layerif')}"
         else:
-            verdict = (f"LayerIF does not win: {', '.join(winners)} has the best mean accuracy, "
+            verdict = (f"LayerIF does not win: {', '.join(winners)} {'has' if len(winners) == 1 else 'have'} "
+                       "the best mean accuracy, "
                        f"{best_acc - stats['layerif']['accuracy'][0]:.4f} above LayerIF")
         lines += ["", f"{verdict} (compare the gaps with the standard deviations over seeds)."]
     lines += ["", "## Experts per block", "", "| allocation | experts (block 0 → L−1) |", "|---|---|"]

@@ -772,7 +772,43 @@ def _compare_markdown(rows: list[dict], meta: dict) -> str:
                 ppl = f"**{ppl}**" if s["perplexity"][0] == best_ppl else ppl
                 acc = f"**{acc}**" if s["accuracy"][0] == best_acc else acc
                 lines.append(f"| {sp:g} | {a} | {s['achieved'][0]:.4f} | {ppl} | {acc} | {len(group[a])} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _wins(rows)) + "\n"
+
+
+def _wins(rows: list[dict]) -> list[str]:
+    """The summary of comparison.md: per allocation, in how many (pruner, sparsity) settings its mean
+    accuracy / perplexity is the best (ties count for each), and a plain verdict on LayerIF."""
+    cells: dict[tuple[str, float], dict[str, list[dict]]] = {}
+    for r in rows:
+        if r["allocation"] != "dense":
+            cells.setdefault((r["method"], r["sparsity"]), {}).setdefault(r["allocation"], []).append(r)
+    if not cells:
+        return []
+    allocations = list(dict.fromkeys(a for group in cells.values() for a in group))
+    best = {k: dict.fromkeys(allocations, 0) for k in ("accuracy", "perplexity")}
+    for group in cells.values():
+        means = {a: {k: mean_std([r[k] for r in rs])[0] for k in best} for a, rs in group.items()}
+        top_acc = max(m["accuracy"] for m in means.values())
+        top_ppl = min(m["perplexity"] for m in means.values())
+        for a, m in means.items():
+            best["accuracy"][a] += m["accuracy"] == top_acc
+            best["perplexity"][a] += m["perplexity"] == top_ppl
+    n = len(cells)
+    lines = ["", "## Summary", "", f"Settings (pruner × sparsity) in which an allocation has the best mean (of {n}; "
+             "ties count for each):", "", "| allocation | best accuracy | best perplexity |", "|---|---:|---:|"]
+    lines += [f"| {a} | {best['accuracy'][a]} | {best['perplexity'][a]} |" for a in allocations]
+    if "layerif" in allocations:
+        top = max(best["accuracy"].values())
+        leaders = [a for a in allocations if best["accuracy"][a] == top]
+        if leaders == ["layerif"]:
+            verdict = f"LayerIF has the best accuracy most often ({top} of {n})."
+        elif "layerif" in leaders:
+            verdict = f"LayerIF shares the lead in accuracy with {', '.join(a for a in leaders if a != 'layerif')}."
+        else:
+            verdict = (f"LayerIF does not win: {', '.join(leaders)} {'has' if len(leaders) == 1 else 'have'} the best "
+                       f"accuracy most often ({top} of {n}; LayerIF {best['accuracy']['layerif']}).")
+        lines += ["", verdict + " Compare the gaps with the standard deviations over seeds above."]
+    return lines
 
 
 def _compare_plot(rows: list[dict], title: str):
