@@ -145,6 +145,26 @@ class PeakRSS:
         self.peak = max(self.peak, _rss())
 
 
+def batch_activation_bytes(lm, recs, batch_size: int) -> int:
+    """RSS growth of one plain forward+backward of the longest batch (no parameter gradients):
+    the "one batch of activations" of the memory budget (run in a process of its own, so that no
+    memory freed by another job is reused)."""
+    model = lm.model
+    longest = sorted(recs, key=lambda e: -len(e.input_ids))[:batch_size]
+    b = collate(longest, lm.tokenizer.pad_token_id, input_device(model))
+    flags = [p.requires_grad for p in model.parameters()]
+    model.requires_grad_(False)
+    try:
+        with PeakRSS() as mem:
+            embeds = model.get_input_embeddings()(b["input_ids"]).detach().requires_grad_()
+            out = model(inputs_embeds=embeds, attention_mask=b["attention_mask"], use_cache=False)
+            per_sample_loss(out.logits, b["labels"]).sum().backward()
+    finally:
+        for p, f in zip(model.parameters(), flags):
+            p.requires_grad_(f)
+    return mem.peak - mem.start
+
+
 def child(spec: dict) -> None:
     """Run one streaming job and print its wall time and memory as JSON (used by parts c and d).
 
@@ -153,6 +173,9 @@ def child(spec: dict) -> None:
     """
     lm = load_model()
     train, val = records(lm, spec["task"], spec["n_train"], spec["n_val"])
+    if spec.get("activations_only"):
+        print(json.dumps({"activations": batch_activation_bytes(lm, train, spec["batch_size"])}))
+        return
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()
     with PeakRSS() as mem:
@@ -172,12 +195,14 @@ def run_child(spec: dict) -> dict:
 
 
 def part_c(a) -> None:
-    r = run_child({"task": a.task, "n_train": a.n_train, "n_val": a.n_val, "target": "block", "batch_size": a.batch_size})
+    spec = {"task": a.task, "n_train": a.n_train, "n_val": a.n_val, "target": "block", "batch_size": a.batch_size}
+    r = run_child(spec) | run_child(spec | {"activations_only": True})
     gb = 1e9
     print(f"c. streaming block: scoring grew the process by {r['during'] / gb:.2f} GB above the loaded model "
           f"(model {r['model_bytes'] / gb:.2f} GB; process peak {r['peak'] / gb:.2f} GB, of which loading "
           f"{r['after_load'] / gb:.2f} GB); budget for the statistics: 4 gradient buffers "
-          f"{4 * r['grad_bytes'] / gb:.2f} GB + one batch of activations")
+          f"{4 * r['grad_bytes'] / gb:.2f} GB + one batch of activations {r['activations'] / gb:.2f} GB "
+          f"= {(4 * r['grad_bytes'] + r['activations']) / gb:.2f} GB")
 
 
 def part_d(a) -> None:
