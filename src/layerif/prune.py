@@ -966,6 +966,7 @@ def run_compare(args: CompareArgs) -> str:
             for name, w in dense.items():
                 mods[name][1].weight.copy_(w)
         save_all()
+    save_all()  # also when --resume found nothing left to run: the tables follow the current code
     write_figure(out / "comparison.png", _compare_plot(rows, f"{lm.name} · task {task}"))
     write_report(out)
     return (_compare_markdown(rows, meta)
