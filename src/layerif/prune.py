@@ -580,6 +580,13 @@ def _check_sizes(n_calib: int, seqlen: int, damping: float, block_size: int) -> 
         raise UserError(f"--block-size must be ≥ 1 (got {block_size})")
 
 
+def _task_records(task: str | None, task_items: int) -> list[dict] | None:
+    """The multiple-choice records of ``--task`` (None without one), after checking ``--task-items``."""
+    if task_items < 1:
+        raise UserError(f"--task-items must be ≥ 1 (got {task_items})")
+    return None if task is None else test_records(task, task_items)
+
+
 def _corpus(text: str | None) -> tuple[str, str]:
     """(calibration part, evaluation part) of ``--text`` or the built-in corpus."""
     from .corpus import load_text, split_text
@@ -647,9 +654,7 @@ def run(args: PruneArgs) -> str:
             raise UserError(f"--nm {args.nm} means sparsity {nm[0] / nm[1]:g}; pass --sparsity {nm[0] / nm[1]:g}")
     if args.allocation == "layerif" and args.scores is None:
         raise UserError("--allocation layerif needs --scores scores.json (from `layerif score`)")
-    if args.task_items < 1:
-        raise UserError(f"--task-items must be ≥ 1 (got {args.task_items})")
-    records = test_records(args.task, args.task_items) if args.task is not None else None
+    records = _task_records(args.task, args.task_items)
     if args.save is not None:
         check_save_dir(args.save)
     lm = args.load()
@@ -891,9 +896,7 @@ def run_compare(args: CompareArgs) -> str:
     check_epsilon(args.epsilon)
     if any(a.startswith("layerif") for a in allocations) and args.scores is None:
         raise UserError("the layerif allocations need --scores scores.json (from `layerif score`)")
-    if args.task_items < 1:
-        raise UserError(f"--task-items must be ≥ 1 (got {args.task_items})")
-    records = test_records(args.task, args.task_items) if args.task else None  # bad --task fails before any output
+    records = _task_records(args.task, args.task_items)  # a bad --task fails before any output
     out = prepare_out_dir(args.out)
     config = {"command": "compare-pruning", "args": asdict(args), "version": __version__}
     rows: list[dict] = []
@@ -927,9 +930,11 @@ def run_compare(args: CompareArgs) -> str:
                            batch_size=args.batch_size),
                 mc_accuracy(model, tok, records, batch_size=args.batch_size))
 
-    def save_all() -> None:
+    def save_all() -> str:
+        md = _compare_markdown(rows, meta)
         write_text(out / "comparison.csv", _rows_csv(rows))
-        write_text(out / "comparison.md", _compare_markdown(rows, meta))
+        write_text(out / "comparison.md", md)
+        return md
 
     done = {(r["method"], r["sparsity"], r["allocation"], r["seed"]) for r in rows}
     if ("dense", 0.0, "dense", "-") not in done:
@@ -966,8 +971,7 @@ def run_compare(args: CompareArgs) -> str:
             for name, w in dense.items():
                 mods[name][1].weight.copy_(w)
         save_all()
-    save_all()  # also when --resume found nothing left to run: the tables follow the current code
+    md = save_all()  # also when --resume found nothing left to run: the tables follow the current code
     write_figure(out / "comparison.png", _compare_plot(rows, f"{lm.name} · task {task}"))
     write_report(out)
-    return (_compare_markdown(rows, meta)
-            + f"\nwrote {out}/comparison.csv, comparison.md, comparison.png, config.json, report.md, report.html")
+    return (md + f"\nwrote {out}/comparison.csv, comparison.md, comparison.png, config.json, report.md, report.html")
