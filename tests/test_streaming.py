@@ -68,18 +68,18 @@ def test_mode_choice():
 
 
 def _worker(rank: int, world: int, port: int, path: str) -> None:
-    import torch.distributed as dist
+    """One rank, joined the way ``torchrun`` does it (environment variables, then :func:`process_group`)."""
+    from layerif.distributed import process_group
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world))
     torch.set_num_threads(1)
-    try:
+    with process_group(torch.device("cpu")) as joined:
+        assert joined
         lm, train, val = _setup("llama", seed=4)
         res = compute(lm, train, val, "attn", "datainf", 0.1, per_val=True, batch_size=2, mode="auto")
         if rank == 0:
             torch.save({"influence": res.influence, "mode": res.meta["mode"], "loss": res.train_loss}, path)
-    finally:
-        dist.destroy_process_group()
 
 
 def test_two_gloo_processes_equal_one(tmp_path):

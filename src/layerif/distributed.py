@@ -9,6 +9,9 @@ group every function here is the identity, so the same code runs in one process.
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -24,6 +27,31 @@ def init_from_env(device: torch.device) -> bool:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return True
+
+
+def leave() -> None:
+    """Leave the process group: a barrier, a moment with the GIL released, then destroy it.
+
+    gloo's worker threads drop their last references to a collective's tensors
+    after the collective completes, and need the GIL to do so; a rank that exits
+    straight after its last collective can start interpreter finalization first,
+    and the worker then aborts the process ("terminate called without an active
+    exception", about one run in five). The pause lets them finish.
+    """
+    dist.barrier()
+    time.sleep(0.05)
+    dist.destroy_process_group()
+
+
+@contextmanager
+def process_group(device: torch.device) -> Iterator[bool]:
+    """Within the context, be a rank of the group torchrun describes (yields whether there is one)."""
+    joined = init_from_env(device)
+    try:
+        yield joined
+    finally:
+        if joined:
+            leave()
 
 
 def world() -> tuple[int, int]:
