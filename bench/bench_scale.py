@@ -4,7 +4,9 @@ a. naive DataInf (batch-1 backward per record, flattened per-sample gradients
    kept in memory, Python loops over train samples for each validation sample,
    the way the original DataInf code works) against `layerif score --per-val`
    on target lora (q_proj, v_proj, rank 8, after a few fine-tuning steps);
-   prints the speed-up and the largest relative difference of the influence matrices.
+   prints the speed-up and the differences of the influence matrices in float32, then
+   reruns both methods on the same model in float64 (the exact value, to which each
+   float32 result is compared too; --no-float64 skips it).
 b. the physical floor: one plain batched forward+backward pass over train +
    validation, against streaming mode on target attn and materialized mode on lora.
 c. peak memory of streaming mode on target block (in a child process), against
@@ -12,7 +14,7 @@ c. peak memory of streaming mode on target block (in a child process), against
 d. scaling of streaming mode on target attn: wall time for several n_train
    (slope, R^2) and peak memory.
 
-Usage: python bench/bench_scale.py [--parts abcd] [--n-train 256 --n-val 64] [--sizes 64,128,256,512]
+Usage: python bench/bench_scale.py [--parts abcd] [--n-train 256 --n-val 64] [--sizes 64,128,256,512] [--no-float64]
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import time
 import numpy as np
 import torch
 
-from layerif.data import batches, collate, encode_split, per_sample_loss
+from layerif.data import IGNORE, batches, collate, encode_split, per_sample_loss
 from layerif.lora import prepare_lora
 from layerif.models import input_device, load_model, select_targets
 from layerif.scores import compute
@@ -51,7 +53,10 @@ def naive_datainf(lm, train, val, target: str, c: float = 0.1) -> dict[int, torc
     def grad(enc):
         model.zero_grad(set_to_none=True)
         ids, labels = torch.tensor([enc.input_ids]), torch.tensor([enc.labels])
-        model(input_ids=ids, labels=labels).loss.backward()
+        # the record's mean next-token cross-entropy, in the model's dtype (transformers'
+        # own ``labels=`` loss casts logits to float32, which would spoil a float64 run)
+        logits = model(input_ids=ids).logits[0, :-1]
+        torch.nn.functional.cross_entropy(logits, labels[0, 1:], ignore_index=IGNORE).backward()
         # float32 gradients as autograd gives them; the loops below run in float64, so the
         # comparison measures layerif's error, not float32 round-off of a 256-term sum
         return {t.name: torch.cat([p.grad.flatten() for p in t.module.parameters(recurse=False)]).double() for t in targets}
@@ -89,20 +94,34 @@ def floor_pass(lm, recs, batch_size: int) -> float:
     return time.perf_counter() - t0
 
 
+def _diff(a: dict[int, torch.Tensor], b: dict[int, torch.Tensor]) -> str:
+    """Worst block's largest entry-wise difference (of the largest entry of b) and relative Frobenius difference."""
+    ent = max(float((a[l] - b[l]).abs().max() / b[l].abs().max()) for l in b)
+    fro = max(float((a[l] - b[l]).norm() / b[l].norm()) for l in b)
+    return f"entry-wise {ent:.1e}, Frobenius {fro:.1e}"
+
+
 def part_a(lm, a) -> None:
     train, val = records(lm, a.task, a.n_train, a.n_val)
     lm = prepare_lora(lm, train, ["q_proj", "v_proj"], 8, a.finetune_steps, 1e-3, a.batch_size, 0)
     t0 = time.perf_counter()
-    fast = compute(lm, train, val, "lora", "datainf", 0.1, per_val=True, batch_size=a.batch_size)
+    fast = compute(lm, train, val, "lora", "datainf", 0.1, per_val=True, batch_size=a.batch_size).influence
     t_fast = time.perf_counter() - t0
     t0 = time.perf_counter()
     ref = naive_datainf(lm, train, val, "lora")
     t_naive = time.perf_counter() - t0
-    err = max(float((fast.influence[l] - ref[l]).abs().max() / ref[l].abs().max()) for l in ref)
-    fro = max(float((fast.influence[l] - ref[l]).norm() / ref[l].norm()) for l in ref)
-    print(f"a. lora per-val {len(train)}x{len(val)}: layerif {t_fast:.1f} s ({fast.meta['mode']}), naive {t_naive:.1f} s "
-          f"-> {t_naive / t_fast:.1f}x faster; per block, largest entry-wise difference {err:.1e} of the largest "
-          f"entry, relative Frobenius difference {fro:.1e} (worst block)")
+    print(f"a. lora per-val {len(train)}x{len(val)}: layerif {t_fast:.1f} s, naive {t_naive:.1f} s "
+          f"-> {t_naive / t_fast:.1f}x faster")
+    print(f"   float32 model, layerif vs naive: {_diff(fast, ref)} (worst block)")
+    if not a.float64:
+        return
+    # The same fine-tuned model in float64: both methods' rounding drops to ~1e-16, so what
+    # remains is any difference in the mathematics; and each float32 run's own error shows.
+    lm.model.double()
+    fast64 = compute(lm, train, val, "lora", "datainf", 0.1, per_val=True, batch_size=a.batch_size).influence
+    ref64 = naive_datainf(lm, train, val, "lora")
+    print(f"   float64 model, layerif vs naive: {_diff(fast64, ref64)}")
+    print(f"   float32 against float64: layerif {_diff(fast, ref64)}; naive {_diff(ref, ref64)}")
 
 
 def part_b(lm, a) -> None:
@@ -228,6 +247,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--finetune-steps", type=int, default=10)
     ap.add_argument("--sizes", default="64,128,256,512")
+    ap.add_argument("--no-float64", dest="float64", action="store_false",
+                    help="part a: skip the float64 rerun of both methods")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:

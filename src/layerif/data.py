@@ -119,12 +119,18 @@ def collate(batch: list[Encoded], pad_id: int, device: torch.device | str = "cpu
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
 
 
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """x in the precision statistics are computed in: float32, or float64 when x already is."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy of each sample: logits [B, T, V], labels [B, T] -> [B].
 
-    Computed in float32, exactly as ``model(..., labels=...).loss`` for one sample.
+    Computed in float32 (float64 for a float64 model), exactly as
+    ``model(..., labels=...).loss`` for one sample.
     """
-    shift_logits = logits[:, :-1, :].float()
+    shift_logits = upcast(logits[:, :-1, :])
     shift_labels = labels[:, 1:]
     nll = torch.nn.functional.cross_entropy(
         shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=IGNORE, reduction="none"

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .data import Encoded, batches, collate, per_sample_loss
+from .data import Encoded, batches, collate, per_sample_loss, upcast
 from .models import Target
 
 
@@ -40,8 +40,8 @@ def flat_params(module: nn.Module) -> torch.Tensor:
 
 
 def _shaped(x: torch.Tensor, batch: int) -> torch.Tensor:
-    """[B, T, f] float32 view of an activation (OPT's MLP flattens to [B*T, f])."""
-    return x.float().reshape(batch, -1, x.shape[-1])
+    """[B, T, f] float32 (float64 for a float64 model) view of an activation (OPT's MLP flattens to [B*T, f])."""
+    return upcast(x).reshape(batch, -1, x.shape[-1])
 
 
 def _has_bias(module: nn.Module) -> bool:
@@ -184,7 +184,8 @@ def capture(
     """Within the context, every backward pass of ``model`` calls ``sink(target, x, delta)`` per target.
 
     ``x`` [B, T, in] is the module's input and ``delta`` [B, T, out] the gradient of
-    the differentiated objective w.r.t. its output, both float32; sample i's
+    the differentiated objective w.r.t. its output, both float32 (float64 for a
+    float64 model); sample i's
     parameter gradient is ``dense_from_activations(module, x, delta)[i]``.
     """
     batch = [0]

@@ -80,13 +80,14 @@ def resolve_device(device: str) -> torch.device:
 
 
 def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
-    """float32 on CPU by default, bfloat16 on CUDA."""
+    """float32 on CPU by default, bfloat16 on CUDA; float64 for reference runs on small models."""
     if dtype is None or dtype == "auto":
         return torch.float32 if device.type == "cpu" else torch.bfloat16
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+    table = {"float64": torch.float64, "fp64": torch.float64, "float32": torch.float32, "fp32": torch.float32,
+             "bfloat16": torch.bfloat16,
              "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
     if dtype not in table:
-        raise UserError(f"unknown dtype {dtype!r} (use float32, bfloat16 or float16)")
+        raise UserError(f"unknown dtype {dtype!r} (use float32, bfloat16, float16 or float64)")
     return table[dtype]
 
 
@@ -167,7 +168,7 @@ class ModelArgs:
     model: str | None = field(default=None, metadata={"help": "hub name or local folder (default: embedded SmolLM2-135M-Instruct)"})
     gguf_file: str | None = field(default=None, metadata={"help": "GGUF file (inside --model, or a path)"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
-    dtype: str | None = field(default=None, metadata={"help": "float32 (CPU default), bfloat16, float16"})
+    dtype: str | None = field(default=None, metadata={"help": "float32 (CPU default), bfloat16, float16; float64 for reference runs"})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow the model's own code from the hub"})
     device_map: str | None = field(default=None, metadata={"help": "accelerate device map (auto: spread a large model over the GPUs)"})
 
@@ -248,6 +249,11 @@ class Target:
     @property
     def device(self) -> torch.device:
         return next(self.module.parameters()).device
+
+    @property
+    def stat_dtype(self) -> torch.dtype:
+        """dtype of its gradient-sized buffers: float32, or float64 for a float64 module."""
+        return torch.float64 if next(self.module.parameters()).dtype == torch.float64 else torch.float32
 
     @property
     def numel(self) -> int:

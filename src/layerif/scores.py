@@ -32,7 +32,7 @@ import torch
 from . import __version__, progress, stability
 from .cache import PassCache, fingerprint
 from .data import Encoded, Fields, batches, collate, encode_split, load_records
-from .distributed import init_from_env, is_main, world
+from .distributed import is_main, process_group, world
 from .errors import UserError
 from .grads import Factored, capture, dense_from_activations, gram, losses_and_backward
 from .influence import ESTIMATORS, ModuleStats, damping, module_influence
@@ -185,7 +185,7 @@ def _grad_pass(
     device = input_device(model)
     n = len(records)
     bufs: dict[str, torch.Tensor] = {
-        t.name: torch.zeros((1 if layout[t.name] == "summed" else n), t.numel, device=t.device)
+        t.name: torch.zeros((1 if layout[t.name] == "summed" else n), t.numel, device=t.device, dtype=t.stat_dtype)
         for t in targets if layout[t.name] != "factored"
     }
     parts: dict[str, list] = {t.name: [] for t in targets if layout[t.name] == "factored"}
@@ -571,13 +571,14 @@ def run(args: ScoreArgs) -> str:
     Under ``torchrun`` every rank computes its shard and rank 0 writes the files.
     """
     validate(args)
-    if init_from_env(resolve_device(args.device)) and not is_main():
-        progress.enable(False)
-        score(args)
-        return ""
-    result = score(args)
-    out = write(result, args)
-    shutil.rmtree(cache_dir(args), ignore_errors=True)
+    with process_group(resolve_device(args.device)):
+        if not is_main():
+            progress.enable(False)
+            score(args)
+            return ""
+        result = score(args)
+        out = write(result, args)
+        shutil.rmtree(cache_dir(args), ignore_errors=True)
     m = result.meta
     head = (f"{m['model']} · task {m['task']} · target {args.target} · estimator {args.estimator} · "
             f"{m['n_train']} train x {m['n_val']} validation · {result.passes} pass(es) · {result.seconds:.1f} s")

@@ -108,14 +108,14 @@ def streaming_influence(
 
         def val_pass() -> dict[str, torch.Tensor]:
             """v [k, d] per module: this chunk's samples as columns, or their sum."""
-            V = {t.name: torch.zeros(k, t.numel, device=t.device) for t in targets}
+            V = {t.name: torch.zeros(k, t.numel, device=t.device, dtype=t.stat_dtype) for t in targets}
             select = torch.zeros(len(val), k)
             for c, j in enumerate(cols):
                 select[j, c if per_val else 0] = 1.0
             select = select[va]
 
             def on_batch(t, x, d, off):
-                V[t.name] += weighted_sum(t.module, x, d, select[off : off + x.shape[0]].to(x.device))
+                V[t.name] += weighted_sum(t.module, x, d, select[off : off + x.shape[0]].to(device=x.device, dtype=x.dtype))
 
             _pass(model, targets, val[va], pad_id, batch_size, f"validation gradients{tag}", on_batch)
             return {name: all_reduce_sum(v) for name, v in V.items()}
@@ -152,10 +152,10 @@ def streaming_influence(
 
         def pass_b() -> dict[str, torch.Tensor]:
             """w = sum_j r_j g_j per module and column, [k, d]."""
-            W = {t.name: torch.zeros(k, t.numel, device=t.device) for t in targets}
+            W = {t.name: torch.zeros(k, t.numel, device=t.device, dtype=t.stat_dtype) for t in targets}
 
             def on_batch(t, x, d, off):
-                r = R[t.name][tr.start + off : tr.start + off + x.shape[0]].to(device=x.device, dtype=torch.float32)
+                r = R[t.name][tr.start + off : tr.start + off + x.shape[0]].to(device=x.device, dtype=x.dtype)
                 W[t.name] += weighted_sum(t.module, x, d, r)
 
             _pass(model, targets, train[tr], pad_id, batch_size, f"train weighted gradient{tag}", on_batch)
