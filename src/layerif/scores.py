@@ -132,15 +132,16 @@ def _layout(t: Target, n: int, n_tokens: int, prefer: str = "auto") -> tuple[str
 
     ``factored`` (token factors, :class:`~layerif.grads.Factored`) when its Gram
     costs fewer flops than forming dense gradients and their Gram, else
-    ``dense``; ``prefer`` forces one. Returns (layout, float32 bytes it needs).
+    ``dense``; ``prefer`` forces one. Returns (layout, bytes it needs at the module's statistics dtype).
     """
+    size = t.stat_dtype.itemsize
     out_f, in_f = weight_out_in(t.module).shape
     in_f += getattr(t.module, "bias", None) is not None
     factored_flops = n_tokens**2 * (in_f + out_f)
     dense_flops = (n_tokens + n * n) * in_f * out_f
     if prefer == "factored" or (prefer == "auto" and factored_flops <= dense_flops):
-        return "factored", 4.0 * n_tokens * (in_f + out_f)
-    return "dense", 4.0 * n * t.numel
+        return "factored", float(size * n_tokens * (in_f + out_f))
+    return "dense", float(size * n * t.numel)
 
 
 def plan_layouts(
