@@ -45,13 +45,20 @@ def leave() -> None:
 
 @contextmanager
 def process_group(device: torch.device) -> Iterator[bool]:
-    """Within the context, be a rank of the group torchrun describes (yields whether there is one)."""
+    """Within the context, be a rank of the group torchrun describes (yields whether there is one).
+
+    On an error the group is destroyed without the final barrier, which the
+    other ranks, busy in another collective, would never reach.
+    """
     joined = init_from_env(device)
     try:
         yield joined
-    finally:
+    except BaseException:
         if joined:
-            leave()
+            dist.destroy_process_group()
+        raise
+    if joined:
+        leave()
 
 
 def world() -> tuple[int, int]:
