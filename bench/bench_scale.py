@@ -14,6 +14,9 @@ c. peak memory of streaming mode on target block (in a child process), against
 d. scaling of streaming mode on target attn: wall time for several n_train
    (slope, R^2) and peak memory.
 
+Parts a and b run on --device (auto: CUDA when there is one); c and d measure
+host memory (RSS) and run on the CPU.
+
 Usage: python bench/bench_scale.py [--parts abcd] [--n-train 256 --n-val 64] [--sizes 64,128,256,512] [--no-float64]
 """
 
@@ -52,7 +55,8 @@ def naive_datainf(lm, train, val, target: str, c: float = 0.1) -> dict[int, torc
 
     def grad(enc):
         model.zero_grad(set_to_none=True)
-        ids, labels = torch.tensor([enc.input_ids]), torch.tensor([enc.labels])
+        device = input_device(model)
+        ids, labels = torch.tensor([enc.input_ids], device=device), torch.tensor([enc.labels], device=device)
         # the record's mean next-token cross-entropy, in the model's dtype (transformers'
         # own ``labels=`` loss casts logits to float32, which would spoil a float64 run)
         logits = model(input_ids=ids).logits[0, :-1]
@@ -192,7 +196,7 @@ def child(spec: dict) -> None:
     ``during`` is the RSS growth while scoring, above the process with the model
     loaded: what the streaming statistics themselves cost.
     """
-    lm = load_model()
+    lm = load_model(device="cpu")
     train, val = records(lm, spec["task"], spec["n_train"], spec["n_val"])
     if spec.get("activations_only"):
         print(json.dumps({"activations": batch_activation_bytes(lm, train, spec["batch_size"])}))
@@ -247,6 +251,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--finetune-steps", type=int, default=10)
     ap.add_argument("--sizes", default="64,128,256,512")
+    ap.add_argument("--device", default="auto", help="parts a and b: auto, cpu or cuda")
+    ap.add_argument("--dtype", default="float32", help="parts a and b: the model's dtype (float32: like for like "
+                    "with the naive recipe)")
     ap.add_argument("--no-float64", dest="float64", action="store_false",
                     help="part a: skip the float64 rerun of both methods")
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -254,12 +261,13 @@ def main() -> None:
     if a.child:
         child(json.loads(a.child))
         return
-    print(f"machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}; "
-          f"task {a.task}, batch size {a.batch_size}")
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() and a.device != "cpu" else ""
+    print(f"machine: {platform.machine()}{gpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}; "
+          f"task {a.task}, batch size {a.batch_size}, dtype {a.dtype}")
     if "a" in a.parts:
-        part_a(load_model(), a)
+        part_a(load_model(device=a.device, dtype=a.dtype), a)
     if "b" in a.parts:
-        part_b(load_model(), a)
+        part_b(load_model(device=a.device, dtype=a.dtype), a)
     if "c" in a.parts:
         part_c(a)
     if "d" in a.parts:
