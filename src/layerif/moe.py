@@ -64,7 +64,7 @@ from .models import (
 )
 from .prune import block_scores
 from .report import write_report
-from .stability import mean_std
+from .stability import mean_std, mean_std_cell
 from .train import TrainConfig, check_train_config, evaluate_records, train
 
 TARGET_KEYWORDS = ("qv", "attn", "mlp", "all")
@@ -687,10 +687,7 @@ def _compare_markdown(rows: list[dict], allocs: dict[str, np.ndarray], meta: dic
     best_acc = max(st["accuracy"][0] for st in stats.values())
     best_em = max(st["exact_match"][0] for st in stats.values())
     for a, st in stats.items():
-        acc = f"{st['accuracy'][0]:.4f} ± {st['accuracy'][1]:.4f}"
-        em = f"{st['exact_match'][0]:.4f} ± {st['exact_match'][1]:.4f}"
-        acc = f"**{acc}**" if st["accuracy"][0] == best_acc else acc
-        em = f"**{em}**" if st["exact_match"][0] == best_em else em
+        acc, em = mean_std_cell(st["accuracy"], best_acc, 4), mean_std_cell(st["exact_match"], best_em, 4)
         n = sum(r["allocation"] == a for r in rows)
         lines.append(f"| {a} | {acc} | {em} | {st['final_loss'][0]:.4f} | {int(st['trainable_params'][0]):,} | "
                      f"{st['seconds'][0]:.1f} ± {st['seconds'][1]:.1f} | {n} |")

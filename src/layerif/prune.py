@@ -63,7 +63,7 @@ from .models import ModelArgs, find_blocks, projections, weight_out_in
 from .report import write_report
 from .scores import read_scores
 from .spectral import block_alphas
-from .stability import mean_std
+from .stability import mean_std, mean_std_cell
 from .tasks import test_records
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
@@ -772,10 +772,7 @@ def _compare_markdown(rows: list[dict], meta: dict) -> str:
             best_ppl = min(s["perplexity"][0] for s in stats.values())
             best_acc = max(s["accuracy"][0] for s in stats.values())
             for a, s in stats.items():
-                ppl = f"{s['perplexity'][0]:.3f} ± {s['perplexity'][1]:.3f}"
-                acc = f"{s['accuracy'][0]:.3f} ± {s['accuracy'][1]:.3f}"
-                ppl = f"**{ppl}**" if s["perplexity"][0] == best_ppl else ppl
-                acc = f"**{acc}**" if s["accuracy"][0] == best_acc else acc
+                ppl, acc = mean_std_cell(s["perplexity"], best_ppl, 3), mean_std_cell(s["accuracy"], best_acc, 3)
                 lines.append(f"| {sp:g} | {a} | {s['achieved'][0]:.4f} | {ppl} | {acc} | {len(group[a])} |")
     return "\n".join(lines + _wins(rows)) + "\n"
 

@@ -81,6 +81,12 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return float(arr.mean()), float(arr.std()) if arr.numel() > 1 else 0.0
 
 
+def mean_std_cell(ms: tuple[float, float], best: float, digits: int) -> str:
+    """A table cell 'mean ± std' with ``digits`` decimals, bold when the mean equals ``best`` (ties all bold)."""
+    text = f"{ms[0]:.{digits}f} ± {ms[1]:.{digits}f}"
+    return f"**{text}**" if ms[0] == best else text
+
+
 def fmt(x: float | None, digits: int = 4) -> str:
     """A number for people: ``digits`` significant digits, 'n/a' for None."""
     return "n/a" if x is None else f"{x:.{digits}g}"
