@@ -119,9 +119,14 @@ def collate(batch: list[Encoded], pad_id: int, device: torch.device | str = "cpu
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
 
 
+def stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The precision statistics of a ``dtype`` model are computed in: float64 for float64, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def upcast(x: torch.Tensor) -> torch.Tensor:
-    """x in the precision statistics are computed in: float32, or float64 when x already is."""
-    return x if x.dtype == torch.float64 else x.float()
+    """x in :func:`stat_dtype` precision."""
+    return x.to(stat_dtype(x.dtype))
 
 
 def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

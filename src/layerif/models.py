@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from . import progress
+from .data import stat_dtype
 from .errors import UserError
 from .io import atomic_dir
 
@@ -84,8 +85,7 @@ def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
     if dtype is None or dtype == "auto":
         return torch.float32 if device.type == "cpu" else torch.bfloat16
     table = {"float64": torch.float64, "fp64": torch.float64, "float32": torch.float32, "fp32": torch.float32,
-             "bfloat16": torch.bfloat16,
-             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
     if dtype not in table:
         raise UserError(f"unknown dtype {dtype!r} (use float32, bfloat16, float16 or float64)")
     return table[dtype]
@@ -252,8 +252,8 @@ class Target:
 
     @property
     def stat_dtype(self) -> torch.dtype:
-        """dtype of its gradient-sized buffers: float32, or float64 for a float64 module."""
-        return torch.float64 if next(self.module.parameters()).dtype == torch.float64 else torch.float32
+        """dtype of its gradient-sized buffers (:func:`layerif.data.stat_dtype` of its parameters')."""
+        return stat_dtype(next(self.module.parameters()).dtype)
 
     @property
     def numel(self) -> int:
