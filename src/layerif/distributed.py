@@ -4,6 +4,13 @@ Each rank takes a contiguous shard of the records; per-sample results are
 all-gathered in rank order (so they line up with the records), gradient-sized
 vectors are all-reduced, and rank 0 writes the outputs. Without a process
 group every function here is the identity, so the same code runs in one process.
+
+Devices: a CUDA run joins a ``cpu:gloo,cuda:nccl`` group, a CPU run a gloo
+group. Every collective here goes through :func:`comm_device`: the tensor is
+copied to the group's device (this rank's GPU under NCCL, the CPU under gloo),
+every buffer of the collective is created there, and the result is copied back
+to where the caller's tensor lives. So the CPU (gloo) path that the tests run
+is, line for line, the path NCCL takes; only the device differs.
 """
 
 from __future__ import annotations
@@ -18,15 +25,32 @@ import torch.distributed as dist
 
 
 def init_from_env(device: torch.device) -> bool:
-    """Join the process group torchrun describes (gloo on CPU, nccl on CUDA); False when not launched so."""
+    """Join the process group torchrun describes; False when not launched so.
+
+    CUDA: this rank's GPU is LOCAL_RANK, and the group is ``cpu:gloo,cuda:nccl``
+    (NCCL for GPU tensors, gloo for anything left on the CPU); CPU: gloo.
+    """
     if dist.is_initialized():
         return True
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
+    dist.init_process_group(backend=backend_for(device))
+    return True
+
+
+def backend_for(device: torch.device) -> str:
+    """The process-group backend for a run on ``device`` (selects this rank's GPU first on CUDA)."""
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return True
+        return "cpu:gloo,cuda:nccl"
+    return "gloo"
+
+
+def comm_device() -> torch.device:
+    """Where this rank's collectives run: its current GPU when the group has NCCL, else the CPU."""
+    if "nccl" in str(dist.get_backend()):
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def leave() -> None:
@@ -80,24 +104,30 @@ def shard(items: list) -> slice:
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum ``t`` over ranks, in place (float64 tensors are reduced as float64)."""
+    """Sum ``t`` over ranks, in place (float64 tensors are reduced as float64), on :func:`comm_device`."""
     if world()[1] > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        on = t.to(comm_device())
+        dist.all_reduce(on, op=dist.ReduceOp.SUM)
+        if on is not t:
+            t.copy_(on)
     return t
 
 
 def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
-    """Concatenate each rank's rows [n_r, ...] in rank order: [sum n_r, ...] on every rank."""
-    rank, size = world()
+    """Concatenate each rank's rows [n_r, ...] in rank order: [sum n_r, ...] on every rank.
+
+    Every buffer of the collective is created on :func:`comm_device`; the result comes back on ``t.device``.
+    """
+    size = world()[1]
     if size == 1:
         return t
-    device = t.device if dist.get_backend() != "gloo" else torch.device("cpu")
+    device = comm_device()
     local = t.to(device)
     counts = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(size)]
-    dist.all_gather(counts, torch.tensor([local.shape[0]], device=device))
-    peak = int(max(c.item() for c in counts))
-    padded = torch.zeros((peak, *local.shape[1:]), dtype=local.dtype, device=device)
+    dist.all_gather(counts, torch.tensor([local.shape[0]], dtype=torch.long, device=device))
+    rows = [int(c) for c in torch.cat(counts).cpu()]
+    padded = torch.zeros((max(rows), *local.shape[1:]), dtype=local.dtype, device=device)
     padded[: local.shape[0]] = local
     parts = [torch.zeros_like(padded) for _ in range(size)]
     dist.all_gather(parts, padded)
-    return torch.cat([p[: int(c.item())] for p, c in zip(parts, counts)]).to(t.device)
+    return torch.cat([p[:r] for p, r in zip(parts, rows)]).to(t.device)
