@@ -1,0 +1,644 @@
+"""Per-block sparsity by search (EvoPress-style) and by measured per-block sensitivity.
+
+The heuristics of :mod:`layerif.allocate` score each block on its own. EvoPress
+(Sieberling, Kuznedelev, Kurtic & Alistarh, ICML 2025, arXiv 2410.14649) searches
+the per-block levels instead, scoring whole configurations by how far the pruned
+model's next-token distribution is from the dense model's. This module builds
+the three pieces and the measured baseline:
+
+* :class:`LevelGrid` -- the levels each block may take under an exact budget.
+  Level k of block l has sparsity ``target + k · step · n̄ / n_l`` (n_l: the
+  block's prunable weights, n̄ their mean), so one level step is the same number
+  of weights, ``step · n̄``, in every block (EvoPress's "weights_diff"): a switch
+  that raises one block a level and lowers another keeps the number of pruned
+  weights, hence the parameter-weighted sparsity, exactly at the target whatever
+  the block sizes. With equal blocks (every dense decoder) the levels are the
+  plain grid ``target ± k · step``; with ``target`` a multiple of ``step`` and the
+  default range they are 0.0, 0.05, ..., 0.9. Levels outside [``low``, ``high``]
+  are not used.
+* :class:`LevelDatabase` -- every (block, level) pruned once by the chosen pruner
+  and stored as safetensors (one file per block and level, so a build that stops
+  resumes where it stopped). Calibration rule: every block is calibrated on the
+  *dense* model's inputs to that block (as EvoPress builds its database), so a
+  level does not depend on the levels of earlier blocks. Magnitude and Wanda keep
+  the surviving weights' original values, so only the pruning mask is stored
+  (bit-packed); SparseGPT changes the surviving weights, so their values are
+  stored too. Putting a block at a level is a copy from the database (or a
+  masked copy of the dense weights), never a re-prune.
+* :func:`kl_to_reference` -- the fitness: mean over predicted tokens of
+  KL(P_dense ‖ P_pruned) of the next-token distributions, in nats.
+* :func:`evolve` -- the (1 + λ) search: λ offspring of the parent by level-switch
+  mutation (1-3 switches, fewer more likely), screened on a random subset of the
+  fitness windows; the best few are evaluated on all fitness windows and the
+  best of them replaces the parent only if it is better there (elitist, so the
+  parent's full-set fitness never rises).
+* :func:`block_sensitivity` -- the KL rise when one block alone is pruned at the
+  target; :func:`sensitivity_sparsity` maps it with LayerIF's linear map (more
+  sensitive, less sparsity).
+
+The allocation a search returns is a list of per-block ratios like every other
+allocation: pruning with it runs the chosen pruner with the usual sequential
+calibration (:func:`layerif.prune.prune_model`), so its quality is measured the
+same way as the other allocations'.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import __version__, progress
+from .allocate import MAX_SPARSITY, check_epsilon, check_sparsity, linear_sparsity
+from .errors import UserError
+from .io import write_json, write_safetensors, write_text
+from .models import find_blocks, projections, weight_out_in
+from .prune import (
+    BLOCK_SIZE,
+    DAMPING,
+    METHODS,
+    _set_weight,
+    calibrate,
+    lowest_mask,
+    row_mask,
+    sparsegpt_weight,
+    wanda_score,
+)
+
+STEP = 0.05
+LOW = 0.0
+HIGH = 0.9
+MAX_SWITCHES = 3
+
+
+# ----------------------------------------------------------------------------- level grid
+
+
+@dataclass(frozen=True)
+class LevelGrid:
+    """The sparsity levels of every block around a target, with one weight count per level step.
+
+    ``weights``: prunable weights per block [L]. Level k of block l has ratio
+    ``target + k · unit_l`` with ``unit_l = step · mean(weights) / weights_l``;
+    block l may take the levels k with ``low ≤ ratio ≤ high`` (``k_min[l] ≤ k ≤
+    k_max[l]``, both containing 0). A configuration is an int64 level array
+    with Σ k = 0, which is exactly the target parameter-weighted sparsity.
+    """
+
+    target: float
+    weights: np.ndarray
+    step: float = STEP
+    low: float = LOW
+    high: float = HIGH
+
+    def __post_init__(self):
+        check_sparsity(self.target)
+        w = np.asarray(self.weights, dtype=np.float64).reshape(-1)
+        if w.size == 0 or np.any(w <= 0) or not np.all(np.isfinite(w)):
+            raise UserError("search: block weights (prunable parameters) must be positive")
+        object.__setattr__(self, "weights", w)
+        if not 0 < self.step < 1:
+            raise UserError(f"--search-step {self.step:g} must be in (0, 1)")
+        if not 0 <= self.low <= self.target <= self.high <= MAX_SPARSITY:
+            raise UserError(f"search levels need 0 ≤ low ({self.low:g}) ≤ target ({self.target:g}) ≤ high "
+                            f"({self.high:g}) ≤ {MAX_SPARSITY}")
+
+    @property
+    def unit(self) -> np.ndarray:
+        """Sparsity of one level step per block (float64 [L])."""
+        return self.step * self.weights.mean() / self.weights
+
+    @property
+    def k_min(self) -> np.ndarray:
+        return np.ceil((self.low - self.target) / self.unit - 1e-9).astype(np.int64)
+
+    @property
+    def k_max(self) -> np.ndarray:
+        return np.floor((self.high - self.target) / self.unit + 1e-9).astype(np.int64)
+
+    def ratios(self, levels) -> np.ndarray:
+        """Per-block sparsity of a level configuration (float64 [L])."""
+        return self.target + np.asarray(levels, dtype=np.float64) * self.unit
+
+    def level_ratios(self, block: int) -> list[float]:
+        """Every ratio block ``block`` may take, lowest first."""
+        return [float(self.target + k * self.unit[block]) for k in range(self.k_min[block], self.k_max[block] + 1)]
+
+    def project(self, ratios) -> np.ndarray:
+        """The level configuration nearest to per-block ``ratios``, with Σ k = 0.
+
+        Each block's ratio is rounded to its nearest level and clipped to its
+        range; while Σ k > 0 the block whose level lies furthest above its real
+        value (and can go down) goes down one level, while Σ k < 0 the one
+        furthest below goes up (ties to the lower index). Returns int64 [L].
+        """
+        r = np.asarray(ratios, dtype=np.float64).reshape(-1)
+        if r.size != self.weights.size or not np.all(np.isfinite(r)):
+            raise UserError(f"search start: {r.size} ratios for {self.weights.size} blocks (or non-finite values)")
+        real = (r - self.target) / self.unit
+        k = np.clip(np.rint(real), self.k_min, self.k_max).astype(np.int64)
+        while k.sum() > 0:
+            k[np.argmax(np.where(k > self.k_min, k - real, -np.inf))] -= 1
+        while k.sum() < 0:
+            k[np.argmax(np.where(k < self.k_max, real - k, -np.inf))] += 1
+        return k
+
+    def mutate(self, levels, rng: np.random.Generator, max_switches: int = MAX_SWITCHES) -> np.ndarray:
+        """A level-switch mutation: 1 to ``max_switches`` times, one block up a level and another down.
+
+        The number of switches is the smaller of two uniform draws in
+        [1, ``max_switches``] (fewer switches more likely, as EvoPress). Σ k, and
+        so the weighted sparsity, is unchanged. Returns a new int64 [L] array
+        (equal to ``levels`` if no block can move).
+        """
+        k = np.array(levels, dtype=np.int64)
+        n = min(int(rng.integers(1, max_switches + 1)), int(rng.integers(1, max_switches + 1)))
+        for _ in range(n):
+            up = np.flatnonzero(k < self.k_max)
+            down = np.flatnonzero(k > self.k_min)
+            if up.size == 0 or down.size == 0 or (up.size == 1 and down.size == 1 and up[0] == down[0]):
+                break
+            while True:
+                i, j = int(rng.choice(up)), int(rng.choice(down))
+                if i != j:
+                    break
+            k[i] += 1
+            k[j] -= 1
+        return k
+
+
+# ----------------------------------------------------------------------------- database
+
+
+def _ratio_key(ratio: float) -> str:
+    return f"{ratio:.6f}"
+
+
+def _pack(mask: torch.Tensor) -> torch.Tensor:
+    return torch.from_numpy(np.packbits(mask.cpu().numpy().reshape(-1), bitorder="little"))
+
+
+def _unpack(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    bits = np.unpackbits(packed.numpy(), count=int(np.prod(shape)), bitorder="little")
+    return torch.from_numpy(bits.astype(bool)).view(shape)
+
+
+def _windows_hash(windows: torch.Tensor | None) -> str:
+    if windows is None:
+        return "none"
+    return hashlib.sha256(windows.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()[:12]
+
+
+class LevelDatabase:
+    """Pre-pruned levels of every block, one safetensors file per (block, ratio), resumable.
+
+    Folder ``root/<method>-<fingerprint>/``: the fingerprint hashes the model's
+    name and block shapes, the pruner and its settings and the calibration
+    windows, so a different setting never reuses a level. Each file
+    ``b{block:03d}_s{ratio:.6f}.safetensors`` holds, per projection ``rel`` of
+    the block, ``{rel}.mask`` (the pruned positions of the [out, in] weight,
+    bit-packed, little bit order) and for SparseGPT ``{rel}.values`` (float32,
+    the surviving weights in row-major order). Ratios are keyed (and pruned) at
+    6 decimals. ``database.json`` records the settings, the build seconds so
+    far and the levels built.
+    """
+
+    def __init__(self, root: str | Path, model: nn.Module, method: str, windows: torch.Tensor | None = None,
+                 damping: float = DAMPING, block_size: int = BLOCK_SIZE, model_name: str = ""):
+        if method not in METHODS:
+            raise UserError(f"unknown pruning method {method!r} (use {', '.join(METHODS)})")
+        if method != "magnitude" and windows is None:
+            raise ValueError(f"{method} levels need calibration windows")
+        self.model, self.method = model, method
+        self.windows = windows if method != "magnitude" else None
+        self.damping, self.block_size = float(damping), int(block_size)
+        self.prefix, blocks = find_blocks(model)
+        self.modules = [projections(b) for b in blocks]
+        shapes = [[rel, list(weight_out_in(m).shape)] for mods in self.modules for rel, m in mods.items()]
+        settings = {"model": model_name, "method": method, "calibration": "dense inputs of every block",
+                    "windows": _windows_hash(self.windows), "damping": self.damping if method == "sparsegpt" else None,
+                    "block_size": self.block_size if method == "sparsegpt" else None, "shapes": shapes}
+        digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+        self.path = Path(root) / f"{method}-{digest}"
+        self.settings = {k: v for k, v in settings.items() if k != "shapes"}
+
+    def file(self, block: int, ratio: float) -> Path:
+        return self.path / f"b{block:03d}_s{_ratio_key(ratio)}.safetensors"
+
+    def _meta(self) -> dict:
+        try:
+            return json.loads((self.path / "database.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {"settings": self.settings, "build_seconds": 0.0}
+
+    def ensure(self, ratios: list[list[float]]) -> dict:
+        """Build every missing level: ``ratios[l]`` are the ratios block l needs. Returns :meth:`info`.
+
+        Blocks are calibrated in order on the dense model's activations (the
+        model is not changed); levels already on disk are skipped.
+        """
+        if len(ratios) != len(self.modules):
+            raise ValueError(f"{len(ratios)} ratio lists for {len(self.modules)} blocks")
+        todo = [[float(_ratio_key(r)) for r in rs if not self.file(l, r).exists()] for l, rs in enumerate(ratios)]
+        if any(todo):
+            self.path.mkdir(parents=True, exist_ok=True)
+            meta = self._meta()
+            t0 = time.time()
+            progress.info(f"building {sum(map(len, todo))} pruned levels of {self.method} in {self.path}")
+            for idx, block, stats in self._blocks():
+                for ratio in todo[idx]:
+                    tensors = {}
+                    for rel, mod in self.modules[idx].items():
+                        tensors.update(self._prune(weight_out_in(mod), None if stats is None else stats[rel], rel, ratio))
+                    write_safetensors(self.file(idx, ratio), tensors)
+                if idx == max(i for i, t in enumerate(todo) if t):
+                    break
+            meta["build_seconds"] = round(meta.get("build_seconds", 0.0) + time.time() - t0, 2)
+            write_json(self.path / "database.json", meta)
+        return self.info()
+
+    def _blocks(self):
+        if self.windows is None:  # magnitude: no calibration
+            for idx in range(len(self.modules)):
+                yield idx, None, None
+            return
+        yield from calibrate(self.model, self.windows, hessian=self.method == "sparsegpt", update=False)
+
+    def _prune(self, W: torch.Tensor, stats, rel: str, ratio: float) -> dict[str, torch.Tensor]:
+        if self.method == "magnitude":
+            return {f"{rel}.mask": _pack(lowest_mask(W.detach().abs(), ratio))}
+        if self.method == "wanda":
+            return {f"{rel}.mask": _pack(row_mask(wanda_score(W, stats.sq), ratio))}
+        pruned = sparsegpt_weight(W, stats.hessian, ratio, None, self.block_size, self.damping)
+        mask = pruned == 0
+        return {f"{rel}.mask": _pack(mask), f"{rel}.values": pruned[~mask].contiguous()}
+
+    def load(self, block: int, ratio: float, dense: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The [out, in] weights of block ``block`` at ``ratio``, given its dense [out, in] weights by name."""
+        from safetensors.torch import load_file
+
+        path = self.file(block, ratio)
+        if not path.exists():
+            raise ValueError(f"level {ratio:g} of block {block} is not in {self.path}; call ensure() first")
+        data = load_file(str(path))
+        out = {}
+        for rel, W in dense.items():
+            mask = _unpack(data[f"{rel}.mask"], W.shape)
+            if self.method == "sparsegpt":
+                new = torch.zeros(W.shape, dtype=torch.float32)
+                new[~mask] = data[f"{rel}.values"]
+                out[rel] = new
+            else:
+                out[rel] = W.masked_fill(mask.to(W.device), 0)
+        return out
+
+    def info(self) -> dict:
+        """Path, number of level files, total size in bytes and build seconds so far."""
+        files = sorted(self.path.glob("b*_s*.safetensors")) if self.path.exists() else []
+        return {"path": str(self.path), "levels": len(files), "bytes": sum(f.stat().st_size for f in files),
+                "build_seconds": self._meta().get("build_seconds", 0.0), **self.settings}
+
+
+class BlockLevels:
+    """Puts database levels into a model's blocks in place; :meth:`restore` brings back the dense weights.
+
+    Keeps a copy of the dense projection weights (float, the model's dtype) and
+    the ratio each block holds now (``None``: dense); :meth:`set` rewrites only
+    the blocks whose ratio changes.
+    """
+
+    def __init__(self, model: nn.Module, db: LevelDatabase):
+        self.db = db
+        _, blocks = find_blocks(model)
+        self.modules = [projections(b) for b in blocks]
+        self.dense = [{rel: weight_out_in(m).detach().clone().cpu() for rel, m in mods.items()} for mods in self.modules]
+        self.current: list[str | None] = [None] * len(blocks)
+
+    def set(self, ratios) -> None:
+        """Block l gets its database level ``ratios[l]`` (keyed at 6 decimals), or its dense weights for ``None``."""
+        for l, r in enumerate(ratios):
+            key = None if r is None else _ratio_key(float(r))
+            if self.current[l] == key:
+                continue
+            weights = self.dense[l] if key is None else self.db.load(l, float(key), self.dense[l])
+            for rel, w in weights.items():
+                _set_weight(self.modules[l][rel], w)
+            self.current[l] = key
+
+    def restore(self) -> None:
+        """Every block back to its dense weights."""
+        self.set([None] * len(self.modules))
+
+
+# ----------------------------------------------------------------------------- fitness
+
+
+@torch.no_grad()
+def _next_token_logprobs(model: nn.Module, windows: torch.Tensor) -> torch.Tensor:
+    device = next(model.parameters()).device
+    logits = model(input_ids=windows.to(device), use_cache=False).logits[:, :-1].float()
+    return torch.log_softmax(logits, dim=-1).cpu()
+
+
+@torch.no_grad()
+def reference_logprobs(model: nn.Module, windows: torch.Tensor, batch_size: int = 4) -> torch.Tensor:
+    """log P_dense of the next token at every predicted position: float32 [n, seqlen − 1, vocab] on the CPU.
+
+    Memory: n · (seqlen − 1) · vocab · 4 bytes (SmolLM2, 8 windows of 128: 200 MB).
+    """
+    return torch.cat([_next_token_logprobs(model, windows[i : i + batch_size])
+                      for i in range(0, windows.shape[0], batch_size)])
+
+
+@torch.no_grad()
+def kl_to_reference(model: nn.Module, windows: torch.Tensor, reference: torch.Tensor, batch_size: int = 4) -> float:
+    """Mean over the n · (seqlen − 1) predicted positions of KL(P_ref ‖ P_model) = Σ_v p (log p − log q), nats.
+
+    ``reference``: :func:`reference_logprobs` of the same ``windows`` (token ids [n, seqlen]).
+    """
+    total = 0.0
+    for i in range(0, windows.shape[0], batch_size):
+        q = _next_token_logprobs(model, windows[i : i + batch_size])
+        p = reference[i : i + batch_size]
+        total += float(torch.nn.functional.kl_div(q, p, log_target=True, reduction="sum"))
+    return total / (windows.shape[0] * (windows.shape[1] - 1))
+
+
+# ----------------------------------------------------------------------------- search
+
+
+@dataclass
+class SearchConfig:
+    """Settings of the evolutionary search (see :func:`evolve`)."""
+
+    evals: int = 200
+    offspring: int = 8
+    survivors: int = 2
+    screen_windows: int = 2
+    step: float = STEP
+    low: float = LOW
+    high: float = HIGH
+    seed: int = 0
+
+    def check(self) -> None:
+        if self.evals < 1:
+            raise UserError(f"--search-evals must be ≥ 1 (got {self.evals})")
+        if self.offspring < 1:
+            raise UserError(f"--search-offspring must be ≥ 1 (got {self.offspring})")
+        if not 1 <= self.survivors <= self.offspring:
+            raise UserError(f"--search-survivors must be in [1, offspring={self.offspring}] (got {self.survivors})")
+        if self.screen_windows < 1:
+            raise UserError(f"--search-screen-windows must be ≥ 1 (got {self.screen_windows})")
+
+
+@dataclass
+class SearchResult:
+    """The best configuration found and how the search got there."""
+
+    levels: np.ndarray
+    ratios: np.ndarray
+    fitness: float
+    start_levels: np.ndarray
+    start_fitness: float
+    evaluations: int
+    tokens: int
+    trajectory: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def generation_cost(config: SearchConfig, n_windows: int) -> int:
+    """Fitness evaluations per generation: every offspring once, plus the survivors on all windows when screening."""
+    return config.offspring + (config.survivors if config.screen_windows < n_windows else 0)
+
+
+def evolve(fitness: Callable[[np.ndarray, np.ndarray], float], grid: LevelGrid, start: np.ndarray,
+           n_windows: int, seq_tokens: int, config: SearchConfig) -> SearchResult:
+    """(1 + λ) evolutionary search over level configurations of ``grid``.
+
+    ``fitness(levels, window_indices)`` is the value to minimise on those
+    fitness windows (each of ``seq_tokens`` predicted tokens). Every generation:
+    λ = ``offspring`` distinct level-switch mutants of the parent; if
+    ``screen_windows`` < ``n_windows`` they are screened on that many windows
+    drawn at random (the same for all of them) and the ``survivors`` best go on;
+    the candidates left are evaluated on all windows and the best replaces the
+    parent when its fitness is lower than the parent's (on all windows). The
+    start counts one evaluation; the search stops when the next generation would
+    exceed ``evals``. The trajectory has one row per generation (and one for the
+    start): evaluations and tokens so far, the parent's fitness on all windows.
+    Seeded by ``seed``: the same inputs give the same search.
+    """
+    config.check()
+    rng = np.random.default_rng(config.seed)
+    every = np.arange(n_windows)
+    parent = np.asarray(start, dtype=np.int64)
+    if parent.sum() != 0:
+        raise ValueError("the start configuration does not meet the budget (Σ k ≠ 0)")
+    t0 = time.time()
+    best = fitness(parent, every)
+    evals, tokens = 1, n_windows * seq_tokens
+    trajectory = [{"generation": 0, "evaluations": evals, "tokens": tokens, "fitness": best, "accepted": False,
+                   "seconds": round(time.time() - t0, 2)}]
+    result = SearchResult(parent.copy(), grid.ratios(parent), best, parent.copy(), best, evals, tokens, trajectory)
+    screen = config.screen_windows < n_windows
+    cost = generation_cost(config, n_windows)
+    generations = max(0, (config.evals - evals) // cost)
+    for gen in progress.track(range(1, generations + 1), desc="search", unit="generation"):
+        seen = {parent.tobytes()}
+        children: list[np.ndarray] = []
+        for _ in range(100 * config.offspring):
+            child = grid.mutate(parent, rng)
+            if child.tobytes() not in seen:
+                seen.add(child.tobytes())
+                children.append(child)
+                if len(children) == config.offspring:
+                    break
+        if not children:
+            break
+        if screen:
+            subset = np.sort(rng.choice(n_windows, config.screen_windows, replace=False))
+            scores = [fitness(c, subset) for c in children]
+            evals += len(children)
+            tokens += len(children) * config.screen_windows * seq_tokens
+            children = [children[i] for i in np.argsort(scores, kind="stable")[: config.survivors]]
+        scores = [fitness(c, every) for c in children]
+        evals += len(children)
+        tokens += len(children) * n_windows * seq_tokens
+        i = int(np.argmin(scores))
+        accepted = scores[i] < best
+        if accepted:
+            parent, best = children[i], scores[i]
+        trajectory.append({"generation": gen, "evaluations": evals, "tokens": tokens, "fitness": best,
+                           "accepted": bool(accepted), "seconds": round(time.time() - t0, 2)})
+    result.levels, result.ratios, result.fitness = parent, grid.ratios(parent), best
+    result.evaluations, result.tokens, result.seconds = evals, tokens, round(time.time() - t0, 2)
+    return result
+
+
+class KLFitness:
+    """Model-side fitness of a search: level configurations → KL to the dense model on fitness windows.
+
+    Builds (or resumes) the ``grid``'s levels in ``db``, computes the dense
+    reference once, then evaluates configurations by swapping levels into the
+    model. Call :meth:`close` (or use as a context manager) to restore the
+    dense weights.
+    """
+
+    def __init__(self, model: nn.Module, db: LevelDatabase, grid: LevelGrid, windows: torch.Tensor,
+                 batch_size: int = 4):
+        self.model, self.grid, self.windows, self.batch_size = model, grid, windows, batch_size
+        self.db_info = db.ensure([grid.level_ratios(l) for l in range(grid.weights.size)])
+        self.reference = reference_logprobs(model, windows, batch_size)
+        self.levels = BlockLevels(model, db)
+
+    def ratios(self, ratios, window_indices=None) -> float:
+        """KL with block l at database level ``ratios[l]``, on the fitness windows ``window_indices`` (default all)."""
+        idx = torch.as_tensor(np.arange(self.windows.shape[0]) if window_indices is None else window_indices)
+        self.levels.set(ratios)
+        return kl_to_reference(self.model, self.windows[idx], self.reference[idx], self.batch_size)
+
+    def __call__(self, levels: np.ndarray, window_indices: np.ndarray) -> float:
+        return self.ratios(self.grid.ratios(levels), window_indices)
+
+    def close(self) -> None:
+        self.levels.restore()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def search_allocation(model: nn.Module, db: LevelDatabase, target: float, weights, fitness_windows: torch.Tensor,
+                      start_ratios, config: SearchConfig, batch_size: int = 4) -> tuple[SearchResult, dict]:
+    """EvoPress-style search for per-block sparsity at ``target`` (the parameter-weighted mean, exact).
+
+    ``weights``: prunable weights per block; ``start_ratios``: the start
+    allocation (projected onto the level grid, :meth:`LevelGrid.project`);
+    ``fitness_windows``: token ids [n, seqlen] the KL is measured on. The model
+    is left dense. Returns the result and the database's :meth:`LevelDatabase.info`.
+    """
+    grid = LevelGrid(target, weights, config.step, config.low, config.high)
+    start = grid.project(start_ratios)
+    with KLFitness(model, db, grid, fitness_windows, batch_size) as fit:
+        result = evolve(fit, grid, start, fitness_windows.shape[0], fitness_windows.shape[1] - 1, config)
+    return result, fit.db_info
+
+
+def block_sensitivity(model: nn.Module, db: LevelDatabase, target: float, fitness_windows: torch.Tensor,
+                      batch_size: int = 4) -> np.ndarray:
+    """KL(P_dense ‖ P) on ``fitness_windows`` when block l alone is pruned at ``target`` (float64 [L]).
+
+    The level comes from ``db`` (built if missing); the model is left dense.
+    """
+    check_sparsity(target)
+    _, blocks = find_blocks(model)
+    n = len(blocks)
+    db.ensure([[target]] * n)
+    reference = reference_logprobs(model, fitness_windows, batch_size)
+    levels = BlockLevels(model, db)
+    out = np.zeros(n)
+    try:
+        for l in progress.track(range(n), desc="block sensitivity", unit="block"):
+            levels.set([target if i == l else None for i in range(n)])
+            out[l] = kl_to_reference(model, fitness_windows, reference, batch_size)
+    finally:
+        levels.restore()
+    return out
+
+
+def sensitivity_sparsity(sensitivity, target: float, weights, epsilon: float = 0.2) -> np.ndarray:
+    """LayerIF's linear map of the per-block KL rise, reversed: the most sensitive block gets the least sparsity."""
+    return linear_sparsity(sensitivity, target, check_epsilon(epsilon), weights, reverse=True)
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def trajectory_csv(trajectories: dict[str, list[dict]]) -> str:
+    """One row per (start, generation): start, generation, evaluations, tokens, fitness, accepted, seconds."""
+    buf = io.StringIO()
+    fields = ("start", "generation", "evaluations", "tokens", "fitness", "accepted", "seconds")
+    w = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+    w.writeheader()
+    for label, rows in trajectories.items():
+        w.writerows({"start": label, **{k: r[k] for k in fields[1:]}} for r in rows)
+    return buf.getvalue()
+
+
+def trajectory_figure(trajectories: dict[str, list[dict]], title: str):
+    """Fitness (KL to the dense model, log scale) against evaluations, one line per search."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for label, rows in trajectories.items():
+        ax.step([r["evaluations"] for r in rows], [r["fitness"] for r in rows], where="post", marker=".", label=label)
+    values = [r["fitness"] for rows in trajectories.values() for r in rows]
+    if values and min(values) > 0:
+        ax.set_yscale("log")
+    ax.set_xlabel("fitness evaluations")
+    ax.set_ylabel("KL to the dense model (nats / token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def search_record(result: SearchResult, grid: LevelGrid, config: SearchConfig, db_info: dict, start: str) -> dict:
+    """The JSON record of one search (``search.json``)."""
+    return {
+        "start": start, "target": grid.target,
+        "weighted_sparsity": float(np.average(result.ratios, weights=grid.weights)),
+        "sparsity": [float(r) for r in result.ratios], "levels": [int(k) for k in result.levels],
+        "start_sparsity": [float(r) for r in grid.ratios(result.start_levels)],
+        "fitness": result.fitness, "start_fitness": result.start_fitness,
+        "evaluations": result.evaluations, "tokens": result.tokens, "seconds": result.seconds,
+        "trajectory": result.trajectory, "config": asdict(config),
+        "grid": {"step": grid.step, "low": grid.low, "high": grid.high, "unit": [float(u) for u in grid.unit]},
+        "database": db_info, "version": __version__,
+    }
+
+
+def write_search(out: str | Path, records: dict[str, dict], title: str) -> list[str]:
+    """``search.json`` (label → :func:`search_record`), ``search_trajectory.csv`` and ``search.png`` in ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    trajectories = {label: rec["trajectory"] for label, rec in records.items()}
+    write_json(out / "search.json", records)
+    write_text(out / "search_trajectory.csv", trajectory_csv(trajectories))
+    from .io import write_figure
+
+    write_figure(out / "search.png", trajectory_figure(trajectories, title))
+    return ["search.json", "search_trajectory.csv", "search.png"]
+
+
+def read_allocation(path: str, n_blocks: int) -> np.ndarray:
+    """The per-block ``sparsity`` of a saved ``allocation.json`` (from ``layerif prune --save`` or a search).
+
+    Its ``layers`` (when present) must be the model's blocks 0..L−1 in order.
+    """
+    try:
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+        ratios = np.asarray(doc["sparsity"], dtype=np.float64).reshape(-1)
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(f"{path}: not an allocation.json with a 'sparsity' list") from None
+    layers = doc.get("layers", list(range(ratios.size)))
+    if ratios.size != n_blocks or list(layers) != list(range(n_blocks)):
+        raise UserError(f"{path} allocates {ratios.size} blocks, the model has {n_blocks}")
+    if not np.all(np.isfinite(ratios)) or np.any(ratios < 0) or np.any(ratios >= 1):
+        raise UserError(f"{path}: sparsities must be in [0, 1)")
+    return ratios

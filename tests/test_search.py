@@ -1,0 +1,226 @@
+"""EvoPress-style search and the sensitivity allocation (layerif.search), on tiny random-weight models."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import layerif.prune as P
+import layerif.search as S
+from conftest import TINY_VOCAB, tiny_model
+from layerif.errors import UserError
+from layerif.models import find_blocks, projections, weight_out_in
+
+
+def calib(n: int = 4, seqlen: int = 12, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, TINY_VOCAB, (n, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+def block_weights(model, l: int) -> dict[str, torch.Tensor]:
+    _, blocks = find_blocks(model)
+    return {rel: weight_out_in(m).detach().clone() for rel, m in projections(blocks[l]).items()}
+
+
+# ----------------------------------------------------------------------------- level grid
+
+
+def test_equal_blocks_give_the_plain_grid():
+    grid = S.LevelGrid(0.6, [1000] * 4)
+    np.testing.assert_allclose(grid.level_ratios(0), np.arange(19) * 0.05, atol=1e-12)
+    assert grid.k_min.tolist() == [-12] * 4 and grid.k_max.tolist() == [6] * 4
+    assert grid.project([0.6] * 4).tolist() == [0, 0, 0, 0]
+
+
+@pytest.mark.parametrize("weights", [[1000, 1000, 1000, 1000, 1000], [100, 250, 37, 400, 1000, 64]])
+def test_level_switch_mutation_keeps_the_weighted_sparsity_exact(weights):
+    target = 0.55
+    grid = S.LevelGrid(target, weights, step=0.05, low=0.1, high=0.9)
+    rng = np.random.default_rng(0)
+    w = np.asarray(weights, dtype=np.float64)
+    k = grid.project(rng.uniform(0.1, 0.9, len(weights)))
+    moved = 0
+    for _ in range(500):
+        child = grid.mutate(k, rng)
+        moved += not np.array_equal(child, k)
+        k = child
+        r = grid.ratios(k)
+        assert k.sum() == 0
+        assert np.all(k >= grid.k_min) and np.all(k <= grid.k_max)
+        assert np.all(r >= 0.1 - 1e-12) and np.all(r <= 0.9 + 1e-12)
+        # pruned weights: Σ n_l r_l = target · Σ n_l (every level step is the same number of weights)
+        assert math.isclose(float((w * r).sum()), target * w.sum(), rel_tol=1e-12)
+    assert moved > 400
+
+
+def test_projection_meets_the_budget_and_stays_near_the_start():
+    weights = [100, 250, 37, 400, 1000, 64]
+    grid = S.LevelGrid(0.5, weights, step=0.05)
+    start = np.array([0.2, 0.8, 0.5, 0.45, 0.55, 0.9])
+    k = grid.project(start)
+    assert k.sum() == 0
+    assert np.average(grid.ratios(k), weights=weights) == pytest.approx(0.5, abs=1e-12)
+    # each block within a few level steps of where it started
+    assert np.all(np.abs(grid.ratios(k) - np.clip(start, 0, 0.9)) <= 3 * grid.unit + 1e-12)
+
+
+def test_grid_checks():
+    with pytest.raises(UserError, match="low"):
+        S.LevelGrid(0.95, [10, 10])
+    with pytest.raises(UserError, match="step"):
+        S.LevelGrid(0.5, [10, 10], step=0)
+    with pytest.raises(UserError, match="positive"):
+        S.LevelGrid(0.5, [10, 0])
+
+
+# ----------------------------------------------------------------------------- database
+
+
+@pytest.mark.parametrize("method", P.METHODS)
+def test_database_swap_is_pruning_that_block_directly(method, tmp_path):
+    model = tiny_model("llama", n_layers=3)
+    windows = calib()
+    dense = {l: block_weights(model, l) for l in range(3)}
+    db = S.LevelDatabase(tmp_path, model, method, windows)
+    info = db.ensure([[0.25], [0.35, 0.6], []])
+    assert info["levels"] == 3 and info["bytes"] > 0
+    levels = S.BlockLevels(model, db)
+    levels.set([None, 0.35, None])
+    swapped = block_weights(model, 1)
+    for l in (0, 2):  # untouched blocks stay dense
+        assert all(torch.equal(block_weights(model, l)[rel], w) for rel, w in dense[l].items())
+    levels.restore()
+    assert all(torch.equal(block_weights(model, 1)[rel], w) for rel, w in dense[1].items())
+
+    direct = copy.deepcopy(model)
+    P.prune_model(direct, [0.0, 0.35, 0.0], method, windows)
+    for rel, w in block_weights(direct, 1).items():
+        assert torch.equal(swapped[rel], w), rel
+    assert any((w == 0).any() for w in swapped.values())
+
+
+def test_database_resumes_and_keys_its_settings(tmp_path):
+    model = tiny_model("llama", n_layers=2)
+    db = S.LevelDatabase(tmp_path, model, "wanda", calib())
+    db.ensure([[0.5], [0.5]])
+    f = db.file(1, 0.5)
+    stamp = f.stat().st_mtime_ns
+    seconds = json.loads((db.path / "database.json").read_text())["build_seconds"]
+    db.ensure([[0.5], [0.5, 0.7]])  # only the missing level is built
+    assert f.stat().st_mtime_ns == stamp and db.file(1, 0.7).exists()
+    assert db.info()["levels"] == 3 and db.info()["build_seconds"] >= seconds
+    other = S.LevelDatabase(tmp_path, model, "wanda", calib(seed=1))  # other calibration: other folder
+    assert other.path != db.path
+
+
+# ----------------------------------------------------------------------------- fitness
+
+
+def test_kl_fitness_is_the_plain_sum():
+    dense = tiny_model("llama", n_layers=2, seed=3)
+    pruned = copy.deepcopy(dense)
+    P.prune_model(pruned, [0.5, 0.7], "magnitude")
+    windows = calib(n=3, seqlen=6)
+    ref = S.reference_logprobs(dense, windows, batch_size=2)
+    got = S.kl_to_reference(pruned, windows, ref, batch_size=2)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for w in windows:
+            a = dense(input_ids=w[None]).logits[0].double().tolist()
+            b = pruned(input_ids=w[None]).logits[0].double().tolist()
+            for t in range(len(w) - 1):
+                za = sum(math.exp(x) for x in a[t])
+                zb = sum(math.exp(x) for x in b[t])
+                for xa, xb in zip(a[t], b[t]):
+                    p, q = math.exp(xa) / za, math.exp(xb) / zb
+                    total += p * (math.log(p) - math.log(q))
+                count += 1
+    assert got == pytest.approx(total / count, rel=1e-4)
+    assert got > 0
+
+
+# ----------------------------------------------------------------------------- search
+
+
+def test_evolve_on_a_known_objective_is_seeded_elitist_and_within_budget():
+    weights = [100, 100, 300, 100, 50]
+    grid = S.LevelGrid(0.5, weights, step=0.05, low=0.0, high=0.9)
+    cost = np.array([5.0, 1.0, 1.0, 0.2, 1.0])  # block 0 is expensive to prune
+
+    def fitness(levels, idx):
+        return float((cost * grid.ratios(levels) ** 2).sum())
+
+    config = S.SearchConfig(evals=120, offspring=6, survivors=2, screen_windows=1, seed=7)
+    a = S.evolve(fitness, grid, grid.project([0.5] * 5), 4, 10, config)
+    b = S.evolve(fitness, grid, grid.project([0.5] * 5), 4, 10, config)
+    strip = lambda t: [{k: v for k, v in r.items() if k != "seconds"} for r in t]  # noqa: E731
+    assert np.array_equal(a.levels, b.levels) and strip(a.trajectory) == strip(b.trajectory)
+    assert a.evaluations <= 120 and a.evaluations == a.trajectory[-1]["evaluations"]
+    fits = [r["fitness"] for r in a.trajectory]
+    assert all(x >= y for x, y in zip(fits, fits[1:])) and fits[-1] < fits[0]
+    assert a.levels.sum() == 0 and a.ratios[0] < 0.5 and a.ratios[3] > 0.5
+
+
+def planted_model():
+    """A tiny model whose block 1 writes 30× more into the residual stream: pruning it changes the output most."""
+    model = tiny_model("llama", n_layers=4, seed=1)
+    _, blocks = find_blocks(model)
+    with torch.no_grad():
+        for rel, mod in projections(blocks[1]).items():
+            if rel.endswith(("o_proj", "down_proj")):
+                mod.weight.mul_(30)
+    return model
+
+
+def test_search_moves_sparsity_away_from_a_planted_sensitive_block(tmp_path):
+    model = planted_model()
+    weights = P.prunable_params(model)
+    windows = calib(n=4, seqlen=12, seed=2)
+    db = S.LevelDatabase(tmp_path, model, "magnitude")
+    before = {l: block_weights(model, l) for l in range(4)}
+    config = S.SearchConfig(evals=60, offspring=4, survivors=2, screen_windows=2, step=0.1, low=0.0, high=0.9, seed=0)
+    result, info = S.search_allocation(model, db, 0.5, weights, windows, [0.5] * 4, config, batch_size=4)
+    assert result.ratios[1] < 0.5 and result.ratios[1] == result.ratios.min()
+    assert result.fitness < result.start_fitness
+    assert np.average(result.ratios, weights=weights) == pytest.approx(0.5, abs=1e-12)
+    assert info["levels"] == 4 * 10
+    for l in range(4):  # the model is left dense
+        assert all(torch.equal(block_weights(model, l)[rel], w) for rel, w in before[l].items())
+
+
+def test_sensitivity_finds_the_planted_block_and_gives_it_the_least_sparsity(tmp_path):
+    model = planted_model()
+    weights = P.prunable_params(model)
+    windows = calib(n=3, seqlen=10, seed=2)
+    db = S.LevelDatabase(tmp_path, model, "magnitude")
+    kl = S.block_sensitivity(model, db, 0.5, windows, batch_size=3)
+    assert int(np.argmax(kl)) == 1 and np.all(kl > 0)
+    # one block pruned alone: the same number as the KL of a directly pruned copy
+    direct = copy.deepcopy(model)
+    P.prune_model(direct, [0, 0, 0.5, 0], "magnitude")
+    ref = S.reference_logprobs(model, windows, 3)
+    assert kl[2] == pytest.approx(S.kl_to_reference(direct, windows, ref, 3), rel=1e-6)
+    ratios = S.sensitivity_sparsity(kl, 0.5, weights, epsilon=0.2)
+    assert int(np.argmin(ratios)) == 1
+    assert np.average(ratios, weights=weights) == pytest.approx(0.5, abs=1e-12)
+
+
+def test_outputs_and_saved_allocations(tmp_path):
+    grid = S.LevelGrid(0.5, [10, 10])
+    result = S.evolve(lambda k, i: float(abs(k[0])), grid, np.array([1, -1]), 2, 5,
+                      S.SearchConfig(evals=20, offspring=2, survivors=1, screen_windows=1))
+    rec = S.search_record(result, grid, S.SearchConfig(), {"path": "x"}, "uniform")
+    files = S.write_search(tmp_path, {"uniform": rec, "other": rec}, "title")
+    assert all((tmp_path / f).exists() for f in files)
+    lines = (tmp_path / "search_trajectory.csv").read_text().splitlines()
+    assert lines[0].startswith("start,generation,evaluations") and len(lines) == 1 + 2 * len(result.trajectory)
+    (tmp_path / "allocation.json").write_text(json.dumps({"layers": [0, 1], "sparsity": [0.4, 0.6]}))
+    assert S.read_allocation(str(tmp_path / "allocation.json"), 2).tolist() == [0.4, 0.6]
+    with pytest.raises(UserError, match="model has 3"):
+        S.read_allocation(str(tmp_path / "allocation.json"), 3)
+    with pytest.raises(UserError, match="not an allocation.json"):
+        S.read_allocation(str(tmp_path / "search.png"), 2)
