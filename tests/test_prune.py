@@ -17,7 +17,7 @@ import yaml
 
 import layerif.prune as P
 from conftest import TINY_VOCAB, WORDS, make_tokenizer, tiny_model
-from layerif.allocate import linear_sparsity
+from layerif.allocate import COMPARE_SPARSITY, linear_sparsity
 from layerif.errors import UserError
 from layerif.models import find_blocks, projections, weight_out_in
 
@@ -481,7 +481,7 @@ def test_compare_pruning(stand_ins, model_dir, tmp_path, monkeypatch):
     out = Path(args.out)
     rows = read_csv(out / "comparison.csv")
     assert len(rows) == 1 + 5 * 2 * 3  # dense + allocations × methods × seeds
-    assert {r["allocation"] for r in rows} == {"dense", *P.COMPARE_ALLOCATIONS}
+    assert {r["allocation"] for r in rows} == {"dense", *COMPARE_SPARSITY}
     for r in rows:
         if r["allocation"] != "dense":
             assert float(r["achieved"]) == pytest.approx(0.5, abs=1 / 32)
@@ -531,3 +531,17 @@ def test_comparison_summary_counts_wins_and_says_who_won():
     md = P._compare_markdown(rows, {"model": "tiny"})
     assert "| uniform | 2 | 1 |" in md and "| layerif | 1 | 1 |" in md
     assert "LayerIF does not win: uniform has the best accuracy most often (2 of 2; LayerIF 1)." in md
+
+
+def test_a_new_allocation_is_one_registration(stand_ins, model_dir, tmp_path, monkeypatch):
+    """An allocation added in one place (here: random ratios, fitted to the target) works in prune and compare-pruning."""
+    from layerif import allocate
+
+    rule = allocate.Allocation("random", None, sparsity=lambda m, target, w, o, rev: allocate.fit_weighted_mean(
+        np.random.default_rng(0).random(len(w)), target, w))
+    monkeypatch.setitem(allocate.ALLOCATIONS, "random", rule)
+    P.run(prune_args(model_dir, tmp_path, allocation="random", save=str(tmp_path / "pruned")))
+    doc = json.loads((tmp_path / "pruned" / "allocation.json").read_text())
+    assert np.average(doc["sparsity"], weights=doc["prunable_params"]) == pytest.approx(0.5)
+    P.run_compare(compare_args(model_dir, tmp_path, allocations=["uniform", "random"], methods=["magnitude"], seeds=["0"]))
+    assert {r["allocation"] for r in read_csv(tmp_path / "cmp" / "comparison.csv")} == {"dense", "uniform", "random"}

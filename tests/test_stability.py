@@ -15,9 +15,9 @@ from layerif.data import encode_split
 from layerif.errors import UserError
 from layerif.influence import ModuleStats
 from layerif.models import LoadedModel
-from layerif.scores import compute
+from layerif.scores import compute, split_half_recompute
 from layerif.stability import (bootstrap, layer_scores, spearman, split_half_from_influence, split_half_from_stats,
-                               split_half_recompute, split_indices)
+                               split_indices)
 
 
 def random_texts(n: int, seed: int) -> list[str]:

@@ -18,11 +18,22 @@ Expert maps (an integer number of LoRA experts per block, summing to a budget T)
 * :func:`alpha_experts` -- AlphaLoRA: n_l ∝ α_l^β.
 * :func:`uniform_experts`, and :func:`top_k_for` (the router's k per block).
 
+Dispatch (:data:`ALLOCATIONS`, :func:`allocate_sparsity`, :func:`allocate_experts`):
+every allocation is one :class:`Allocation` in one registry -- the per-block
+metric it maps (LayerIF scores, heavy-tail α, OWL outlier ratios, or none), its
+sparsity map and/or expert map, and whether ``reverse`` applies. A label
+``NAME-reversed`` (the comparisons) is ``NAME`` with ``reverse``. Adding an
+allocation is one :func:`register` call; pruning, the LoRA-MoE adapter and
+their comparisons only ask this module.
+
 Bad input (a target outside [0, 1), ε outside [0, 1], T smaller than the number
 of blocks, β < 0, non-finite metrics) raises :class:`~layerif.errors.UserError`.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 from scipy.signal import savgol_filter
@@ -267,3 +278,120 @@ def top_k_for(experts) -> np.ndarray:
     if n.size == 0 or np.any(n < 1):
         raise UserError("every block needs at least one expert")
     return np.where(n > 1, 2, 1).astype(np.int64)
+
+
+
+# ----------------------------------------------------------------------------- registry and dispatch
+
+REVERSED = "-reversed"
+EXPERTS_PER_BLOCK = 5
+"""Default expert budget: T = 5 × number of blocks."""
+
+
+@dataclass(frozen=True)
+class SparsityOptions:
+    """Options of the sparsity maps (``layerif prune`` / ``compare-pruning``)."""
+
+    epsilon: float = 0.2  # spread of the linear map
+    smooth: bool = False  # Savitzky–Golay smoothing of the metric first (linear map only)
+    owl_lambda: float = 0.08  # OWL: the block sparsities span 2λ around the target
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """One allocation rule.
+
+    ``metric``: the per-block quantity it maps -- ``"scores"`` (LayerIF S_l from a
+    scores.json), ``"alpha"`` (heavy-tail exponent α of the weights), ``"outliers"``
+    (OWL's outlier ratios on calibration data) or ``None``.
+    ``sparsity(metric, target, weights, options, reverse) -> float64 [L]`` and
+    ``experts(metric, n_blocks, total, beta, reverse) -> int64 [L]``; either may be
+    ``None`` when the rule has no such map. ``reversible``: the kinds of map
+    (``"sparsity"``, ``"experts"``) where ``reverse`` (and, for sparsity, ``smooth``) applies.
+    """
+
+    name: str
+    metric: str | None
+    sparsity: Callable[..., np.ndarray] | None = None
+    experts: Callable[..., np.ndarray] | None = None
+    reversible: tuple[str, ...] = ()
+
+
+ALLOCATIONS: dict[str, Allocation] = {}
+
+
+def register(allocation: Allocation) -> Allocation:
+    """Add (or replace) an allocation rule in :data:`ALLOCATIONS`."""
+    ALLOCATIONS[allocation.name] = allocation
+    return allocation
+
+
+register(Allocation(
+    "layerif", "scores",
+    sparsity=lambda m, target, w, o, rev: linear_sparsity(m, target, o.epsilon, w, reverse=rev, smooth=o.smooth),
+    experts=lambda m, n, total, beta, rev: layerif_experts(m, total, beta, rev), reversible=("sparsity", "experts")))
+register(Allocation(
+    "uniform", None,
+    sparsity=lambda m, target, w, o, rev: uniform_sparsity(len(w), target),
+    experts=lambda m, n, total, beta, rev: uniform_experts(n, total)))
+register(Allocation(
+    "owl", "outliers", sparsity=lambda m, target, w, o, rev: owl_sparsity(m, target, o.owl_lambda, w)))
+register(Allocation(
+    "alpha", "alpha",
+    sparsity=lambda m, target, w, o, rev: linear_sparsity(m, target, o.epsilon, w, reverse=rev, smooth=o.smooth),
+    experts=lambda m, n, total, beta, rev: alpha_experts(m, total, beta), reversible=("sparsity",)))
+
+COMPARE_SPARSITY = ("uniform", "owl", "alpha", "layerif", "layerif" + REVERSED)
+"""The allocations ``compare-pruning`` runs by default."""
+COMPARE_EXPERTS = ("layerif", "layerif" + REVERSED, "alpha", "uniform")
+"""The allocations ``compare-moe`` runs by default."""
+
+
+def names(kind: str) -> list[str]:
+    """The registered allocations that have a ``kind`` map (``"sparsity"`` or ``"experts"``)."""
+    return [a.name for a in ALLOCATIONS.values() if getattr(a, kind) is not None]
+
+
+def parse_label(label: str) -> tuple[str, bool]:
+    """``NAME`` or ``NAME-reversed`` -> (name, reverse)."""
+    return (label[: -len(REVERSED)], True) if label.endswith(REVERSED) else (label, False)
+
+
+def get(label: str, kind: str, reverse: bool = False, smooth: bool = False) -> tuple[Allocation, bool]:
+    """The rule of an allocation label for a ``kind`` map, and whether it is reversed.
+
+    An unknown label, or ``reverse`` / ``smooth`` with a rule that has no metric
+    direction, is a :class:`UserError`.
+    """
+    name, rev = parse_label(label)
+    rule = ALLOCATIONS.get(name)
+    if rule is None or getattr(rule, kind) is None or (rev and kind not in rule.reversible):
+        known = [n + suffix for n in names(kind) for suffix in ("", REVERSED)
+                 if not suffix or kind in ALLOCATIONS[n].reversible]
+        raise UserError(f"unknown allocation {label!r} (use {', '.join(known)})")
+    if (reverse or smooth) and kind not in rule.reversible:
+        flags = "--reverse and --smooth apply" if kind == "sparsity" else "--reverse applies"
+        allowed = " or ".join(n for n in names(kind) if kind in ALLOCATIONS[n].reversible)
+        raise UserError(f"{flags} to --allocation {allowed}")
+    return rule, rev or reverse
+
+
+def allocate_sparsity(label: str, metric, target: float, weights, options: SparsityOptions = SparsityOptions(),
+                      reverse: bool = False) -> np.ndarray:
+    """Per-block sparsity [L] of an allocation label from its metric (``None`` when it has none).
+
+    The ``weights`` (prunable parameters per block) weighted mean is ``target``.
+    """
+    rule, rev = get(label, "sparsity", reverse, options.smooth)
+    return rule.sparsity(metric, target, np.asarray(weights, dtype=np.float64), options, rev)
+
+
+def allocate_experts(label: str, metric, n_blocks: int, total: int | None = None, beta: float = 2.5,
+                     reverse: bool = False) -> np.ndarray:
+    """Experts per block (int64 [L], summing to T) of an allocation label from its metric.
+
+    ``total`` None means T = 5 × blocks.
+    """
+    rule, rev = get(label, "experts", reverse)
+    total = EXPERTS_PER_BLOCK * n_blocks if total is None else total
+    return rule.experts(metric, n_blocks, total, beta, rev)

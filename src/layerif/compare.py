@@ -8,38 +8,12 @@ the block rankings, and the blocks whose share differs most.
 ``layerif compare-estimators`` forms the Gram statistics (K, P) of every target
 once (:func:`layerif.scores.module_stats`) and applies each estimator to the
 *same* gradients: ``datainf``, ``exact``, ``grad-dot`` (:mod:`layerif.influence`)
-and LiSSA with a fixed iteration count, in Gram form:
-
-LiSSA approximates h = H^-1 v, H = G^T G / n + lambda I, by the Neumann
-recursion h_0 = v, h_t = v + (I - H_t / sigma) h_{t-1}, h ~ h_T / sigma, where
-H_t is H (``lissa_batch`` 0: deterministic) or the mini-batch Hessian
-G_b^T G_b / |b| + lambda I of a seeded random batch. Every h_t lies in
-span{v, rows of G}: h_t = a_t v + G^T c_t with a scalar a_t and c_t [n, k], and
-G h_t = a_t P + K c_t, so
-
-    a_t = 1 + (1 - lambda / sigma) a_{t-1},
-    c_t = (1 - lambda / sigma) c_{t-1} - M_t (a_{t-1} P + K c_{t-1}) / (|b| sigma),
-    I = -(a_T P + K c_T) / sigma,
-
-with M_t the 0/1 row mask of the batch (all rows: |b| = n). The scale sigma must
-bound the largest eigenvalue of every H_t: lambda + lambda_max(K) / n for the full
-batch, lambda + max_i ||g_i||^2 for mini-batches. The truncation error of
-eigen-direction mu of H is (1 - mu / sigma)^(T+1): slow where K has small eigenvalues.
+and LiSSA (:mod:`layerif.influence`, the estimator registry, with the DataInf
+bound beside them).
 
 EK-FAC (kronfluence) is not offered: kronfluence 1.0.1 requires torchvision,
 which pulls another torch build (2.14 with CUDA) into this environment, and
 EK-FAC needs its own covariance passes rather than the Gram statistics shared here.
-
-DataInf vs exact, with E = (H)^-1 and D = (1/n) sum_j (g_j g_j^T + lambda I)^-1
-(DataInf's h = D v): since (1/n) sum_j (S_j - S) = 0 for S_j = g_j g_j^T, S = G^T G / n,
-
-    E - D = -(1/n) sum_j E (S_j - S) S_j / (lambda (lambda + ||g_j||^2)),
-
-so lambda ||E - D||_2 <= beta = 1/(n lambda) sum_j ||(S_j - S) g_j|| ||g_j|| / (lambda + ||g_j||^2),
-with ||(S_j - S) g_j||^2 = K_jj^3 - 2 K_jj (K^2)_jj / n + (K^3)_jj / n^2 -- from K alone
-(:func:`datainf_bound`), and |I_datainf(i) - I_exact(i)| <= ||g_i|| ||v|| beta / lambda per module.
-Since ||g||^2 / lambda ~ d / c with LayerIF's damping lambda = c mean ||g||^2 / d,
-beta grows like d / c: a guarantee only for modules with few parameters or strong damping.
 """
 
 from __future__ import annotations
@@ -56,10 +30,11 @@ import torch
 
 from . import __version__, progress
 from .errors import UserError
-from .influence import ESTIMATORS, ModuleStats, damping
+from .influence import ESTIMATORS, EstimatorOptions, ModuleStats, damping, datainf_bound, lissa_residual
 from .io import prepare_out_dir, write_figure, write_json, write_safetensors, write_text
 from .models import Target, select_targets
 from .report import write_report
+from .results import write_config
 from .scores import (
     ScoreArgs,
     cache_dir,
@@ -84,7 +59,7 @@ from .stability import (
 )
 
 LISSA = "lissa"
-ALL_ESTIMATORS = (*ESTIMATORS, LISSA)
+ALL_ESTIMATORS = tuple(ESTIMATORS)
 
 
 def _hidden(default: Any, help_: str = "") -> Any:
@@ -234,7 +209,7 @@ def run_tasks(args: CompareTasksArgs) -> str:
            "sources": dict(zip(labels, args.tasks)), "folders": {t: t for t in labels},
            "task_names": {t: meta[t]["task"] for t in labels}, "n_train": {t: meta[t]["n_train"] for t in labels},
            **compare_profiles(labels, layers, scores, args.top_k), "rank_stability": stab, "version": __version__}
-    write_json(out / "config.json", {"command": "compare-tasks", "args": asdict(args), "version": __version__})
+    write_config(out, "compare-tasks", args)
     write_text(out / "spearman.csv", _csv_matrix(labels, doc["spearman"]))
     write_figure(out / "task_heatmap.png", heatmap_figure(labels, layers, doc["share"]))
     write_json(out / "comparison.json", doc)
@@ -270,71 +245,13 @@ class CompareEstimatorsArgs(ScoreArgs):
         "help": "train records per LiSSA step (0: all, deterministic; k: seeded random mini-batches of k)"})
 
 
-def lissa_scale(stats: ModuleStats, lam: float, batch: int = 0) -> float:
-    """sigma >= the largest eigenvalue of every Hessian the recursion uses (see the module docstring)."""
-    K = stats.K.double()
-    n = K.shape[0]
-    if batch == 0 or batch >= n:
-        return lam + float(torch.linalg.eigvalsh(K)[-1]) / n
-    return lam + float(torch.diagonal(K).max())
-
-
-def lissa_influence(stats: ModuleStats, lam: float, iterations: int, batch: int = 0, seed: int = 0) -> torch.Tensor:
-    """LiSSA influence I [n, k] (float64) after ``iterations`` steps, in Gram form (module docstring)."""
-    K, P = stats.K.double(), stats.P.double()
-    n = K.shape[0]
-    sigma = lissa_scale(stats, lam, batch)
-    full = batch == 0 or batch >= n
-    gen = torch.Generator().manual_seed(seed)
-    a, c = 1.0, torch.zeros_like(P)
-    decay = 1.0 - lam / sigma
-    for _ in range(iterations):
-        Gh = a * P + K @ c
-        if full:
-            step = Gh / n
-        else:
-            step = torch.zeros_like(Gh)
-            rows = torch.randperm(n, generator=gen)[:batch]
-            step[rows] = Gh[rows] / batch
-        c = decay * c - step / sigma
-        a = 1.0 + decay * a
-    return -(a * P + K @ c) / sigma
-
-
-def lissa_residual(stats: ModuleStats, lam: float, iterations: int) -> float:
-    """Full-batch LiSSA's largest remaining Neumann factor (1 - mu / sigma)^(T+1) over H's eigenvalues mu on span(G)."""
-    K = stats.K.double()
-    n = K.shape[0]
-    ev = torch.linalg.eigvalsh(K)
-    ev = ev[ev > ev[-1] * 1e-12] if ev[-1] > 0 else ev[-1:]
-    sigma = lissa_scale(stats, lam)
-    return float((1.0 - (lam + ev[0] / n) / sigma) ** (iterations + 1))
-
-
-def datainf_bound(stats: ModuleStats, lam: float) -> float:
-    """beta with lambda ||E - D||_2 <= beta: DataInf's guaranteed closeness to the exact inverse (module docstring)."""
-    K = stats.K.double()
-    n = K.shape[0]
-    k = torch.diagonal(K)
-    K2 = K @ K
-    sq = (k**3 - 2 * k * torch.diagonal(K2) / n + torch.diagonal(K2 @ K) / n**2).clamp_min(0)
-    return float((sq.sqrt() * k.sqrt() / (lam + k)).sum() / (n * lam))
-
-
 def block_influence(
     stats: dict[str, ModuleStats], targets: list[Target], estimator: str, damping_scale: float,
     lissa_iterations: int = 100, lissa_batch: int = 0, seed: int = 0,
 ) -> dict[int, torch.Tensor]:
     """Block influences {block: I_l [n]} (summed validation loss) of one estimator from shared Gram statistics."""
-    if estimator == LISSA:
-        module_inf = {}
-        for t in targets:
-            s = stats[t.name]
-            lam = damping(s, damping_scale)
-            module_inf[t.name] = (torch.zeros_like(s.P) if lam == 0.0 else
-                                  lissa_influence(s, lam, lissa_iterations, lissa_batch, seed)).T
-    else:
-        module_inf, _ = gram_influence(stats, targets, estimator, damping_scale)
+    module_inf, _ = gram_influence(stats, targets, estimator, damping_scale,
+                                   EstimatorOptions(lissa_iterations, lissa_batch, seed))
     blocks: dict[int, torch.Tensor] = {}
     for t in targets:
         blocks[t.block] = blocks.get(t.block, 0) + module_inf[t.name][0]
@@ -461,7 +378,7 @@ def run_estimators(args: CompareEstimatorsArgs) -> str:
     keys = ["a", "b", "spearman", "pearson", "top_k_overlap", "sample_spearman"]
     write_text(out / "agreement.csv", _csv([keys] + [[p[k] for k in keys] for p in pairs]))
     write_figure(out / "estimators.png", estimators_figure(names, layers, scores, pairs))
-    write_json(out / "config.json", {"command": "compare-estimators", "args": asdict(args), "version": __version__})
+    write_config(out, "compare-estimators", args)
     write_json(out / "estimators.json", doc)
     write_report(out)
     lines = [f"{lm.name} · task {label} · target {args.target} · {len(train)} train x {len(val)} validation · "

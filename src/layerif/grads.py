@@ -27,11 +27,7 @@ import torch
 from torch import nn
 
 from .data import Encoded, batches, collate, per_sample_loss, upcast
-from .models import Target
-
-
-def _is_conv1d(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D"
+from .models import Target, is_conv1d
 
 
 def flat_params(module: nn.Module) -> torch.Tensor:
@@ -60,9 +56,9 @@ def augment(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def to_matrices(module: nn.Module, flat: torch.Tensor) -> torch.Tensor:
     """Flat gradient-shaped vectors [k, d] (contract order) as [k, out, in (+1)] matrices."""
-    out, inp = module.weight.shape[::-1] if _is_conv1d(module) else module.weight.shape
+    out, inp = module.weight.shape[::-1] if is_conv1d(module) else module.weight.shape
     w = flat[:, : out * inp]
-    w = w.reshape(-1, inp, out).transpose(1, 2) if _is_conv1d(module) else w.reshape(-1, out, inp)
+    w = w.reshape(-1, inp, out).transpose(1, 2) if is_conv1d(module) else w.reshape(-1, out, inp)
     if _has_bias(module):
         w = torch.cat([w, flat[:, out * inp :, None]], dim=2)
     return w
@@ -72,7 +68,7 @@ def from_matrices(module: nn.Module, W: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`to_matrices`: [k, out, in (+1)] -> flat [k, d] in contract order."""
     inp = W.shape[2] - _has_bias(module)
     w = W[:, :, :inp]
-    w = w.transpose(1, 2) if _is_conv1d(module) else w
+    w = w.transpose(1, 2) if is_conv1d(module) else w
     parts = [w.reshape(W.shape[0], -1)]
     if _has_bias(module):
         parts.append(W[:, :, inp])

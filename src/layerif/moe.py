@@ -34,7 +34,6 @@ import csv
 import io
 import json
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -44,7 +43,8 @@ import torch
 from torch import nn
 
 from . import __version__, progress
-from .allocate import alpha_experts, layerif_experts, top_k_for, uniform_experts
+from . import allocate, results
+from .allocate import COMPARE_EXPERTS, allocate_experts, top_k_for
 from .errors import UserError
 from .io import (
     atomic_dir,
@@ -54,32 +54,16 @@ from .io import (
     write_safetensors,
     write_text,
 )
-from .models import (
-    LoadedModel,
-    ModelArgs,
-    find_blocks,
-    is_attention,
-    projections,
-    weight_out_in,
-)
-from .prune import block_scores
+from .models import LoadedModel, ModelArgs, find_blocks, is_conv1d, select_targets, weight_out_in
 from .report import write_report
+from .results import ALLOCATION_FILE, write_config, block_scores, check_save_dir, write_allocation
 from .stability import mean_std, mean_std_cell
+from .spectral import block_alphas
 from .train import TrainConfig, check_train_config, evaluate_records, train
 
-TARGET_KEYWORDS = ("qv", "attn", "mlp", "all")
-ALLOCATIONS = ("layerif", "alpha", "uniform")
-COMPARE_ALLOCATIONS = ("layerif", "layerif-reversed", "alpha", "uniform")
-EXPERTS_PER_BLOCK = 5  # default budget T = 5 × number of blocks
 ADAPTER_FILE = "adapter.safetensors"
-ALLOCATION_FILE = "allocation.json"
 NEEDS_SCORES = "the layerif allocation needs --scores scores.json (from `layerif score`)"
 _ATTR = "_layerif_lora_moe"  # where apply_lora_moe keeps its bookkeeping on the model
-
-# Query / value projections by name (Llama, Mistral, Qwen2, OPT, Gemma, Phi, ...) and,
-# for families without separate ones, the fused QKV projection (GPT-2, GPT-NeoX, Phi-3).
-_QV = re.compile(r"(^|\.)(q_proj|v_proj|q|v|query|value)$")
-_FUSED_QKV = re.compile(r"(^|\.)(c_attn|query_key_value|qkv_proj|Wqkv|qkv)$")
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -110,43 +94,14 @@ class MoeConfig:
 def target_names(model: nn.Module, targets: str = "qv") -> list[list[str]]:
     """Fully qualified names of the projections of an unwrapped model to adapt, one list per decoder block.
 
-    ``targets``: ``qv`` -- the attention query and value projections (``q_proj``,
-    ``v_proj``, ``query``, ``value``, ...), or the fused QKV projection where a
-    family has no separate ones (GPT-2 ``c_attn``, GPT-NeoX ``query_key_value``);
-    ``attn`` / ``mlp`` / ``all`` -- every attention / MLP / any projection; a
-    comma-separated list of module names (``q_proj,k_proj,v_proj``), each matching
-    the last component(s) of a name; or a regex searched in the name relative to
-    the block (``self_attn\\.(q|v)_proj``). A block where nothing matches is a
-    :class:`UserError`.
+    ``targets`` is any spelling of :func:`layerif.models.select_targets` (default
+    ``qv``: the query and value projections, or the fused QKV projection where a
+    family has no separate ones); a block where nothing matches is a :class:`UserError`.
     """
-    if targets in TARGET_KEYWORDS:
-        pattern = None
-    elif "," in targets:
-        names = [re.escape(t.strip()) for t in targets.split(",") if t.strip()]
-        pattern = re.compile(rf"(^|\.)({'|'.join(names)})$")
-    else:
-        try:
-            pattern = re.compile(targets)
-        except re.error as exc:
-            raise UserError(f"--targets {targets!r} is neither {', '.join(TARGET_KEYWORDS)} "
-                            f"nor a valid regex: {exc}") from None
-    prefix, blocks = find_blocks(model)
-    out: list[list[str]] = []
-    for idx, block in enumerate(blocks):
-        rels = list(projections(block))
-        if pattern is not None:
-            keep = [r for r in rels if pattern.search(r)]
-        elif targets == "qv":
-            attn = [r for r in rels if is_attention(r)]
-            keep = [r for r in attn if _QV.search(r)] or [r for r in attn if _FUSED_QKV.search(r)]
-        elif targets == "all":
-            keep = rels
-        else:
-            keep = [r for r in rels if is_attention(r) == (targets == "attn")]
-        if not keep:
-            raise UserError(f"--targets {targets!r} matches no projection of block {idx} of {type(model).__name__} "
-                            f"(its projections: {', '.join(rels)})")
-        out.append([f"{prefix}.{idx}.{r}" for r in keep])
+    _, blocks = find_blocks(model)
+    out: list[list[str]] = [[] for _ in blocks]
+    for t in select_targets(model, targets, every_block=True, option="--targets"):
+        out[t.block].append(t.name)
     return out
 
 
@@ -376,19 +331,11 @@ def peft_lora_kwargs(model: nn.Module) -> dict:
         "target_modules": list(adapter.layers),
         "rank_pattern": peft_rank_pattern(adapter.experts, c.rank, names),
         "alpha_pattern": {n: c.alpha * adapter.experts[l] for n, l in adapter.block_of.items()},
-        "fan_in_fan_out": any(type(layer.base).__name__ == "Conv1D" for layer in adapter.layers.values()),
+        "fan_in_fan_out": any(is_conv1d(layer.base) for layer in adapter.layers.values()),
     }
 
 
 # ----------------------------------------------------------------------------- save / load
-
-
-def _check_adapter_dir(path: str | Path) -> Path:
-    """A save folder must be new, empty, or an earlier adapter (holding allocation.json)."""
-    p = Path(path)
-    if p.exists() and (not p.is_dir() or (any(p.iterdir()) and not (p / ALLOCATION_FILE).exists())):
-        raise UserError(f"--save {path} exists and is not an earlier adapter folder; choose a new folder")
-    return p
 
 
 def save_adapter(model: nn.Module, folder: str | Path, allocation: dict | None = None) -> Path:
@@ -402,7 +349,7 @@ def save_adapter(model: nn.Module, folder: str | Path, allocation: dict | None =
     folder, or none).
     """
     adapter = _adapter(model)
-    dest = _check_adapter_dir(folder)
+    dest = check_save_dir(folder, "adapter folder")
     doc = {
         **(allocation or {}),
         "layers": list(range(len(adapter.experts))),
@@ -415,22 +362,13 @@ def save_adapter(model: nn.Module, folder: str | Path, allocation: dict | None =
     }
     with atomic_dir(dest) as tmp:
         write_safetensors(tmp / ADAPTER_FILE, adapter_state(model), metadata={"format": "layerif-lora-moe"})
-        write_json(tmp / ALLOCATION_FILE, doc)
+        write_allocation(tmp, doc)
     return dest
 
 
 def read_allocation(folder: str | Path) -> dict:
     """allocation.json of an adapter folder (a missing or unreadable one is a :class:`UserError`)."""
-    path = Path(folder) / ALLOCATION_FILE
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"{folder} is not a LoRA-MoE adapter folder (no {ALLOCATION_FILE})") from None
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot read {path}: {exc}") from None
-    if not isinstance(doc, dict) or not {"experts", "top_k", "adapter"} <= doc.keys():
-        raise UserError(f"{path} is not a LoRA-MoE allocation (needs experts, top_k and adapter)")
-    return doc
+    return results.read_allocation(folder, {"experts", "top_k", "adapter"}, "LoRA-MoE adapter")
 
 
 def load_adapter(base_model: nn.Module, folder: str | Path) -> nn.Module:
@@ -502,12 +440,10 @@ class _MoeOptions(ModelArgs):
         return TrainConfig(steps=self.steps, batch_size=self.batch_size, grad_accum=self.grad_accum, lr=self.lr,
                            warmup=self.warmup, weight_decay=self.weight_decay, max_length=self.max_length, seed=seed)
 
-    def check(self, allocations: Sequence[str], known: Sequence[str]) -> None:
+    def check(self, allocations: Sequence[str]) -> None:
         """Checks that need no model (the budget T and β are checked by the allocation)."""
-        for a in allocations:
-            if a not in known:
-                raise UserError(f"unknown allocation {a!r} (use {', '.join(known)})")
-        if any(a.startswith("layerif") for a in allocations) and self.scores is None:
+        rules = [allocate.get(a, "experts", getattr(self, "reverse", False))[0] for a in allocations]
+        if any(r.metric == "scores" for r in rules) and self.scores is None:
             raise UserError(NEEDS_SCORES)
         if self.n_train < 1 or self.n_test < 1:
             raise UserError("--n-train and --n-test must be ≥ 1")
@@ -517,36 +453,18 @@ class _MoeOptions(ModelArgs):
         check_train_config(self.train_config(0))
 
 
-def layer_scores(path: str, n_blocks: int) -> tuple[np.ndarray, dict]:
-    """LayerIF scores S_l [L] of a scores.json and the document; a file for another block count is a UserError."""
-    from .scores import read_scores
-
-    n = len(read_scores(path)["layers"])
-    if n != n_blocks:
-        raise UserError(f"{path} is a scores file for another model ({n} blocks; this model has {n_blocks})")
-    return block_scores(path, n_blocks)
-
-
-def allocate_experts(allocation: str, n_blocks: int, total: int | None, beta: float, reverse: bool = False,
-                     scores: np.ndarray | None = None, alphas: np.ndarray | None = None) -> np.ndarray:
-    """Experts per block (int64 [L], summing to T) for ``layerif`` (``scores``), ``alpha`` (``alphas``) or ``uniform``.
-
-    ``total`` None means T = 5 × blocks. ``reverse`` applies to ``layerif`` only.
-    """
-    total = EXPERTS_PER_BLOCK * n_blocks if total is None else total
-    if reverse and allocation != "layerif":
-        raise UserError("--reverse applies to --allocation layerif")
-    if allocation == "layerif":
-        if scores is None:
+def _metric(s: "_Setting", allocation: str) -> np.ndarray | None:
+    """The per-block metric an allocation label maps to experts (its rule's ``metric``), measured once per setting."""
+    kind = allocate.get(allocation, "experts")[0].metric
+    if kind == "scores":
+        if s.scores is None:
             raise UserError(NEEDS_SCORES)
-        return layerif_experts(scores, total, beta, reverse)
-    if allocation == "alpha":
-        if alphas is None:
-            raise ValueError("the alpha allocation needs the heavy-tail exponents")
-        return alpha_experts(alphas, total, beta)
-    if allocation == "uniform":
-        return uniform_experts(n_blocks, total)
-    raise UserError(f"unknown allocation {allocation!r} (use {', '.join(ALLOCATIONS)})")
+        return s.scores
+    if kind == "alpha":
+        if "alpha" not in s.cache:
+            s.cache["alpha"] = block_alphas(s.lm.model)
+        return s.cache["alpha"]
+    return None
 
 
 @dataclass
@@ -560,6 +478,7 @@ class _Setting:
     task: str
     train_records: list[dict]
     test_records: list[dict]
+    cache: dict = field(default_factory=dict)  # metrics measured on the base model
 
 
 def _setting(args: _MoeOptions) -> _Setting:
@@ -569,7 +488,7 @@ def _setting(args: _MoeOptions) -> _Setting:
         get_task(args.task)  # an unknown task fails before the model loads
     lm = args.load()
     _, blocks = find_blocks(lm.model)
-    scores, doc = layer_scores(args.scores, len(blocks)) if args.scores else (None, {})
+    scores, doc = block_scores(args.scores, len(blocks)) if args.scores else (None, {})
     if doc.get("model") not in (None, lm.name):
         progress.info(f"note: {args.scores} was computed on {doc['model']}, adapting {lm.name}")
     task_name = args.task or doc.get("task") or "capitals"
@@ -613,19 +532,14 @@ class MoeArgs(_MoeOptions):
 
 def run(args: MoeArgs) -> str:
     """``layerif moe``: allocate, fine-tune, evaluate, save; returns the terminal summary."""
-    args.check([args.allocation], ALLOCATIONS)
+    args.check([args.allocation])
     if args.save is not None:
-        _check_adapter_dir(args.save)
+        check_save_dir(args.save, "adapter folder")
     s = _setting(args)
-    alphas = None
-    if args.allocation == "alpha":
-        from .spectral import block_alphas
-
-        alphas = block_alphas(s.lm.model)
-    experts = allocate_experts(args.allocation, s.n_blocks, args.total_experts, args.beta, args.reverse, s.scores,
-                               alphas)
+    metric = _metric(s, args.allocation)
+    experts = allocate_experts(args.allocation, metric, s.n_blocks, args.total_experts, args.beta, args.reverse)
     top_k = top_k_for(experts)
-    metric, label = {"layerif": (s.scores, "S_l"), "alpha": (alphas, "alpha")}.get(args.allocation, (None, ""))
+    label = {"scores": "S_l", "alpha": "alpha"}.get(allocate.ALLOCATIONS[args.allocation].metric, "")
     progress.info(f"{args.allocation} allocation of {int(experts.sum())} experts over {s.n_blocks} blocks; training")
     r = _fit(s, args, experts, args.seed)
     lines = [
@@ -657,7 +571,7 @@ def run(args: MoeArgs) -> str:
 class CompareMoeArgs(_MoeOptions):
     """Compare expert allocations (LayerIF both ways, AlphaLoRA, uniform) at equal T over several seeds."""
 
-    allocations: list[str] = field(default_factory=lambda: list(COMPARE_ALLOCATIONS), metadata={"help": "allocations to compare"})
+    allocations: list[str] = field(default_factory=lambda: list(COMPARE_EXPERTS), metadata={"help": "allocations to compare"})
     seeds: list[str] = field(default_factory=lambda: ["0", "1", "2"], metadata={"help": "training seeds (at least 3 for mean ± std)"})
     out: str = field(default="out/compare-moe", metadata={"help": "output folder"})
 
@@ -742,16 +656,11 @@ def run_compare(args: CompareMoeArgs) -> str:
         raise UserError(f"--seeds: cannot read {','.join(args.seeds)} as integers") from None
     if not allocations or not seeds:
         raise UserError("--allocations and --seeds need at least one value each")
-    args.check(allocations, COMPARE_ALLOCATIONS)
+    args.check(allocations)
     out = prepare_out_dir(args.out)
     s = _setting(args)
-    alphas = None
-    if "alpha" in allocations:
-        from .spectral import block_alphas
-
-        alphas = block_alphas(s.lm.model)
-    allocs = {a: allocate_experts(a.removesuffix("-reversed"), s.n_blocks, args.total_experts, args.beta,
-                                  a.endswith("-reversed"), s.scores, alphas) for a in allocations}
+    metrics = {a: _metric(s, a) for a in allocations}
+    allocs = {a: allocate_experts(a, metrics[a], s.n_blocks, args.total_experts, args.beta) for a in allocations}
     total = int(next(iter(allocs.values())).sum())
     meta = {"model": s.lm.name,
             "task": f"{s.task} ({len(s.train_records)} train items, {len(s.test_records)} test items)",
@@ -765,7 +674,7 @@ def run_compare(args: CompareMoeArgs) -> str:
                         f"warm-up {args.warmup:g}, then linear decay",
             "seeds": ", ".join(map(str, seeds)),
             "accuracy": "multiple-choice log-likelihood; exact match: greedy completion"}
-    write_json(out / "config.json", {"command": "compare-moe", "args": asdict(args), "version": __version__})
+    write_config(out, "compare-moe", args)
     base = evaluate_records(s.lm.model, s.lm.tokenizer, s.test_records, args.eval_batch_size, args.max_new_tokens)
     rows = [{"allocation": "base", "seed": "-", **base, "final_loss": float("nan"), "trainable_params": 0,
              "seconds": 0.0}]

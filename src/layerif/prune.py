@@ -49,26 +49,19 @@ import yaml
 from torch import nn
 
 from . import __version__, progress
-from .allocate import (
-    check_epsilon,
-    check_sparsity,
-    linear_sparsity,
-    owl_sparsity,
-    uniform_sparsity,
-)
+from . import allocate
+from .allocate import COMPARE_SPARSITY, SparsityOptions, allocate_sparsity, check_epsilon, check_sparsity
 from .errors import UserError
 from .evaluate import mc_accuracy, perplexity
 from .io import atomic_dir, prepare_out_dir, write_figure, write_json, write_text
-from .models import ModelArgs, find_blocks, projections, weight_out_in
+from .models import ModelArgs, find_blocks, iter_projections, projections, weight_out_in
 from .report import write_report
-from .scores import read_scores
+from .results import block_scores, check_save_dir, write_allocation, write_config
 from .spectral import block_alphas
 from .stability import mean_std, mean_std_cell
 from .tasks import test_records
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
-ALLOCATIONS = ("layerif", "uniform", "owl", "alpha")
-COMPARE_ALLOCATIONS = ("uniform", "owl", "alpha", "layerif", "layerif-reversed")
 OWL_M = 5.0
 OWL_LAMBDA = 0.08
 DAMPING = 0.01
@@ -80,10 +73,7 @@ BLOCK_SIZE = 128
 
 def prunable_modules(model: nn.Module) -> dict[str, tuple[int, nn.Module]]:
     """Every projection inside the decoder blocks: fully qualified name -> (block index, module)."""
-    prefix, blocks = find_blocks(model)
-    return {
-        f"{prefix}.{i}.{rel}": (i, mod) for i, block in enumerate(blocks) for rel, mod in projections(block).items()
-    }
+    return {p.name: (p.block, p.module) for p in iter_projections(model)}
 
 
 def prunable_params(model: nn.Module) -> np.ndarray:
@@ -411,36 +401,6 @@ def outlier_ratios(model: nn.Module, windows: torch.Tensor, m: float = OWL_M) ->
 # ----------------------------------------------------------------------------- allocation
 
 
-def block_scores(path: str, n_blocks: int) -> tuple[np.ndarray, dict]:
-    """The LayerIF scores S_l of a scores.json, checked against the model's block count.
-
-    Returns (float64 [L] in block order, the whole document).
-    """
-    doc = read_scores(path)
-    layers = [int(i) for i in doc["layers"]]
-    if layers != list(range(n_blocks)):
-        raise UserError(
-            f"{path} scores {len(layers)} blocks ({_span(layers)}), the model has {n_blocks} (0-{n_blocks - 1}); "
-            "score every block of this model"
-        )
-    s = np.asarray(doc["score"], dtype=np.float64)
-    if not np.all(np.isfinite(s)):
-        raise UserError(f"{path} has NaN or infinite scores")
-    return s, doc
-
-
-def _span(layers: list[int]) -> str:
-    return f"{min(layers)}-{max(layers)}" if layers else "none"
-
-
-def check_allocation(allocation: str, reverse: bool = False, smooth: bool = False) -> None:
-    """An unknown allocation, or ``reverse`` / ``smooth`` with a map that has no metric direction, is a UserError."""
-    if allocation not in ALLOCATIONS:
-        raise UserError(f"unknown allocation {allocation!r} (use {', '.join(ALLOCATIONS)})")
-    if (reverse or smooth) and allocation not in ("layerif", "alpha"):
-        raise UserError("--reverse and --smooth apply to --allocation layerif or alpha")
-
-
 def allocation_metric(
     allocation: str,
     model: nn.Module,
@@ -448,49 +408,25 @@ def allocation_metric(
     windows: torch.Tensor | None = None,
     owl_m: float = OWL_M,
 ) -> np.ndarray | None:
-    """The per-block metric an allocation maps to sparsity (float64 [L]; ``None`` for uniform).
+    """The per-block metric an allocation label maps to sparsity (float64 [L]; ``None`` when it has none).
 
-    ``layerif``: the scores S_l (``scores``); ``alpha``: the heavy-tail exponent α
-    of the model's weights; ``owl``: the outlier ratios on calibration ``windows``.
-    Measure it on the dense model, before pruning.
+    By the rule's ``metric`` (:mod:`layerif.allocate`): ``scores`` -- the scores S_l
+    (``scores``); ``alpha`` -- the heavy-tail exponent α of the model's weights;
+    ``outliers`` -- OWL's outlier ratios on calibration ``windows``. Measure it on
+    the dense model, before pruning.
     """
-    check_allocation(allocation)
-    if allocation == "uniform":
+    rule, _ = allocate.get(allocation, "sparsity")
+    if rule.metric is None:
         return None
-    if allocation == "layerif":
+    if rule.metric == "scores":
         if scores is None:
-            raise UserError("--allocation layerif needs --scores scores.json (from `layerif score`)")
+            raise UserError(f"--allocation {allocation} needs --scores scores.json (from `layerif score`)")
         return np.asarray(scores, dtype=np.float64)
-    if allocation == "alpha":
+    if rule.metric == "alpha":
         return block_alphas(model)
     if windows is None:
         raise ValueError("the owl allocation needs calibration windows")
     return outlier_ratios(model, windows, owl_m)
-
-
-def allocate_sparsity(
-    allocation: str,
-    metric: np.ndarray | None,
-    target: float,
-    weights: np.ndarray,
-    epsilon: float = 0.2,
-    reverse: bool = False,
-    smooth: bool = False,
-    owl_lambda: float = OWL_LAMBDA,
-) -> np.ndarray:
-    """Per-block sparsity [L] from the :func:`allocation_metric` of ``allocation``.
-
-    The ``weights`` (prunable parameters per block) weighted mean is ``target``.
-    ``layerif`` and ``alpha`` use the linear map (``epsilon``, ``reverse``,
-    ``smooth``), ``owl`` the OWL map (``owl_lambda``); ``reverse`` and ``smooth``
-    with another allocation are a :class:`UserError`.
-    """
-    check_allocation(allocation, reverse, smooth)
-    if allocation == "uniform":
-        return uniform_sparsity(len(weights), target)
-    if allocation == "owl":
-        return owl_sparsity(metric, target, owl_lambda, weights)
-    return linear_sparsity(metric, target, epsilon, weights, reverse=reverse, smooth=smooth)
 
 
 # ----------------------------------------------------------------------------- export
@@ -536,26 +472,18 @@ def llmcompressor_recipe(method: str, ratios, blocks_prefix: str, nm: tuple[int,
                                  default_flow_style=None, width=100)
 
 
-def check_save_dir(path: str) -> Path:
-    """``--save`` must be new, empty, or an earlier pruned model (holding allocation.json)."""
-    p = Path(path)
-    if p.exists() and (not p.is_dir() or (any(p.iterdir()) and not (p / "allocation.json").exists())):
-        raise UserError(f"--save {path} exists and is not an earlier pruned model; choose a new folder")
-    return p
-
-
 def save_pruned(model: nn.Module, tokenizer, path: str, allocation: dict, recipe: str | None = None) -> Path:
     """Write the pruned model (safetensors), tokenizer, allocation.json and recipe.yaml to ``path``.
 
     Built in a temporary sibling folder that then replaces ``path`` (a failed save
     leaves the old folder, or none).
     """
-    dest = check_save_dir(path)
+    dest = check_save_dir(path, "pruned model")
     with atomic_dir(dest) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        write_json(tmp / "allocation.json", allocation)
+        write_allocation(tmp, allocation)
         if recipe is not None:
             write_text(tmp / "recipe.yaml", recipe)
     return dest
@@ -619,7 +547,7 @@ class PruneArgs(ModelArgs):
     scores: str | None = field(default=None, metadata={"help": "scores.json of `layerif score` (needed by --allocation layerif)"})
     sparsity: float = field(default=0.5, metadata={"help": "target sparsity, the mean over prunable weights, in [0, 1)"})
     method: str = field(default="wanda", metadata={"help": "pruner", "choices": METHODS})
-    allocation: str = field(default="layerif", metadata={"help": "per-block sparsity map", "choices": ALLOCATIONS})
+    allocation: str = field(default="layerif", metadata={"help": "per-block sparsity map", "choices": tuple(allocate.names("sparsity"))})
     epsilon: float = field(default=0.2, metadata={"help": "spread of the linear map: ratios in [1-ε, 1+ε] × target (layerif, alpha)"})
     reverse: bool = field(default=False, metadata={"help": "flip the map's direction: a higher metric gets less sparsity"})
     smooth: bool = field(default=False, metadata={"help": "Savitzky-Golay smoothing (window 7, order 3) of the metric first"})
@@ -646,17 +574,17 @@ def run(args: PruneArgs) -> str:
     check_epsilon(args.epsilon)
     _check_method(args.method)
     _check_sizes(args.n_calib, args.seqlen, args.damping, args.block_size)
-    check_allocation(args.allocation, args.reverse, args.smooth)
+    allocate.get(args.allocation, "sparsity", args.reverse, args.smooth)
     if nm is not None:
         if args.allocation != "uniform":
             raise UserError(f"--nm {args.nm} prunes every block alike; use --allocation uniform")
         if not math.isclose(args.sparsity, nm[0] / nm[1]):
             raise UserError(f"--nm {args.nm} means sparsity {nm[0] / nm[1]:g}; pass --sparsity {nm[0] / nm[1]:g}")
-    if args.allocation == "layerif" and args.scores is None:
-        raise UserError("--allocation layerif needs --scores scores.json (from `layerif score`)")
+    if allocate.ALLOCATIONS[args.allocation].metric == "scores" and args.scores is None:
+        raise UserError(f"--allocation {args.allocation} needs --scores scores.json (from `layerif score`)")
     records = _task_records(args.task, args.task_items)
     if args.save is not None:
-        check_save_dir(args.save)
+        check_save_dir(args.save, "pruned model")
     lm = args.load()
     model = lm.model
     prefix, blocks = find_blocks(model)
@@ -671,8 +599,8 @@ def run(args: PruneArgs) -> str:
     t0 = time.time()
     weights = prunable_params(model)
     metric = allocation_metric(args.allocation, model, scores, windows, args.owl_m)
-    ratios = allocate_sparsity(args.allocation, metric, args.sparsity, weights, args.epsilon, args.reverse,
-                               args.smooth, args.owl_lambda)
+    ratios = allocate_sparsity(args.allocation, metric, args.sparsity, weights,
+                               SparsityOptions(args.epsilon, args.smooth, args.owl_lambda), args.reverse)
     targets = prune_model(model, ratios, args.method, windows, nm=nm, damping=args.damping, block_size=args.block_size)
     achieved, per_module = achieved_sparsity(model)
     record = {
@@ -717,7 +645,7 @@ class CompareArgs(ModelArgs):
     """Compare allocations (uniform, OWL, AlphaPruning, LayerIF both ways) × pruners × sparsities over seeds."""
 
     scores: str | None = field(default=None, metadata={"help": "scores.json of `layerif score` (needed by the layerif allocations)"})
-    allocations: list[str] = field(default_factory=lambda: list(COMPARE_ALLOCATIONS), metadata={"help": "allocations to compare"})
+    allocations: list[str] = field(default_factory=lambda: list(COMPARE_SPARSITY), metadata={"help": "allocations to compare"})
     methods: list[str] = field(default_factory=lambda: ["wanda", "sparsegpt"], metadata={"help": "pruners"})
     sparsities: list[str] = field(default_factory=lambda: ["0.5", "0.6", "0.7"], metadata={"help": "target sparsities"})
     seeds: list[str] = field(default_factory=lambda: ["0", "1", "2"], metadata={"help": "calibration seeds (at least 3 for mean ± std)"})
@@ -883,19 +811,17 @@ def run_compare(args: CompareArgs) -> str:
     sparsities = _parse_list(args.sparsities, float, "sparsities")
     seeds = _parse_list(args.seeds, int, "seeds")
     for a in allocations:
-        if a not in COMPARE_ALLOCATIONS:
-            raise UserError(f"unknown allocation {a!r} (use {', '.join(COMPARE_ALLOCATIONS)})")
+        allocate.get(a, "sparsity")
     for m in methods:
         _check_method(m)
     for sp in sparsities:
         check_sparsity(sp)
     _check_sizes(args.n_calib, args.seqlen, args.damping, args.block_size)
     check_epsilon(args.epsilon)
-    if any(a.startswith("layerif") for a in allocations) and args.scores is None:
+    if any(allocate.get(a, "sparsity")[0].metric == "scores" for a in allocations) and args.scores is None:
         raise UserError("the layerif allocations need --scores scores.json (from `layerif score`)")
     records = _task_records(args.task, args.task_items)  # a bad --task fails before any output
     out = prepare_out_dir(args.out)
-    config = {"command": "compare-pruning", "args": asdict(args), "version": __version__}
     rows: list[dict] = []
     if args.resume and (out / "comparison.csv").exists():
         try:
@@ -906,7 +832,7 @@ def run_compare(args: CompareArgs) -> str:
         if differ:
             raise UserError(f"--resume: the earlier run in {out} used other options ({', '.join(differ)})")
         rows = _read_rows(out / "comparison.csv")
-    write_json(out / "config.json", config)
+    write_config(out, "compare-pruning", args)
 
     lm = args.load()
     model, tok = lm.model, lm.tokenizer
@@ -949,15 +875,15 @@ def run_compare(args: CompareArgs) -> str:
             if (m, sp, a, str(seed)) not in done]
     for seed, method, sp, label in progress.track(todo, desc="compare-pruning", unit="run"):
         t0 = time.time()
-        alloc, reverse = ("layerif", True) if label == "layerif-reversed" else (label, False)
+        rule, _ = allocate.get(label, "sparsity")
         if seed not in calib:
             calib[seed] = _windows(tok, calib_text, args.n_calib, args.seqlen, seed)
         windows = calib[seed]
-        key = (alloc, seed if alloc == "owl" else None)
+        key = (rule.name, seed if rule.metric == "outliers" else None)
         if key not in metrics:
-            metrics[key] = allocation_metric(alloc, model, scores, windows, args.owl_m)
-        ratios = allocate_sparsity(alloc, metrics[key], sp, weights, args.epsilon, reverse,
-                                   args.smooth and alloc == "layerif", args.owl_lambda)
+            metrics[key] = allocation_metric(rule.name, model, scores, windows, args.owl_m)
+        options = SparsityOptions(args.epsilon, args.smooth and rule.metric == "scores", args.owl_lambda)
+        ratios = allocate_sparsity(label, metrics[key], sp, weights, options)
         prune_model(model, ratios, method, windows, damping=args.damping, block_size=args.block_size)
         achieved, _ = achieved_sparsity(model)
         ppl, acc = evaluate()

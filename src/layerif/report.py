@@ -22,6 +22,7 @@ from pathlib import Path
 
 from .errors import UserError
 from .io import write_text
+from .results import read_scores
 from .stability import fmt, top_k_blocks
 
 REPORT_FILES = ("report.md", "report.html")
@@ -251,8 +252,6 @@ def score_reading(doc: dict) -> list[str]:
 
 
 def _score_blocks(folder: Path, config: dict | None) -> tuple[str, list[Block]]:
-    from .scores import read_scores
-
     doc = read_scores(folder)
     stab = doc.get("stability") or {}
     boot, half = stab.get("bootstrap"), stab.get("split_half")

@@ -35,12 +35,12 @@ from .data import Encoded, Fields, batches, collate, encode_split, load_records
 from .distributed import is_main, process_group, world
 from .errors import UserError
 from .grads import Factored, capture, dense_from_activations, gram, losses_and_backward
-from .influence import ESTIMATORS, ModuleStats, damping, module_influence
+from .influence import ESTIMATORS, EstimatorOptions, ModuleStats, damping, estimate, get_estimator
 from .io import prepare_out_dir, write_figure, write_json, write_safetensors, write_text
 from .models import (
-    TARGETS,
     LoadedModel,
     ModelArgs,
+    check_selector,
     Target,
     find_blocks,
     input_device,
@@ -48,6 +48,8 @@ from .models import (
     select_targets,
     weight_out_in,
 )
+from .report import write_report
+from .results import write_config, write_scores
 from .streaming import check_finite, streaming_influence
 
 AGGREGATIONS = ("helpful", "sum", "mean_abs", "helpful_share")
@@ -68,7 +70,7 @@ class ScoreArgs(ModelArgs):
     completion_field: str = field(default="completion", metadata={"help": "record field with the completion"})
     max_length: int | None = field(default=None, metadata={"help": "truncate records to this many tokens"})
     target: str = field(default="attn", metadata={"help": "attn, mlp, block, lora, or a regex over module names"})
-    estimator: str = field(default="datainf", metadata={"help": "datainf, exact or grad-dot", "choices": ESTIMATORS})
+    estimator: str = field(default="datainf", metadata={"help": "influence estimator (layerif.influence.ESTIMATORS)", "choices": tuple(ESTIMATORS)})
     damping_scale: float = field(default=0.1, metadata={"help": "c in lambda_m = c * mean_i ||g_im||^2 / d_m"})
     per_val: bool = field(default=False, metadata={"help": "also keep the [n_val, n_train] influence matrix"})
     batch_size: int = field(default=8, metadata={"help": "records per forward/backward pass"})
@@ -269,19 +271,15 @@ def module_stats(
 
 
 def gram_influence(
-    stats: dict[str, ModuleStats], targets: list[Target], estimator: str, damping_scale: float
+    stats: dict[str, ModuleStats], targets: list[Target], estimator: str, damping_scale: float,
+    options: EstimatorOptions = EstimatorOptions(),
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """Module influences {name: I_m [k, n_train]} (float64) and lambdas from Gram statistics.
-
-    A module whose train gradients are all zero (lambda = 0; e.g. LoRA A matrices
-    before any training) contributes no influence.
-    """
+    """Module influences {name: I_m [k, n_train]} (float64) and lambdas from Gram statistics."""
     inf: dict[str, torch.Tensor] = {}
     lambdas: dict[str, float] = {}
     for t in targets:
-        s = stats[t.name]
-        lambdas[t.name] = lam = damping(s, damping_scale)
-        inf[t.name] = (torch.zeros_like(s.P) if lam == 0.0 else module_influence(s, estimator, lam)).T
+        lambdas[t.name] = lam = damping(stats[t.name], damping_scale)
+        inf[t.name] = estimate(stats[t.name], estimator, lam, options).T
     return inf, lambdas
 
 
@@ -295,18 +293,20 @@ def default_max_memory_gb() -> float:
 
 def choose_mode(mode: str, estimator: str, groups: int, world_size: int) -> str:
     """``auto``: streaming under torch.distributed or when the materialized engine would need more
-    than 3 groups (streaming costs 3 train passes); materialized for ``exact`` (it needs K) otherwise."""
-    if mode == "streaming" and estimator == "exact":
-        raise UserError("--mode streaming supports datainf and grad-dot; exact needs --mode materialized")
+    than 3 groups (streaming costs 3 train passes); materialized for an estimator that needs K otherwise."""
+    streams = get_estimator(estimator).streaming
+    if mode == "streaming" and not streams:
+        able = ", ".join(n for n, e in ESTIMATORS.items() if e.streaming)
+        raise UserError(f"--mode streaming supports {able}; {estimator} needs --mode materialized")
     if mode == "materialized" and world_size > 1:
         raise UserError("--mode materialized runs in one process; use --mode streaming under torchrun")
     if mode != "auto":
         return mode
     if world_size > 1:
-        if estimator == "exact":
-            raise UserError("estimator exact runs in one process (it needs the full n x n Gram matrix)")
+        if not streams:
+            raise UserError(f"estimator {estimator} runs in one process (it needs the full n x n Gram matrix)")
         return "streaming"
-    return "materialized" if estimator == "exact" or groups <= 3 else "streaming"
+    return "materialized" if not streams or groups <= 3 else "streaming"
 
 
 def compute(
@@ -334,8 +334,7 @@ def compute(
     """
     if damping_scale <= 0:
         raise UserError(f"--damping-scale must be > 0 (got {damping_scale})")
-    if estimator not in ESTIMATORS:
-        raise UserError(f"unknown estimator {estimator!r} (use {', '.join(ESTIMATORS)})")
+    get_estimator(estimator)
     if batch_size < 1:
         raise UserError(f"--batch-size must be >= 1 (got {batch_size})")
     start = time.perf_counter()
@@ -391,13 +390,58 @@ def load_splits(args: ScoreArgs, tokenizer) -> tuple[list[Encoded], list[Encoded
     return train, val, label, cut_t + cut_v
 
 
+def split_half_recompute(
+    lm: LoadedModel, train: list[Encoded], val: list[Encoded], top_k: int = 5, seed: int = 0, **compute_kwargs
+) -> dict:
+    """Split-half (:mod:`layerif.stability`) by scoring each half with :func:`compute` (new gradient passes, any mode).
+
+    ``compute_kwargs`` are compute's options (target, estimator, damping_scale, ...);
+    ``per_val`` is dropped: S_l needs only the summed validation loss.
+    """
+    a, b = stability.split_indices(len(train), seed)
+    compute_kwargs = {k: v for k, v in compute_kwargs.items() if k != "per_val"}
+    halves = []
+    for name, idx in (("A", a), ("B", b)):
+        progress.info(f"split-half: scoring half {name} ({len(idx)} train records)")
+        halves.append(compute(lm, [train[i] for i in idx], val, **compute_kwargs))
+    ra, rb = halves
+    return stability.split_half_summary(ra.layers, ra.score, rb.score, top_k, "recomputed", len(a), seed)
+
+
+def assess_stability(result: ScoreResult, args: ScoreArgs, lm: LoadedModel, train: list[Encoded],
+                     val: list[Encoded]) -> dict:
+    """The ``stability`` entry of scores.json (empty when none was asked for).
+
+    Split-half reuses the per-sample influences for an estimator whose influence
+    of a sample does not depend on the others (grad-dot) and recomputes both
+    halves (two more scoring runs on half the records) otherwise.
+    """
+    out: dict = {}
+    if args.bootstrap:
+        out["bootstrap"] = stability.bootstrap(result.influence, args.bootstrap, args.top_k, args.seed,
+                                               args.bootstrap_val)
+    if args.split_half:
+        if get_estimator(args.estimator).sample_independent:
+            out["split_half"] = stability.split_half_from_influence(result.influence, args.top_k, args.seed)
+        else:
+            out["split_half"] = split_half_recompute(
+                lm, train, val, args.top_k, args.seed, target=args.target, estimator=args.estimator,
+                damping_scale=args.damping_scale, batch_size=args.batch_size, max_memory_gb=args.max_memory,
+                layout=args.layout, mode=args.mode, val_chunk=args.val_chunk)
+    return out
+
+
 def validate(args: ScoreArgs) -> None:
     """Checks that need no model: option values and the output path."""
     if args.damping_scale <= 0:
         raise UserError(f"--damping-scale must be > 0 (got {args.damping_scale})")
-    stability.validate_args(args)
-    if args.estimator not in ESTIMATORS:
-        raise UserError(f"unknown estimator {args.estimator!r} (use {', '.join(ESTIMATORS)})")
+    if args.bootstrap < 0 or args.bootstrap == 1:
+        raise UserError(f"--bootstrap must be >= 2 resamples, or 0 for none (got {args.bootstrap})")
+    if args.top_k < 1:
+        raise UserError(f"--top-k must be >= 1 (got {args.top_k})")
+    if args.bootstrap_val and not (args.per_val and args.bootstrap):
+        raise UserError("--bootstrap-val needs --per-val and --bootstrap B")
+    get_estimator(args.estimator)
     if args.mode not in ("auto", "materialized", "streaming"):
         raise UserError(f"unknown mode {args.mode!r} (use auto, materialized or streaming)")
     if args.max_memory is not None and args.max_memory <= 0:
@@ -423,13 +467,7 @@ def validate(args: ScoreArgs) -> None:
         from .tasks import get_task
 
         get_task(args.task)
-    if args.target not in TARGETS:
-        import re
-
-        try:
-            re.compile(args.target)
-        except re.error as exc:
-            raise UserError(f"--target {args.target!r} is neither {', '.join(TARGETS)} nor a valid regex: {exc}") from None
+    check_selector(args.target)
 
 
 def cache_dir(args: ScoreArgs) -> Path:
@@ -462,7 +500,7 @@ def score(args: ScoreArgs, lm: LoadedModel | None = None) -> ScoreResult:
                      cache_dir(args) if args.resume else None)
     result.meta |= {"model": lm.name, "task": label, "n_train": len(train), "n_val": len(val), "truncated": cut}
     if args.bootstrap or args.split_half:
-        result.meta["stability"] = stability.assess(result, args, lm, train, val)
+        result.meta["stability"] = assess_stability(result, args, lm, train, val)
     return result
 
 
@@ -539,31 +577,12 @@ def write(result: ScoreResult, args: ScoreArgs) -> Path:
     write_text(out / "scores.csv", scores_csv(result))
     title = f"{doc['model']} · task {doc['task']} · target {args.target} · {args.estimator} · n={doc['n_train']}x{doc['n_val']}"
     write_figure(out / "layer_scores.png", plot(result, title))
-    write_json(out / "config.json", {"command": "score", "args": asdict(args), "version": __version__})
+    write_config(out, "score", args)
     if result.meta.get("stability"):
         write_figure(out / "stability.png", stability.figure(result.meta["stability"]))
-    write_json(out / "scores.json", doc)
-    from .report import write_report
-
+    write_scores(out, doc)
     write_report(out)
     return out
-
-
-def read_scores(path: str | Path) -> dict:
-    """Read a scores.json (or the folder holding it); a missing or malformed file is a user error."""
-    p = Path(path)
-    if p.is_dir():
-        p = p / "scores.json"
-    try:
-        with open(p, encoding="utf-8") as f:
-            doc = json.load(f)
-    except FileNotFoundError:
-        raise UserError(f"scores file not found: {path}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"cannot read scores file {path}: {exc}") from None
-    if not isinstance(doc, dict) or not {"layers", "score"} <= doc.keys() or len(doc["layers"]) != len(doc["score"]):
-        raise UserError(f"{path} is not a layerif scores.json (needs 'layers' and 'score' of equal length)")
-    return doc
 
 
 def run(args: ScoreArgs) -> str:

@@ -29,7 +29,7 @@ from torch import nn
 
 from . import progress
 from .errors import UserError
-from .models import find_blocks, projections, weight_out_in
+from .models import find_blocks, iter_projections, weight_out_in
 
 EVALS_THRESH = 1e-5
 HIST_BINS = 100
@@ -79,9 +79,8 @@ def matrix_alpha(module: nn.Module) -> float:
 
 def module_alphas(model: nn.Module) -> dict[str, float]:
     """α of every projection inside the decoder blocks, by fully qualified module name."""
-    prefix, blocks = find_blocks(model)
-    named = [(f"{prefix}.{i}.{rel}", mod) for i, block in enumerate(blocks) for rel, mod in projections(block).items()]
-    return {name: matrix_alpha(mod) for name, mod in progress.track(named, desc="heavy-tail α", unit="matrix")}
+    named = list(iter_projections(model))
+    return {p.name: matrix_alpha(p.module) for p in progress.track(named, desc="heavy-tail α", unit="matrix")}
 
 
 def block_alphas(model: nn.Module) -> np.ndarray:
@@ -90,11 +89,14 @@ def block_alphas(model: nn.Module) -> np.ndarray:
     Matrices whose fit fails (NaN) are left out of their block's mean; a block
     with no valid fit is a :class:`UserError`. Returns float64 [L].
     """
-    prefix, blocks = find_blocks(model)
+    _, blocks = find_blocks(model)
     alphas = module_alphas(model)
+    per_block: list[list[float]] = [[] for _ in blocks]
+    for p in iter_projections(model):
+        if np.isfinite(alphas[p.name]):
+            per_block[p.block].append(alphas[p.name])
     out = np.empty(len(blocks))
-    for i in range(len(blocks)):
-        vals = [a for name, a in alphas.items() if name.startswith(f"{prefix}.{i}.") and np.isfinite(a)]
+    for i, vals in enumerate(per_block):
         if not vals:
             raise UserError(f"cannot fit a power law to any weight spectrum of block {i}")
         out[i] = float(np.mean(vals))

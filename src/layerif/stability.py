@@ -12,7 +12,7 @@ Two checks, both on the layer score S_l = -sum_i min(I_l(i), 0):
   inverse-Hessian approximation (and exact's) depend on the whole train set and
   are *not* re-estimated per resample, so it measures how much the ranking
   depends on which samples are summed, not the estimator's own variability.
-* **Split-half** (:func:`split_half_recompute`, :func:`split_half_from_stats`,
+* **Split-half** (:func:`layerif.scores.split_half_recompute`, :func:`split_half_from_stats`,
   :func:`split_half_from_influence`): two disjoint random halves of the train
   records are scored *separately* -- lambda, the Hessian approximation and the
   1/n terms from each half alone -- and their block rankings compared
@@ -21,7 +21,7 @@ Two checks, both on the layer score S_l = -sum_i min(I_l(i), 0):
   ``grad-dot`` a sample's influence -g_i . v does not depend on the other
   samples, so the halves come from the per-sample influences directly; other
   estimators need the halves recomputed (from the Gram statistics when they are
-  at hand, else through :func:`layerif.scores.compute`).
+  at hand, else by new scoring runs).
 
 The validation records are shared by both halves; the bootstrap resamples them
 only with ``resample_val`` (needs ``--per-val``).
@@ -35,10 +35,8 @@ from collections.abc import Callable, Sequence
 import torch
 
 from . import progress
-from .data import Encoded
 from .errors import UserError
 from .influence import ModuleStats
-from .models import LoadedModel
 
 LEVEL = 0.95
 
@@ -282,58 +280,7 @@ def split_half_from_stats(
                               "recomputed from Gram statistics", len(a), seed)
 
 
-def split_half_recompute(
-    lm: LoadedModel, train: list[Encoded], val: list[Encoded], top_k: int = 5, seed: int = 0, **compute_kwargs
-) -> dict:
-    """Split-half by scoring each half with :func:`layerif.scores.compute` (new gradient passes, any mode).
-
-    ``compute_kwargs`` are compute's options (target, estimator, damping_scale, ...);
-    ``per_val`` is dropped: S_l needs only the summed validation loss.
-    """
-    from .scores import compute
-
-    a, b = split_indices(len(train), seed)
-    compute_kwargs = {k: v for k, v in compute_kwargs.items() if k != "per_val"}
-    halves = []
-    for name, idx in (("A", a), ("B", b)):
-        progress.info(f"split-half: scoring half {name} ({len(idx)} train records)")
-        halves.append(compute(lm, [train[i] for i in idx], val, **compute_kwargs))
-    ra, rb = halves
-    return split_half_summary(ra.layers, ra.score, rb.score, top_k, "recomputed", len(a), seed)
-
-
-# ----------------------------------------------------------------------------- `layerif score` glue
-
-
-def validate_args(args) -> None:
-    """Option checks for ``--bootstrap``, ``--top-k``, ``--bootstrap-val`` (ScoreArgs or a subclass)."""
-    if args.bootstrap < 0 or args.bootstrap == 1:
-        raise UserError(f"--bootstrap must be >= 2 resamples, or 0 for none (got {args.bootstrap})")
-    if args.top_k < 1:
-        raise UserError(f"--top-k must be >= 1 (got {args.top_k})")
-    if args.bootstrap_val and not (args.per_val and args.bootstrap):
-        raise UserError("--bootstrap-val needs --per-val and --bootstrap B")
-
-
-def assess(result, args, lm: LoadedModel, train: list[Encoded], val: list[Encoded]) -> dict:
-    """The ``stability`` entry of scores.json for a ``layerif score`` run (empty when none was asked for).
-
-    ``result``: the run's :class:`~layerif.scores.ScoreResult`; ``args``: its ScoreArgs.
-    Split-half reuses the per-sample influences for grad-dot and recomputes both
-    halves (two more scoring runs on half the records) otherwise.
-    """
-    out: dict = {}
-    if args.bootstrap:
-        out["bootstrap"] = bootstrap(result.influence, args.bootstrap, args.top_k, args.seed, args.bootstrap_val)
-    if args.split_half:
-        if args.estimator == "grad-dot":
-            out["split_half"] = split_half_from_influence(result.influence, args.top_k, args.seed)
-        else:
-            out["split_half"] = split_half_recompute(
-                lm, train, val, args.top_k, args.seed, target=args.target, estimator=args.estimator,
-                damping_scale=args.damping_scale, batch_size=args.batch_size, max_memory_gb=args.max_memory,
-                layout=args.layout, mode=args.mode, val_chunk=args.val_chunk)
-    return out
+# ----------------------------------------------------------------------------- text
 
 
 def summary(stab: dict | None) -> str:

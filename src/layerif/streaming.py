@@ -35,6 +35,7 @@ from . import progress
 from .cache import PassCache
 from .data import Encoded, batches, collate
 from .distributed import all_gather_rows, all_reduce_sum, shard
+from .influence import ESTIMATORS, damping_from_norms
 from .grads import capture, dots, losses_and_backward, sq_norms, weighted_sum
 from .models import Target, input_device
 
@@ -80,8 +81,9 @@ def streaming_influence(
     ``datainf`` and ``grad-dot`` (``exact`` needs the n x n Gram matrix: use the
     materialized engine).
     """
-    if estimator not in ("datainf", "grad-dot"):
-        raise ValueError(f"streaming mode supports datainf and grad-dot, not {estimator!r}")
+    rule = ESTIMATORS[estimator]
+    if not rule.streaming:
+        raise ValueError(f"streaming mode does not support {estimator!r} (it needs the n x n Gram matrix)")
     cache = cache or PassCache(None)
     tr, va = shard(train), shard(val)
     n, n_local = len(train), len(train[tr])
@@ -142,13 +144,13 @@ def streaming_influence(
 
         A = stage(f"chunk{ci}.A", pass_a)
         train_loss = A["train_loss"]
-        lambdas = {t.name: damping_scale * float(A[f"{t.name}.sq"].mean()) / t.numel for t in targets}
+        lambdas = {t.name: damping_from_norms(A[f"{t.name}.sq"], t.numel, damping_scale) for t in targets}
         P = {t.name: A[f"{t.name}.P"] for t in targets}  # [n, k]
-        if estimator == "grad-dot":
+        if rule.stream_weights is None:
             for t in targets:
-                influence[t.name].append(-P[t.name].T)
+                influence[t.name].append(rule.stream_combine(P[t.name], None, n, lambdas[t.name]).T)
             continue
-        R = {t.name: P[t.name] / (lambdas[t.name] + A[f"{t.name}.sq"])[:, None] for t in targets}
+        R = {t.name: rule.stream_weights(P[t.name], A[f"{t.name}.sq"], lambdas[t.name]) for t in targets}
 
         def pass_b() -> dict[str, torch.Tensor]:
             """w = sum_j r_j g_j per module and column, [k, d]."""
@@ -176,8 +178,8 @@ def streaming_influence(
         C = stage(f"chunk{ci}.C", pass_c)
         for t in targets:
             lam = lambdas[t.name]
-            if lam == 0.0:
+            if lam == 0.0:  # no train gradient at all: zero influence (as layerif.influence.estimate)
                 influence[t.name].append(torch.zeros(k, n, dtype=torch.float64))
             else:
-                influence[t.name].append((-(P[t.name] - C[t.name] / n) / lam).T)
+                influence[t.name].append(rule.stream_combine(P[t.name], C[t.name], n, lam).T)
     return {name: torch.cat(parts) for name, parts in influence.items()}, lambdas, train_loss, passes

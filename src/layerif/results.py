@@ -1,0 +1,152 @@
+"""The file contracts: what a results folder holds, how it is read, written and checked.
+
+Every tool that reads another tool's output goes through here, never through
+the module that computed it (pruning and the LoRA-MoE adapter read
+``scores.json`` without importing the scoring engine).
+
+* ``scores.json`` (``layerif score``): ``layers`` -- the **block** indices, in
+  model order (the key keeps its historical name) -- and ``score`` (S_l in that
+  order) are required; ``model``, ``task``, ``target``, ``estimator``,
+  ``aggregations``, ``lambda``, ... describe the run (see the README).
+* ``allocation.json`` (``prune --save``, ``moe --save``): ``layers`` (block
+  indices) and the per-block allocation (``sparsity`` or ``experts`` + ``top_k``)
+  plus the arguments that made it.
+* ``config.json`` (every command that writes a folder): ``command``, ``args``
+  (every field of the command's argument dataclass) and ``version``; ``layerif
+  CMD --config config.json`` replays it.
+
+Every write is atomic (:mod:`layerif.io`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+from .errors import UserError
+from .io import write_json
+
+SCORES_FILE = "scores.json"
+ALLOCATION_FILE = "allocation.json"
+CONFIG_FILE = "config.json"
+
+
+def read_json(path: str | Path, what: str = "") -> Any:
+    """A JSON file; a missing or malformed one is a :class:`UserError` (``what`` names it in the message)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"{what + ' ' if what else ''}{path} not found") from None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read {what + ' ' if what else ''}{path}: {exc}") from None
+
+
+# ----------------------------------------------------------------------------- scores.json
+
+
+def read_scores(path: str | Path) -> dict:
+    """Read a scores.json (or the folder holding it); a missing or malformed file is a user error."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / SCORES_FILE
+    try:
+        with open(p, encoding="utf-8") as f:
+            doc = json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"scores file not found: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read scores file {path}: {exc}") from None
+    if not isinstance(doc, dict) or not {"layers", "score"} <= doc.keys() or len(doc["layers"]) != len(doc["score"]):
+        raise UserError(f"{path} is not a layerif scores.json (needs 'layers' and 'score' of equal length)")
+    return doc
+
+
+def block_scores(path: str | Path, n_blocks: int) -> tuple[np.ndarray, dict]:
+    """The scores S_l of a scores.json, validated against a model with ``n_blocks`` decoder blocks.
+
+    Returns (float64 [L] in block order, the whole document). A file for another
+    block count, one that does not score every block, or non-finite scores are a
+    :class:`UserError`.
+    """
+    doc = read_scores(path)
+    blocks = [int(i) for i in doc["layers"]]
+    if len(blocks) != n_blocks:
+        raise UserError(f"{path} is a scores file for another model ({len(blocks)} blocks; this model has {n_blocks})")
+    if blocks != list(range(n_blocks)):
+        raise UserError(f"{path} scores blocks {blocks}, not 0-{n_blocks - 1} in order; score every block of this model")
+    s = np.asarray(doc["score"], dtype=np.float64)
+    if not np.all(np.isfinite(s)):
+        raise UserError(f"{path} has NaN or infinite scores")
+    return s, doc
+
+
+def write_scores(out: Path, doc: dict) -> Path:
+    """Write ``doc`` as ``out/scores.json`` (it must satisfy :func:`read_scores`)."""
+    if not {"layers", "score"} <= doc.keys() or len(doc["layers"]) != len(doc["score"]):
+        raise ValueError("a scores document needs 'layers' and 'score' of equal length")
+    return write_json(out / SCORES_FILE, doc)
+
+
+# ----------------------------------------------------------------------------- allocation.json
+
+
+def check_save_dir(path: str | Path, what: str) -> Path:
+    """A ``--save`` folder must be new, empty, or an earlier one of the same kind (holding allocation.json).
+
+    ``what`` names the kind in the error ("pruned model", "adapter folder").
+    """
+    p = Path(path)
+    if p.exists() and (not p.is_dir() or (any(p.iterdir()) and not (p / ALLOCATION_FILE).exists())):
+        raise UserError(f"--save {path} exists and is not an earlier {what}; choose a new folder")
+    return p
+
+
+def read_allocation(folder: str | Path, required: set[str], what: str) -> dict:
+    """allocation.json of a saved folder, with the ``required`` keys (else a :class:`UserError`)."""
+    path = Path(folder) / ALLOCATION_FILE
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{folder} is not a {what} folder (no {ALLOCATION_FILE})") from None
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read {path}: {exc}") from None
+    if not isinstance(doc, dict) or not required <= doc.keys():
+        raise UserError(f"{path} is not a {what} allocation (needs {', '.join(sorted(required))})")
+    return doc
+
+
+def write_allocation(folder: Path, doc: dict) -> Path:
+    """Write ``folder/allocation.json``; ``layers`` (block indices) is required."""
+    if "layers" not in doc:
+        raise ValueError("an allocation document needs 'layers' (block indices)")
+    return write_json(folder / ALLOCATION_FILE, doc)
+
+
+# ----------------------------------------------------------------------------- config.json
+
+
+def config_doc(command: str, args: Any) -> dict:
+    """The config.json document of a run of ``command`` with the argument dataclass ``args``."""
+    return {"command": command, "args": asdict(args), "version": __version__}
+
+
+def write_config(out: Path, command: str, args: Any) -> Path:
+    """Write ``out/config.json`` (the one place a config is written)."""
+    return write_json(out / CONFIG_FILE, config_doc(command, args))
+
+
+def read_config(path: str | Path) -> dict:
+    """A config.json (or the folder holding one); its ``args`` must be a mapping."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / CONFIG_FILE
+    doc = read_json(p, "config")
+    if not isinstance(doc, dict):
+        raise UserError(f"{p} is not a layerif config.json")
+    return doc
