@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "compare-pruning": ("layerif.prune", "CompareArgs", "run_compare", "compare pruning allocations x pruners x sparsities over calibration seeds"),
     "compare-tasks": ("layerif.compare", "CompareTasksArgs", "run_tasks", "score one model on several tasks and compare the block profiles"),
     "compare-estimators": ("layerif.compare", "CompareEstimatorsArgs", "run_estimators", "datainf, exact, grad-dot and LiSSA on the same gradients: agreement of the block rankings"),
+    "validate": ("layerif.validate", "ValidateArgs", "run", "measure each block's fine-tune gain and pruning sensitivity and test whether the layer scores predict them"),
     "report": ("layerif.report", "ReportArgs", "run", "re-render report.md and report.html of a result folder"),
     "moe": ("layerif.moe", "MoeArgs", "run", "fine-tune a LoRA mixture of experts with per-layer expert counts from LayerIF scores"),
     "compare-moe": ("layerif.moe", "CompareMoeArgs", "run_compare", "compare LoRA-MoE expert allocations (LayerIF, AlphaLoRA, uniform) over seeds"),

@@ -345,6 +345,33 @@ def calibrate(
         hidden = [_block_out(block(h, *args, **kwargs)) for h in hidden] if update else outputs
 
 
+def prune_module(
+    module: nn.Module,
+    method: str,
+    ratio: float,
+    stats: InputStats | None = None,
+    nm: tuple[int, int] | None = None,
+    damping: float = DAMPING,
+    block_size: int = BLOCK_SIZE,
+) -> None:
+    """Prune one projection in place at sparsity ``ratio`` (or N:M with ``nm``).
+
+    ``stats``: its inputs' calibration statistics (:class:`InputStats`; with the
+    Hessian for ``sparsegpt``), unused by ``magnitude``.
+    """
+    W = weight_out_in(module)
+    if method == "magnitude":
+        score = W.detach().abs()
+        _zero(module, nm_mask(score, *nm) if nm else lowest_mask(score, ratio))
+    elif stats is None:
+        raise ValueError(f"{method} needs calibration statistics")
+    elif method == "wanda":
+        score = wanda_score(W, stats.sq)
+        _zero(module, nm_mask(score, *nm) if nm else row_mask(score, ratio))
+    else:
+        _set_weight(module, sparsegpt_weight(W, stats.hessian, ratio, nm, block_size, damping))
+
+
 def prune_model(
     model: nn.Module,
     ratios,
@@ -366,21 +393,14 @@ def prune_model(
     targets = module_targets(model, ratios, module_ratios)
     if method == "magnitude":
         for name, (_, mod) in progress.track(prunable_modules(model).items(), desc="magnitude pruning", unit="matrix"):
-            score = weight_out_in(mod).detach().abs()
-            _zero(mod, nm_mask(score, *nm) if nm else lowest_mask(score, targets[name]))
+            prune_module(mod, method, targets[name], nm=nm)
         return targets
     if windows is None:
         raise ValueError(f"{method} needs calibration windows")
     prefix, _ = find_blocks(model)
     for idx, block, stats in calibrate(model, windows, hessian=(method == "sparsegpt")):
         for rel, mod in projections(block).items():
-            ratio = targets[f"{prefix}.{idx}.{rel}"]
-            W = weight_out_in(mod)
-            if method == "wanda":
-                score = wanda_score(W, stats[rel].sq)
-                _zero(mod, nm_mask(score, *nm) if nm else row_mask(score, ratio))
-            else:
-                _set_weight(mod, sparsegpt_weight(W, stats[rel].hessian, ratio, nm, block_size, damping))
+            prune_module(mod, method, targets[f"{prefix}.{idx}.{rel}"], stats[rel], nm, damping, block_size)
     return targets
 
 

@@ -429,8 +429,14 @@ def _generic_blocks(folder: Path, config: dict | None) -> tuple[str, list[Block]
     return title, blocks
 
 
+def _validate_blocks(folder: Path, config: dict | None) -> tuple[str, list[Block]]:
+    from .validate import report_blocks
+
+    return report_blocks(folder, config)
+
+
 _RENDERERS = {"score": _score_blocks, "compare-tasks": _compare_tasks_blocks,
-              "compare-estimators": _compare_estimators_blocks}
+              "compare-estimators": _compare_estimators_blocks, "validate": _validate_blocks}
 
 
 def render_report(out_dir: str | Path) -> tuple[str, str]:

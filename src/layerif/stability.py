@@ -73,6 +73,28 @@ def spearman(a: Sequence[float] | torch.Tensor, b: Sequence[float] | torch.Tenso
     return float(_pearson_rows(_ranks(a), _ranks(b)))
 
 
+def spearman_interval(
+    a: Sequence[float] | torch.Tensor, b: Sequence[float] | torch.Tensor, B: int = 1000, seed: int = 0,
+    level: float = LEVEL,
+) -> tuple[float, float, float]:
+    """Spearman of paired sequences a, b [L] and its percentile bootstrap interval over the pairs.
+
+    Each of the ``B`` resamples draws L pairs (i.e. blocks) with replacement and
+    recomputes the rank correlation (ties averaged); resamples where it is
+    undefined (a constant side) are skipped. Returns (rho, low, high); NaN where
+    undefined.
+    """
+    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    rho = spearman(a, b)
+    idx = torch.randint(a.numel(), (B, a.numel()), generator=torch.Generator().manual_seed(seed))
+    boot = _pearson_rows(_ranks(a[idx]), _ranks(b[idx]))
+    boot = boot[torch.isfinite(boot)]
+    if not boot.numel():
+        return rho, math.nan, math.nan
+    lo, hi = torch.quantile(boot, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)).tolist()
+    return rho, lo, hi
+
+
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (ddof 1; 0 for a single value) of repeated runs."""
     arr = torch.tensor(list(values), dtype=torch.float64)
