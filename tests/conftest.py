@@ -83,6 +83,15 @@ def tokenizer():
     return make_tokenizer()
 
 
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A saved 3-block tiny Llama with the test tokenizer: a folder for ``--model``."""
+    d = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model("llama", n_layers=3, seed=0).save_pretrained(d)
+    make_tokenizer().save_pretrained(d)
+    return d
+
+
 @pytest.fixture
 def llama():
     return tiny_model("llama")

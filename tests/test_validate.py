@@ -169,20 +169,12 @@ def _jsonl(path, records):
     return str(path)
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny-llama")
-    tiny_model("llama", n_layers=3, seed=0).save_pretrained(d)
-    make_tokenizer().save_pretrained(d)
-    return d
-
-
-def test_validate_command_writes_its_outputs(model_dir, tmp_path, capsys):
+def test_validate_command_writes_its_outputs(tiny_model_dir, tmp_path, capsys):
     train = _jsonl(tmp_path / "train.jsonl", [{"prompt": p, "completion": c} for p, c in TRAIN])
     val = _jsonl(tmp_path / "val.jsonl", [{"prompt": p, "completion": c} for p, c in VAL])
     mc = _jsonl(tmp_path / "mc.jsonl", MC)
     out = tmp_path / "out"
-    rc = main(["validate", "--model", str(model_dir), "--train", train, "--val", val, "--accuracy-task", mc,
+    rc = main(["validate", "--model", str(tiny_model_dir), "--train", train, "--val", val, "--accuracy-task", mc,
                "--steps", "2", "--ft-batch-size", "2", "--method", "wanda", "--n-calib", "2", "--seqlen", "16",
                "--bootstrap-blocks", "50", "--out", str(out), "--quiet"])
     assert rc == 0

@@ -2,7 +2,7 @@
 
 :func:`render_report` re-reads the folder's own files -- ``config.json`` (the
 command and every argument) and the command's results (``scores.json``,
-``comparison.json``, ``estimators.json``; any other command's ``*.md``, ``*.csv``
+``comparison.json``, ``estimators.json``, ``validation.json``; any other command's ``*.md``, ``*.csv``
 and pictures) -- so a report can be re-rendered at any time (``layerif report
 DIR``) and never disagrees with the files beside it. The Markdown links the
 pictures; the HTML embeds them (base64), so it is one self-contained file.
@@ -429,10 +429,99 @@ def _generic_blocks(folder: Path, config: dict | None) -> tuple[str, list[Block]
     return title, blocks
 
 
-def _validate_blocks(folder: Path, config: dict | None) -> tuple[str, list[Block]]:
-    from .validate import report_blocks
+# ----------------------------------------------------------------------------- validate
 
-    return report_blocks(folder, config)
+TRUTHS = ("fine_tune_gain", "prune_loss_rise", "prune_accuracy_change")
+TRUTH_LABEL = {"fine_tune_gain": "fine-tune gain", "prune_loss_rise": "pruning loss rise",
+               "prune_accuracy_change": "pruning accuracy change"}
+ESTIMATOR_LABEL = {"datainf": "DataInf", "exact": "exact", "grad-dot": "grad-dot", "lissa": "LiSSA"}
+
+
+def validation_truths(doc: dict) -> dict[str, list[float] | None]:
+    """The ground truths of a validation.json by name (``prune_accuracy_change`` None without an accuracy task)."""
+    ps = doc["prune_sensitivity"]
+    return {"fine_tune_gain": doc["fine_tune_gain"], "prune_loss_rise": ps["loss_rise"],
+            "prune_accuracy_change": ps["accuracy_change"]}
+
+
+def spearman_rows(doc: dict) -> list[list]:
+    """Rows estimator, aggregation, ground truth, rho, low, high, claimed sign, verdict."""
+    rows = []
+    for e, aggs in doc["spearman"].items():
+        for a, per in aggs.items():
+            for g, r in per.items():
+                rows.append([e, a, g, r["rho"], r["ci_low"], r["ci_high"], r["claimed_sign"], r["verdict"]])
+    return rows
+
+
+def validation_reading(doc: dict) -> list[str]:
+    """Plain-language verdicts of a validation.json, for the report and the terminal."""
+    sp = doc["spearman"]
+    names = doc["estimators"]
+
+    def cell(e: str, g: str, a: str = "score") -> str:
+        r = sp[e][a].get(g)
+        return "n/a" if r is None else f"ρ = {fmt(r['rho'], 2)} [{fmt(r['ci_low'], 2)}, {fmt(r['ci_high'], 2)}]"
+
+    first, *rest = names
+    out = [f"On this model and task, {ESTIMATOR_LABEL.get(first, first)}'s S_l predicts fine-tune gain at "
+           f"{cell(first, 'fine_tune_gain')}"
+           + "".join(f"; {ESTIMATOR_LABEL.get(e, e)} at {cell(e, 'fine_tune_gain')}" for e in rest)
+           + f" (Spearman over {len(doc['layers'])} blocks, {100 * doc['bootstrap']['level']:.0f}% bootstrap "
+           "interval over blocks; a profile that predicts fine-tune gain has ρ > 0: high S_l, large loss drop)."]
+    out.append("Pruning sensitivity: LayerIF's sparsity allocation prunes blocks with high S_l more, which assumes "
+               "ρ(S_l, loss rise) < 0; measured "
+               + "; ".join(f"{ESTIMATOR_LABEL.get(e, e)} {cell(e, 'prune_loss_rise')}" for e in names)
+               + (". Accuracy change (claimed ρ > 0): "
+                  + "; ".join(f"{ESTIMATOR_LABEL.get(e, e)} {cell(e, 'prune_accuracy_change')}" for e in names)
+                  if doc["prune_sensitivity"]["accuracy_change"] is not None else "") + ".")
+    verdicts = [(e, a, g, r["verdict"]) for e in names for a, per in sp[e].items() for g, r in per.items()]
+    held = [f"{ESTIMATOR_LABEL.get(e, e)} {a} → {TRUTH_LABEL[g]}" for e, a, g, v in verdicts if v == "as claimed"]
+    opposite = [f"{ESTIMATOR_LABEL.get(e, e)} {a} → {TRUTH_LABEL[g]}" for e, a, g, v in verdicts if v == "opposite"]
+    out.append(("Intervals that exclude 0 on the claimed side: " + ", ".join(held) + "." if held else
+                "No correlation's interval excludes 0 on the claimed side.")
+               + (" On the opposite side: " + ", ".join(opposite) + "." if opposite else ""))
+    out.append("A block profile is a ranking over few blocks: with about 30 blocks a Spearman interval is wide, and "
+               "one model, task and record set is one case, not a general result.")
+    return out
+
+
+def _validate_blocks(folder: Path, config: dict | None) -> tuple[str, list[Block]]:
+    """The report of a validate folder: reading, run, Spearman table, figure, per-block table."""
+    doc = _read_json(folder / "validation.json")
+    title = f"layerif validate: {doc.get('model')} on {doc.get('task')}"
+    ft, pr, base = doc["fine_tune"], doc["pruning"], doc["base"]
+    truths = validation_truths(doc)
+    blocks = [_h(title, 1), _h("Reading"), *map(_p, validation_reading(doc)), *_run_section(folder, config),
+              _h("What was measured"),
+              _p(f"Fine-tune gain: only block l's `{doc['target']}` projections train, {ft['steps']} Adam steps of "
+                 f"{ft['batch_size']} of the {doc['n_train']} train records (seed {ft['seed']}, lr {ft['lr']:g} "
+                 f"decaying linearly); gain = validation loss before − after (base {fmt(base['val_loss'])}, mean "
+                 f"over {doc['n_val']} records). Pruning sensitivity: every projection of block l alone pruned with "
+                 f"{pr['method']} at {pr['sparsity']:g} (calibration {pr['n_calib']} × {pr['seqlen']} tokens of the "
+                 "built-in corpus, dense activations), the rest dense; loss rise = pruned − dense"
+                 + (f"; accuracy change on {pr['task_items']} multiple-choice items of {pr['accuracy_task']} (dense "
+                    f"{fmt(base['accuracy'], 3)})" if pr["accuracy_task"] else "") + "."),
+              _p("Signs: I_l(i) < 0 = up-weighting sample i lowers the validation loss (helpful); S_l = total "
+                 "helpful influence. Claimed sign: + for S_l vs fine-tune gain, − for S_l vs pruning loss rise, + "
+                 "vs accuracy change; the other way round for `sum` (negative = helpful); `mean_abs` as S_l. "
+                 f"Intervals: {100 * doc['bootstrap']['level']:.0f}% percentile bootstrap over blocks "
+                 f"(B = {doc['bootstrap']['B']})."),
+              _h("Spearman of scores with ground truth"),
+              _table(["estimator", "aggregation", "ground truth", "ρ", "interval", "claimed", "verdict"],
+                     [[ESTIMATOR_LABEL.get(e, e), a, TRUTH_LABEL[g], fmt(rho, 3), f"[{fmt(lo, 2)}, {fmt(hi, 2)}]",
+                       "+" if c > 0 else "−", v] for e, a, g, rho, lo, hi, c, v in spearman_rows(doc)])]
+    if (folder / "validation.png").exists():
+        blocks.append(_img("validation.png", "S_l per estimator and the measured ground truths per block"))
+    names = doc["estimators"]
+    blocks += [_h("Per block"),
+               _table(["block", "fine-tune gain", "pruning loss rise", "accuracy change",
+                       *(f"S_l {ESTIMATOR_LABEL.get(e, e)}" for e in names)],
+                      [[l, *(fmt((truths[g] or [None] * len(doc["layers"]))[i], 3) for g in TRUTHS),
+                        *(fmt(doc["scores"][e]["score"][i], 3) for e in names)] for i, l in enumerate(doc["layers"])]),
+               _p(f"Time: scores {doc['seconds']['scores']:.0f} s, fine-tuning {doc['seconds']['fine_tune']:.0f} s, "
+                  f"pruning {doc['seconds']['prune']:.0f} s.")]
+    return title, blocks
 
 
 _RENDERERS = {"score": _score_blocks, "compare-tasks": _compare_tasks_blocks,

@@ -45,14 +45,14 @@ from __future__ import annotations
 import csv
 import io
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from . import __version__, progress
-from .compare import ALL_ESTIMATORS, _hidden, block_influence
+from .compare import ALL_ESTIMATORS, CompareEstimatorsArgs, _hidden, block_influence
 from .data import Encoded, batches, collate, per_sample_loss
 from .errors import UserError
 from .evaluate import mc_accuracy
@@ -70,36 +70,27 @@ from .prune import (
     calibrate,
     prune_module,
 )
-from .scores import ScoreArgs, aggregate, default_max_memory_gb, module_stats, prepare, validate
+from .scores import aggregate, default_max_memory_gb, module_stats, prepare, validate
+from .report import ESTIMATOR_LABEL, TRUTHS, spearman_rows, validation_reading, validation_truths, write_report
+from .results import write_config
 from .stability import LEVEL, finite, fmt, spearman_interval
 from .tasks import TASKS, test_records
 from .train import TrainConfig, train_encoded
 
 AGGREGATIONS = ("score", "sum", "mean_abs")  # score = S_l (scores.py's "helpful")
-TRUTHS = ("fine_tune_gain", "prune_loss_rise", "prune_accuracy_change")
 # sign of the correlation a profile claims: aggregation orientation x ground truth direction (module docstring)
 ORIENTATION = {"score": 1, "sum": -1, "mean_abs": 1}
 CLAIM = {"fine_tune_gain": 1, "prune_loss_rise": -1, "prune_accuracy_change": 1}
-TRUTH_LABEL = {"fine_tune_gain": "fine-tune gain", "prune_loss_rise": "pruning loss rise",
-               "prune_accuracy_change": "pruning accuracy change"}
-ESTIMATOR_LABEL = {"datainf": "DataInf", "exact": "exact", "grad-dot": "grad-dot", "lissa": "LiSSA"}
 
 
 @dataclass
-class ValidateArgs(ScoreArgs):
+class ValidateArgs(CompareEstimatorsArgs):
     """Measure each block's fine-tune gain and pruning sensitivity and test whether the layer scores predict them."""
 
-    estimator: str = _hidden("datainf")
-    per_val: bool = _hidden(False)
-    mode: str = _hidden("materialized", "the Gram statistics are shared by every estimator")
-    val_chunk: int = _hidden(8)
-    bootstrap: int = _hidden(0)
-    bootstrap_val: bool = _hidden(False)
+    bootstrap: int = _hidden(0, "the intervals here resample blocks: --bootstrap-blocks")
     split_half: bool = _hidden(False)
-    resume: bool = _hidden(False, "one gradient pass pair; nothing to resume")
     estimators: list[str] = field(default_factory=lambda: ["datainf", "exact", "grad-dot"], metadata={
         "help": f"estimators whose S_l are validated, comma-separated ({', '.join(ALL_ESTIMATORS)})"})
-    lissa_iterations: int = field(default=100, metadata={"help": "LiSSA recursion steps T (with lissa)"})
     steps: int = field(default=10, metadata={"help": "fine-tuning steps K per block"})
     lr: float = field(default=1e-4, metadata={"help": "Adam learning rate of the per-block fine-tuning (linear decay)"})
     ft_batch_size: int = field(default=4, metadata={"help": "train records per fine-tuning step"})
@@ -320,8 +311,8 @@ def check_args(args: ValidateArgs) -> list[str]:
         raise UserError(f"--task-items must be >= 1 (got {args.task_items})")
     if args.bootstrap_blocks < 2:
         raise UserError(f"--bootstrap-blocks must be >= 2 (got {args.bootstrap_blocks})")
-    if args.lissa_iterations < 1:
-        raise UserError(f"--lissa-iterations must be >= 1 (got {args.lissa_iterations})")
+    if args.lissa_iterations < 1 or args.lissa_batch < 0:
+        raise UserError("--lissa-iterations must be >= 1 and --lissa-batch >= 0")
     return names
 
 
@@ -346,7 +337,7 @@ def compute(args: ValidateArgs, lm=None) -> dict:
     progress.info(f"Gram statistics of {len(targets)} modules: {len(train)} train x {len(val)} validation records")
     stats, _, passes = module_stats(model, targets, train, val, pad, False, args.batch_size,
                                     args.max_memory or default_max_memory_gb(), args.layout)
-    influence = {e: block_influence(stats, targets, e, args.damping_scale, args.lissa_iterations, 0, args.seed)
+    influence = {e: block_influence(stats, targets, e, args.damping_scale, args.lissa_iterations, args.lissa_batch, args.seed)
                  for e in names}
     seconds["scores"] = time.perf_counter() - t0
 
@@ -387,12 +378,6 @@ def compute(args: ValidateArgs, lm=None) -> dict:
     }
 
 
-def _truths(doc: dict) -> dict[str, list[float] | None]:
-    ps = doc["prune_sensitivity"]
-    return {"fine_tune_gain": doc["fine_tune_gain"], "prune_loss_rise": ps["loss_rise"],
-            "prune_accuracy_change": ps["accuracy_change"]}
-
-
 def _csv(rows: list[list]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
@@ -402,22 +387,12 @@ def _csv(rows: list[list]) -> str:
 
 def blocks_csv(doc: dict) -> str:
     """validation.csv: one row a block, the ground truths and every estimator's S_l."""
-    truths = _truths(doc)
+    truths = validation_truths(doc)
     names = doc["estimators"]
     head = ["layer", *TRUTHS, *(f"{e}_score" for e in names)]
     rows = [[l, *((truths[g] or [None] * len(doc["layers"]))[i] for g in TRUTHS),
              *(doc["scores"][e]["score"][i] for e in names)] for i, l in enumerate(doc["layers"])]
     return _csv([head] + rows)
-
-
-def spearman_rows(doc: dict) -> list[list]:
-    """Rows estimator, aggregation, ground truth, rho, low, high, claimed sign, verdict."""
-    rows = []
-    for e, aggs in doc["spearman"].items():
-        for a, per in aggs.items():
-            for g, r in per.items():
-                rows.append([e, a, g, r["rho"], r["ci_low"], r["ci_high"], r["claimed_sign"], r["verdict"]])
-    return rows
 
 
 def figure(doc: dict):
@@ -460,38 +435,6 @@ def figure(doc: dict):
     return fig
 
 
-def reading(doc: dict) -> list[str]:
-    """Plain-language verdicts for the report and the terminal."""
-    sp = doc["spearman"]
-    names = doc["estimators"]
-
-    def cell(e: str, g: str, a: str = "score") -> str:
-        r = sp[e][a].get(g)
-        return "n/a" if r is None else f"ρ = {fmt(r['rho'], 2)} [{fmt(r['ci_low'], 2)}, {fmt(r['ci_high'], 2)}]"
-
-    first, *rest = names
-    out = [f"On this model and task, {ESTIMATOR_LABEL.get(first, first)}'s S_l predicts fine-tune gain at "
-           f"{cell(first, 'fine_tune_gain')}"
-           + "".join(f"; {ESTIMATOR_LABEL.get(e, e)} at {cell(e, 'fine_tune_gain')}" for e in rest)
-           + f" (Spearman over {len(doc['layers'])} blocks, {100 * doc['bootstrap']['level']:.0f}% bootstrap "
-           "interval over blocks; a profile that predicts fine-tune gain has ρ > 0: high S_l, large loss drop)."]
-    out.append("Pruning sensitivity: LayerIF's sparsity allocation prunes blocks with high S_l more, which assumes "
-               "ρ(S_l, loss rise) < 0; measured "
-               + "; ".join(f"{ESTIMATOR_LABEL.get(e, e)} {cell(e, 'prune_loss_rise')}" for e in names)
-               + (". Accuracy change (claimed ρ > 0): "
-                  + "; ".join(f"{ESTIMATOR_LABEL.get(e, e)} {cell(e, 'prune_accuracy_change')}" for e in names)
-                  if doc["prune_sensitivity"]["accuracy_change"] is not None else "") + ".")
-    verdicts = [(e, a, g, r["verdict"]) for e in names for a, per in sp[e].items() for g, r in per.items()]
-    held = [f"{ESTIMATOR_LABEL.get(e, e)} {a} → {TRUTH_LABEL[g]}" for e, a, g, v in verdicts if v == "as claimed"]
-    opposite = [f"{ESTIMATOR_LABEL.get(e, e)} {a} → {TRUTH_LABEL[g]}" for e, a, g, v in verdicts if v == "opposite"]
-    out.append(("Intervals that exclude 0 on the claimed side: " + ", ".join(held) + "." if held else
-                "No correlation's interval excludes 0 on the claimed side.")
-               + (" On the opposite side: " + ", ".join(opposite) + "." if opposite else ""))
-    out.append("A block profile is a ranking over few blocks: with about 30 blocks a Spearman interval is wide, and "
-               "one model, task and record set is one case, not a general result.")
-    return out
-
-
 def write(doc: dict, args: ValidateArgs) -> Path:
     """validation.json, validation.csv, spearman.csv, validation.png, config.json, report.md / report.html."""
     out = prepare_out_dir(args.out)
@@ -499,52 +442,10 @@ def write(doc: dict, args: ValidateArgs) -> Path:
     write_text(out / "spearman.csv", _csv([["estimator", "aggregation", "ground_truth", "rho", "ci_low", "ci_high",
                                             "claimed_sign", "verdict"]] + spearman_rows(doc)))
     write_figure(out / "validation.png", figure(doc))
-    write_json(out / "config.json", {"command": "validate", "args": asdict(args), "version": __version__})
+    write_config(out, "validate", args)
     write_json(out / "validation.json", doc)
-    from .report import write_report
-
     write_report(out)
     return out
-
-
-def report_blocks(folder: Path, config: dict | None) -> tuple[str, list]:
-    """The report of a validate folder: reading, run, Spearman table, figure, per-block table."""
-    from .report import _h, _img, _p, _read_json, _run_section, _table
-
-    doc = _read_json(folder / "validation.json")
-    title = f"layerif validate: {doc.get('model')} on {doc.get('task')}"
-    ft, pr, base = doc["fine_tune"], doc["pruning"], doc["base"]
-    truths = _truths(doc)
-    blocks = [_h(title, 1), _h("Reading"), *map(_p, reading(doc)), *_run_section(folder, config),
-              _h("What was measured"),
-              _p(f"Fine-tune gain: only block l's `{doc['target']}` projections train, {ft['steps']} Adam steps of "
-                 f"{ft['batch_size']} of the {doc['n_train']} train records (seed {ft['seed']}, lr {ft['lr']:g} "
-                 f"decaying linearly); gain = validation loss before − after (base {fmt(base['val_loss'])}, mean "
-                 f"over {doc['n_val']} records). Pruning sensitivity: every projection of block l alone pruned with "
-                 f"{pr['method']} at {pr['sparsity']:g} (calibration {pr['n_calib']} × {pr['seqlen']} tokens of the "
-                 "built-in corpus, dense activations), the rest dense; loss rise = pruned − dense"
-                 + (f"; accuracy change on {pr['task_items']} multiple-choice items of {pr['accuracy_task']} (dense "
-                    f"{fmt(base['accuracy'], 3)})" if pr["accuracy_task"] else "") + "."),
-              _p("Signs: I_l(i) < 0 = up-weighting sample i lowers the validation loss (helpful); S_l = total "
-                 "helpful influence. Claimed sign: + for S_l vs fine-tune gain, − for S_l vs pruning loss rise, + "
-                 "vs accuracy change; the other way round for `sum` (negative = helpful); `mean_abs` as S_l. "
-                 f"Intervals: {100 * doc['bootstrap']['level']:.0f}% percentile bootstrap over blocks "
-                 f"(B = {doc['bootstrap']['B']})."),
-              _h("Spearman of scores with ground truth"),
-              _table(["estimator", "aggregation", "ground truth", "ρ", "interval", "claimed", "verdict"],
-                     [[ESTIMATOR_LABEL.get(e, e), a, TRUTH_LABEL[g], fmt(rho, 3), f"[{fmt(lo, 2)}, {fmt(hi, 2)}]",
-                       "+" if c > 0 else "−", v] for e, a, g, rho, lo, hi, c, v in spearman_rows(doc)])]
-    if (folder / "validation.png").exists():
-        blocks.append(_img("validation.png", "S_l per estimator and the measured ground truths per block"))
-    names = doc["estimators"]
-    blocks += [_h("Per block"),
-               _table(["block", "fine-tune gain", "pruning loss rise", "accuracy change",
-                       *(f"S_l {ESTIMATOR_LABEL.get(e, e)}" for e in names)],
-                      [[l, *(fmt((truths[g] or [None] * len(doc["layers"]))[i], 3) for g in TRUTHS),
-                        *(fmt(doc["scores"][e]["score"][i], 3) for e in names)] for i, l in enumerate(doc["layers"])]),
-               _p(f"Time: scores {doc['seconds']['scores']:.0f} s, fine-tuning {doc['seconds']['fine_tune']:.0f} s, "
-                  f"pruning {doc['seconds']['prune']:.0f} s.")]
-    return title, blocks
 
 
 def run(args: ValidateArgs) -> str:
@@ -557,6 +458,6 @@ def run(args: ValidateArgs) -> str:
              f"{'estimator':>9} {'agg':>8} {'ground truth':>22} {'rho':>6}  interval        verdict"]
     lines += [f"{e:>9} {a:>8} {g:>22} {fmt(r, 2):>6}  [{fmt(lo, 2)}, {fmt(hi, 2)}]  {v}"
               for e, a, g, r, lo, hi, _, v in spearman_rows(doc) if a == "score"]
-    lines += reading(doc)[:1]
+    lines += validation_reading(doc)[:1]
     lines.append(f"wrote {out}/validation.json, validation.csv, spearman.csv, validation.png, report.md, report.html")
     return "\n".join(lines)
