@@ -200,3 +200,15 @@ def test_bad_options_are_one_line_errors(extra, expect, tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and expect in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_cross_vs_within_is_the_attenuation_bound():
+    from layerif.stability import cross_vs_within
+
+    rows = cross_vs_within(["a", "b", "c"], [[1, 0.5, 0.9], [0.5, 1, 0.2], [0.9, 0.2, 1]],
+                           {"a": 0.81, "b": 0.64, "c": None})
+    assert [(r["a"], r["b"]) for r in rows] == [("a", "b"), ("a", "c"), ("b", "c")]
+    ab = rows[0]
+    assert ab["ceiling"] == pytest.approx(0.72) and ab["disattenuated"] == pytest.approx(0.5 / 0.72)
+    assert ab["below_ceiling"] is True and ab["within_a"] == 0.81
+    assert rows[1]["ceiling"] is None and rows[1]["disattenuated"] is None and rows[1]["below_ceiling"] is None

@@ -267,6 +267,32 @@ def split_half_summary(
     }
 
 
+def cross_vs_within(labels: Sequence[str], cross: Sequence[Sequence[float | None]],
+                    within: dict[str, float | None]) -> list[dict]:
+    """Cross-task rank correlations against what each task's own noise allows.
+
+    ``cross[i][j]``: Spearman of tasks i and j's full-data block profiles;
+    ``within[t]``: task t's recomputed split-half Spearman, Spearman-Brown
+    corrected to the full size (:func:`split_half_summary`), i.e. the
+    correlation of two independent full-size replications of t's profile.
+    Two tasks with the *same* underlying profile would correlate at about
+    ``ceiling`` = sqrt(r_a r_b) (the attenuation bound); ``disattenuated`` =
+    rho / ceiling. One dict per pair a < b: ``a``, ``b``, ``spearman``,
+    ``within_a``, ``within_b``, ``ceiling`` and ``disattenuated`` (None where a
+    reliability is missing or <= 0), and ``below_ceiling`` (rho < ceiling).
+    """
+    out = []
+    for i, a in enumerate(labels):
+        for j in range(i + 1, len(labels)):
+            b, rho = labels[j], cross[i][j]
+            ra, rb = within.get(a), within.get(b)
+            ceiling = math.sqrt(ra * rb) if ra is not None and rb is not None and ra > 0 and rb > 0 else None
+            out.append({"a": a, "b": b, "spearman": rho, "within_a": ra, "within_b": rb, "ceiling": ceiling,
+                        "disattenuated": rho / ceiling if ceiling and rho is not None else None,
+                        "below_ceiling": (rho < ceiling) if ceiling and rho is not None else None})
+    return out
+
+
 def split_half_from_influence(influence: dict[int, torch.Tensor], top_k: int = 5, seed: int = 0) -> dict:
     """Split-half from per-sample influences; valid only when I(i) does not depend on the other samples (grad-dot)."""
     layers, X = _stack(influence)
