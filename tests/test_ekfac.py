@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(not ekfac.available(), reason=f"Kronfluence not 
 def test_identity_strategy_equals_grad_dot(per_val):
     lm, train, val = _setup("llama", seed=1, bias=True)
     targets = select_targets(lm.model, "attn")
-    got, _ = ekfac.kronfluence_influence(lm.model, targets, train, val, lm.tokenizer.pad_token_id, "identity",
+    got, _, _ = ekfac.kronfluence_influence(lm.model, targets, train, val, lm.tokenizer.pad_token_id, "identity",
                                          per_val=per_val, batch_size=3)
     ref = compute(lm, train, val, "attn", "grad-dot", per_val=per_val, batch_size=4, mode="materialized")
     for t in targets:
@@ -32,7 +32,7 @@ def test_ekfac_damping_is_lambda_and_large_damping_tends_to_grad_dot():
     targets = select_targets(lm.model, "mlp")
     before = {k: v.clone() for k, v in lm.model.state_dict().items()}
     kinds = [type(t.module) for t in targets]
-    inf, lam = ekfac.kronfluence_influence(lm.model, targets, train, val, lm.tokenizer.pad_token_id, "ekfac",
+    inf, lam, passes = ekfac.kronfluence_influence(lm.model, targets, train, val, lm.tokenizer.pad_token_id, "ekfac",
                                            per_val=True, batch_size=4)
     ref = compute(lm, train, val, "mlp", "exact", per_val=True, batch_size=4, mode="materialized")
     for t in targets:
@@ -43,10 +43,33 @@ def test_ekfac_damping_is_lambda_and_large_damping_tends_to_grad_dot():
     assert all(torch.equal(v, lm.model.state_dict()[k]) for k, v in before.items())
     assert all(p.requires_grad for p in lm.model.parameters())
     # Damping far above the Fisher's eigenvalues: (F + lambda)^-1 -> 1 / lambda, so lambda * I -> -g . v.
-    big, lam_big = ekfac.kronfluence_influence(lm.model, targets, train, val, lm.tokenizer.pad_token_id, "ekfac",
+    big, lam_big, _ = ekfac.kronfluence_influence(lm.model, targets, train, val, lm.tokenizer.pad_token_id, "ekfac",
                                                damping_scale=1e6, per_val=True, batch_size=4)
-    gd, _ = ekfac.kronfluence_influence(lm.model, targets, train, val, lm.tokenizer.pad_token_id, "identity",
+    gd, _, _ = ekfac.kronfluence_influence(lm.model, targets, train, val, lm.tokenizer.pad_token_id, "identity",
                                         per_val=True, batch_size=4)
     for t in targets:
         torch.testing.assert_close(big[t.name] * lam_big[t.name], gd[t.name], rtol=1e-4,
                                    atol=1e-4 * float(gd[t.name].abs().max()))
+
+
+def test_estimator_ekfac_through_compute():
+    lm, train, val = _setup("llama", seed=3)
+    targets = select_targets(lm.model, "attn")
+    res = compute(lm, train, val, "attn", "ekfac", per_val=True, batch_size=4)
+    inf, lam, passes = ekfac.kronfluence_influence(lm.model, targets, train, val, lm.tokenizer.pad_token_id, "ekfac",
+                                                   per_val=True, batch_size=4)
+    assert res.meta["mode"] == "ekfac" and res.passes == passes == 4 and res.lambdas == pytest.approx(lam)
+    for l in res.layers:
+        want = sum(inf[t.name] for t in targets if t.block == l)
+        torch.testing.assert_close(res.influence[l], want, rtol=1e-6, atol=1e-9 * float(want.abs().max()))
+    ref = compute(lm, train, val, "attn", "grad-dot", batch_size=4)
+    torch.testing.assert_close(res.train_loss, ref.train_loss, rtol=1e-5, atol=1e-7)
+
+
+def test_ekfac_without_kronfluence_says_how_to_install(monkeypatch):
+    from layerif.errors import UserError
+
+    lm, train, val = _setup("llama", seed=3)
+    monkeypatch.setattr(ekfac, "available", lambda: False)
+    with pytest.raises(UserError, match="pip install --no-deps kronfluence"):
+        compute(lm, train, val, "attn", "ekfac", batch_size=4)

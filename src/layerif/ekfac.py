@@ -35,7 +35,7 @@ from .errors import UserError
 from .models import Target, input_device
 
 INSTALL = "pip install --no-deps kronfluence==1.0.1 accelerate einconv einops opt_einsum (or: make peer)"
-STRATEGIES = ("ekfac", "kfac", "diagonal", "identity")
+STRATEGIES = {"ekfac": 2, "kfac": 1, "diagonal": 1, "identity": 0}  # strategy -> fitting passes
 
 
 def available() -> bool:
@@ -71,9 +71,14 @@ def kronfluence_influence(
     damping_scale: float = 0.1,
     per_val: bool = False,
     batch_size: int = 8,
-) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """Module influences {name: I_m [k, n_train]} (float64; k = n_val with ``per_val``, else 1) and the
-    damping Kronfluence used per module (``strategy`` identity: none), computed by Kronfluence.
+) -> tuple[dict[str, torch.Tensor], dict[str, float], int]:
+    """Module influences {name: I_m [k, n_train]} (float64; k = n_val with ``per_val``, else 1), the
+    damping Kronfluence used per module (``strategy`` identity: none), and the passes over records it made.
+
+    Passes: fitting (EK-FAC: covariances, then the eigenvalue correction, over the
+    train records; K-FAC, diagonal: one; identity: none), then one over the
+    validation records and one over the train records for the scores (all
+    validation samples form one query batch, so the train records are read once).
 
     The model is left as it was found. Raises :class:`UserError` when Kronfluence is
     not installed, or a target is not an ``nn.Linear`` (Kronfluence tracks Linear and Conv2d).
@@ -137,7 +142,7 @@ def kronfluence_influence(
                                per_sample_gradient_dtype=dtype, precondition_dtype=torch.float64)
         kf_config.HEURISTIC_DAMPING_SCALE = damping_scale
         try:
-            an.compute_pairwise_scores("s", "f", _Records(val), _Records(train), per_device_query_batch_size=batch_size,
+            an.compute_pairwise_scores("s", "f", _Records(val), _Records(train), per_device_query_batch_size=len(val),
                                        per_device_train_batch_size=batch_size, dataloader_kwargs=loader,
                                        score_args=sargs, overwrite_output_dir=True)
         finally:
@@ -153,4 +158,4 @@ def kronfluence_influence(
     for name in names:
         s = -scores[name].double().cpu()  # [n_val, n_train]
         influence[name] = s if per_val else s.sum(dim=0, keepdim=True)
-    return influence, lambdas
+    return influence, lambdas, STRATEGIES[strategy] + 2

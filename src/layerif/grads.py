@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .data import Encoded, batches, collate, per_sample_loss, upcast
-from .models import Target, is_conv1d
+from .models import Target, input_device, is_conv1d
 
 
 def flat_params(module: nn.Module) -> torch.Tensor:
@@ -207,6 +207,16 @@ def capture(
     finally:
         for h in handles:
             h.remove()
+
+
+@torch.no_grad()
+def record_losses(model: nn.Module, records: list[Encoded], pad_id: int, batch_size: int = 16) -> torch.Tensor:
+    """Per-sample losses [n] (float64, :func:`layerif.data.per_sample_loss`) of ``records``, forward only."""
+    device = input_device(model)
+    out = [per_sample_loss(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits,
+                           b["labels"]).double().cpu()
+           for b in (collate(chunk, pad_id, device) for chunk in batches(records, batch_size))]
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
 
 
 def losses_and_backward(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

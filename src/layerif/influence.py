@@ -207,13 +207,19 @@ class Estimator:
     ``None`` when the influence needs no weighted pass (then C is ``None``).
     ``sample_independent``: a sample's influence does not depend on the other
     train samples (split-half may then reuse the per-sample influences).
+    ``direct`` (instead of ``gram``): an estimator computed by a peer library from
+    the model and records themselves, ``direct(model, targets, train, val, pad_id,
+    damping_scale, per_val, batch_size) -> ({name: I_m [k, n_train]}, lambdas,
+    passes)``; ``installed()`` says whether that library is there.
     """
 
     name: str
-    gram: Callable[[ModuleStats, float, EstimatorOptions], torch.Tensor]
+    gram: Callable[[ModuleStats, float, EstimatorOptions], torch.Tensor] | None
     stream_weights: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor] | None = None
     stream_combine: Callable[[torch.Tensor, torch.Tensor | None, int, float], torch.Tensor] | None = None
     sample_independent: bool = False
+    direct: Callable[..., tuple[dict[str, torch.Tensor], dict[str, float], int]] | None = None
+    installed: Callable[[], bool] = lambda: True
 
     @property
     def streaming(self) -> bool:
@@ -236,6 +242,23 @@ register(Estimator("grad-dot", _grad_dot, None, lambda P, C, n, lam: -P, sample_
 register(Estimator("lissa", lambda s, lam, o: lissa_influence(s, lam, o.lissa_iterations, o.lissa_batch, o.seed)))
 
 
+def _ekfac(model, targets, train, val, pad_id, damping_scale, per_val, batch_size):
+    from .ekfac import kronfluence_influence
+
+    return kronfluence_influence(model, targets, train, val, pad_id, "ekfac", damping_scale, per_val, batch_size)
+
+
+def _kronfluence_installed() -> bool:
+    from .ekfac import available
+
+    return available()
+
+
+# EK-FAC through Kronfluence (an optional extra, :mod:`layerif.ekfac`): exact's formula with the
+# Fisher G^T G / n replaced by its eigenvalue-corrected Kronecker factorisation.
+register(Estimator("ekfac", None, direct=_ekfac, installed=_kronfluence_installed))
+
+
 def get_estimator(name: str) -> Estimator:
     """The registered estimator ``name``; an unknown one is a :class:`~layerif.errors.UserError`."""
     if name not in ESTIMATORS:
@@ -247,6 +270,8 @@ def estimate(stats: ModuleStats, name: str, lam: float, options: EstimatorOption
     """Influence I [n, k] (float64) of one module; zero when lambda = 0 (no train gradient at all)."""
     if lam == 0.0:
         return torch.zeros_like(stats.P, dtype=torch.float64)
+    if ESTIMATORS[name].gram is None:
+        raise UserError(f"estimator {name} has no Gram form: it runs on the model itself (layerif score --estimator {name})")
     return ESTIMATORS[name].gram(stats, lam, options)
 
 

@@ -34,7 +34,7 @@ from .cache import PassCache, fingerprint
 from .data import Encoded, Fields, batches, collate, encode_split, load_records
 from .distributed import is_main, process_group, world
 from .errors import UserError
-from .grads import Factored, capture, dense_from_activations, gram, losses_and_backward
+from .grads import Factored, capture, dense_from_activations, gram, losses_and_backward, record_losses
 from .influence import ESTIMATORS, EstimatorOptions, ModuleStats, damping, estimate, get_estimator
 from .io import prepare_out_dir, write_figure, write_json, write_safetensors, write_text
 from .models import (
@@ -348,7 +348,12 @@ def compute(
         options = {"target": target, "estimator": estimator, "damping_scale": damping_scale, "per_val": per_val,
                    "mode": chosen, "layout": layout, "budget": budget, "val_chunk": val_chunk}
         cache = PassCache(cache_dir, fingerprint(lm.model, lm.name, train, val, options))
-    if chosen == "streaming":
+    direct = get_estimator(estimator).direct
+    if direct is not None:
+        module_inf, lambdas, passes = direct(lm.model, targets, train, val, pad_id, damping_scale, per_val, batch_size)
+        train_loss = record_losses(lm.model, train, pad_id, batch_size)
+        chosen = estimator
+    elif chosen == "streaming":
         module_inf, lambdas, train_loss, passes = streaming_influence(
             lm.model, targets, train, val, pad_id, estimator, damping_scale, per_val, batch_size, val_chunk, cache)
     else:

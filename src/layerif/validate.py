@@ -53,11 +53,12 @@ from torch import nn
 
 from . import __version__, progress
 from .compare import ALL_ESTIMATORS, CompareEstimatorsArgs, _hidden, block_influence
-from .data import Encoded, batches, collate, per_sample_loss
+from .data import Encoded
 from .errors import UserError
+from .grads import record_losses
 from .evaluate import mc_accuracy
 from .io import prepare_out_dir, write_figure, write_json, write_text
-from .models import Target, find_blocks, input_device, projections, select_targets, weight_out_in
+from .models import Target, find_blocks, projections, select_targets, weight_out_in
 from .prune import (
     BLOCK_SIZE,
     DAMPING,
@@ -115,13 +116,7 @@ class ValidateArgs(CompareEstimatorsArgs):
 def mean_loss(model: nn.Module, records: list[Encoded], pad: int, batch_size: int = 16) -> float:
     """Mean over ``records`` of the per-sample loss (:func:`layerif.data.per_sample_loss`), model in eval mode."""
     model.eval()
-    device = input_device(model)
-    total = 0.0
-    for chunk in batches(records, batch_size):
-        b = collate(chunk, pad, device)
-        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits
-        total += float(per_sample_loss(logits, b["labels"]).double().sum())
-    return total / len(records)
+    return float(record_losses(model, records, pad, batch_size).mean())
 
 
 def _snapshot(params: list[torch.Tensor]) -> list[torch.Tensor]:
