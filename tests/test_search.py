@@ -13,7 +13,9 @@ import torch
 import layerif.prune as P
 import layerif.search as S
 from conftest import TINY_VOCAB, tiny_model
+from layerif.allocate import SparsityOptions, allocate_sparsity
 from layerif.errors import UserError
+from layerif.results import block_sparsity
 from layerif.models import find_blocks, projections, weight_out_in
 
 
@@ -85,7 +87,7 @@ def test_database_swap_is_pruning_that_block_directly(method, tmp_path):
     model = tiny_model("llama", n_layers=3)
     windows = calib()
     dense = {l: block_weights(model, l) for l in range(3)}
-    db = S.LevelDatabase(tmp_path, model, method, windows)
+    db = P.level_database(tmp_path, model, method, windows)
     info = db.ensure([[0.25], [0.35, 0.6], []])
     assert info["levels"] == 3 and info["bytes"] > 0
     levels = S.BlockLevels(model, db)
@@ -105,7 +107,7 @@ def test_database_swap_is_pruning_that_block_directly(method, tmp_path):
 
 def test_database_resumes_and_keys_its_settings(tmp_path):
     model = tiny_model("llama", n_layers=2)
-    db = S.LevelDatabase(tmp_path, model, "wanda", calib())
+    db = P.level_database(tmp_path, model, "wanda", calib())
     db.ensure([[0.5], [0.5]])
     f = db.file(1, 0.5)
     stamp = f.stat().st_mtime_ns
@@ -113,7 +115,7 @@ def test_database_resumes_and_keys_its_settings(tmp_path):
     db.ensure([[0.5], [0.5, 0.7]])  # only the missing level is built
     assert f.stat().st_mtime_ns == stamp and db.file(1, 0.7).exists()
     assert db.info()["levels"] == 3 and db.info()["build_seconds"] >= seconds
-    other = S.LevelDatabase(tmp_path, model, "wanda", calib(seed=1))  # other calibration: other folder
+    other = P.level_database(tmp_path, model, "wanda", calib(seed=1))  # other calibration: other folder
     assert other.path != db.path
 
 
@@ -180,7 +182,7 @@ def test_search_moves_sparsity_away_from_a_planted_sensitive_block(tmp_path):
     model = planted_model()
     weights = P.prunable_params(model)
     windows = calib(n=4, seqlen=12, seed=2)
-    db = S.LevelDatabase(tmp_path, model, "magnitude")
+    db = P.level_database(tmp_path, model, "magnitude")
     before = {l: block_weights(model, l) for l in range(4)}
     config = S.SearchConfig(evals=60, offspring=4, survivors=2, screen_windows=2, step=0.1, low=0.0, high=0.9, seed=0)
     result, info = S.search_allocation(model, db, 0.5, weights, windows, [0.5] * 4, config, batch_size=4)
@@ -196,7 +198,7 @@ def test_sensitivity_finds_the_planted_block_and_gives_it_the_least_sparsity(tmp
     model = planted_model()
     weights = P.prunable_params(model)
     windows = calib(n=3, seqlen=10, seed=2)
-    db = S.LevelDatabase(tmp_path, model, "magnitude")
+    db = P.level_database(tmp_path, model, "magnitude")
     kl = S.block_sensitivity(model, db, 0.5, windows, batch_size=3)
     assert int(np.argmax(kl)) == 1 and np.all(kl > 0)
     # one block pruned alone: the same number as the KL of a directly pruned copy
@@ -204,7 +206,7 @@ def test_sensitivity_finds_the_planted_block_and_gives_it_the_least_sparsity(tmp
     P.prune_model(direct, [0, 0, 0.5, 0], "magnitude")
     ref = S.reference_logprobs(model, windows, 3)
     assert kl[2] == pytest.approx(S.kl_to_reference(direct, windows, ref, 3), rel=1e-6)
-    ratios = S.sensitivity_sparsity(kl, 0.5, weights, epsilon=0.2)
+    ratios = allocate_sparsity("sensitivity", kl, 0.5, weights, SparsityOptions(epsilon=0.2))
     assert int(np.argmin(ratios)) == 1
     assert np.average(ratios, weights=weights) == pytest.approx(0.5, abs=1e-12)
 
@@ -213,14 +215,78 @@ def test_outputs_and_saved_allocations(tmp_path):
     grid = S.LevelGrid(0.5, [10, 10])
     result = S.evolve(lambda k, i: float(abs(k[0])), grid, np.array([1, -1]), 2, 5,
                       S.SearchConfig(evals=20, offspring=2, survivors=1, screen_windows=1))
-    rec = S.search_record(result, grid, S.SearchConfig(), {"path": "x"}, "uniform")
-    files = S.write_search(tmp_path, {"uniform": rec, "other": rec}, "title")
+    rec = S.search_record(result, S.SearchConfig(), {"path": "x"}, "uniform", "wanda")
+    files = S.write_search(tmp_path, {"uniform": rec, "other": {**rec, "target": 0.7}}, "title")
     assert all((tmp_path / f).exists() for f in files)
     lines = (tmp_path / "search_trajectory.csv").read_text().splitlines()
-    assert lines[0].startswith("start,generation,evaluations") and len(lines) == 1 + 2 * len(result.trajectory)
+    assert lines[0].startswith("search,generation,evaluations") and len(lines) == 1 + 2 * len(result.trajectory)
     (tmp_path / "allocation.json").write_text(json.dumps({"layers": [0, 1], "sparsity": [0.4, 0.6]}))
-    assert S.read_allocation(str(tmp_path / "allocation.json"), 2).tolist() == [0.4, 0.6]
+    assert block_sparsity(tmp_path / "allocation.json", 2)[0].tolist() == [0.4, 0.6]
+    assert block_sparsity(tmp_path, 2)[0].tolist() == [0.4, 0.6]  # the folder holding it
     with pytest.raises(UserError, match="model has 3"):
-        S.read_allocation(str(tmp_path / "allocation.json"), 3)
-    with pytest.raises(UserError, match="not an allocation.json"):
-        S.read_allocation(str(tmp_path / "search.png"), 2)
+        block_sparsity(tmp_path / "allocation.json", 3)
+    (tmp_path / "other.json").write_text(json.dumps({"layers": [0, 1], "experts": [1, 2]}))
+    with pytest.raises(UserError, match="not a pruning allocation"):
+        block_sparsity(tmp_path / "other.json", 2)
+
+
+# ----------------------------------------------------------------------------- commands
+
+from test_prune import compare_args, model_dir, prune_args, read_csv, stand_ins  # noqa: E402,F401  (fixtures)
+
+
+def test_prune_with_search_then_apply_the_saved_allocation(stand_ins, model_dir, tmp_path):
+    from pathlib import Path
+
+    search = dict(allocation="search", method="wanda", search_init="layerif", search_evals=12, search_offspring=3,
+                  search_survivors=1, search_windows=3, search_screen_windows=1, search_dir=str(tmp_path / "s"))
+    summary = P.run(prune_args(model_dir, tmp_path, save=str(tmp_path / "pruned"), **search))
+    assert "search from layerif" in summary
+    assert "search-layerif" in P.PruneArgs.__dataclass_fields__["allocation"].metadata["choices"]
+    saved = json.loads((tmp_path / "pruned" / "allocation.json").read_text())
+    assert saved["allocation"] == "search" and saved["search"]["evaluations"] <= 12
+    weights = saved["prunable_params"]
+    assert np.average(saved["sparsity"], weights=weights) == pytest.approx(0.5, abs=1e-12)
+    assert all(f.exists() for f in (Path(tmp_path / "s") / n for n in ("search.json", "search.png")))
+    assert yaml_sparsity(tmp_path / "pruned") == pytest.approx(saved["sparsity"], abs=1e-6)
+    # the saved allocation applied again: the same per-block targets and the same pruned model
+    P.run(prune_args(model_dir, tmp_path, allocation_file=str(tmp_path / "pruned" / "allocation.json"),
+                     save=str(tmp_path / "again"), sparsity=0.3))
+    again = json.loads((tmp_path / "again" / "allocation.json").read_text())
+    assert again["allocation"] == "file" and again["sparsity"] == saved["sparsity"]
+    assert again["achieved"] == saved["achieved"] and again["target_sparsity"] == pytest.approx(0.5)
+    with pytest.raises(UserError, match="neither"):
+        P.run(prune_args(model_dir, tmp_path, allocation="search", search_init="nowhere.json"))
+
+
+def yaml_sparsity(folder) -> list[float]:
+    import yaml
+
+    doc = yaml.safe_load((folder / "recipe.yaml").read_text())
+    return next(iter(doc["sparsity_stage"]["sparsity_modifiers"].values()))["sparsity"]
+
+
+def test_prune_with_sensitivity(stand_ins, model_dir, tmp_path):
+    P.run(prune_args(model_dir, tmp_path, allocation="sensitivity", method="magnitude", search_windows=2,
+                     search_dir=str(tmp_path / "s"), save=str(tmp_path / "pruned")))
+    saved = json.loads((tmp_path / "pruned" / "allocation.json").read_text())
+    kl = saved["sensitivity"]["kl"]
+    assert saved["metric"] == kl and int(np.argmin(saved["sparsity"])) == int(np.argmax(kl))
+
+
+def test_compare_pruning_with_search_and_sensitivity(stand_ins, model_dir, tmp_path):
+    from pathlib import Path
+
+    args = compare_args(model_dir, tmp_path, allocations=["uniform", "sensitivity", "search-uniform", "search-layerif"],
+                        methods=["wanda"], seeds=["0"], search_evals=8, search_offspring=3, search_survivors=1,
+                        search_windows=2, search_screen_windows=1)
+    P.run_compare(args)
+    out = Path(args.out)
+    rows = read_csv(out / "comparison.csv")
+    assert {r["allocation"] for r in rows} == {"dense", "uniform", "sensitivity", "search-uniform", "search-layerif"}
+    for r in rows[1:]:
+        assert float(r["achieved"]) == pytest.approx(0.5, abs=1 / 16)
+    searches = json.loads((out / "search.json").read_text())
+    assert sorted(searches) == ["wanda 0.5 seed 0 from layerif", "wanda 0.5 seed 0 from uniform"]
+    assert all(s["evaluations"] <= 8 for s in searches.values()) and (out / "search.png").exists()
+    assert len(list((out / "levels").glob("wanda-*/b*.safetensors"))) > 3

@@ -20,7 +20,8 @@ Expert maps (an integer number of LoRA experts per block, summing to a budget T)
 
 Dispatch (:data:`ALLOCATIONS`, :func:`allocate_sparsity`, :func:`allocate_experts`):
 every allocation is one :class:`Allocation` in one registry -- the per-block
-metric it maps (LayerIF scores, heavy-tail α, OWL outlier ratios, or none), its
+metric it maps (LayerIF scores, heavy-tail α, OWL outlier ratios, the measured
+per-block sensitivity or searched sparsity of :mod:`layerif.search`, or none), its
 sparsity map and/or expert map, and whether ``reverse`` applies. A label
 ``NAME-reversed`` (the comparisons) is ``NAME`` with ``reverse``. Adding an
 allocation is one :func:`register` call; pruning, the LoRA-MoE adapter and
@@ -340,6 +341,18 @@ register(Allocation(
     "alpha", "alpha",
     sparsity=lambda m, target, w, o, rev: linear_sparsity(m, target, o.epsilon, w, reverse=rev, smooth=o.smooth),
     experts=lambda m, n, total, beta, rev: alpha_experts(m, total, beta), reversible=("sparsity",)))
+
+# Measured allocations: their metric is measured on the model with the chosen pruner by the pruning
+# commands (layerif.search), then mapped here. ``sensitivity``: the KL rise of pruning each block alone
+# at the target, through LayerIF's linear map reversed (the most sensitive block gets the least
+# sparsity). ``search`` / ``search-START``: the metric is the searched per-block sparsity itself, already
+# at the target (EvoPress-style search from ``--search-init`` / from START).
+SEARCH_STARTS = ("uniform", "layerif", "owl", "alpha")
+register(Allocation(
+    "sensitivity", "sensitivity",
+    sparsity=lambda m, target, w, o, rev: linear_sparsity(m, target, o.epsilon, w, reverse=not rev, smooth=o.smooth)))
+for _name in ("search", *(f"search-{s}" for s in SEARCH_STARTS)):
+    register(Allocation(_name, "search", sparsity=lambda m, target, w, o, rev: fit_weighted_mean(m, target, w)))
 
 COMPARE_SPARSITY = ("uniform", "owl", "alpha", "layerif", "layerif" + REVERSED)
 """The allocations ``compare-pruning`` runs by default."""

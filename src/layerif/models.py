@@ -223,6 +223,13 @@ def weight_out_in(module: nn.Module) -> torch.Tensor:
     return w.t() if is_conv1d(module) else w
 
 
+def set_weight_out_in(module: nn.Module, w_out_in: torch.Tensor) -> None:
+    """Write an [out, in] weight into a projection (Linear or Conv1D), keeping its dtype and device."""
+    with torch.no_grad():
+        view = weight_out_in(module)
+        view.copy_(w_out_in.to(view.dtype))
+
+
 def is_attention(rel_name: str) -> bool:
     """Whether a projection's name (relative to its block) is inside the attention sub-module."""
     return bool(re.search(r"attn|attention", rel_name))

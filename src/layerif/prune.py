@@ -33,6 +33,7 @@ scores, measured with the dense model).
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import json
@@ -54,9 +55,10 @@ from .allocate import COMPARE_SPARSITY, SparsityOptions, allocate_sparsity, chec
 from .errors import UserError
 from .evaluate import mc_accuracy, perplexity
 from .io import atomic_dir, prepare_out_dir, write_figure, write_json, write_text
-from .models import ModelArgs, find_blocks, iter_projections, projections, weight_out_in
+from .models import ModelArgs, find_blocks, iter_projections, projections, set_weight_out_in, weight_out_in
 from .report import write_report
-from .results import block_scores, check_save_dir, write_allocation, write_config
+from .results import block_scores, block_sparsity, check_save_dir, write_allocation, write_config
+from .search import LevelDatabase, SearchOptions, run_search, run_sensitivity, windows_hash, write_search
 from .spectral import block_alphas
 from .stability import mean_std, mean_std_cell
 from .tasks import test_records
@@ -218,13 +220,6 @@ def sparsegpt_weight(
     return W
 
 
-def _set_weight(module: nn.Module, w_out_in: torch.Tensor) -> None:
-    """Write an [out, in] weight into a projection (Linear or Conv1D), keeping its dtype."""
-    with torch.no_grad():
-        view = weight_out_in(module)
-        view.copy_(w_out_in.to(view.dtype))
-
-
 def _zero(module: nn.Module, mask: torch.Tensor) -> None:
     """Zero the weights where the [out, in] ``mask`` is True."""
     with torch.no_grad():
@@ -369,7 +364,7 @@ def prune_module(
         score = wanda_score(W, stats.sq)
         _zero(module, nm_mask(score, *nm) if nm else row_mask(score, ratio))
     else:
-        _set_weight(module, sparsegpt_weight(W, stats.hessian, ratio, nm, block_size, damping))
+        set_weight_out_in(module, sparsegpt_weight(W, stats.hessian, ratio, nm, block_size, damping))
 
 
 def prune_model(
@@ -444,9 +439,71 @@ def allocation_metric(
         return np.asarray(scores, dtype=np.float64)
     if rule.metric == "alpha":
         return block_alphas(model)
+    if rule.metric in MEASURED:
+        raise ValueError(f"the {allocation} allocation is measured with a pruner: use measured_metric")
     if windows is None:
         raise ValueError("the owl allocation needs calibration windows")
     return outlier_ratios(model, windows, owl_m)
+
+
+def level_database(root: Path, model: nn.Module, method: str, windows: torch.Tensor | None = None,
+                   damping: float = DAMPING, block_size: int = BLOCK_SIZE, model_name: str = "") -> LevelDatabase:
+    """The level database (:class:`layerif.search.LevelDatabase`) of ``method`` under ``root``.
+
+    Calibration rule: every block is calibrated on the *dense* model's inputs
+    (:func:`calibrate` without update, as EvoPress builds its database), so a
+    block's level does not depend on the levels of the blocks before it.
+    Magnitude and Wanda store masks; SparseGPT also the reconstructed weights.
+    """
+    _check_method(method)
+    if method != "magnitude" and windows is None:
+        raise ValueError(f"{method} levels need calibration windows")
+    sparsegpt = method == "sparsegpt"
+    settings = {"model": model_name, "method": method, "calibration": "dense inputs of every block",
+                "windows": windows_hash(None if method == "magnitude" else windows),
+                "damping": float(damping) if sparsegpt else None, "block_size": int(block_size) if sparsegpt else None}
+
+    def blocks():
+        if method == "magnitude":  # no calibration
+            yield from ((idx, None) for idx in range(len(find_blocks(model)[1])))
+        else:
+            yield from ((idx, stats) for idx, _, stats in calibrate(model, windows, hessian=sparsegpt, update=False))
+
+    def prune(module: nn.Module, stats: InputStats | None, ratio: float):
+        pruned = copy.deepcopy(module)  # the model itself stays dense
+        prune_module(pruned, method, ratio, stats, None, damping, block_size)
+        W = weight_out_in(pruned).detach()
+        return W == 0, (W.float() if sparsegpt else None)
+
+    return LevelDatabase(root, model, settings, blocks, prune)
+
+
+MEASURED = ("sensitivity", "search")
+"""Metrics measured with the chosen pruner (:mod:`layerif.search`) rather than read off the dense model."""
+
+
+def search_start(label: str, search_init: str = "uniform") -> str:
+    """The start of a ``search`` allocation label: ``search-START``'s START, else ``search_init``."""
+    return label.removeprefix("search-") if label.startswith("search-") else search_init
+
+
+def measured_metric(rule: allocate.Allocation, model: nn.Module, method: str, target: float, weights: np.ndarray,
+                    windows: torch.Tensor | None, fitness_windows: torch.Tensor, options: SearchOptions,
+                    db_root: Path, seed: int, start_ratios=None, start: str = "uniform",
+                    damping: float = DAMPING, block_size: int = BLOCK_SIZE, batch_size: int = 4,
+                    model_name: str = "") -> tuple[np.ndarray, dict]:
+    """The metric of a measured allocation rule, and its record.
+
+    ``sensitivity``: the KL rise per block pruned alone at ``target``; ``search``:
+    the per-block sparsity found by the search from ``start_ratios``. The level
+    database of ``method`` (calibrated on ``windows``) lives in ``db_root``; the
+    KL is measured on ``fitness_windows``.
+    """
+    db = level_database(db_root, model, method, windows, damping, block_size, model_name)
+    if rule.metric == "sensitivity":
+        return run_sensitivity(model, db, target, fitness_windows, batch_size)
+    return run_search(model, db, target, weights, fitness_windows, start_ratios, start, options.search_config(seed),
+                      batch_size)
 
 
 # ----------------------------------------------------------------------------- export
@@ -561,7 +618,7 @@ def _block_table(layers: list[int], target: np.ndarray, achieved: np.ndarray, me
 
 
 @dataclass
-class PruneArgs(ModelArgs):
+class PruneArgs(ModelArgs, SearchOptions):
     """Prune a causal LM with per-layer sparsity from LayerIF scores (or a baseline allocation)."""
 
     scores: str | None = field(default=None, metadata={"help": "scores.json of `layerif score` (needed by --allocation layerif)"})
@@ -585,6 +642,9 @@ class PruneArgs(ModelArgs):
     task_items: int = field(default=200, metadata={"help": "test items of a built-in --task (a file: its first N)"})
     batch_size: int = field(default=4, metadata={"help": "windows / records per evaluation batch"})
     save: str | None = field(default=None, metadata={"help": "folder for the pruned model, allocation.json and recipe.yaml"})
+    allocation_file: str | None = field(default=None, metadata={"help": "apply the per-block sparsity of a saved allocation.json (replaces --allocation and --sparsity)"})
+    search_init: str = field(default="uniform", metadata={"help": "start of --allocation search: uniform, layerif, owl, alpha or a saved allocation.json"})
+    search_dir: str = field(default="out/search", metadata={"help": "folder of the level database and the search trajectory (search, sensitivity)"})
 
 
 def run(args: PruneArgs) -> str:
@@ -594,13 +654,21 @@ def run(args: PruneArgs) -> str:
     check_epsilon(args.epsilon)
     _check_method(args.method)
     _check_sizes(args.n_calib, args.seqlen, args.damping, args.block_size)
-    allocate.get(args.allocation, "sparsity", args.reverse, args.smooth)
+    rule, _ = allocate.get(args.allocation, "sparsity", args.reverse, args.smooth)
+    allocation, target = ("file", None) if args.allocation_file is not None else (args.allocation, args.sparsity)
+    searching = allocation != "file" and rule.metric == "search"
+    start = search_start(allocation, args.search_init) if searching else None
+    if searching:
+        args.search_config(args.seed)
+        if start not in allocate.SEARCH_STARTS and not Path(start).exists():
+            raise UserError(f"--search-init {start!r} is neither {', '.join(allocate.SEARCH_STARTS)} nor a file")
     if nm is not None:
-        if args.allocation != "uniform":
+        if allocation != "uniform":
             raise UserError(f"--nm {args.nm} prunes every block alike; use --allocation uniform")
         if not math.isclose(args.sparsity, nm[0] / nm[1]):
             raise UserError(f"--nm {args.nm} means sparsity {nm[0] / nm[1]:g}; pass --sparsity {nm[0] / nm[1]:g}")
-    if allocate.ALLOCATIONS[args.allocation].metric == "scores" and args.scores is None:
+    if allocation != "file" and "scores" in (rule.metric, allocate.ALLOCATIONS.get(start, rule).metric) \
+            and args.scores is None:
         raise UserError(f"--allocation {args.allocation} needs --scores scores.json (from `layerif score`)")
     records = _task_records(args.task, args.task_items)
     if args.save is not None:
@@ -613,21 +681,44 @@ def run(args: PruneArgs) -> str:
         scores, doc = block_scores(args.scores, len(blocks))
         if doc.get("model") not in (None, lm.name):
             progress.info(f"note: {args.scores} was computed on {doc.get('model')}, pruning {lm.name}")
-    needs_data = args.method != "magnitude" or args.allocation == "owl"
+    measured = allocation != "file" and rule.metric in MEASURED
+    needs_data = args.method != "magnitude" or measured or "owl" in (allocation, start)
     calib_text, eval_text = _corpus(args.text) if needs_data or args.eval_windows > 0 else ("", "")
     windows = _windows(lm.tokenizer, calib_text, args.n_calib, args.seqlen, args.seed) if needs_data else None
     t0 = time.time()
     weights = prunable_params(model)
-    metric = allocation_metric(args.allocation, model, scores, windows, args.owl_m)
-    ratios = allocate_sparsity(args.allocation, metric, args.sparsity, weights,
-                               SparsityOptions(args.epsilon, args.smooth, args.owl_lambda), args.reverse)
+    options = SparsityOptions(args.epsilon, args.smooth, args.owl_lambda)
+    metric, extra = None, {}
+    if allocation == "file":
+        ratios, _ = block_sparsity(args.allocation_file, len(blocks))
+        target = float(np.average(ratios, weights=weights))
+        extra = {"allocation_file": args.allocation_file}
+    else:
+        if measured:
+            start_ratios = None
+            if rule.metric == "search":
+                start_ratios = (allocate_sparsity(start, allocation_metric(start, model, scores, windows, args.owl_m),
+                                                  target, weights, options)
+                                if start in allocate.SEARCH_STARTS else block_sparsity(start, len(blocks))[0])
+            fitness_windows = _windows(lm.tokenizer, calib_text, args.search_windows, args.seqlen, args.seed)
+            out = prepare_out_dir(args.search_dir)
+            metric, rec = measured_metric(rule, model, args.method, target, weights, windows, fitness_windows, args,
+                                          out / "levels", args.seed, start_ratios, start, args.damping,
+                                          args.block_size, args.batch_size, lm.name)
+            if rule.metric == "search":
+                write_search(out, {allocation: rec}, f"{lm.name} · {args.method}")
+                rec = {k: v for k, v in rec.items() if k != "trajectory"}
+            extra = {rule.metric: rec}
+        else:
+            metric = allocation_metric(args.allocation, model, scores, windows, args.owl_m)
+        ratios = allocate_sparsity(args.allocation, metric, target, weights, options, args.reverse)
     targets = prune_model(model, ratios, args.method, windows, nm=nm, damping=args.damping, block_size=args.block_size)
     achieved, per_module = achieved_sparsity(model)
     record = {
         "model": lm.name,
         "method": args.method,
-        "allocation": args.allocation,
-        "target_sparsity": args.sparsity,
+        "allocation": allocation,
+        "target_sparsity": target,
         "mean_achieved": float(np.average(achieved, weights=weights)),
         "layers": list(range(len(blocks))),
         "sparsity": [float(r) for r in ratios],
@@ -636,14 +727,21 @@ def run(args: PruneArgs) -> str:
         "prunable_params": [int(w) for w in weights],
         "modules": {name: {"target": targets[name], "achieved": per_module[name]} for name in targets},
         "seconds": round(time.time() - t0, 2),
+        **extra,
         "args": asdict(args),
         "version": __version__,
     }
     lines = [
-        f"{lm.name} · {args.method} · allocation {args.allocation} · target {args.sparsity:g} · "
+        f"{lm.name} · {args.method} · allocation {allocation} · target {target:g} · "
         f"achieved {record['mean_achieved']:.4f} · {record['seconds']:.1f} s",
-        _block_table(record["layers"], ratios, achieved, metric),
+        _block_table(record["layers"], ratios, achieved, None if "search" in extra else metric),
     ]
+    if "search" in extra:
+        s = extra["search"]
+        lines.append(f"search from {s['start']}: KL to dense {s['start_fitness']:.4g} → {s['fitness']:.4g} in "
+                     f"{s['evaluations']} evaluations ({s['seconds']:.0f} s); level database {s['database']['path']} "
+                     f"({s['database']['bytes'] / 1e6:.1f} MB, built in {s['database']['build_seconds']:.0f} s); "
+                     f"trajectory in {args.search_dir}/search.png")
     if args.eval_windows > 0:
         record["perplexity"] = perplexity(model, lm.tokenizer, eval_text, seqlen=args.seqlen, max_windows=args.eval_windows)
         lines.append(f"perplexity on {args.eval_windows} held-out windows: {record['perplexity']:.3f}")
@@ -661,11 +759,11 @@ def run(args: PruneArgs) -> str:
 
 
 @dataclass
-class CompareArgs(ModelArgs):
+class CompareArgs(ModelArgs, SearchOptions):
     """Compare allocations (uniform, OWL, AlphaPruning, LayerIF both ways) × pruners × sparsities over seeds."""
 
     scores: str | None = field(default=None, metadata={"help": "scores.json of `layerif score` (needed by the layerif allocations)"})
-    allocations: list[str] = field(default_factory=lambda: list(COMPARE_SPARSITY), metadata={"help": "allocations to compare"})
+    allocations: list[str] = field(default_factory=lambda: list(COMPARE_SPARSITY), metadata={"help": "allocations to compare (also sensitivity and search-START, the search from START: uniform, layerif, owl, alpha)"})
     methods: list[str] = field(default_factory=lambda: ["wanda", "sparsegpt"], metadata={"help": "pruners"})
     sparsities: list[str] = field(default_factory=lambda: ["0.5", "0.6", "0.7"], metadata={"help": "target sparsities"})
     seeds: list[str] = field(default_factory=lambda: ["0", "1", "2"], metadata={"help": "calibration seeds (at least 3 for mean ± std)"})
@@ -838,7 +936,12 @@ def run_compare(args: CompareArgs) -> str:
         check_sparsity(sp)
     _check_sizes(args.n_calib, args.seqlen, args.damping, args.block_size)
     check_epsilon(args.epsilon)
-    if any(allocate.get(a, "sparsity")[0].metric == "scores" for a in allocations) and args.scores is None:
+    if any(allocate.get(a, "sparsity")[0].metric == "search" for a in allocations):
+        args.search_config(0)
+        if "search" in allocations:
+            raise UserError("compare-pruning runs searches as search-START (e.g. search-uniform, search-layerif)")
+    if any(allocate.get(a.removeprefix("search-"), "sparsity")[0].metric == "scores" for a in allocations) \
+            and args.scores is None:
         raise UserError("the layerif allocations need --scores scores.json (from `layerif score`)")
     records = _task_records(args.task, args.task_items)  # a bad --task fails before any output
     out = prepare_out_dir(args.out)
@@ -891,6 +994,10 @@ def run_compare(args: CompareArgs) -> str:
     weights = prunable_params(model)
     metrics: dict[tuple[str, int | None], np.ndarray | None] = {}  # (allocation, seed for owl) -> dense-model metric
     calib: dict[int, torch.Tensor] = {}  # seed -> calibration windows
+    fitness: dict[int, torch.Tensor] = {}  # seed -> KL windows of search and sensitivity
+    searches: dict[str, dict] = {}
+    if args.resume and (out / "search.json").exists():
+        searches = json.loads((out / "search.json").read_text(encoding="utf-8"))
     todo = [(seed, m, sp, a) for seed in seeds for m in methods for sp in sparsities for a in allocations
             if (m, sp, a, str(seed)) not in done]
     for seed, method, sp, label in progress.track(todo, desc="compare-pruning", unit="run"):
@@ -899,11 +1006,29 @@ def run_compare(args: CompareArgs) -> str:
         if seed not in calib:
             calib[seed] = _windows(tok, calib_text, args.n_calib, args.seqlen, seed)
         windows = calib[seed]
-        key = (rule.name, seed if rule.metric == "outliers" else None)
-        if key not in metrics:
-            metrics[key] = allocation_metric(rule.name, model, scores, windows, args.owl_m)
         options = SparsityOptions(args.epsilon, args.smooth and rule.metric == "scores", args.owl_lambda)
-        ratios = allocate_sparsity(label, metrics[key], sp, weights, options)
+
+        def map_metric(name: str):
+            key = (name, seed if allocate.ALLOCATIONS[name].metric == "outliers" else None)
+            if key not in metrics:
+                metrics[key] = allocation_metric(name, model, scores, windows, args.owl_m)
+            return metrics[key]
+
+        if rule.metric in MEASURED:
+            start = search_start(label)
+            start_ratios = allocate_sparsity(start, map_metric(start), sp, weights, options) \
+                if rule.metric == "search" else None
+            if seed not in fitness:
+                fitness[seed] = _windows(tok, calib_text, args.search_windows, args.seqlen, seed)
+            metric, rec = measured_metric(rule, model, method, sp, weights, windows, fitness[seed], args,
+                                          out / "levels", seed, start_ratios, start, args.damping, args.block_size,
+                                          args.batch_size, lm.name)
+            if rule.metric == "search":
+                searches[f"{method} {sp:g} seed {seed} from {start}"] = rec
+                write_search(out, searches, f"{lm.name}: search fitness by evaluations")
+        else:
+            metric = map_metric(rule.name)
+        ratios = allocate_sparsity(label, metric, sp, weights, options)
         prune_model(model, ratios, method, windows, damping=args.damping, block_size=args.block_size)
         achieved, _ = achieved_sparsity(model)
         ppl, acc = evaluate()

@@ -10,7 +10,8 @@ the module that computed it (pruning and the LoRA-MoE adapter read
   ``aggregations``, ``lambda``, ... describe the run (see the README).
 * ``allocation.json`` (``prune --save``, ``moe --save``): ``layers`` (block
   indices) and the per-block allocation (``sparsity`` or ``experts`` + ``top_k``)
-  plus the arguments that made it.
+  plus the arguments that made it; ``prune --allocation-file`` and
+  ``--search-init`` read a pruning one back (:func:`block_sparsity`).
 * ``config.json`` (every command that writes a folder): ``command``, ``args``
   (every field of the command's argument dataclass) and ``version``; ``layerif
   CMD --config config.json`` replays it.
@@ -119,6 +120,27 @@ def read_allocation(folder: str | Path, required: set[str], what: str) -> dict:
     if not isinstance(doc, dict) or not required <= doc.keys():
         raise UserError(f"{path} is not a {what} allocation (needs {', '.join(sorted(required))})")
     return doc
+
+
+def block_sparsity(path: str | Path, n_blocks: int) -> tuple[np.ndarray, dict]:
+    """The per-block ``sparsity`` of a saved allocation.json (or a folder holding one), for ``n_blocks`` blocks.
+
+    Returns (float64 [L] in block order, the whole document). Its ``layers`` must
+    be 0..L−1 in order and every ratio in [0, 1), else a :class:`UserError`.
+    """
+    p = Path(path)
+    doc = read_json(p / ALLOCATION_FILE if p.is_dir() else p, "allocation")
+    if not isinstance(doc, dict) or "sparsity" not in doc or "layers" not in doc:
+        raise UserError(f"{path} is not a pruning allocation.json (needs 'layers' and 'sparsity')")
+    try:
+        ratios = np.asarray(doc["sparsity"], dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError):
+        raise UserError(f"{path}: 'sparsity' is not a list of numbers") from None
+    if [int(i) for i in doc["layers"]] != list(range(n_blocks)) or ratios.size != n_blocks:
+        raise UserError(f"{path} allocates {ratios.size} blocks, the model has {n_blocks}")
+    if not np.all(np.isfinite(ratios)) or np.any(ratios < 0) or np.any(ratios >= 1):
+        raise UserError(f"{path}: every block's sparsity must be in [0, 1)")
+    return ratios, doc
 
 
 def write_allocation(folder: Path, doc: dict) -> Path:

@@ -23,7 +23,8 @@ the three pieces and the measured baseline:
   level does not depend on the levels of earlier blocks. Magnitude and Wanda keep
   the surviving weights' original values, so only the pruning mask is stored
   (bit-packed); SparseGPT changes the surviving weights, so their values are
-  stored too. Putting a block at a level is a copy from the database (or a
+  stored too. The pruners themselves are :mod:`layerif.prune`'s
+  (:func:`layerif.prune.level_database`). Putting a block at a level is a copy from the database (or a
   masked copy of the dense weights), never a re-prune.
 * :func:`kl_to_reference` -- the fitness: mean over predicted tokens of
   KL(P_dense ‖ P_pruned) of the next-token distributions, in nats.
@@ -33,8 +34,8 @@ the three pieces and the measured baseline:
   best of them replaces the parent only if it is better there (elitist, so the
   parent's full-set fitness never rises).
 * :func:`block_sensitivity` -- the KL rise when one block alone is pruned at the
-  target; :func:`sensitivity_sparsity` maps it with LayerIF's linear map (more
-  sensitive, less sparsity).
+  target; the ``sensitivity`` allocation of :mod:`layerif.allocate` maps it with
+  LayerIF's linear map (more sensitive, less sparsity).
 
 The allocation a search returns is a list of per-block ratios like every other
 allocation: pruning with it runs the chosen pruner with the usual sequential
@@ -50,7 +51,7 @@ import io
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -59,21 +60,10 @@ import torch
 from torch import nn
 
 from . import __version__, progress
-from .allocate import MAX_SPARSITY, check_epsilon, check_sparsity, linear_sparsity
+from .allocate import MAX_SPARSITY, check_sparsity
 from .errors import UserError
 from .io import write_json, write_safetensors, write_text
-from .models import find_blocks, projections, weight_out_in
-from .prune import (
-    BLOCK_SIZE,
-    DAMPING,
-    METHODS,
-    _set_weight,
-    calibrate,
-    lowest_mask,
-    row_mask,
-    sparsegpt_weight,
-    wanda_score,
-)
+from .models import find_blocks, projections, set_weight_out_in, weight_out_in
 
 STEP = 0.05
 LOW = 0.0
@@ -193,7 +183,7 @@ def _unpack(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return torch.from_numpy(bits.astype(bool)).view(shape)
 
 
-def _windows_hash(windows: torch.Tensor | None) -> str:
+def windows_hash(windows: torch.Tensor | None) -> str:
     if windows is None:
         return "none"
     return hashlib.sha256(windows.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()[:12]
@@ -202,35 +192,36 @@ def _windows_hash(windows: torch.Tensor | None) -> str:
 class LevelDatabase:
     """Pre-pruned levels of every block, one safetensors file per (block, ratio), resumable.
 
-    Folder ``root/<method>-<fingerprint>/``: the fingerprint hashes the model's
-    name and block shapes, the pruner and its settings and the calibration
-    windows, so a different setting never reuses a level. Each file
+    The pruner comes from outside (:func:`layerif.prune.level_database` builds
+    one for each pruner): ``blocks()`` yields ``(block index, {projection name:
+    calibration statistics} or None)`` in block order, computed on the dense
+    model's inputs; ``prune(module, stats, ratio)`` returns, without changing the
+    projection ``module``, the zeros of its pruned [out, in] weight (bool) and,
+    for a pruner that changes the surviving weights, the whole pruned float32
+    [out, in] weight (else ``None``: the survivors keep their dense values).
+
+    Folder ``root/<method>-<fingerprint>/``: the fingerprint hashes ``settings``
+    (model, pruner and its options, calibration windows) and the block shapes, so
+    a different setting never reuses a level. Each file
     ``b{block:03d}_s{ratio:.6f}.safetensors`` holds, per projection ``rel`` of
-    the block, ``{rel}.mask`` (the pruned positions of the [out, in] weight,
-    bit-packed, little bit order) and for SparseGPT ``{rel}.values`` (float32,
-    the surviving weights in row-major order). Ratios are keyed (and pruned) at
-    6 decimals. ``database.json`` records the settings, the build seconds so
-    far and the levels built.
+    the block, ``{rel}.mask`` (the zeros of the pruned weight, bit-packed,
+    little bit order) and, when the pruner changes surviving weights, ``{rel}.values``
+    (float32, the surviving weights in row-major order). Ratios are keyed (and
+    pruned) at 6 decimals. ``database.json`` records the settings and the build
+    seconds so far.
     """
 
-    def __init__(self, root: str | Path, model: nn.Module, method: str, windows: torch.Tensor | None = None,
-                 damping: float = DAMPING, block_size: int = BLOCK_SIZE, model_name: str = ""):
-        if method not in METHODS:
-            raise UserError(f"unknown pruning method {method!r} (use {', '.join(METHODS)})")
-        if method != "magnitude" and windows is None:
-            raise ValueError(f"{method} levels need calibration windows")
-        self.model, self.method = model, method
-        self.windows = windows if method != "magnitude" else None
-        self.damping, self.block_size = float(damping), int(block_size)
-        self.prefix, blocks = find_blocks(model)
-        self.modules = [projections(b) for b in blocks]
+    def __init__(self, root: str | Path, model: nn.Module, settings: dict,
+                 blocks: Callable[[], Iterator[tuple[int, dict | None]]],
+                 prune: Callable[[nn.Module, object, float], tuple[torch.Tensor, torch.Tensor | None]]):
+        self.method = settings["method"]
+        self._blocks, self._prune = blocks, prune
+        _, block_list = find_blocks(model)
+        self.modules = [projections(b) for b in block_list]
         shapes = [[rel, list(weight_out_in(m).shape)] for mods in self.modules for rel, m in mods.items()]
-        settings = {"model": model_name, "method": method, "calibration": "dense inputs of every block",
-                    "windows": _windows_hash(self.windows), "damping": self.damping if method == "sparsegpt" else None,
-                    "block_size": self.block_size if method == "sparsegpt" else None, "shapes": shapes}
-        digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
-        self.path = Path(root) / f"{method}-{digest}"
-        self.settings = {k: v for k, v in settings.items() if k != "shapes"}
+        digest = hashlib.sha256(json.dumps({**settings, "shapes": shapes}, sort_keys=True).encode()).hexdigest()[:10]
+        self.path = Path(root) / f"{self.method}-{digest}"
+        self.settings = dict(settings)
 
     def file(self, block: int, ratio: float) -> Path:
         return self.path / f"b{block:03d}_s{_ratio_key(ratio)}.safetensors"
@@ -244,44 +235,33 @@ class LevelDatabase:
     def ensure(self, ratios: list[list[float]]) -> dict:
         """Build every missing level: ``ratios[l]`` are the ratios block l needs. Returns :meth:`info`.
 
-        Blocks are calibrated in order on the dense model's activations (the
-        model is not changed); levels already on disk are skipped.
+        The blocks are visited in order (``blocks()``, which calibrates on the
+        dense model's activations and leaves the model unchanged) up to the last
+        one with a missing level; levels already on disk are skipped.
         """
         if len(ratios) != len(self.modules):
             raise ValueError(f"{len(ratios)} ratio lists for {len(self.modules)} blocks")
-        todo = [[float(_ratio_key(r)) for r in rs if not self.file(l, r).exists()] for l, rs in enumerate(ratios)]
+        todo = [[float(k) for k in dict.fromkeys(map(_ratio_key, rs)) if not self.file(l, float(k)).exists()]
+                for l, rs in enumerate(ratios)]
         if any(todo):
             self.path.mkdir(parents=True, exist_ok=True)
             meta = self._meta()
             t0 = time.time()
             progress.info(f"building {sum(map(len, todo))} pruned levels of {self.method} in {self.path}")
-            for idx, block, stats in self._blocks():
+            for idx, stats in self._blocks():
                 for ratio in todo[idx]:
                     tensors = {}
                     for rel, mod in self.modules[idx].items():
-                        tensors.update(self._prune(weight_out_in(mod), None if stats is None else stats[rel], rel, ratio))
+                        mask, pruned = self._prune(mod, None if stats is None else stats[rel], ratio)
+                        tensors[f"{rel}.mask"] = _pack(mask)
+                        if pruned is not None:
+                            tensors[f"{rel}.values"] = pruned[~mask].float().contiguous()
                     write_safetensors(self.file(idx, ratio), tensors)
                 if idx == max(i for i, t in enumerate(todo) if t):
                     break
             meta["build_seconds"] = round(meta.get("build_seconds", 0.0) + time.time() - t0, 2)
             write_json(self.path / "database.json", meta)
         return self.info()
-
-    def _blocks(self):
-        if self.windows is None:  # magnitude: no calibration
-            for idx in range(len(self.modules)):
-                yield idx, None, None
-            return
-        yield from calibrate(self.model, self.windows, hessian=self.method == "sparsegpt", update=False)
-
-    def _prune(self, W: torch.Tensor, stats, rel: str, ratio: float) -> dict[str, torch.Tensor]:
-        if self.method == "magnitude":
-            return {f"{rel}.mask": _pack(lowest_mask(W.detach().abs(), ratio))}
-        if self.method == "wanda":
-            return {f"{rel}.mask": _pack(row_mask(wanda_score(W, stats.sq), ratio))}
-        pruned = sparsegpt_weight(W, stats.hessian, ratio, None, self.block_size, self.damping)
-        mask = pruned == 0
-        return {f"{rel}.mask": _pack(mask), f"{rel}.values": pruned[~mask].contiguous()}
 
     def load(self, block: int, ratio: float, dense: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The [out, in] weights of block ``block`` at ``ratio``, given its dense [out, in] weights by name."""
@@ -294,7 +274,7 @@ class LevelDatabase:
         out = {}
         for rel, W in dense.items():
             mask = _unpack(data[f"{rel}.mask"], W.shape)
-            if self.method == "sparsegpt":
+            if f"{rel}.values" in data:
                 new = torch.zeros(W.shape, dtype=torch.float32)
                 new[~mask] = data[f"{rel}.values"]
                 out[rel] = new
@@ -332,7 +312,7 @@ class BlockLevels:
                 continue
             weights = self.dense[l] if key is None else self.db.load(l, float(key), self.dense[l])
             for rel, w in weights.items():
-                _set_weight(self.modules[l][rel], w)
+                set_weight_out_in(self.modules[l][rel], w)
             self.current[l] = key
 
     def restore(self) -> None:
@@ -412,6 +392,7 @@ class SearchResult:
     start_fitness: float
     evaluations: int
     tokens: int
+    grid: LevelGrid
     trajectory: list[dict] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -448,7 +429,7 @@ def evolve(fitness: Callable[[np.ndarray, np.ndarray], float], grid: LevelGrid, 
     evals, tokens = 1, n_windows * seq_tokens
     trajectory = [{"generation": 0, "evaluations": evals, "tokens": tokens, "fitness": best, "accepted": False,
                    "seconds": round(time.time() - t0, 2)}]
-    result = SearchResult(parent.copy(), grid.ratios(parent), best, parent.copy(), best, evals, tokens, trajectory)
+    result = SearchResult(parent.copy(), grid.ratios(parent), best, parent.copy(), best, evals, tokens, grid, trajectory)
     screen = config.screen_windows < n_windows
     cost = generation_cost(config, n_windows)
     generations = max(0, (config.evals - evals) // cost)
@@ -557,51 +538,98 @@ def block_sensitivity(model: nn.Module, db: LevelDatabase, target: float, fitnes
     return out
 
 
-def sensitivity_sparsity(sensitivity, target: float, weights, epsilon: float = 0.2) -> np.ndarray:
-    """LayerIF's linear map of the per-block KL rise, reversed: the most sensitive block gets the least sparsity."""
-    return linear_sparsity(sensitivity, target, check_epsilon(epsilon), weights, reverse=True)
+# ----------------------------------------------------------------------------- command options
+
+
+@dataclass
+class SearchOptions:
+    """The options of ``--allocation search`` / ``sensitivity`` shared by ``prune`` and ``compare-pruning``."""
+
+    search_evals: int = field(default=200, metadata={"help": "search: budget of fitness evaluations (the start counts one)"})
+    search_offspring: int = field(default=8, metadata={"help": "search: offspring per generation (λ)"})
+    search_survivors: int = field(default=2, metadata={"help": "search: offspring kept after screening, evaluated on every fitness window"})
+    search_windows: int = field(default=8, metadata={"help": "search / sensitivity: calibration-text windows (of --seqlen tokens) the KL fitness is measured on"})
+    search_screen_windows: int = field(default=2, metadata={"help": "search: windows the offspring are screened on (drawn anew each generation)"})
+    search_step: float = field(default=STEP, metadata={"help": "search: sparsity step of the level grid (for equal blocks)"})
+    search_low: float = field(default=LOW, metadata={"help": "search: lowest sparsity level a block may take"})
+    search_high: float = field(default=HIGH, metadata={"help": "search: highest sparsity level a block may take"})
+
+    def search_config(self, seed: int) -> SearchConfig:
+        config = SearchConfig(self.search_evals, self.search_offspring, self.search_survivors,
+                              self.search_screen_windows, self.search_step, self.search_low, self.search_high, seed)
+        config.check()
+        if self.search_windows < 1:
+            raise UserError(f"--search-windows must be ≥ 1 (got {self.search_windows})")
+        return config
+
+
+def run_search(model: nn.Module, db: LevelDatabase, target: float, weights, fitness_windows: torch.Tensor,
+               start_ratios, start: str, config: SearchConfig, batch_size: int = 4) -> tuple[np.ndarray, dict]:
+    """:func:`search_allocation` → (the found per-block sparsity, its :func:`search_record`)."""
+    result, info = search_allocation(model, db, target, weights, fitness_windows, start_ratios, config, batch_size)
+    return result.ratios, search_record(result, config, info, start, db.method)
+
+
+def run_sensitivity(model: nn.Module, db: LevelDatabase, target: float, fitness_windows: torch.Tensor,
+                    batch_size: int = 4) -> tuple[np.ndarray, dict]:
+    """:func:`block_sensitivity` → (the KL rise per block, a record with it, the seconds and the database)."""
+    t0 = time.time()
+    kl = block_sensitivity(model, db, target, fitness_windows, batch_size)
+    return kl, {"kl": [float(x) for x in kl], "seconds": round(time.time() - t0, 2), "database": db.info()}
 
 
 # ----------------------------------------------------------------------------- outputs
 
 
 def trajectory_csv(trajectories: dict[str, list[dict]]) -> str:
-    """One row per (start, generation): start, generation, evaluations, tokens, fitness, accepted, seconds."""
+    """One row per (search label, generation): search, generation, evaluations, tokens, fitness, accepted, seconds."""
     buf = io.StringIO()
-    fields = ("start", "generation", "evaluations", "tokens", "fitness", "accepted", "seconds")
+    fields = ("search", "generation", "evaluations", "tokens", "fitness", "accepted", "seconds")
     w = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
     w.writeheader()
     for label, rows in trajectories.items():
-        w.writerows({"start": label, **{k: r[k] for k in fields[1:]}} for r in rows)
+        w.writerows({"search": label, **{k: r[k] for k in fields[1:]}} for r in rows)
     return buf.getvalue()
 
 
-def trajectory_figure(trajectories: dict[str, list[dict]], title: str):
-    """Fitness (KL to the dense model, log scale) against evaluations, one line per search."""
+def trajectory_figure(records: list[dict], title: str):
+    """Fitness (KL to the dense model, log scale) against evaluations: one panel per (pruner, target), one
+    line per start point and seed (:func:`search_record` entries)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for label, rows in trajectories.items():
-        ax.step([r["evaluations"] for r in rows], [r["fitness"] for r in rows], where="post", marker=".", label=label)
-    values = [r["fitness"] for rows in trajectories.values() for r in rows]
-    if values and min(values) > 0:
-        ax.set_yscale("log")
-    ax.set_xlabel("fitness evaluations")
-    ax.set_ylabel("KL to the dense model (nats / token)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    panels: dict[str, list[dict]] = {}
+    for rec in records:
+        panels.setdefault(f"{rec['method']} · sparsity {rec['target']:g}", []).append(rec)
+    cols = min(len(panels), 2)
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 3.8 * rows), squeeze=False)
+    for ax, (name, recs) in zip(axes.flat, panels.items()):
+        for rec in recs:
+            t = rec["trajectory"]
+            ax.step([r["evaluations"] for r in t], [r["fitness"] for r in t], where="post", marker=".",
+                    label=f"from {rec['start']} (seed {rec['seed']})")
+        if min(r["fitness"] for rec in recs for r in rec["trajectory"]) > 0:
+            ax.set_yscale("log")
+        ax.set_xlabel("fitness evaluations")
+        ax.set_ylabel("KL to the dense model (nats / token)")
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.suptitle(title)
     fig.tight_layout()
     return fig
 
 
-def search_record(result: SearchResult, grid: LevelGrid, config: SearchConfig, db_info: dict, start: str) -> dict:
-    """The JSON record of one search (``search.json``)."""
+def search_record(result: SearchResult, config: SearchConfig, db_info: dict, start: str, method: str) -> dict:
+    """The JSON record of one search (an entry of ``search.json``)."""
+    grid = result.grid
     return {
-        "start": start, "target": grid.target,
+        "method": method, "start": start, "target": grid.target, "seed": config.seed,
         "weighted_sparsity": float(np.average(result.ratios, weights=grid.weights)),
         "sparsity": [float(r) for r in result.ratios], "levels": [int(k) for k in result.levels],
         "start_sparsity": [float(r) for r in grid.ratios(result.start_levels)],
@@ -615,30 +643,11 @@ def search_record(result: SearchResult, grid: LevelGrid, config: SearchConfig, d
 
 def write_search(out: str | Path, records: dict[str, dict], title: str) -> list[str]:
     """``search.json`` (label → :func:`search_record`), ``search_trajectory.csv`` and ``search.png`` in ``out``."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    trajectories = {label: rec["trajectory"] for label, rec in records.items()}
-    write_json(out / "search.json", records)
-    write_text(out / "search_trajectory.csv", trajectory_csv(trajectories))
     from .io import write_figure
 
-    write_figure(out / "search.png", trajectory_figure(trajectories, title))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "search.json", records)
+    write_text(out / "search_trajectory.csv", trajectory_csv({label: rec["trajectory"] for label, rec in records.items()}))
+    write_figure(out / "search.png", trajectory_figure(list(records.values()), title))
     return ["search.json", "search_trajectory.csv", "search.png"]
-
-
-def read_allocation(path: str, n_blocks: int) -> np.ndarray:
-    """The per-block ``sparsity`` of a saved ``allocation.json`` (from ``layerif prune --save`` or a search).
-
-    Its ``layers`` (when present) must be the model's blocks 0..L−1 in order.
-    """
-    try:
-        doc = json.loads(Path(path).read_text(encoding="utf-8"))
-        ratios = np.asarray(doc["sparsity"], dtype=np.float64).reshape(-1)
-    except (OSError, ValueError, KeyError, TypeError):
-        raise UserError(f"{path}: not an allocation.json with a 'sparsity' list") from None
-    layers = doc.get("layers", list(range(ratios.size)))
-    if ratios.size != n_blocks or list(layers) != list(range(n_blocks)):
-        raise UserError(f"{path} allocates {ratios.size} blocks, the model has {n_blocks}")
-    if not np.all(np.isfinite(ratios)) or np.any(ratios < 0) or np.any(ratios >= 1):
-        raise UserError(f"{path}: sparsities must be in [0, 1)")
-    return ratios
