@@ -46,6 +46,7 @@ def test_score_writes_all_outputs(model_dir, data, tmp_path, capsys):
                 "aggregations", "lambda", "seconds", "version"):
         assert key in doc
     assert doc["layers"] == [0, 1, 2] and len(doc["score"]) == 3 and doc["n_train"] == 6 and doc["n_val"] == 2
+    assert doc["n_train_distinct"] == 6 and doc["n_val_distinct"] == 2  # no repeated record
     assert doc["aggregations"]["helpful"] == doc["score"]
     assert len(doc["lambda"]) == 3 * 4 and all(v > 0 for v in doc["lambda"].values())
     inf = load_file(out / "influence.safetensors")

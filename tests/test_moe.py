@@ -320,13 +320,13 @@ def test_training_bad_input(tokenizer):
 
 
 def fake_tasks_module() -> types.ModuleType:
-    """A stand-in for layerif.tasks: get_task(name).split(split, n, seed) -> multiple-choice records."""
+    """A stand-in for layerif.tasks: get_task(name).split(split, n, seed, allow_repeats) -> multiple-choice records."""
     mod = types.ModuleType("layerif.tasks")
 
     class Task:
         name = "capitals"
 
-        def split(self, split, n, seed):
+        def split(self, split, n, seed, allow_repeats=False):
             return [RECORDS[(i + seed) % 4] for i in range(n)]
 
     def get_task(name):

@@ -9,12 +9,12 @@ import pytest
 import yaml
 
 import layerif.models
+from layerif.data import encode_split, n_distinct
 from conftest import tiny_model
 from layerif.errors import UserError
 from layerif.evaluate import mc_accuracy
 from layerif.models import LoadedModel
-from layerif.tasks import (MIN_DISTINCT, SPLITS, TASKS, TasksArgs, addition_task, distinct_items, export_lm_eval,
-                           get_task, run)
+from layerif.tasks import MIN_DISTINCT, SPLITS, TASKS, TasksArgs, addition_task, export_lm_eval, get_task, run
 
 NAMES = sorted(TASKS)
 
@@ -31,7 +31,7 @@ def test_every_split_holds_enough_distinct_items(name):
     for split in SPLITS:
         records = task.split(split)
         prompts = [r["prompt"] for r in records]
-        assert len(set(prompts)) == len(prompts) == task.n_distinct(split) == distinct_items(records)
+        assert len(set(prompts)) == len(prompts) == task.n_distinct(split)
         assert task.n_distinct(split) >= MIN_DISTINCT[split], (split, task.n_distinct(split))
 
 
@@ -145,10 +145,15 @@ def test_no_silent_repeats():
     with pytest.raises(UserError, match=f"holds {pool} distinct items.*--allow-repeats"):
         task.split("test", pool + 1)
     records = task.split("test", 2 * pool + 3, allow_repeats=True)
-    assert len(records) == 2 * pool + 3 and distinct_items(records) == pool
+    assert len(records) == 2 * pool + 3 and len({r["prompt"] for r in records}) == pool
     assert {r["prompt"] for r in records[pool : 2 * pool]} == {r["prompt"] for r in records[:pool]}
     assert task.split("test", 0) == []
-    assert distinct_items([{"text": "a"}, {"text": "a"}, {"text": "b"}]) == 2
+
+
+def test_n_distinct_of_encoded_records(tokenizer):
+    records = [{"text": "one two three"}, {"text": "one two three"}, {"text": "four five"}]
+    encoded, _ = encode_split(tokenizer, records, "train")
+    assert len(encoded) == 3 and n_distinct(encoded) == 2
 
 
 def test_errors():
@@ -188,12 +193,12 @@ def test_tasks_command_accuracy_on_a_tiny_model(monkeypatch, tokenizer):
 
 
 def test_export_lm_eval(tmp_path):
-    paths = export_lm_eval(tmp_path / "lm", ["capitals", "addition"])
-    assert [p.name for p in paths] == ["layerif_capitals.yaml", "layerif_addition.yaml"]
+    paths = export_lm_eval(tmp_path / "lm", ["capitals", "past-tense"])
+    assert [p.name for p in paths] == ["layerif_capitals.yaml", "layerif_past_tense.yaml"]
     config = yaml.safe_load(paths[0].read_text())
     assert config["task"] == "layerif_capitals" and config["output_type"] == "multiple_choice"
     assert (config["doc_to_text"], config["doc_to_choice"], config["doc_to_target"]) == (
-        "{{prompt}}", "{{options}}", "{{answer}}")
+        "prompt", "options", "answer")  # fields of the JSONL records
     assert config["target_delimiter"] == "" and config["dataset_path"] == "json"
     task = get_task("capitals")
     for split in SPLITS:
@@ -201,7 +206,7 @@ def test_export_lm_eval(tmp_path):
         rows = [json.loads(line) for line in open(path, encoding="utf-8")]
         assert rows == task.split(split)
         assert config["metadata"]["distinct_items"][split] == task.n_distinct(split)
-    assert config[f"{'test'}_split"] == "test"
+    assert config["test_split"] == "test" and yaml.safe_load(paths[1].read_text())["task"] == "layerif_past_tense"
     (tmp_path / "file").write_text("x")
     with pytest.raises(UserError, match="not a folder"):
         export_lm_eval(tmp_path / "file")

@@ -48,6 +48,11 @@ class Encoded:
         return sum(1 for y in self.labels[1:] if y != IGNORE)
 
 
+def n_distinct(items: list[Encoded]) -> int:
+    """How many distinct records ``items`` holds (same input ids and labels count once): repeats show as a gap to ``len``."""
+    return len({(tuple(e.input_ids), tuple(e.labels)) for e in items})
+
+
 def encode_pair(tokenizer, prompt: str, completion: str) -> Encoded:
     """Tokenize ``prompt`` (with the tokenizer's default special tokens) followed by ``completion``.
 

@@ -421,6 +421,7 @@ class _MoeOptions(ModelArgs):
     aux_loss_coef: float = field(default=0.01, metadata={"help": "weight of the load-balancing loss (0: off)"})
     n_train: int = field(default=256, metadata={"help": "train items of the task"})
     n_test: int = field(default=100, metadata={"help": "test items of the task"})
+    allow_repeats: bool = field(default=False, metadata={"help": "allow more task items than a built-in split holds (records repeat)"})
     data_seed: int = field(default=0, metadata={"help": "seed of the task's item sampling (same items for every training seed)"})
     steps: int = field(default=100, metadata={"help": "optimizer steps"})
     batch_size: int = field(default=8, metadata={"help": "records per micro-batch"})
@@ -494,7 +495,8 @@ def _setting(args: _MoeOptions) -> _Setting:
     task_name = args.task or doc.get("task") or "capitals"
     task = get_task(task_name)
     return _Setting(lm, len(blocks), scores, doc, task_name,
-                    task.split("train", args.n_train, args.data_seed), task.split("test", args.n_test, args.data_seed))
+                    task.split("train", args.n_train, args.data_seed, args.allow_repeats),
+                    task.split("test", args.n_test, args.data_seed, args.allow_repeats))
 
 
 def _fit(s: _Setting, args: _MoeOptions, experts: np.ndarray, seed: int) -> dict:

@@ -585,11 +585,11 @@ def _check_sizes(n_calib: int, seqlen: int, damping: float, block_size: int) -> 
         raise UserError(f"--block-size must be ≥ 1 (got {block_size})")
 
 
-def _task_records(task: str | None, task_items: int) -> list[dict] | None:
+def _task_records(task: str | None, task_items: int, allow_repeats: bool = False) -> list[dict] | None:
     """The multiple-choice records of ``--task`` (None without one), after checking ``--task-items``."""
     if task_items < 1:
         raise UserError(f"--task-items must be ≥ 1 (got {task_items})")
-    return None if task is None else test_records(task, task_items)
+    return None if task is None else test_records(task, task_items, allow_repeats=allow_repeats)
 
 
 def _corpus(text: str | None) -> tuple[str, str]:
@@ -640,6 +640,7 @@ class PruneArgs(ModelArgs, SearchOptions):
     eval_windows: int = field(default=0, metadata={"help": "also measure perplexity on this many held-out windows (0: no)"})
     task: str | None = field(default=None, metadata={"help": "also measure multiple-choice accuracy on a built-in task or a JSONL file of {prompt, options, answer} records"})
     task_items: int = field(default=200, metadata={"help": "test items of a built-in --task (a file: its first N)"})
+    allow_repeats: bool = field(default=False, metadata={"help": "allow more task items than a built-in split holds (records repeat)"})
     batch_size: int = field(default=4, metadata={"help": "windows / records per evaluation batch"})
     save: str | None = field(default=None, metadata={"help": "folder for the pruned model, allocation.json and recipe.yaml"})
     allocation_file: str | None = field(default=None, metadata={"help": "apply the per-block sparsity of a saved allocation.json (replaces --allocation and --sparsity)"})
@@ -670,7 +671,7 @@ def run(args: PruneArgs) -> str:
     if allocation != "file" and "scores" in (rule.metric, allocate.ALLOCATIONS.get(start, rule).metric) \
             and args.scores is None:
         raise UserError(f"--allocation {args.allocation} needs --scores scores.json (from `layerif score`)")
-    records = _task_records(args.task, args.task_items)
+    records = _task_records(args.task, args.task_items, args.allow_repeats)
     if args.save is not None:
         check_save_dir(args.save, "pruned model")
     lm = args.load()
@@ -777,6 +778,7 @@ class CompareArgs(ModelArgs, SearchOptions):
     eval_windows: int = field(default=64, metadata={"help": "held-out perplexity windows (0: all)"})
     task: str | None = field(default=None, metadata={"help": "built-in task or JSONL file of {prompt, options, answer} records for accuracy (default: the task of --scores, else capitals)"})
     task_items: int = field(default=200, metadata={"help": "test items of a built-in task (a file: its first N)"})
+    allow_repeats: bool = field(default=False, metadata={"help": "allow more task items than a built-in split holds (records repeat)"})
     batch_size: int = field(default=4, metadata={"help": "windows / records per evaluation batch"})
     damping: float = field(default=DAMPING, metadata={"help": "SparseGPT damping"})
     block_size: int = field(default=BLOCK_SIZE, metadata={"help": "SparseGPT column block size"})
@@ -943,7 +945,7 @@ def run_compare(args: CompareArgs) -> str:
     if any(allocate.get(a.removeprefix("search-"), "sparsity")[0].metric == "scores" for a in allocations) \
             and args.scores is None:
         raise UserError("the layerif allocations need --scores scores.json (from `layerif score`)")
-    records = _task_records(args.task, args.task_items)  # a bad --task fails before any output
+    records = _task_records(args.task, args.task_items, args.allow_repeats)  # a bad --task fails before any output
     out = prepare_out_dir(args.out)
     rows: list[dict] = []
     if args.resume and (out / "comparison.csv").exists():
@@ -962,7 +964,7 @@ def run_compare(args: CompareArgs) -> str:
     _, blocks = find_blocks(model)
     scores, doc = block_scores(args.scores, len(blocks)) if args.scores else (None, {})
     task = args.task or doc.get("task") or "capitals"
-    records = records or test_records(task, args.task_items)
+    records = records or test_records(task, args.task_items, allow_repeats=args.allow_repeats)
     calib_text, eval_text = _corpus(args.text)
     max_windows = args.eval_windows or None
     meta = {"model": lm.name, "task": f"{task} ({len(records)} test items, multiple choice)",

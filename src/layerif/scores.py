@@ -31,7 +31,7 @@ import torch
 
 from . import __version__, progress, stability
 from .cache import PassCache, fingerprint
-from .data import Encoded, Fields, batches, collate, encode_split, load_records
+from .data import Encoded, Fields, batches, collate, encode_split, load_records, n_distinct
 from .distributed import is_main, process_group, world
 from .errors import UserError
 from .grads import Factored, capture, dense_from_activations, gram, losses_and_backward, record_losses
@@ -65,6 +65,7 @@ class ScoreArgs(ModelArgs):
     n_train: int = field(default=64, metadata={"help": "use at most this many train records (0 = all)"})
     n_val: int = field(default=16, metadata={"help": "use at most this many validation records (0 = all)"})
     seed: int = field(default=0, metadata={"help": "seed of the built-in task's sampling"})
+    allow_repeats: bool = field(default=False, metadata={"help": "allow --n-train / --n-val beyond a built-in task's distinct items"})
     text_field: str = field(default="text", metadata={"help": "record field with plain text"})
     prompt_field: str = field(default="prompt", metadata={"help": "record field with the prompt"})
     completion_field: str = field(default="completion", metadata={"help": "record field with the completion"})
@@ -383,8 +384,8 @@ def load_splits(args: ScoreArgs, tokenizer) -> tuple[list[Encoded], list[Encoded
         from .tasks import get_task
 
         task = get_task(args.task)
-        train_rec = task.split("train", args.n_train or None, args.seed)
-        val_rec = task.split("validation", args.n_val or None, args.seed)
+        train_rec = task.split("train", args.n_train or None, args.seed, args.allow_repeats)
+        val_rec = task.split("validation", args.n_val or None, args.seed, args.allow_repeats)
         label = task.name
     if args.n_train:
         train_rec = train_rec[: args.n_train]
@@ -503,7 +504,8 @@ def score(args: ScoreArgs, lm: LoadedModel | None = None) -> ScoreResult:
     result = compute(lm, train, val, args.target, args.estimator, args.damping_scale, args.per_val,
                      args.batch_size, args.max_memory, args.layout, args.mode, args.val_chunk,
                      cache_dir(args) if args.resume else None)
-    result.meta |= {"model": lm.name, "task": label, "n_train": len(train), "n_val": len(val), "truncated": cut}
+    result.meta |= {"model": lm.name, "task": label, "n_train": len(train), "n_val": len(val), "truncated": cut,
+                    "n_train_distinct": n_distinct(train), "n_val_distinct": n_distinct(val)}
     if args.bootstrap or args.split_half:
         result.meta["stability"] = assess_stability(result, args, lm, train, val)
     return result
@@ -519,6 +521,8 @@ def scores_json(result: ScoreResult, args: ScoreArgs) -> dict:
         "damping_scale": args.damping_scale,
         "n_train": result.meta.get("n_train"),
         "n_val": result.meta.get("n_val"),
+        "n_train_distinct": result.meta.get("n_train_distinct"),
+        "n_val_distinct": result.meta.get("n_val_distinct"),
         "layers": result.layers,
         "score": result.score,
         "aggregations": result.aggregations(),

@@ -148,15 +148,6 @@ class Task:
                 "options": [f" {o}" for o in options], "answer": options.index(answer)}
 
 
-def distinct_items(records: list[dict]) -> int:
-    """How many distinct items ``records`` hold: distinct (prompt, completion) pairs, or texts.
-
-    Works on any records (a built-in task's or a file's); outputs report it
-    next to the number of records so that repeats are visible.
-    """
-    return len({(r.get("prompt"), r.get("completion"), r.get("text")) for r in records})
-
-
 # ----------------------------------------------------------------------------- facts
 
 
@@ -449,17 +440,18 @@ def test_records(task: str, n: int | None = None, seed: int = 0, allow_repeats: 
 
 
 def export_lm_eval(out: str | Path, names: list[str] | None = None, seed: int = 0) -> list[Path]:
-    """Write each built-in task as an lm-eval task: ``out/<name>/layerif_<name>.yaml`` and one JSONL per split.
+    """Write each built-in task as an lm-eval task: ``out/<name>/<task>.yaml`` and one JSONL per split.
 
     The JSONL files hold every record of the split (``Task.split(split, seed=seed)``:
     ``prompt``, ``completion``, ``options``, ``answer``). The YAML is an lm-eval
-    ``multiple_choice`` task over them: ``doc_to_text`` the prompt,
-    ``doc_to_choice`` the options (each with its leading space, hence an empty
+    ``multiple_choice`` task called ``layerif_<name>`` (``-`` written ``_``) over
+    them: ``doc_to_text`` the prompt, ``doc_to_choice`` the options (fields of
+    the records; each option with its leading space, hence an empty
     ``target_delimiter``), ``doc_to_target`` the answer's index, metric ``acc``
     (the option with the highest summed log-likelihood, as
     :func:`layerif.evaluate.mc_accuracy`) and ``acc_norm``. The data files are
     named by absolute path, so the folder is used where it was written
-    (``lm_eval --include_path out --tasks layerif_<name>``; the tasks are also
+    (``lm_eval --include_path out --tasks layerif_capitals``; the tasks are also
     grouped as ``layerif``). Returns the YAML paths.
     """
     import json
@@ -472,13 +464,13 @@ def export_lm_eval(out: str | Path, names: list[str] | None = None, seed: int = 
     written = []
     names = list(TASKS) if names is None else names
     for name in names:
-        task, folder = get_task(name), root / name
+        task, folder, lm_name = get_task(name), root / name, "layerif_" + name.replace("-", "_")
         folder.mkdir(parents=True, exist_ok=True)
         for split in SPLITS:
             with open(folder / f"{split}.jsonl", "w", encoding="utf-8") as f:
                 f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in task.split(split, seed=seed))
         config = {
-            "task": f"layerif_{name}",
+            "task": lm_name,
             "tag": ["layerif"],
             "dataset_path": "json",
             "dataset_kwargs": {"data_files": {s: str(folder / f"{s}.jsonl") for s in SPLITS}},
@@ -486,16 +478,16 @@ def export_lm_eval(out: str | Path, names: list[str] | None = None, seed: int = 
             "training_split": "train",
             "validation_split": "validation",
             "test_split": "test",
-            "doc_to_text": "{{prompt}}",
-            "doc_to_choice": "{{options}}",
-            "doc_to_target": "{{answer}}",
+            "doc_to_text": "prompt",
+            "doc_to_choice": "options",
+            "doc_to_target": "answer",
             "target_delimiter": "",
             "num_fewshot": 0,
             "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True} for m in ("acc", "acc_norm")],
             "metadata": {"version": 1.0, "description": task.description, "chance": task.chance,
                          "distinct_items": {s: task.n_distinct(s) for s in SPLITS}},
         }
-        path = folder / f"layerif_{name}.yaml"
+        path = folder / f"{lm_name}.yaml"
         path.write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True), encoding="utf-8")
         written.append(path)
     return written
