@@ -318,59 +318,78 @@ def accuracy_source(args: ValidateArgs) -> str | None:
     return args.task if not (args.train or args.val) and args.task in TASKS else None
 
 
-def compute(args: ValidateArgs, lm=None) -> dict:
-    """The validation.json document (the Python API behind ``layerif validate``; no files written)."""
-    names = check_args(args)
-    acc_source = accuracy_source(args)
-    acc_records = test_records(acc_source, args.task_items) if acc_source else None
-    lm, train, val, label, _ = prepare(args, lm or args.load())
+def ground_truth(lm, train: list[Encoded], val: list[Encoded], targets: list[Target], opts, seed: int = 0) -> dict:
+    """Measure every targeted block's fine-tune gain and pruning sensitivity (the model is left as it was).
+
+    ``opts``: the ground-truth options (:class:`ValidateArgs`' ``steps``, ``lr``,
+    ``ft_batch_size``, ``sparsity``, ``method``, ``n_calib``, ``seqlen``, ``text``,
+    ``accuracy_task`` (see :func:`accuracy_source`), ``task_items``,
+    ``eval_batch_size``). Returns the
+    measurement part of validation.json: ``layers``, ``fine_tune``, ``pruning``,
+    ``base``, ``fine_tune_gain``, ``prune_sensitivity``, ``seconds``.
+    """
     model, pad = lm.model, lm.tokenizer.pad_token_id
-    targets = select_targets(model, args.target)
-    seconds: dict[str, float] = {}
-
+    acc_source = accuracy_source(opts)
+    acc_records = test_records(acc_source, opts.task_items) if acc_source else None
     t0 = time.perf_counter()
-    progress.info(f"Gram statistics of {len(targets)} modules: {len(train)} train x {len(val)} validation records")
-    stats, _, passes = module_stats(model, targets, train, val, pad, False, args.batch_size,
-                                    args.max_memory or default_max_memory_gb(), args.layout)
-    influence = {e: block_influence(stats, targets, e, args.damping_scale, args.lissa_iterations, args.lissa_batch, args.seed)
-                 for e in names}
-    seconds["scores"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    progress.info(f"fine-tune gain: {args.steps} Adam steps of {args.ft_batch_size} records per block")
-    config = TrainConfig(steps=args.steps, batch_size=args.ft_batch_size, lr=args.lr, warmup=0.0,
-                         weight_decay=0.0, max_grad_norm=0.0, seed=args.seed)
-    layers, gains, base_loss = fine_tune_gain(model, targets, train, val, pad, config, args.eval_batch_size)
-    seconds["fine_tune"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    progress.info(f"pruning sensitivity: {args.method} at sparsity {args.sparsity:g}, one block at a time")
+    progress.info(f"fine-tune gain: {opts.steps} Adam steps of {opts.ft_batch_size} records per block")
+    config = TrainConfig(steps=opts.steps, batch_size=opts.ft_batch_size, lr=opts.lr, warmup=0.0,
+                         weight_decay=0.0, max_grad_norm=0.0, seed=seed)
+    layers, gains, base_loss = fine_tune_gain(model, targets, train, val, pad, config, opts.eval_batch_size)
+    t1 = time.perf_counter()
+    progress.info(f"pruning sensitivity: {opts.method} at sparsity {opts.sparsity:g}, one block at a time")
     windows = None
-    if args.method != "magnitude":
-        windows = _windows(lm.tokenizer, _corpus(args.text)[0], args.n_calib, args.seqlen, args.seed)
-    pruned = prune_sensitivity(model, lm.tokenizer, layers, val, args.method, args.sparsity, windows, acc_records,
-                               args.eval_batch_size)
-    seconds["prune"] = time.perf_counter() - t0
-
-    scores = profile_scores(influence, layers)
-    truths = {"fine_tune_gain": gains, "prune_loss_rise": pruned["loss_rise"],
-              "prune_accuracy_change": pruned["accuracy_change"]}
+    if opts.method != "magnitude":
+        windows = _windows(lm.tokenizer, _corpus(opts.text)[0], opts.n_calib, opts.seqlen, seed)
+    pruned = prune_sensitivity(model, lm.tokenizer, layers, val, opts.method, opts.sparsity, windows, acc_records,
+                               opts.eval_batch_size)
+    t2 = time.perf_counter()
     return {
-        "model": lm.name, "task": label, "target": args.target, "damping_scale": args.damping_scale,
-        "n_train": len(train), "n_val": len(val), "estimators": names, "layers": layers,
-        "fine_tune": {"steps": args.steps, "lr": args.lr, "batch_size": args.ft_batch_size, "optimizer": "adam",
-                      "seed": args.seed},
-        "pruning": {"method": args.method, "sparsity": args.sparsity, "n_calib": args.n_calib, "seqlen": args.seqlen,
+        "layers": layers,
+        "fine_tune": {"steps": opts.steps, "lr": opts.lr, "batch_size": opts.ft_batch_size, "optimizer": "adam",
+                      "seed": seed},
+        "pruning": {"method": opts.method, "sparsity": opts.sparsity, "n_calib": opts.n_calib, "seqlen": opts.seqlen,
                     "accuracy_task": acc_source, "task_items": len(acc_records) if acc_records else 0},
         "base": {"val_loss": base_loss, "accuracy": pruned["base_accuracy"]},
         "fine_tune_gain": gains,
         "prune_sensitivity": {k: pruned[k] for k in ("loss_rise", "accuracy_change", "val_loss", "accuracy")},
-        "scores": scores,
-        "spearman": correlate(scores, truths, args.bootstrap_blocks, args.seed),
-        "bootstrap": {"B": args.bootstrap_blocks, "level": LEVEL, "over": "blocks"},
-        "conventions": {"orientation": ORIENTATION, "claim": CLAIM},
-        "passes": passes, "seconds": {k: round(v, 2) for k, v in seconds.items()}, "version": __version__,
+        "seconds": {"fine_tune": round(t1 - t0, 2), "prune": round(t2 - t1, 2)},
     }
+
+
+def validation_doc(head: dict, influence: dict[str, dict[int, torch.Tensor]], measured: dict, B: int = 1000,
+                   seed: int = 0) -> dict:
+    """validation.json: ``head`` (model, task, target, n_train, n_val, ...), the measurements of
+    :func:`ground_truth`, every estimator's aggregations (``influence``: {estimator: {block: I_l [n]}}) and their
+    Spearman correlations with every ground truth (:func:`correlate`)."""
+    layers = measured["layers"]
+    scores = profile_scores(influence, layers)
+    ps = measured["prune_sensitivity"]
+    truths = {"fine_tune_gain": measured["fine_tune_gain"], "prune_loss_rise": ps["loss_rise"],
+              "prune_accuracy_change": ps["accuracy_change"]}
+    return {**head, "estimators": list(influence), **measured, "scores": scores,
+            "spearman": correlate(scores, truths, B, seed),
+            "bootstrap": {"B": B, "level": LEVEL, "over": "blocks"},
+            "conventions": {"orientation": ORIENTATION, "claim": CLAIM}, "version": __version__}
+
+
+def compute(args: ValidateArgs, lm=None) -> dict:
+    """The validation.json document (the Python API behind ``layerif validate``; no files written)."""
+    names = check_args(args)
+    lm, train, val, label, _ = prepare(args, lm or args.load())
+    targets = select_targets(lm.model, args.target)
+    t0 = time.perf_counter()
+    progress.info(f"Gram statistics of {len(targets)} modules: {len(train)} train x {len(val)} validation records")
+    stats, _, passes = module_stats(lm.model, targets, train, val, lm.tokenizer.pad_token_id, False, args.batch_size,
+                                    args.max_memory or default_max_memory_gb(), args.layout)
+    influence = {e: block_influence(stats, targets, e, args.damping_scale, args.lissa_iterations, args.lissa_batch,
+                                    args.seed) for e in names}
+    seconds = time.perf_counter() - t0
+    measured = ground_truth(lm, train, val, targets, args, args.seed)
+    measured["seconds"] = {"scores": round(seconds, 2), **measured["seconds"]}
+    head = {"model": lm.name, "task": label, "target": args.target, "damping_scale": args.damping_scale,
+            "n_train": len(train), "n_val": len(val), "passes": passes}
+    return validation_doc(head, influence, measured, args.bootstrap_blocks, args.seed)
 
 
 def _csv(rows: list[list]) -> str:
