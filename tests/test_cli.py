@@ -91,7 +91,7 @@ def _bad(tmp_path, model_dir, data, capsys, extra, expect):
     (["--damping-scale", "-1"], "--damping-scale must be > 0"),
     (["--target", "nomatch_[xyz]+"], "matches no projection"),
     (["--target", "attn["], "neither"),
-    (["--model", "/nonexistent/model/folder"], "cannot load model"),
+    (["--model", "/nonexistent/model/folder"], "model folder not found"),
     (["--train", "/nonexistent/train.jsonl"], "data file not found"),
 ])
 def test_bad_options(tmp_path, model_dir, data, capsys, extra, expect):
@@ -130,7 +130,11 @@ def test_max_length_reports_truncation(model_dir, data, tmp_path, capsys):
                str(tmp_path / "o"), "--max-length", "6"])
     progress.enable(False)
     assert rc == 0
-    assert "truncated 6 record(s)" in capsys.readouterr().err
+    assert "6 of 6 train, 2 of 2 validation records; 6 truncated to 6 tokens" in capsys.readouterr().err
+    doc = json.loads((tmp_path / "o" / "scores.json").read_text())
+    assert doc["records"] == {"train": {"available": 6, "used": 6, "truncated": 6},
+                              "validation": {"available": 2, "used": 2, "truncated": 0}, "max_length": 6}
+    assert "6 truncated to 6 tokens" in (tmp_path / "o" / "report.md").read_text()
 
 
 def test_console_script_exit_status_and_no_traceback(tmp_path):

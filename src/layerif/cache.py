@@ -2,9 +2,11 @@
 
 A run killed during a pass resumes from the last completed pass (or module
 group, or validation chunk) when re-run with the same arguments. Each entry is
-a safetensors file in the cache folder; the folder's ``fingerprint.json``
-names the model, data and options that made them, and a cache whose
-fingerprint differs is ignored and replaced.
+a safetensors file in the cache folder named ``<fingerprint>.<pass>.safetensors``:
+the fingerprint (:func:`fingerprint`: model, data and options) is part of every
+entry's name, so an entry is only ever read by a run with the same fingerprint.
+Entries of other fingerprints are removed when a cache is opened (one run owns
+a cache folder at a time: the output folder's lock, :func:`layerif.io.staged_folder`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .data import Encoded
-from .io import write_json, write_safetensors
+from .io import write_safetensors
 
 
 def fingerprint(model: torch.nn.Module, model_name: str, train: list[Encoded], val: list[Encoded], options: dict) -> str:
@@ -43,30 +45,32 @@ class PassCache:
         self.key = key
         if self.folder is None:
             return
-        stamp = self.folder / "fingerprint.json"
-        if self.folder.exists():
-            try:
-                same = json.loads(stamp.read_text())["fingerprint"] == key
-            except (OSError, ValueError, KeyError):
-                same = False
-            if not same:
-                shutil.rmtree(self.folder)
-        if not self.folder.exists():
-            self.folder.mkdir(parents=True)
-            write_json(stamp, {"fingerprint": key})
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for entry in self.folder.iterdir():
+            if entry.name.startswith(f"{key}."):
+                continue
+            if entry.is_dir():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+
+    def path(self, name: str) -> Path:
+        """The entry of pass ``name`` for this cache's fingerprint."""
+        assert self.folder is not None
+        return self.folder / f"{self.key}.{name}.safetensors"
 
     def load(self, name: str) -> dict[str, torch.Tensor] | None:
-        """The tensors saved under ``name``, or None when that pass has not completed."""
-        if self.folder is None or not (self.folder / f"{name}.safetensors").exists():
+        """The tensors saved under ``name`` by a run of this fingerprint, or None when that pass has not completed."""
+        if self.folder is None or not self.path(name).exists():
             return None
         from safetensors.torch import load_file
 
-        return load_file(self.folder / f"{name}.safetensors")
+        return load_file(self.path(name))
 
     def save(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
         """Record a completed pass (written atomically)."""
         if self.folder is not None:
-            write_safetensors(self.folder / f"{name}.safetensors", tensors)
+            write_safetensors(self.path(name), tensors)
 
     def clear(self) -> None:
         """Remove the cache once the run's outputs are written."""

@@ -5,7 +5,14 @@ returns the text to print (the library itself never prints). The
 options are generated from the dataclass fields (``--damping-scale`` for
 ``damping_scale``, help text from the field's metadata), so the CLI and the
 config saved beside every result are the same thing. A :class:`UserError`
-becomes one line on stderr and exit status 2.
+becomes one line on stderr and exit status 2; a detected numeric fault
+(:class:`FloatingPointError`) exit status 1; Ctrl-C status 130 and SIGTERM 143,
+each with one line.
+
+Every float option must be finite. ``--config FILE`` replays a saved run's
+options, checked against the command's fields and types; switches marked
+``from_config: False`` (``--trust-remote-code``, ``--overwrite``) are never taken
+from a file, only from the command line.
 """
 
 from __future__ import annotations
@@ -13,14 +20,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import json
+import math
+import signal
 import sys
+import threading
 import types
 import typing
 from collections.abc import Callable
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from . import __version__, progress
-from .errors import UserError
+from .errors import Terminated, UserError
 
 # sub-command -> (module, argument dataclass name, run function name, one-line help)
 COMMANDS: dict[str, tuple[str, str, str, str]] = {
@@ -67,7 +78,9 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             continue
         if tp is list:
             kw["type"] = lambda s: [x.strip() for x in s.split(",") if x.strip()]
-        elif tp in (int, float, str):
+        elif tp is float:
+            kw["type"] = finite_float
+        elif tp in (int, str):
             kw["type"] = tp
         if "choices" in f.metadata:  # validated by the command itself, for a one-line error
             help_ = f"{help_}; one of {', '.join(f.metadata['choices'])}"
@@ -75,19 +88,85 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         parser.add_argument(flag, help=f"{help_} (default: {shown})", metavar=f.metadata.get("metavar"), **kw)
 
 
-def build_args(cls: type, ns: argparse.Namespace) -> object:
-    """The dataclass from parsed options; ``--config FILE`` supplies values not given on the line."""
-    import json
+def finite_float(text: str) -> float:
+    """argparse type: a finite float (nan and inf are refused)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number (got {text})")
+    return value
 
+
+_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string",
+               list: "a list of strings"}
+
+
+def _check_value(name: str, value: Any, tp: object, where: str) -> None:
+    """A config value must have its field's type (None only for optional fields); floats must be finite."""
+    base, optional = _base_type(tp)
+    if value is None:
+        if optional:
+            return
+    elif base is bool and isinstance(value, bool):
+        return
+    elif base is int and isinstance(value, int) and not isinstance(value, bool):
+        return
+    elif base is float and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return
+    elif base is str and isinstance(value, str):
+        return
+    elif base is list and isinstance(value, list) and all(isinstance(x, (str, int, float)) and not isinstance(x, bool)
+                                                          for x in value):
+        return
+    shown = json.dumps(value)
+    raise UserError(f"{where}: '{name}' must be {_TYPE_NAMES.get(base, str(base))}, got {shown[:40]}")
+
+
+def read_config(path: str, cls: type | None = None) -> dict:
+    """A config.json saved by a run: ``{"command", "args", "version"}`` (or a bare ``{field: value}`` object).
+
+    Returns the document with ``args`` a dict; with ``cls``, every argument that
+    is a field of ``cls`` is checked against its type. A missing or unreadable
+    file, a document that is not an object, and a value of the wrong type are
+    :class:`UserError` naming the file.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"config file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read {path}: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"cannot read {path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(doc, dict):
+        raise UserError(f"{path} must hold a JSON object of options, got {type(doc).__name__}")
+    if "args" in doc:
+        if not isinstance(doc["args"], dict):
+            raise UserError(f"{path}: 'args' must be an object of options, got {type(doc['args']).__name__}")
+        if not isinstance(doc.get("command", ""), str):
+            raise UserError(f"{path}: 'command' must be a string")
+    else:
+        doc = {"args": doc}
+    if cls is not None:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.name in doc["args"]:
+                _check_value(f.name, doc["args"][f.name], hints[f.name], str(path))
+    return doc
+
+
+def build_args(cls: type, ns: argparse.Namespace) -> object:
+    """The dataclass from parsed options; ``--config FILE`` supplies values not given on the line.
+
+    Fields marked ``from_config: False`` (code execution, overwriting) are never read from the file.
+    """
     values: dict = {}
     if getattr(ns, "config", None):
-        try:
-            with open(ns.config, encoding="utf-8") as f:
-                saved = json.load(f)
-        except (OSError, json.JSONDecodeError) as exc:
-            raise UserError(f"cannot read --config {ns.config}: {exc}") from None
-        saved = saved.get("args", saved)
-        names = {f.name for f in dataclasses.fields(cls)}
+        saved = read_config(ns.config, cls)["args"]
+        names = {f.name for f in dataclasses.fields(cls) if f.metadata.get("from_config", True)}
         values.update({k: v for k, v in saved.items() if k in names})
     values.update({k: v for k, v in vars(ns).items() if k not in ("command", "config", "quiet")})
     return cls(**values)
@@ -124,29 +203,43 @@ def _quiet_libraries(quiet: bool) -> None:
         hf_logging.enable_progress_bar()
 
 
+def _terminate(signum: int, frame: object) -> NoReturn:
+    raise Terminated(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = make_parser()
-    ns, extra = parser.parse_known_args(argv)
-    if extra:
-        parser.exit(2, f"layerif {ns.command}: error: unrecognized arguments: {' '.join(extra)} "
-                       f"(see layerif {ns.command} --help)\n")
-    module, cls_name, fn_name, _ = COMMANDS[ns.command]
-    mod = importlib.import_module(module)
-    run: Callable = getattr(mod, fn_name)
-    progress.enable(not ns.quiet)
-    _quiet_libraries(ns.quiet)
+    """Run one command; returns the exit status (0 ok, 1 numeric fault, 2 bad input, 130 Ctrl-C, 143 SIGTERM)."""
+    name = "layerif"
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main else None
     try:
+        parser = make_parser()
+        ns, extra = parser.parse_known_args(argv)
+        name = f"layerif {ns.command}"
+        if extra:
+            parser.exit(2, f"{name}: error: unrecognized arguments: {' '.join(extra)} (see {name} --help)\n")
+        module, cls_name, fn_name, _ = COMMANDS[ns.command]
+        mod = importlib.import_module(module)
+        run: Callable = getattr(mod, fn_name)
+        progress.enable(not ns.quiet)
+        _quiet_libraries(ns.quiet)
         args = build_args(getattr(mod, cls_name), ns)
         summary = run(args)
     except UserError as exc:
-        print(f"layerif {ns.command}: error: {exc}", file=sys.stderr)
+        print(f"{name}: error: {exc}", file=sys.stderr)
         return 2
     except FloatingPointError as exc:
-        print(f"layerif {ns.command}: error: {exc}", file=sys.stderr)
+        print(f"{name}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"layerif {ns.command}: interrupted", file=sys.stderr)
+        print(f"{name}: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print(f"{name}: terminated (SIGTERM)", file=sys.stderr)
+        return 143
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
     if summary:
         print(summary)
     return 0

@@ -31,13 +31,12 @@ import torch
 from . import __version__, progress
 from .errors import UserError
 from .influence import ESTIMATORS, EstimatorOptions, ModuleStats, damping, datainf_bound, lissa_residual
-from .io import prepare_out_dir, write_figure, write_json, write_safetensors, write_text
+from .io import CACHE_DIR, output_folder, write_figure, write_json, write_safetensors, write_text
 from .models import Target, select_targets
 from .report import write_report
 from .results import write_config
 from .scores import (
     ScoreArgs,
-    cache_dir,
     default_max_memory_gb,
     gram_influence,
     module_stats,
@@ -129,7 +128,7 @@ def task_specs(args: CompareTasksArgs) -> list[tuple[str, ScoreArgs]]:
         if folder in {f for f, _ in out}:
             raise UserError(f"task label {label!r} appears twice in --tasks (name entries LABEL=...)")
         a = as_score_args(args, out=str(Path(args.out) / folder), **changes)
-        validate(a)
+        validate(a, None)  # the folder is written inside --out's staging folder (run_tasks)
         out.append((folder, a))
     return out
 
@@ -193,14 +192,29 @@ def _csv_matrix(labels: list[str], M: list[list[float | None]]) -> str:
 def run_tasks(args: CompareTasksArgs) -> str:
     """``layerif compare-tasks``: per-task score folders, comparison.json, spearman.csv, task_heatmap.png, report."""
     specs = task_specs(args)
-    out = prepare_out_dir(args.out)
-    lm = args.load()  # once, for every task
+    with output_folder(args.out, "compare-tasks", args.overwrite) as tmp:
+        lm = args.load()  # once, for every task
+        doc = _score_tasks(args, specs, lm, tmp)
+    out = Path(args.out)
+    labels = list(doc["folders"])
+    lines = [f"{lm.name} · {len(labels)} tasks · target {args.target} · estimator {args.estimator}",
+             "Spearman of the block rankings:", _csv_matrix(labels, [[None if x is None else round(x, 3) for x in r]
+                                                                      for r in doc["spearman"]]).strip(),
+             "blocks differing most: " + ", ".join(f"{d['block']} ({d['max_task']} > {d['min_task']})"
+                                                    for d in doc["differing_blocks"]),
+             f"wrote {out}/comparison.json, spearman.csv, task_heatmap.png, report.md, report.html and "
+             f"{len(labels)} score folders"]
+    return "\n".join(lines)
+
+
+def _score_tasks(args: CompareTasksArgs, specs: list[tuple[str, ScoreArgs]], lm, out: Path) -> dict:
+    """Score every task into ``out/<label>`` and write the comparison files into ``out``; returns comparison.json."""
     scores, meta, stab, layers = {}, {}, {}, []
     for label, a in specs:
         progress.info(f"task {label}")
-        result = score(a, lm=lm)
-        write(result, a)
-        shutil.rmtree(cache_dir(a), ignore_errors=True)
+        result = score(a, lm=lm, cache=out / CACHE_DIR / label)
+        write(result, a, out / label)
+        shutil.rmtree(out / CACHE_DIR / label, ignore_errors=True)
         scores[label], meta[label], layers = result.score, result.meta, result.layers
         boot = result.meta.get("stability", {}).get("bootstrap")
         stab[label] = boot["rank_stability"] if boot else None
@@ -214,14 +228,7 @@ def run_tasks(args: CompareTasksArgs) -> str:
     write_figure(out / "task_heatmap.png", heatmap_figure(labels, layers, doc["share"]))
     write_json(out / "comparison.json", doc)
     write_report(out)
-    lines = [f"{lm.name} · {len(labels)} tasks · target {args.target} · estimator {args.estimator}",
-             "Spearman of the block rankings:", _csv_matrix(labels, [[None if x is None else round(x, 3) for x in r]
-                                                                      for r in doc["spearman"]]).strip(),
-             "blocks differing most: " + ", ".join(f"{d['block']} ({d['max_task']} > {d['min_task']})"
-                                                    for d in doc["differing_blocks"]),
-             f"wrote {out}/comparison.json, spearman.csv, task_heatmap.png, report.md, report.html and "
-             f"{len(labels)} score folders"]
-    return "\n".join(lines)
+    return doc
 
 
 # ----------------------------------------------------------------------------- compare-estimators
@@ -283,7 +290,7 @@ def agreement(layers: list[int], influence: dict[str, dict[int, torch.Tensor]], 
 
 def validate_estimators(args: CompareEstimatorsArgs) -> list[str]:
     """The estimators to run (deduplicated, in the given order); bad options are a :class:`UserError`."""
-    validate(args)
+    validate(args, "compare-estimators")
     names = list(dict.fromkeys(args.estimators))
     unknown = [e for e in names if e not in ALL_ESTIMATORS]
     if unknown:
@@ -331,56 +338,58 @@ def run_estimators(args: CompareEstimatorsArgs) -> str:
     """``layerif compare-estimators``: estimators.json, estimators.csv, agreement.csv, estimators.png,
     influence.safetensors (``{estimator}.layer.{l}``), config.json and the report."""
     names = validate_estimators(args)
-    out = prepare_out_dir(args.out)
-    lm, train, val, label, _ = prepare(args, args.load())
-    targets = select_targets(lm.model, args.target)
-    progress.info(f"Gram statistics of {len(targets)} modules: {len(train)} train x {len(val)} validation records")
-    stats, _, passes = module_stats(lm.model, targets, train, val, lm.tokenizer.pad_token_id, False, args.batch_size,
-                                    args.max_memory or default_max_memory_gb(), args.layout)
-    opts = dict(damping_scale=args.damping_scale, lissa_iterations=args.lissa_iterations,
-                lissa_batch=args.lissa_batch, seed=args.seed)
-    influence = {e: block_influence(stats, targets, e, **opts) for e in names}
-    layers = sorted(next(iter(influence.values())))
-    scores = {e: layer_scores(influence[e]) for e in names}
-    pairs = agreement(layers, influence, args.top_k)
-    lam = {t.name: damping(stats[t.name], args.damping_scale) for t in targets}
-    doc: dict = {"model": lm.name, "task": label, "target": args.target, "damping_scale": args.damping_scale,
-                 "n_train": len(train), "n_val": len(val), "estimators": names, "layers": layers, "score": scores,
-                 "top_k": min(args.top_k, len(layers)),
-                 "top_k_blocks": {e: top_k_blocks(layers, scores[e], args.top_k) for e in names}, "pairs": pairs,
-                 "datainf_bound": _per_block_max(targets, {t.name: datainf_bound(stats[t.name], lam[t.name])
-                                                           if lam[t.name] > 0 else 0.0 for t in targets}),
-                 "lambda": lam, "passes": passes}
-    notes = ["EK-FAC (kronfluence) is not included: kronfluence requires torchvision, which installs another torch "
-             "build, and EK-FAC needs its own covariance passes rather than these shared Gram statistics."]
-    if LISSA in names:
-        if args.lissa_batch == 0:
-            doc["lissa_residual"] = _per_block_max(targets, {t.name: lissa_residual(stats[t.name], lam[t.name],
-                                                                                    args.lissa_iterations)
-                                                             if lam[t.name] > 0 else 0.0 for t in targets})
-            notes.append(f"LiSSA: {args.lissa_iterations} full-batch steps; the largest remaining Neumann factor "
-                         f"(1 − μ/σ)^(T+1) per block is up to {max(doc['lissa_residual']):.3g} (0 = converged to exact).")
-        else:
-            notes.append(f"LiSSA: {args.lissa_iterations} steps on seeded random mini-batches of {args.lissa_batch} "
-                         "train records (stochastic, as in Koh & Liang).")
-    if args.bootstrap:
-        boots = {e: bootstrap(influence[e], args.bootstrap, args.top_k, args.seed) for e in names}
-        doc["bootstrap"] = boots
-        doc["rank_stability"] = {e: boots[e]["rank_stability"] for e in names}
-    if args.split_half:
-        doc["split_half"] = {e: split_half_from_stats(stats, lambda s, e=e: block_influence(s, targets, e, **opts),
-                                                      args.top_k, args.seed) for e in names}
-    doc |= {"notes": notes, "version": __version__}
-    write_safetensors(out / "influence.safetensors",
-                      {f"{e}.layer.{l}": influence[e][l].float() for e in names for l in layers})
-    write_text(out / "estimators.csv", _csv([["layer", *names]] + [[l, *(scores[e][i] for e in names)]
-                                                                    for i, l in enumerate(layers)]))
-    keys = ["a", "b", "spearman", "pearson", "top_k_overlap", "sample_spearman"]
-    write_text(out / "agreement.csv", _csv([keys] + [[p[k] for k in keys] for p in pairs]))
-    write_figure(out / "estimators.png", estimators_figure(names, layers, scores, pairs))
-    write_config(out, "compare-estimators", args)
-    write_json(out / "estimators.json", doc)
-    write_report(out)
+    with output_folder(args.out, "compare-estimators", args.overwrite) as out:
+        lm, train, val, label, counts = prepare(args, args.load())
+        targets = select_targets(lm.model, args.target)
+        progress.info(f"Gram statistics of {len(targets)} modules: {len(train)} train x {len(val)} validation records")
+        stats, _, passes = module_stats(lm.model, targets, train, val, lm.tokenizer.pad_token_id, False, args.batch_size,
+                                        args.max_memory or default_max_memory_gb(), args.layout)
+        opts = dict(damping_scale=args.damping_scale, lissa_iterations=args.lissa_iterations,
+                    lissa_batch=args.lissa_batch, seed=args.seed)
+        influence = {e: block_influence(stats, targets, e, **opts) for e in names}
+        layers = sorted(next(iter(influence.values())))
+        scores = {e: layer_scores(influence[e]) for e in names}
+        pairs = agreement(layers, influence, args.top_k)
+        lam = {t.name: damping(stats[t.name], args.damping_scale) for t in targets}
+        doc: dict = {"model": lm.name, "task": label, "target": args.target, "damping_scale": args.damping_scale,
+                     "n_train": len(train), "n_val": len(val), "records": counts,
+                     "estimators": names, "layers": layers, "score": scores,
+                     "top_k": min(args.top_k, len(layers)),
+                     "top_k_blocks": {e: top_k_blocks(layers, scores[e], args.top_k) for e in names}, "pairs": pairs,
+                     "datainf_bound": _per_block_max(targets, {t.name: datainf_bound(stats[t.name], lam[t.name])
+                                                               if lam[t.name] > 0 else 0.0 for t in targets}),
+                     "lambda": lam, "passes": passes}
+        notes = ["EK-FAC (kronfluence) is not included: kronfluence requires torchvision, which installs another torch "
+                 "build, and EK-FAC needs its own covariance passes rather than these shared Gram statistics."]
+        if LISSA in names:
+            if args.lissa_batch == 0:
+                doc["lissa_residual"] = _per_block_max(targets, {t.name: lissa_residual(stats[t.name], lam[t.name],
+                                                                                        args.lissa_iterations)
+                                                                 if lam[t.name] > 0 else 0.0 for t in targets})
+                notes.append(f"LiSSA: {args.lissa_iterations} full-batch steps; the largest remaining Neumann factor "
+                             f"(1 − μ/σ)^(T+1) per block is up to {max(doc['lissa_residual']):.3g} (0 = converged to exact).")
+            else:
+                notes.append(f"LiSSA: {args.lissa_iterations} steps on seeded random mini-batches of {args.lissa_batch} "
+                             "train records (stochastic, as in Koh & Liang).")
+        if args.bootstrap:
+            boots = {e: bootstrap(influence[e], args.bootstrap, args.top_k, args.seed) for e in names}
+            doc["bootstrap"] = boots
+            doc["rank_stability"] = {e: boots[e]["rank_stability"] for e in names}
+        if args.split_half:
+            doc["split_half"] = {e: split_half_from_stats(stats, lambda s, e=e: block_influence(s, targets, e, **opts),
+                                                          args.top_k, args.seed) for e in names}
+        doc |= {"notes": notes, "version": __version__}
+        write_safetensors(out / "influence.safetensors",
+                          {f"{e}.layer.{l}": influence[e][l].float() for e in names for l in layers})
+        write_text(out / "estimators.csv", _csv([["layer", *names]] + [[l, *(scores[e][i] for e in names)]
+                                                                        for i, l in enumerate(layers)]))
+        keys = ["a", "b", "spearman", "pearson", "top_k_overlap", "sample_spearman"]
+        write_text(out / "agreement.csv", _csv([keys] + [[p[k] for k in keys] for p in pairs]))
+        write_figure(out / "estimators.png", estimators_figure(names, layers, scores, pairs))
+        write_config(out, "compare-estimators", args)
+        write_json(out / "estimators.json", doc)
+        write_report(out)
+    out = Path(args.out)
     lines = [f"{lm.name} · task {label} · target {args.target} · {len(train)} train x {len(val)} validation · "
              f"{passes} pass(es), shared by {len(names)} estimators",
              f"{'a':>9} {'b':>9} {'Spearman':>9} {'Pearson':>8} {'top-k':>6}"]

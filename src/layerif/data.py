@@ -65,17 +65,57 @@ def encode_pair(tokenizer, prompt: str, completion: str) -> Encoded:
     return Encoded(input_ids=list(p) + list(c), labels=[IGNORE] * len(p) + list(c))
 
 
-def encode(tokenizer, record: dict, fields: Fields = Fields()) -> Encoded:
-    """Tokenize one record; raises :class:`UserError` if it has neither text nor prompt/completion."""
-    if fields.text in record and record[fields.text] is not None:
-        ids = list(tokenizer(str(record[fields.text]))["input_ids"])
-        return Encoded(input_ids=ids, labels=list(ids))
-    if fields.prompt in record and fields.completion in record:
-        return encode_pair(tokenizer, str(record[fields.prompt]), str(record[fields.completion]))
+def _string_field(record: dict, name: str) -> str | None:
+    """``record[name]`` when present and not None; a value that is not a string is a :class:`UserError`."""
+    value = record.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise UserError(f"field '{name}' must be a string, got {type(value).__name__} {_short(value)}")
+    return value
+
+
+def _short(value: object, width: int = 40) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def record_kind(record: object, fields: Fields = Fields()) -> str:
+    """``"text"`` or ``"pair"`` (prompt + completion); anything else is a :class:`UserError`.
+
+    A record must be a mapping whose text field, or prompt and completion fields,
+    are strings (a field holding None counts as absent). Needs no tokenizer, so
+    data files are checked before a model loads.
+    """
+    if not isinstance(record, dict):
+        raise UserError(f"a record must be an object with fields, got {type(record).__name__} {_short(record)}")
+    if _string_field(record, fields.text) is not None:
+        return "text"
+    if _string_field(record, fields.prompt) is not None and _string_field(record, fields.completion) is not None:
+        return "pair"
     raise UserError(
         f"a record has neither '{fields.text}' nor '{fields.prompt}'+'{fields.completion}' "
-        f"(its fields: {', '.join(sorted(record)) or 'none'})"
+        f"(its fields: {', '.join(sorted(map(str, record))) or 'none'})"
     )
+
+
+def check_records(records: list, split: str, fields: Fields = Fields()) -> None:
+    """:func:`record_kind` of every record; the error names the split and the record index (0-based)."""
+    if not records:
+        raise UserError(f"the {split} split is empty")
+    for i, rec in enumerate(records):
+        try:
+            record_kind(rec, fields)
+        except UserError as exc:
+            raise UserError(f"{split} record {i}: {exc}") from None
+
+
+def encode(tokenizer, record: dict, fields: Fields = Fields()) -> Encoded:
+    """Tokenize one record; raises :class:`UserError` unless it has a string text or prompt + completion."""
+    if record_kind(record, fields) == "text":
+        ids = list(tokenizer(record[fields.text])["input_ids"])
+        return Encoded(input_ids=ids, labels=list(ids))
+    return encode_pair(tokenizer, record[fields.prompt], record[fields.completion])
 
 
 def truncate(enc: Encoded, max_length: int | None) -> tuple[Encoded, bool]:
@@ -86,22 +126,45 @@ def truncate(enc: Encoded, max_length: int | None) -> tuple[Encoded, bool]:
 
 
 def encode_split(
-    tokenizer, records: list[dict], split: str, fields: Fields = Fields(), max_length: int | None = None
+    tokenizer,
+    records: list[dict],
+    split: str,
+    fields: Fields = Fields(),
+    max_length: int | None = None,
+    context: int | None = None,
 ) -> tuple[list[Encoded], int]:
     """Tokenize a split, checking every record has at least one loss token.
 
-    Returns ``(encoded records, number truncated by max_length)``.
+    Truncation rule: with ``max_length`` a longer record keeps its first
+    ``max_length`` tokens (a prompt + completion record whose completion would
+    be cut off entirely is refused). Without it, a record longer than
+    ``context`` (the model's context length) is refused, naming the record and
+    its length. Returns ``(encoded records, number truncated by max_length)``.
     """
-    if not records:
-        raise UserError(f"the {split} split is empty")
+    check_records(records, split, fields)
     out, cut = [], 0
     for i, rec in enumerate(records):
-        enc, was_cut = truncate(encode(tokenizer, rec, fields), max_length)
+        full = encode(tokenizer, rec, fields)
+        if max_length is None and context is not None and len(full.input_ids) > context:
+            raise UserError(f"{split} record {i} has {len(full.input_ids)} tokens, more than the model's context of "
+                            f"{context}; pass --max-length N (N <= {context}) to keep the first N tokens of each record")
+        enc, was_cut = truncate(full, max_length)
         cut += was_cut
+        if enc.n_loss_tokens == 0 and full.n_loss_tokens > 0:
+            prompt = full.labels.index(next(y for y in full.labels if y != IGNORE))
+            raise UserError(f"{split} record {i}: --max-length {max_length} cuts off its whole completion "
+                            f"(the prompt alone has {prompt} tokens); raise --max-length or shorten the prompt")
         if len(enc.input_ids) < 2 or enc.n_loss_tokens == 0:
             raise UserError(f"{split} record {i} tokenizes to fewer than 2 tokens (no next-token loss)")
         out.append(enc)
     return out, cut
+
+
+def records_note(counts: dict) -> str:
+    """'64 of 200 train, 16 of 16 validation records; 3 truncated to 128 tokens' (for the summary and report)."""
+    text = ", ".join(f"{c['used']} of {c['available']} {split}" for split, c in counts.items() if isinstance(c, dict))
+    cut = sum(c.get("truncated", 0) for c in counts.values() if isinstance(c, dict))
+    return f"{text} records" + (f"; {cut} truncated to {counts['max_length']} tokens" if cut else "")
 
 
 def pad_id(tokenizer) -> int:
@@ -160,7 +223,11 @@ def batches(items: list, batch_size: int) -> list[list]:
 def load_records(source: str, split: str | None = None) -> list[dict]:
     """Records from a ``.jsonl`` / ``.json`` / ``.csv`` / ``.parquet`` file, or a HF dataset ``name[:split]``.
 
-    A path that does not exist and does not look like a dataset name is a user error.
+    Every record must be an object (a dict). A ``.json`` file holds a list of
+    objects or an object with a ``data`` list. A path that does not exist and
+    does not look like a dataset name, an unreadable file, and a record that is
+    not an object are user errors naming the file and the line (JSONL) or the
+    index (JSON).
     """
     path = Path(source)
     suffix = path.suffix.lower()
@@ -169,25 +236,73 @@ def load_records(source: str, split: str | None = None) -> list[dict]:
             raise UserError(f"data file {source} is a folder")
         try:
             if suffix in (".jsonl", ".ndjson"):
-                with open(path, encoding="utf-8") as f:
-                    return [json.loads(line) for line in f if line.strip()]
+                return _read_jsonl(path)
             if suffix == ".json":
-                with open(path, encoding="utf-8") as f:
-                    obj = json.load(f)
-                return obj if isinstance(obj, list) else obj.get("data", [])
+                return _read_json_records(path)
             if suffix == ".csv":
                 with open(path, encoding="utf-8", newline="") as f:
                     return list(csv.DictReader(f))
             if suffix == ".parquet":
-                import pyarrow.parquet as pq
-
-                return pq.read_table(path).to_pylist()
-        except (json.JSONDecodeError, UnicodeDecodeError, csv.Error) as exc:
+                return _read_parquet(path)
+        except UnicodeDecodeError as exc:
+            raise UserError(f"cannot read {source}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        except csv.Error as exc:
             raise UserError(f"cannot read {source}: {exc}") from None
+        except OSError as exc:
+            raise UserError(f"cannot read {source}: {exc.strerror or exc}") from None
         raise UserError(f"unknown data file type {suffix!r} for {source} (use .jsonl, .json, .csv or .parquet)")
     if suffix in (".jsonl", ".ndjson", ".json", ".csv", ".parquet") or "/" not in source and "." in source:
         raise UserError(f"data file not found: {source}")
     return _load_hf_dataset(source, split)
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{path} line {lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+            if not isinstance(rec, dict):
+                raise UserError(f"{path} line {lineno}: a record must be a JSON object, got {_json_type(rec)}")
+            records.append(rec)
+    return records
+
+
+def _read_json_records(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        try:
+            obj = json.load(f)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path} line {exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+    if isinstance(obj, dict) and "data" in obj:
+        obj = obj["data"]
+    if not isinstance(obj, list):
+        raise UserError(f"{path} must hold a list of record objects (or an object with a 'data' list), "
+                        f"got {_json_type(obj)}")
+    for i, rec in enumerate(obj):
+        if not isinstance(rec, dict):
+            raise UserError(f"{path} record {i}: a record must be a JSON object, got {_json_type(rec)}")
+    return obj
+
+
+def _json_type(value: object) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def _read_parquet(path: Path) -> list[dict]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise UserError(f"reading {path} needs pyarrow: pip install pyarrow (or pip install 'layerif[data]')") from None
+    try:
+        return pq.read_table(path).to_pylist()
+    except Exception as exc:  # pyarrow raises ArrowInvalid, ArrowIOError, OSError ... for a damaged file
+        raise UserError(f"cannot read {path}: not a readable Parquet file ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
 
 
 def _load_hf_dataset(name: str, split: str | None) -> list[dict]:

@@ -11,3 +11,7 @@ from __future__ import annotations
 
 class UserError(ValueError):
     """Bad input from the user: message is shown as a single line, exit status 2."""
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived (raised by the CLI's handler): the run stops as after Ctrl-C, exit status 143."""

@@ -1,33 +1,279 @@
-"""Atomic file output: every result is written to a temporary name, then renamed.
+"""Atomic output: single files, and whole result folders swapped in as a unit.
 
-A run that fails half-way leaves the previous files (or none) in place, never a
-half-written one.
+Every file is written to a temporary name, then renamed. A command's result
+folder (``--out``) is built whole in a temporary sibling folder and swapped in
+at the end (:func:`output_folder`): a run that fails, is interrupted or is
+killed leaves the previous result (or none) in place, never a mix.
+
+The output-folder rule (:func:`check_out_dir`): ``--out`` must be new, empty, or
+an earlier result of the *same* command (its ``config.json`` names the command),
+which is replaced only with ``--overwrite``; a folder holding anything else, a
+model folder, or a folder inside one is refused. While a run works on ``OUT``
+it holds ``.OUT.layerif-lock`` beside it (an advisory ``flock`` plus the holder's
+pid and host), so a second run on the same folder fails at once with a clear
+message; the lock goes when the process ends, however it ends.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
+import signal
+import socket
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import field
 from pathlib import Path
 from typing import Any
 
+from . import progress
 from .errors import UserError
+
+CACHE_DIR = ".layerif-cache"  # the one entry of a staging folder that survives an interrupted run (resume)
 
 
 def prepare_out_dir(out: str | os.PathLike) -> Path:
     """Create the output folder (and parents); a path that is a file is a user error."""
     path = Path(out)
-    if path.exists() and not path.is_dir():
-        raise UserError(f"--out {path} is a file, not a folder")
+    _check_no_file_on_path(path, "--out")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"cannot create output folder {path}: {exc.strerror}") from None
     return path
+
+
+# ----------------------------------------------------------------------------- result folders
+
+MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
+               "adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json")
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def is_model_folder(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a model folder: Hugging Face weight, adapter or tokenizer files, or a
+    ``config.json`` of a model (``model_type`` / ``architectures``)."""
+    path = Path(path)
+    if not path.is_dir():
+        return False
+    if any((path / f).exists() for f in MODEL_FILES):
+        return True
+    config = _read_json(path / "config.json")
+    return isinstance(config, dict) and ("model_type" in config or "architectures" in config)
+
+
+def result_command(path: str | os.PathLike) -> str | None:
+    """The command whose result ``path`` holds (``config.json``'s ``command``), or None."""
+    doc = _read_json(Path(path) / "config.json")
+    command = doc.get("command") if isinstance(doc, dict) else None
+    return command if isinstance(command, str) else None
+
+
+def _check_no_file_on_path(path: Path, option: str) -> None:
+    for p in (path, *path.parents):
+        if p.exists() and not p.is_dir():
+            raise UserError(f"{option} {path} is a file, not a folder" if p == path
+                            else f"{option} {path}: {p} is a file, not a folder")
+
+
+def check_out_dir(out: str | os.PathLike, command: str, overwrite: bool = False, option: str = "--out") -> Path:
+    """Check an output folder against the output-folder rule (module docstring); changes nothing.
+
+    Raises :class:`UserError` for a path under a file, a model folder or a folder
+    inside one, a folder holding anything but an earlier ``command`` result, and
+    an earlier ``command`` result without ``overwrite``.
+    """
+    path = Path(out)
+    _check_no_file_on_path(path, option)
+    for p in (path, *path.parents):
+        if is_model_folder(p):
+            where = "is a model folder" if p == path else f"is inside the model folder {p}"
+            raise UserError(f"{option} {path} {where}; layerif never writes into a model folder")
+    if not path.is_dir() or not any(path.iterdir()):
+        return path
+    earlier = result_command(path)
+    if earlier is None:
+        raise UserError(f"{option} {path} holds files that are not a layerif result; choose a new or empty folder")
+    if earlier != command:
+        raise UserError(f"{option} {path} holds a result of `layerif {earlier}`, not of `layerif {command}`; "
+                        "choose another folder")
+    if not overwrite:
+        raise UserError(f"{option} {path} holds an earlier `layerif {command}` result; "
+                        "pass --overwrite to replace it (it is kept until the new result is complete)")
+    return path
+
+
+def overwrite_field() -> Any:
+    """The ``--overwrite`` option of a command with ``--out`` (command line only, never from ``--config``)."""
+    return field(default=False, metadata={"help": "replace an earlier result of this command in --out (kept until the "
+                                                  "new one is complete; command line only)", "from_config": False})
+
+
+def sibling(dest: Path, kind: str) -> Path:
+    """The hidden sibling ``.NAME.layerif-KIND`` of ``dest`` (kind: lock, partial, old, swap)."""
+    return dest.with_name(f".{dest.name}.layerif-{kind}")
+
+
+def _lock_holder(lock: Path) -> str:
+    try:
+        doc = json.loads(lock.read_text(encoding="utf-8"))
+        return f"pid {doc['pid']} on {doc['host']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process"
+
+
+@contextmanager
+def folder_lock(dest: Path, option: str = "--out") -> Iterator[Path]:
+    """Hold the lock file of ``dest`` (``flock``, non-blocking) for the ``with`` body.
+
+    A second holder gets a :class:`UserError` naming the first one's pid and host.
+    The lock file is removed on exit; a lock file left by a killed process holds
+    no ``flock`` and is simply taken over.
+    """
+    lock = sibling(dest, "lock")
+    while True:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise UserError(f"cannot create the lock file {lock}: {exc.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise UserError(f"{option} {dest} is in use by another layerif run ({_lock_holder(lock)}, lock file "
+                            f"{lock}); wait for it to finish or choose another folder") from None
+        try:  # the holder before us may have removed the file we locked: then lock the new one
+            if os.fstat(fd).st_ino == os.stat(lock).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode())
+        yield lock
+    finally:
+        try:
+            os.unlink(lock)
+        finally:
+            os.close(fd)
+
+
+@contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """SIGINT and SIGTERM arriving in the body are delivered after it (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    saved = {s: signal.signal(s, lambda signum, frame: pending.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+        if pending:
+            signal.raise_signal(pending[0])
+
+
+def _swap(staging: Path, dest: Path) -> None:
+    """Put ``staging`` at ``dest``; the old ``dest`` waits aside until the new one is in place.
+
+    Idempotent: a journal file marks a swap in progress, and re-running this
+    after a crash at any point finishes the swap (:func:`_recover`).
+    """
+    old, journal = sibling(dest, "old"), sibling(dest, "swap")
+    journal.touch()
+    if staging.exists():
+        if dest.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(dest, old)
+        os.replace(staging, dest)
+    shutil.rmtree(old, ignore_errors=True)
+    journal.unlink()
+
+
+def _recover(dest: Path) -> None:
+    """Finish a swap a killed run left half-done, or put back an old result left aside."""
+    old = sibling(dest, "old")
+    if sibling(dest, "swap").exists():
+        progress.info(f"finishing the interrupted replacement of {dest}")
+        _swap(sibling(dest, "partial"), dest)
+    elif old.exists():
+        if dest.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(old, dest)
+
+
+def _keep_only_cache(staging: Path) -> None:
+    """Remove everything in ``staging`` but :data:`CACHE_DIR`."""
+    for entry in staging.iterdir() if staging.exists() else ():
+        if entry.name == CACHE_DIR:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
+@contextmanager
+def staged_folder(dest: str | os.PathLike, option: str = "--out", check: Callable[[Path], Any] | None = None) -> Iterator[Path]:
+    """Lock ``dest``, yield its staging folder ``.NAME.layerif-partial`` to fill, then swap it in.
+
+    ``check(dest)`` runs once the lock is held (the folder may have changed since
+    an earlier check). The staging folder keeps only :data:`CACHE_DIR` from an
+    interrupted earlier run (resume); it is removed before the swap. On a
+    :class:`UserError` or :class:`FloatingPointError` (a run that would fail the
+    same way again) the staging folder is removed; on any other failure only its
+    cache survives, for the next run to resume from. ``dest`` is untouched until
+    the swap, which Ctrl-C and SIGTERM do not interrupt.
+    """
+    dest = Path(dest)
+    _check_no_file_on_path(dest, option)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create {dest.parent}: {exc.strerror}") from None
+    staging = sibling(dest, "partial")
+    with folder_lock(dest, option):
+        _recover(dest)
+        if check is not None:
+            check(dest)
+        staging.mkdir(exist_ok=True)
+        _keep_only_cache(staging)
+        try:
+            yield staging
+        except (UserError, FloatingPointError):
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        except BaseException:
+            _keep_only_cache(staging)
+            if staging.exists() and not any(staging.iterdir()):
+                staging.rmdir()
+            raise
+        shutil.rmtree(staging / CACHE_DIR, ignore_errors=True)
+        with _signals_deferred():
+            _swap(staging, dest)
+
+
+@contextmanager
+def output_folder(out: str | os.PathLike, command: str, overwrite: bool = False) -> Iterator[Path]:
+    """The ``--out`` of ``command``: :func:`staged_folder` with :func:`check_out_dir` once the lock is held
+    (and an interrupted swap finished)."""
+    with staged_folder(out, "--out", lambda d: check_out_dir(d, command, overwrite)) as tmp:
+        yield tmp
 
 
 def atomic_write(path: str | os.PathLike, writer: Callable[[str], None]) -> Path:

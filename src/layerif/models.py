@@ -148,19 +148,37 @@ def load_model(
         label = f"{name or ''}{'/' if name else ''}{gpath.name}" if name else gpath.name
     else:
         source, label = name, name
+    if name is not None and looks_like_path(name) and not Path(name).exists():
+        raise UserError(f"model folder not found: {name}")
     progress.info(f"loading {label}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs, **model_kwargs)
-    except (OSError, ValueError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"cannot load model {label!r}: {first}") from None
+    except Exception as exc:  # third-party readers of the user's files raise many types; every one is one line
+        raise UserError(load_error(label, exc, "gguf_file" in kwargs)) from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if not device_map:
         model.to(dev)
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, name=label)
+
+
+def looks_like_path(name: str) -> bool:
+    """Whether a ``--model`` value is meant as a local path rather than a hub name ``[namespace/]repo``."""
+    return (name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+            or Path(name).exists())
+
+
+def load_error(label: str, exc: BaseException, gguf: bool) -> str:
+    """The one-line message for a model that fails to load (damaged weights, a bad GGUF header, ...)."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if gguf and isinstance(exc, (ValueError, KeyError, IndexError, EOFError, OverflowError, MemoryError)) \
+            or type(exc).__name__ == "error":  # struct.error from a truncated GGUF header
+        return f"cannot load model {label!r}: not a readable GGUF file ({first})"
+    if type(exc).__name__ == "SafetensorError":
+        return f"cannot load model {label!r}: a safetensors weight file is damaged or truncated ({first})"
+    return f"cannot load model {label!r}: {first}"
 
 
 @dataclass
@@ -171,7 +189,9 @@ class ModelArgs:
     gguf_file: str | None = field(default=None, metadata={"help": "GGUF file (inside --model, or a path)"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
     dtype: str | None = field(default=None, metadata={"help": "float32 (CPU default), bfloat16, float16; float64 for reference runs"})
-    trust_remote_code: bool = field(default=False, metadata={"help": "allow the model's own code from the hub"})
+    trust_remote_code: bool = field(default=False, metadata={
+        "help": "run the model folder's own Python code (command line only: never taken from --config)",
+        "from_config": False})
     device_map: str | None = field(default=None, metadata={"help": "accelerate device map (auto: spread a large model over the GPUs)"})
 
     def load(self) -> LoadedModel:
@@ -180,6 +200,16 @@ class ModelArgs:
 
 
 # ----------------------------------------------------------------------------- structure
+
+
+def context_length(model: nn.Module) -> int | None:
+    """The most tokens the model takes (``max_position_embeddings`` / GPT-2's ``n_positions``), None if unstated."""
+    config = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def input_device(model: nn.Module) -> torch.device:

@@ -20,6 +20,7 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .data import records_note
 from .errors import UserError
 from .io import write_text
 from .results import read_scores
@@ -152,6 +153,20 @@ def _read_json(path: Path) -> dict:
         raise UserError(f"cannot read {path}: {exc}") from None
 
 
+def _read_config(path: Path) -> dict:
+    """A result folder's config.json, its options checked against the command's fields (:func:`layerif.cli.read_config`)."""
+    import importlib
+
+    from .cli import COMMANDS, read_config
+
+    doc = read_config(str(path))
+    command = doc.get("command")
+    if command in COMMANDS:
+        module, cls_name, _, _ = COMMANDS[command]
+        doc = read_config(str(path), getattr(importlib.import_module(module), cls_name))
+    return doc
+
+
 def _defaults(command: str) -> dict | None:
     """{option field: default} of the command's argument dataclass (fields the CLI offers), None when unknown here."""
     import importlib
@@ -193,11 +208,13 @@ def command_line(config: dict) -> str:
 def _run_section(folder: Path, config: dict | None) -> list[Block]:
     if config is None:
         return [_h("What was run"), _p("No config.json in this folder: the run cannot be replayed from here.")]
+    out = config.get("args", {}).get("out")  # where the result lands (it is rendered in a staging folder)
+    where = Path(out) if isinstance(out, str) else folder
     return [
         _h("What was run"),
         _code(command_line(config)),
         _p(f"Replay exactly (same machine, seeded): `layerif {config.get('command', '?')} --config "
-           f"{folder / 'config.json'}` (with `--out` to write elsewhere). layerif {config.get('version', '?')}."),
+           f"{where / 'config.json'}` (with `--out` to write elsewhere). layerif {config.get('version', '?')}."),
         _code(json.dumps(config.get("args", {}), indent=2)),
     ]
 
@@ -296,7 +313,8 @@ def _score_blocks(folder: Path, config: dict | None) -> tuple[str, list[Block]]:
     lam = list(doc.get("lambda", {}).values())
     facts = [["model", doc.get("model")], ["task", doc.get("task")], ["target", doc.get("target")],
              ["estimator", doc.get("estimator")], ["damping scale c", doc.get("damping_scale")],
-             ["records", f"{doc.get('n_train')} train × {doc.get('n_val')} validation"],
+             ["records", records_note(doc["records"]) if isinstance(doc.get("records"), dict)
+              else f"{doc.get('n_train')} train × {doc.get('n_val')} validation"],
              ["λ over modules", f"{fmt(min(lam))} – {fmt(max(lam))}" if lam else "n/a"],
              ["mode, passes, seconds", f"{doc.get('mode')}, {doc.get('passes')}, {doc.get('seconds')}"]]
     blocks += [_h("Run facts"), _table(["", ""], facts)]
@@ -533,7 +551,7 @@ def render_report(out_dir: str | Path) -> tuple[str, str]:
     folder = Path(out_dir)
     if not folder.is_dir():
         raise UserError(f"{folder} is not a folder")
-    config = _read_json(folder / "config.json") if (folder / "config.json").exists() else None
+    config = _read_config(folder / "config.json") if (folder / "config.json").exists() else None
     command = config.get("command") if config else ("score" if (folder / "scores.json").exists() else None)
     if command is None:
         raise UserError(f"{folder} holds no layerif results (no config.json or scores.json)")

@@ -22,7 +22,6 @@ import csv
 import io as _io
 import json
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,17 +30,29 @@ import torch
 
 from . import __version__, progress, stability
 from .cache import PassCache, fingerprint
-from .data import Encoded, Fields, batches, collate, encode_split, load_records, n_distinct
+from .data import Encoded, Fields, batches, check_records, collate, encode_split, load_records, n_distinct, records_note
 from .distributed import is_main, process_group, world
 from .errors import UserError
 from .grads import Factored, capture, dense_from_activations, gram, losses_and_backward, record_losses
 from .influence import ESTIMATORS, EstimatorOptions, ModuleStats, damping, estimate, get_estimator
-from .io import prepare_out_dir, write_figure, write_json, write_safetensors, write_text
+from .io import (
+    CACHE_DIR,
+    check_out_dir,
+    output_folder,
+    overwrite_field,
+    prepare_out_dir,
+    sibling,
+    write_figure,
+    write_json,
+    write_safetensors,
+    write_text,
+)
 from .models import (
     LoadedModel,
     ModelArgs,
     check_selector,
     Target,
+    context_length,
     find_blocks,
     input_device,
     resolve_device,
@@ -62,14 +73,14 @@ class ScoreArgs(ModelArgs):
     task: str = field(default="capitals", metadata={"help": "built-in task (see `layerif tasks`)"})
     train: str | None = field(default=None, metadata={"help": "train records (JSONL/CSV/Parquet or HF dataset); replaces --task"})
     val: str | None = field(default=None, metadata={"help": "validation records; required with --train"})
-    n_train: int = field(default=64, metadata={"help": "use at most this many train records (0 = all)"})
-    n_val: int = field(default=16, metadata={"help": "use at most this many validation records (0 = all)"})
+    n_train: int | None = field(default=None, metadata={"help": "use the first N train records (0 = all; default: all records of --train, 64 of a built-in task)"})
+    n_val: int | None = field(default=None, metadata={"help": "use the first N validation records (0 = all; default: all records of --val, 16 of a built-in task)"})
     seed: int = field(default=0, metadata={"help": "seed of the built-in task's sampling"})
     allow_repeats: bool = field(default=False, metadata={"help": "allow --n-train / --n-val beyond a built-in task's distinct items"})
     text_field: str = field(default="text", metadata={"help": "record field with plain text"})
     prompt_field: str = field(default="prompt", metadata={"help": "record field with the prompt"})
     completion_field: str = field(default="completion", metadata={"help": "record field with the completion"})
-    max_length: int | None = field(default=None, metadata={"help": "truncate records to this many tokens"})
+    max_length: int | None = field(default=None, metadata={"help": "keep the first N tokens of longer records (default: a record longer than the model's context is refused)"})
     target: str = field(default="attn", metadata={"help": "attn, mlp, block, lora, or a regex over module names"})
     estimator: str = field(default="datainf", metadata={"help": "influence estimator (layerif.influence.ESTIMATORS)", "choices": tuple(ESTIMATORS)})
     damping_scale: float = field(default=0.1, metadata={"help": "c in lambda_m = c * mean_i ||g_im||^2 / d_m"})
@@ -88,7 +99,8 @@ class ScoreArgs(ModelArgs):
     bootstrap_val: bool = field(default=False, metadata={"help": "the bootstrap also resamples validation records (needs --per-val)"})
     top_k: int = field(default=5, metadata={"help": "k of the top-k block statistics of --bootstrap and --split-half"})
     split_half: bool = field(default=False, metadata={"help": "score two disjoint halves of the train records separately and compare their rankings"})
-    out: str = field(default="out/score", metadata={"help": "output folder"})
+    out: str = field(default="out/score", metadata={"help": "output folder (see README: output folders)"})
+    overwrite: bool = overwrite_field()
 
 
 @dataclass
@@ -373,27 +385,60 @@ def compute(
 # ----------------------------------------------------------------------------- data & run
 
 
-def load_splits(args: ScoreArgs, tokenizer) -> tuple[list[Encoded], list[Encoded], str, int]:
-    """Tokenized train and validation records, the task label, and how many records were truncated."""
+TASK_DEFAULT_N = {"train": 64, "validation": 16}  # records of a built-in task when --n-train / --n-val are not given
+
+
+def raw_splits(args: ScoreArgs) -> tuple[list[dict], list[dict], str, dict]:
+    """Train and validation records (checked: objects with string fields), the task label, and the
+    record counts ``{"train": {"used", "available"}, "validation": {...}}``.
+
+    Record caps: ``--n-train`` / ``--n-val`` take the first N records (0 = all);
+    without them a ``--train`` / ``--val`` file is used whole and a built-in task
+    gives :data:`TASK_DEFAULT_N` records. Needs no model.
+    """
     fields = Fields(args.text_field, args.prompt_field, args.completion_field)
     if args.train or args.val:
         if not (args.train and args.val):
             raise UserError("--train and --val go together")
         train_rec, val_rec, label = load_records(args.train), load_records(args.val), Path(args.train).stem
+        caps = {"train": args.n_train, "validation": args.n_val}
     else:
         from .tasks import get_task
 
         task = get_task(args.task)
-        train_rec = task.split("train", args.n_train or None, args.seed, args.allow_repeats)
-        val_rec = task.split("validation", args.n_val or None, args.seed, args.allow_repeats)
+        caps = {"train": TASK_DEFAULT_N["train"] if args.n_train is None else args.n_train,
+                "validation": TASK_DEFAULT_N["validation"] if args.n_val is None else args.n_val}
+        train_rec = task.split("train", caps["train"] or None, args.seed, args.allow_repeats)
+        val_rec = task.split("validation", caps["validation"] or None, args.seed, args.allow_repeats)
         label = task.name
-    if args.n_train:
-        train_rec = train_rec[: args.n_train]
-    if args.n_val:
-        val_rec = val_rec[: args.n_val]
-    train, cut_t = encode_split(tokenizer, train_rec, "train", fields, args.max_length)
-    val, cut_v = encode_split(tokenizer, val_rec, "validation", fields, args.max_length)
-    return train, val, label, cut_t + cut_v
+    counts = {}
+    splits = {"train": train_rec, "validation": val_rec}
+    for split, recs in splits.items():
+        counts[split] = {"available": len(recs)}
+        if caps[split]:
+            splits[split] = recs[: caps[split]]
+        counts[split]["used"] = len(splits[split])
+        check_records(splits[split], split, fields)
+    return splits["train"], splits["validation"], label, counts
+
+
+def load_splits(args: ScoreArgs, tokenizer, context: int | None = None) -> tuple[list[Encoded], list[Encoded], str, dict]:
+    """Tokenized train and validation records, the task label, and the record counts (:func:`raw_splits`)
+    with ``truncated`` per split and the ``max_length`` applied.
+
+    Truncation rule (:func:`layerif.data.encode_split`): with ``--max-length N``
+    records keep their first N tokens; without it a record longer than the
+    model's ``context`` is refused.
+    """
+    if args.max_length is not None and context is not None and args.max_length > context:
+        raise UserError(f"--max-length {args.max_length} exceeds the model's context of {context} tokens")
+    fields = Fields(args.text_field, args.prompt_field, args.completion_field)
+    train_rec, val_rec, label, counts = raw_splits(args)
+    train, counts["train"]["truncated"] = encode_split(tokenizer, train_rec, "train", fields, args.max_length, context)
+    val, counts["validation"]["truncated"] = encode_split(tokenizer, val_rec, "validation", fields, args.max_length,
+                                                          context)
+    counts["max_length"] = args.max_length
+    return train, val, label, counts
 
 
 def split_half_recompute(
@@ -437,8 +482,9 @@ def assess_stability(result: ScoreResult, args: ScoreArgs, lm: LoadedModel, trai
     return out
 
 
-def validate(args: ScoreArgs) -> None:
-    """Checks that need no model: option values and the output path."""
+def validate(args: ScoreArgs, command: str | None = "score") -> None:
+    """Checks that need no model: option values, the records, and (unless ``command`` is None) the
+    output folder for that command (:func:`layerif.io.check_out_dir`)."""
     if args.damping_scale <= 0:
         raise UserError(f"--damping-scale must be > 0 (got {args.damping_scale})")
     if args.bootstrap < 0 or args.bootstrap == 1:
@@ -458,53 +504,50 @@ def validate(args: ScoreArgs) -> None:
         raise UserError(f"unknown layout {args.layout!r} (use auto, dense or factored)")
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1 (got {args.batch_size})")
-    if args.n_train < 0 or args.n_val < 0:
+    if (args.n_train or 0) < 0 or (args.n_val or 0) < 0:
         raise UserError("--n-train and --n-val must be >= 0")
     if args.max_length is not None and args.max_length < 2:
         raise UserError(f"--max-length must be >= 2 (got {args.max_length})")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file, not a folder")
+    if command is not None:
+        check_out_dir(args.out, command, args.overwrite)
     for name in ("train", "val"):
         path = getattr(args, name)
         if path and not Path(path).exists() and Path(path).suffix:
             raise UserError(f"data file not found: {path}")
-    if args.train is None and args.val is None:
-        from .tasks import get_task
-
-        get_task(args.task)
+    raw_splits(args)  # the records themselves, before any model loads
     check_selector(args.target)
 
 
 def cache_dir(args: ScoreArgs) -> Path:
-    """Where a run keeps its completed passes until its outputs are written."""
-    return Path(args.out) / ".layerif-cache"
+    """Where a run keeps its completed passes until its outputs are written (in --out's staging folder)."""
+    return sibling(Path(args.out), "partial") / CACHE_DIR
 
 
-def prepare(args: ScoreArgs, lm: LoadedModel) -> tuple[LoadedModel, list[Encoded], list[Encoded], str, int]:
-    """Tokenized splits, their label and the count of truncated records; with
+def prepare(args: ScoreArgs, lm: LoadedModel) -> tuple[LoadedModel, list[Encoded], list[Encoded], str, dict]:
+    """Tokenized splits, their label and the record counts (:func:`load_splits`); with
     ``--target lora`` the model comes back with fine-tuned LoRA adapters."""
-    train, val, label, cut = load_splits(args, lm.tokenizer)
-    if cut:
-        progress.info(f"--max-length {args.max_length} truncated {cut} record(s)")
+    train, val, label, counts = load_splits(args, lm.tokenizer, context_length(lm.model))
+    progress.info(records_note(counts))
     if args.target == "lora":
         from .lora import prepare_lora
 
         lm = prepare_lora(lm, train, args.lora_modules, args.lora_rank, args.finetune_steps, args.finetune_lr,
                           args.batch_size, args.seed)
-    return lm, train, val, label, cut
+    return lm, train, val, label, counts
 
 
-def score(args: ScoreArgs, lm: LoadedModel | None = None) -> ScoreResult:
-    """The Python API behind ``layerif score``: load, tokenize, compute (no files written)."""
-    validate(args)
-    lm, train, val, label, cut = prepare(args, lm or args.load())
+def score(args: ScoreArgs, lm: LoadedModel | None = None, cache: Path | None = None) -> ScoreResult:
+    """The Python API behind ``layerif score``: load, tokenize, compute (no files written).
+
+    Completed passes are kept in ``cache`` (default :func:`cache_dir`) with ``--resume``."""
+    validate(args, None)
+    lm, train, val, label, counts = prepare(args, lm or args.load())
     progress.info(f"scoring {len(find_blocks(lm.model)[1])} blocks: {len(train)} train x {len(val)} validation records, "
                   f"target {args.target}, estimator {args.estimator}")
     result = compute(lm, train, val, args.target, args.estimator, args.damping_scale, args.per_val,
                      args.batch_size, args.max_memory, args.layout, args.mode, args.val_chunk,
-                     cache_dir(args) if args.resume else None)
-    result.meta |= {"model": lm.name, "task": label, "n_train": len(train), "n_val": len(val), "truncated": cut,
+                     (cache or cache_dir(args)) if args.resume else None)
+    result.meta |= {"model": lm.name, "task": label, "n_train": len(train), "n_val": len(val), "records": counts,
                     "n_train_distinct": n_distinct(train), "n_val_distinct": n_distinct(val)}
     if args.bootstrap or args.split_half:
         result.meta["stability"] = assess_stability(result, args, lm, train, val)
@@ -523,6 +566,7 @@ def scores_json(result: ScoreResult, args: ScoreArgs) -> dict:
         "n_val": result.meta.get("n_val"),
         "n_train_distinct": result.meta.get("n_train_distinct"),
         "n_val_distinct": result.meta.get("n_val_distinct"),
+        "records": result.meta.get("records"),
         "layers": result.layers,
         "score": result.score,
         "aggregations": result.aggregations(),
@@ -575,10 +619,11 @@ def plot(result: ScoreResult, title: str):
     return fig
 
 
-def write(result: ScoreResult, args: ScoreArgs) -> Path:
-    """Write scores.json, scores.csv, influence.safetensors, layer_scores.png, config.json into args.out,
-    stability.png with --bootstrap / --split-half, and report.md / report.html (:mod:`layerif.report`)."""
-    out = prepare_out_dir(args.out)
+def write(result: ScoreResult, args: ScoreArgs, folder: str | Path | None = None) -> Path:
+    """Write scores.json, scores.csv, influence.safetensors, layer_scores.png, config.json into ``folder``
+    (default args.out), stability.png with --bootstrap / --split-half, and report.md / report.html
+    (:mod:`layerif.report`)."""
+    out = prepare_out_dir(folder if folder is not None else args.out)
     doc = scores_json(result, args)
     tensors = {f"layer.{l}": result.influence[l].float() for l in result.layers}
     tensors["train_loss"] = result.train_loss.float()
@@ -605,12 +650,13 @@ def run(args: ScoreArgs) -> str:
             progress.enable(False)
             score(args)
             return ""
-        result = score(args)
-        out = write(result, args)
-        shutil.rmtree(cache_dir(args), ignore_errors=True)
+        with output_folder(args.out, "score", args.overwrite) as tmp:
+            result = score(args)
+            write(result, args, tmp)
+        out = Path(args.out)
     m = result.meta
     head = (f"{m['model']} · task {m['task']} · target {args.target} · estimator {args.estimator} · "
-            f"{m['n_train']} train x {m['n_val']} validation · {result.passes} pass(es) · {result.seconds:.1f} s")
+            f"{records_note(m['records'])} · {result.passes} pass(es) · {result.seconds:.1f} s")
     stab = stability.summary(m.get("stability"))
     wrote = (f"wrote {out}/scores.json, scores.csv, influence.safetensors, layer_scores.png"
              f"{', stability.png' if stab else ''}, report.md, report.html")

@@ -1,0 +1,430 @@
+"""Fault injection: bad input, bad numbers, interrupted and concurrent runs.
+
+Every case asserts the exit status, a one-line message naming the problem, and
+that nothing outside the run's temporary folder changed (:func:`snapshot`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import make_tokenizer, tiny_model
+from layerif import io as lio
+from layerif.cli import main
+from layerif.errors import UserError
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` with its bytes (what a failed run must leave unchanged)."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _jsonl(path: Path, records: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model("llama", n_layers=2, seed=0).save_pretrained(d)
+    make_tokenizer().save_pretrained(d)
+    return d
+
+
+@pytest.fixture
+def work(tmp_path):
+    """A folder with train / validation files; everything a run may touch lives under it."""
+    _jsonl(tmp_path / "train.jsonl", [{"text": f"the capital of france is paris {w}"} for w in ("one", "two", "three", "four")])
+    _jsonl(tmp_path / "val.jsonl", [{"prompt": "the capital of italy is", "completion": " rome"}])
+    return tmp_path
+
+
+def _score(model_dir, work, *extra, out="out"):
+    return ["score", "--model", str(model_dir), "--train", str(work / "train.jsonl"), "--val", str(work / "val.jsonl"),
+            "--out", str(work / out), "--quiet", "--batch-size", "4", *extra]
+
+
+def fails(capsys, argv, expect, root: Path, status: int = 2, clean: bool = True) -> str:
+    """Run ``argv``: exit ``status``, one line on stderr containing ``expect``, nothing under ``root`` changed."""
+    before = snapshot(root)
+    rc = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert rc == status, err
+    assert len(err.splitlines()) == 1, err
+    assert expect in err, err
+    assert snapshot(root) == before
+    assert not clean or not [p for p in root.rglob(".*layerif-*")], "a temporary or lock file was left behind"
+    return err
+
+
+# ----------------------------------------------------------------------------- result folders (library)
+
+
+def _fill(folder: Path, command: str, **files: str) -> None:
+    (folder / "config.json").write_text(json.dumps({"command": command, "args": {}}))
+    for name, text in files.items():
+        (folder / name).write_text(text)
+
+
+def test_output_folder_swaps_the_whole_result_in(tmp_path):
+    out = tmp_path / "res"
+    with lio.output_folder(out, "score") as tmp:
+        assert tmp != out and not out.exists()
+        _fill(tmp, "score", **{"a.txt": "1", "stability.png": "x"})
+    assert (out / "a.txt").read_text() == "1"
+    with lio.output_folder(out, "score", overwrite=True) as tmp:
+        assert (out / "a.txt").read_text() == "1"  # the old result stays until the new one is complete
+        _fill(tmp, "score", **{"a.txt": "2"})
+    assert (out / "a.txt").read_text() == "2"
+    assert not (out / "stability.png").exists()  # a stale file never survives
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["res"]
+
+
+def test_failed_run_changes_nothing(tmp_path):
+    out = tmp_path / "res"
+    out.mkdir()
+    _fill(out, "score", **{"a.txt": "1"})
+    before = snapshot(tmp_path)
+    for exc in (UserError("bad"), FloatingPointError("nan"), RuntimeError("bug")):
+        with pytest.raises(type(exc)):
+            with lio.output_folder(out, "score", overwrite=True) as tmp:
+                _fill(tmp, "score", **{"a.txt": "2"})
+                raise exc
+        assert snapshot(tmp_path) == before
+
+
+def test_interrupted_run_keeps_only_its_cache(tmp_path):
+    out = tmp_path / "res"
+    with pytest.raises(KeyboardInterrupt):
+        with lio.output_folder(out, "score") as tmp:
+            (tmp / lio.CACHE_DIR).mkdir()
+            (tmp / lio.CACHE_DIR / "k.group0.safetensors").write_text("pass")
+            (tmp / "half.txt").write_text("x")
+            raise KeyboardInterrupt
+    assert not out.exists()
+    staging = lio.sibling(out, "partial")
+    assert sorted(p.name for p in staging.iterdir()) == [lio.CACHE_DIR]
+    with lio.output_folder(out, "score") as tmp:  # the next run finds the cache, and only the cache
+        assert sorted(p.name for p in tmp.iterdir()) == [lio.CACHE_DIR]
+        _fill(tmp, "score")
+    assert sorted(p.name for p in out.iterdir()) == ["config.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["res"]
+
+
+@pytest.mark.parametrize("crash_at", [1, 2])
+def test_kill_between_renames_is_finished_by_the_next_run(tmp_path, monkeypatch, crash_at):
+    """A process killed inside the swap (simulated: the n-th rename raises) leaves old and new whole;
+    the next run on the folder completes the swap before anything else."""
+    out = tmp_path / "res"
+    out.mkdir()
+    _fill(out, "score", **{"a.txt": "old", "only-old.txt": "x"})
+    calls = {"n": 0}
+    real = os.replace
+
+    def replace(a, b):
+        calls["n"] += 1
+        if calls["n"] == crash_at:
+            raise SystemExit("killed")
+        real(a, b)
+
+    monkeypatch.setattr(lio.os, "replace", replace)
+    with pytest.raises(SystemExit):
+        with lio.output_folder(out, "score", overwrite=True) as tmp:
+            _fill(tmp, "score", **{"a.txt": "new"})
+    monkeypatch.setattr(lio.os, "replace", real)
+    # nothing lost: the new result is complete in the staging folder, the old one whole at `out` or aside
+    assert (lio.sibling(out, "partial") / "a.txt").read_text() == "new"
+    old = out if out.exists() else lio.sibling(out, "old")
+    assert (old / "a.txt").read_text() == "old" and (old / "only-old.txt").exists()
+    with pytest.raises(UserError, match="--overwrite"):  # the next run finishes the swap first
+        with lio.output_folder(out, "score"):
+            pass
+    assert sorted(p.name for p in out.iterdir()) == ["a.txt", "config.json"]
+    assert (out / "a.txt").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["res"]
+
+
+@pytest.mark.parametrize("setup,expect", [
+    (lambda d: (d / "notes.txt").write_text("mine"), "not a layerif result"),
+    (lambda d: _fill(d, "prune"), "holds a result of `layerif prune`"),
+    (lambda d: _fill(d, "score"), "pass --overwrite"),
+    (lambda d: (d / "config.json").write_text(json.dumps({"model_type": "llama"})), "is a model folder"),
+    (lambda d: (d / "model.safetensors").write_bytes(b"x"), "is a model folder"),
+])
+def test_out_rule(tmp_path, setup, expect):
+    out = tmp_path / "res"
+    out.mkdir()
+    setup(out)
+    before = snapshot(tmp_path)
+    with pytest.raises(UserError, match=expect.replace("`", ".").replace("-", ".")):
+        with lio.output_folder(out, "score"):
+            pytest.fail("the body must not run")
+    assert snapshot(tmp_path) == before and sorted(p.name for p in tmp_path.iterdir()) == ["res"]
+
+
+def test_out_inside_model_folder_or_under_a_file(tmp_path, model_dir):
+    with pytest.raises(UserError, match="inside the model folder"):
+        lio.check_out_dir(model_dir / "scores", "score")
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(UserError, match="is a file, not a folder"):
+        lio.check_out_dir(tmp_path / "f" / "sub", "score")
+
+
+def test_second_holder_of_a_folder_is_refused(tmp_path):
+    out = tmp_path / "res"
+    with lio.folder_lock(out):
+        lock = json.loads(lio.sibling(out, "lock").read_text())
+        assert lock["pid"] == os.getpid() and lock["host"]
+        with pytest.raises(UserError, match=f"in use by another layerif run \\(pid {os.getpid()} on "):
+            with lio.output_folder(out, "score"):
+                pass
+    assert not lio.sibling(out, "lock").exists()
+    with lio.folder_lock(out):  # free again
+        pass
+
+
+def test_stale_lock_file_of_a_dead_process_is_taken_over(tmp_path):
+    out = tmp_path / "res"
+    lio.sibling(out, "lock").write_text(json.dumps({"pid": 999999, "host": "elsewhere"}))
+    with lio.output_folder(out, "score") as tmp:
+        _fill(tmp, "score")
+    assert out.is_dir() and not lio.sibling(out, "lock").exists()
+
+
+# ----------------------------------------------------------------------------- cache
+
+
+def test_cache_entries_carry_the_fingerprint(tmp_path):
+    import torch
+
+    from layerif.cache import PassCache
+
+    a = PassCache(tmp_path / "c", "aaaa")
+    a.save("group0", {"x": torch.ones(2)})
+    assert [p.name for p in (tmp_path / "c").iterdir()] == ["aaaa.group0.safetensors"]
+    assert PassCache(tmp_path / "c", "aaaa").load("group0") is not None
+    b = PassCache(tmp_path / "c", "bbbb")  # another run's entries are never read
+    assert b.load("group0") is None
+    assert list((tmp_path / "c").iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- bad input: one line, exit 2
+
+
+def _parquet_case(path: Path) -> tuple[Path, str]:
+    path.write_bytes(b"PAR1 this is not parquet PAR1")
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError:
+        return path, "needs pyarrow"
+    return path, "not a readable Parquet file"
+
+
+@pytest.mark.parametrize("name,content,expect", [
+    ("list.jsonl", '{"text": "one two"}\n\n["text", "x"]\n', "list.jsonl line 3: a record must be a JSON object, got a list"),
+    ("null.jsonl", '{"text": "one two"}\nnull\n', "null.jsonl line 2: a record must be a JSON object, got null"),
+    ("string.jsonl", '"the cat"\n', "string.jsonl line 1: a record must be a JSON object, got a string"),
+    ("broken.jsonl", '{"text": "one two"}\n{"text": "a"}\n{"text": \n', "broken.jsonl line 3: not valid JSON"),
+    ("scalar.json", "3", "must hold a list of record objects"),
+    ("items.json", '[{"text": "one two"}, 7]', "items.json record 1: a record must be a JSON object, got a number"),
+    ("number.jsonl", '{"text": "one two"}\n{"text": 12}\n', "train record 1: field 'text' must be a string, got int 12"),
+    ("listtext.jsonl", '{"text": ["a", "b"]}\n', "field 'text' must be a string, got list"),
+    ("dict.jsonl", '{"prompt": {"a": 1}, "completion": "x"}\n', "field 'prompt' must be a string, got dict"),
+    ("latin1.jsonl", b'{"text": "caf\xe9"}\n', "not UTF-8"),
+])
+def test_bad_train_file(model_dir, work, capsys, name, content, expect):
+    f = work / name
+    f.write_bytes(content if isinstance(content, bytes) else content.encode())
+    fails(capsys, _score(model_dir, work, "--train", str(f)), expect, work)
+
+
+def test_bad_parquet(model_dir, work, capsys):
+    f, expect = _parquet_case(work / "bad.parquet")
+    fails(capsys, _score(model_dir, work, "--train", str(f)), expect, work)
+
+
+def test_max_length_cutting_the_completion(model_dir, work, capsys):
+    _jsonl(work / "long.jsonl", [{"prompt": "the capital of italy is the city of", "completion": " rome"}])
+    fails(capsys, _score(model_dir, work, "--val", str(work / "long.jsonl"), "--max-length", "4"),
+          "validation record 0: --max-length 4 cuts off its whole completion (the prompt alone has 8 tokens)", work)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_non_finite_option_values(model_dir, work, capsys, value):
+    with pytest.raises(SystemExit) as exc:
+        main(_score(model_dir, work, f"--damping-scale={value}"))
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and len(err.splitlines()) == 1
+    assert f"argument --damping-scale: must be a finite number (got {value})" in err
+
+
+def _damage(folder: Path, how: str) -> None:
+    w = folder / "model.safetensors"
+    data = w.read_bytes()
+    w.write_bytes(data[: len(data) // 2] if how == "truncated" else b"\x10" + b"\0" * 7 + b"not json" * 4)
+
+
+@pytest.mark.parametrize("how", ["truncated", "garbage"])
+def test_damaged_weights(model_dir, work, capsys, how):
+    import shutil
+
+    bad = work / "model"
+    shutil.copytree(model_dir, bad)
+    _damage(bad, how)
+    fails(capsys, _score(model_dir, work, "--model", str(bad)),
+          "a safetensors weight file is damaged or truncated", work)
+
+
+@pytest.mark.parametrize("header", [os.urandom(64), b"GGUF" + os.urandom(64),
+                                    b"GGUF" + struct.pack("<IQQ", 3, 1, 1) + os.urandom(64)],
+                         ids=["no-magic", "bad-version", "bad-metadata"])
+def test_garbage_gguf(model_dir, work, capsys, header):
+    g = work / "m.gguf"
+    g.write_bytes(header)
+    argv = [a for a in _score(model_dir, work) if a not in ("--model", str(model_dir))]
+    fails(capsys, argv + ["--gguf-file", str(g)], "not a readable GGUF file", work)
+
+
+def test_missing_model_folder(model_dir, work, capsys):
+    fails(capsys, _score(model_dir, work, "--model", str(work / "no-such-model")), "model folder not found", work)
+
+
+def test_out_under_a_file(model_dir, work, capsys):
+    (work / "f").write_text("x")
+    fails(capsys, _score(model_dir, work, out="f/sub"), "f is a file, not a folder", work)
+
+
+def test_out_is_the_model_folder(model_dir, work, capsys):
+    import shutil
+
+    m = work / "m_copy"
+    shutil.copytree(model_dir, m)
+    fails(capsys, _score(m, work, out="m_copy"), "is a model folder; layerif never writes into a model folder", work)
+
+
+@pytest.mark.parametrize("doc,expect", [
+    ([1, 2], "must hold a JSON object of options, got list"),
+    ({"command": "score", "args": ["x"]}, "'args' must be an object of options"),
+    ({"command": "score", "args": {"n_train": "many"}}, "'n_train' must be an integer, got \"many\""),
+    ({"command": "score", "args": {"damping_scale": None}}, "'damping_scale' must be a finite number, got null"),
+    ({"command": "score", "args": {"per_val": 1}}, "'per_val' must be true or false, got 1"),
+])
+def test_bad_config(model_dir, work, capsys, doc, expect):
+    (work / "c.json").write_text(json.dumps(doc))
+    fails(capsys, _score(model_dir, work, "--config", str(work / "c.json")), expect, work)
+
+
+def test_report_of_a_folder_with_a_bad_config(work, capsys):
+    (work / "r").mkdir()
+    (work / "r" / "config.json").write_text("[1]")
+    fails(capsys, ["report", str(work / "r")], "must hold a JSON object of options, got list", work)
+
+
+# ----------------------------------------------------------------------------- replayed configs never run code
+
+
+def test_config_replay_never_enables_remote_code(model_dir, work, capsys):
+    """A model folder whose config points at its own Python code: a shared config.json asking for
+    trust_remote_code must not run it; only the command line can."""
+    import shutil
+
+    m = work / "evil"
+    shutil.copytree(model_dir, m)
+    marker = work / "code-ran"
+    (m / "evil.py").write_text(
+        f"open({str(marker)!r}, 'w').write('ran')\n"
+        "from transformers import LlamaForCausalLM, LlamaConfig\n"
+        "class EvilConfig(LlamaConfig):\n    pass\n"
+        "class EvilModel(LlamaForCausalLM):\n    config_class = EvilConfig\n")
+    cfg = json.loads((m / "config.json").read_text())
+    cfg["auto_map"] = {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"}
+    (m / "config.json").write_text(json.dumps(cfg))
+    shared = work / "shared.json"
+    shared.write_text(json.dumps({"command": "score", "args": {"model": str(m), "trust_remote_code": True,
+                                                               "overwrite": True}}))
+    argv = [a for a in _score(model_dir, work) if a not in ("--model", str(model_dir))]
+    rc = main(argv + ["--config", str(shared)])
+    capsys.readouterr()
+    assert not marker.exists(), "a replayed config ran the model folder's code"
+    assert rc == 0 and json.loads((work / "out" / "config.json").read_text())["args"]["trust_remote_code"] is False
+
+
+# ----------------------------------------------------------------------------- signals (real processes)
+
+
+def _spawn(argv: list[str], cwd: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": SRC, "HF_HUB_OFFLINE": "1"}
+    return subprocess.Popen([sys.executable, "-m", "layerif", *argv], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize("sig,status,word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+def test_signal_while_starting(tmp_path, sig, status, word):
+    """Ctrl-C or SIGTERM in the first second (while importing): one line and the conventional status."""
+    p = _spawn(["tasks", "--quiet"], tmp_path)
+    time.sleep(0.3)
+    p.send_signal(sig)
+    _, err = p.communicate(timeout=120)
+    if p.returncode == 0:
+        pytest.skip("the command finished before the signal arrived")
+    assert p.returncode == status, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("layerif") and f": {word}" in lines[0], err
+
+
+# ----------------------------------------------------------------------------- no silent changes, concurrency (CLI)
+
+
+def test_user_files_are_used_whole_unless_capped(model_dir, work, capsys):
+    _jsonl(work / "big.jsonl", [{"text": f"the cat is {w}"} for w in ("one", "two", "three") * 30])
+    assert main(_score(model_dir, work, "--train", str(work / "big.jsonl"))) == 0
+    doc = json.loads((work / "out" / "scores.json").read_text())
+    assert doc["n_train"] == 90 and doc["records"]["train"] == {"available": 90, "used": 90, "truncated": 0}
+    assert main(_score(model_dir, work, "--train", str(work / "big.jsonl"), "--n-train", "7", out="capped")) == 0
+    doc = json.loads((work / "capped" / "scores.json").read_text())
+    assert doc["n_train"] == 7 and doc["records"]["train"]["available"] == 90
+    assert "7 of 90 train" in capsys.readouterr().out
+
+
+def test_record_longer_than_the_context_is_refused(model_dir, work, capsys):
+    _jsonl(work / "long.jsonl", [{"text": "the cat"}, {"text": "one " * 2100}])
+    fails(capsys, _score(model_dir, work, "--train", str(work / "long.jsonl")),
+          "train record 1 has 2100 tokens, more than the model's context of 2048; pass --max-length N", work)
+    fails(capsys, _score(model_dir, work, "--max-length", "4096"), "--max-length 4096 exceeds the model's context", work)
+
+
+def test_rerun_needs_overwrite_and_replaces_the_whole_folder(model_dir, work, capsys):
+    assert main(_score(model_dir, work, "--bootstrap", "20")) == 0
+    assert (work / "out" / "stability.png").exists()
+    fails(capsys, _score(model_dir, work), "holds an earlier `layerif score` result; pass --overwrite", work)
+    assert main(_score(model_dir, work, "--overwrite")) == 0
+    assert not (work / "out" / "stability.png").exists()
+
+
+def test_concurrent_run_on_the_same_folder_is_refused(model_dir, work, capsys):
+    """Another process holds the folder: the run fails at once naming it, and changes nothing."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from layerif.io import folder_lock\n"
+                               f"with folder_lock(__import__('pathlib').Path({str(work / 'out')!r})):\n"
+                               "    print('held', flush=True); time.sleep(60)"],
+        env={**os.environ, "PYTHONPATH": SRC}, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        err = fails(capsys, _score(model_dir, work), f"is in use by another layerif run (pid {holder.pid} on ", work,
+                    clean=False)
+        assert "lock file" in err
+    finally:
+        holder.kill()
+        holder.wait()
