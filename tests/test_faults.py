@@ -225,11 +225,9 @@ def test_cache_entries_carry_the_fingerprint(tmp_path):
 
 def _parquet_case(path: Path) -> tuple[Path, str]:
     path.write_bytes(b"PAR1 this is not parquet PAR1")
-    try:
-        import pyarrow  # noqa: F401
-    except ImportError:
-        return path, "needs pyarrow"
-    return path, "not a readable Parquet file"
+    import importlib.util
+
+    return path, "not a readable Parquet file" if importlib.util.find_spec("pyarrow") else "needs pyarrow"
 
 
 @pytest.mark.parametrize("name,content,expect", [
@@ -370,11 +368,12 @@ def _spawn(argv: list[str], cwd: Path) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.parametrize("delay", [0.3, 1.0])
 @pytest.mark.parametrize("sig,status,word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
-def test_signal_while_starting(tmp_path, sig, status, word):
+def test_signal_while_starting(tmp_path, sig, status, word, delay):
     """Ctrl-C or SIGTERM in the first second (while importing): one line and the conventional status."""
     p = _spawn(["tasks", "--quiet"], tmp_path)
-    time.sleep(0.3)
+    time.sleep(delay)
     p.send_signal(sig)
     _, err = p.communicate(timeout=120)
     if p.returncode == 0:
@@ -428,3 +427,103 @@ def test_concurrent_run_on_the_same_folder_is_refused(model_dir, work, capsys):
     finally:
         holder.kill()
         holder.wait()
+
+
+# ----------------------------------------------------------------------------- bad numbers: exit 1, nothing written
+
+
+def _poisoned(model_dir: Path, dest: Path, where: str) -> Path:
+    """A copy of the tiny model with NaN in one place: ``embed:WORD`` (that token's embedding row, so only
+    records holding WORD are hit) or a parameter name (every record is hit)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(model_dir, dest)
+    weights = load_file(dest / "model.safetensors")
+    if where.startswith("embed:"):
+        token = make_tokenizer().convert_tokens_to_ids(where.split(":")[1])
+        weights["model.embed_tokens.weight"][token] = float("nan")
+    else:
+        weights[where][0, 0] = float("inf")
+    save_file(weights, dest / "model.safetensors", metadata={"format": "pt"})
+    return dest
+
+
+@pytest.mark.parametrize("mode", ["materialized", "streaming"])
+def test_nan_reaching_only_validation_records(model_dir, work, capsys, mode):
+    """'rome' is only in the validation record: the train side is finite, the validation loss is not."""
+    m = _poisoned(model_dir, work / "nan-model", "embed:rome")
+    fails(capsys, _score(m, work, "--mode", mode),
+          "non-finite loss for validation record 0; the first non-finite value appears in model.embed_tokens "
+          "(outside the decoder blocks)", work, status=1)
+    assert not (work / "out").exists()
+
+
+def test_inf_in_block_1_is_named_block_1(model_dir, work, capsys):
+    m = _poisoned(model_dir, work / "inf-model", "model.layers.1.mlp.up_proj.weight")
+    fails(capsys, _score(m, work, "--target", "attn"),
+          "non-finite loss for validation record 0; the first non-finite value appears in "
+          "model.layers.1.mlp.up_proj (block 1)", work, status=1)
+
+
+def test_non_finite_gradient_names_the_module_it_reaches_first(llama, tokenizer):
+    import torch
+
+    from layerif.data import collate, encode_split
+    from layerif.grads import NonFinite, capture, losses_and_backward
+    from layerif.models import select_targets
+
+    targets = select_targets(llama, "attn")
+    batch = collate(encode_split(tokenizer, [{"text": "the cat is a dog"}] * 2, "x")[0], 1)
+    v = targets[-1].module  # block 2's last attention projection: the first target the backward pass reaches
+    def poison(mod, inp, out) -> None:  # the output gradient of batch row 1 becomes NaN
+        out.register_hook(lambda g: torch.where(torch.arange(g.shape[0]).view(-1, 1, 1) == 1,
+                                                torch.full_like(g, float("nan")), g))
+
+    handle = v.register_forward_hook(poison)
+    try:
+        with pytest.raises(NonFinite) as exc, capture(llama, targets, lambda t, x, d: None):
+            losses_and_backward(llama, batch)
+    finally:
+        handle.remove()
+    err = exc.value.at("train", 10)
+    assert str(err) == f"non-finite gradient for train record 11; the first non-finite value appears in {v_name(targets)}"
+
+
+def v_name(targets) -> str:
+    return f"{targets[-1].name} (block {targets[-1].block})"
+
+
+# ----------------------------------------------------------------------------- fail fast: before the model loads
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Any model load fails the test: these inputs must be refused before."""
+    from layerif import models
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model was loaded before the check"))
+
+
+@pytest.mark.parametrize("doc,expect", [
+    ({"layers": [0, 1], "score": ["0.5", 1.0]}, "'score' must hold finite numbers; entry 0 is \"0.5\""),
+    ({"layers": [0, "1"], "score": [0.5, 1.0]}, "'layers' must hold block indices"),
+    ({"layers": [0, 1], "score": [0.5]}, "'layers' and 'score' lists of equal length"),
+    ([1, 2], "is not a layerif scores.json"),
+])
+def test_bad_scores_file_before_the_model_loads(model_dir, work, capsys, no_model_load, doc, expect):
+    (work / "scores.json").write_text(json.dumps(doc))
+    fails(capsys, ["prune", "--model", str(model_dir), "--allocation", "layerif", "--scores", str(work / "scores.json"),
+                   "--quiet"], expect, work)
+
+
+def test_compare_tasks_with_a_malformed_second_task(model_dir, work, capsys, no_model_load):
+    (work / "bad.jsonl").write_text('{"text": "one two"}\n[1]\n')
+    fails(capsys, ["compare-tasks", "--model", str(model_dir), "--tasks",
+                   f"a={work / 'train.jsonl'}:{work / 'val.jsonl'},b={work / 'bad.jsonl'}:{work / 'val.jsonl'}",
+                   "--out", str(work / "cmp"), "--quiet"], "bad.jsonl line 2: a record must be a JSON object", work)
+
+
+def test_bad_record_field_before_the_model_loads(model_dir, work, capsys, no_model_load):
+    fails(capsys, _score(model_dir, work, "--text-field", "txt"), "train record 0: a record has neither 'txt'", work)

@@ -22,6 +22,7 @@ import dataclasses
 import importlib
 import json
 import math
+import os
 import signal
 import sys
 import threading
@@ -124,38 +125,12 @@ def _check_value(name: str, value: Any, tp: object, where: str) -> None:
     raise UserError(f"{where}: '{name}' must be {_TYPE_NAMES.get(base, str(base))}, got {shown[:40]}")
 
 
-def read_config(path: str, cls: type | None = None) -> dict:
-    """A config.json saved by a run: ``{"command", "args", "version"}`` (or a bare ``{field: value}`` object).
-
-    Returns the document with ``args`` a dict; with ``cls``, every argument that
-    is a field of ``cls`` is checked against its type. A missing or unreadable
-    file, a document that is not an object, and a value of the wrong type are
-    :class:`UserError` naming the file.
-    """
-    try:
-        with open(path, encoding="utf-8") as f:
-            doc = json.load(f)
-    except FileNotFoundError:
-        raise UserError(f"config file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"cannot read {path}: {exc}") from None
-    except json.JSONDecodeError as exc:
-        raise UserError(f"cannot read {path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    if not isinstance(doc, dict):
-        raise UserError(f"{path} must hold a JSON object of options, got {type(doc).__name__}")
-    if "args" in doc:
-        if not isinstance(doc["args"], dict):
-            raise UserError(f"{path}: 'args' must be an object of options, got {type(doc['args']).__name__}")
-        if not isinstance(doc.get("command", ""), str):
-            raise UserError(f"{path}: 'command' must be a string")
-    else:
-        doc = {"args": doc}
-    if cls is not None:
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            if f.name in doc["args"]:
-                _check_value(f.name, doc["args"][f.name], hints[f.name], str(path))
-    return doc
+def check_config_args(values: dict, cls: type, where: str) -> None:
+    """Every value of a config's ``args`` that is a field of ``cls`` must have the field's type."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in values:
+            _check_value(f.name, values[f.name], hints[f.name], where)
 
 
 def build_args(cls: type, ns: argparse.Namespace) -> object:
@@ -165,7 +140,10 @@ def build_args(cls: type, ns: argparse.Namespace) -> object:
     """
     values: dict = {}
     if getattr(ns, "config", None):
-        saved = read_config(ns.config, cls)["args"]
+        from .results import read_config
+
+        saved = read_config(ns.config)["args"]
+        check_config_args(saved, cls, ns.config)
         names = {f.name for f in dataclasses.fields(cls) if f.metadata.get("from_config", True)}
         values.update({k: v for k, v in saved.items() if k in names})
     values.update({k: v for k, v in vars(ns).items() if k not in ("command", "config", "quiet")})
@@ -207,11 +185,20 @@ def _terminate(signum: int, frame: object) -> NoReturn:
     raise Terminated(signum)
 
 
+def _exit_now(signum: int, frame: object) -> NoReturn:
+    """While the libraries import nothing is written yet: stop at once (an exception raised inside a
+    half-imported native module would surface as an unrelated ImportError)."""
+    sys.stderr.write(f"layerif: {'interrupted' if signum == signal.SIGINT else 'terminated (SIGTERM)'}\n")
+    sys.stderr.flush()
+    os._exit(130 if signum == signal.SIGINT else 143)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; returns the exit status (0 ok, 1 numeric fault, 2 bad input, 130 Ctrl-C, 143 SIGTERM)."""
     name = "layerif"
     in_main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _terminate) if in_main else None
+    if in_main:
+        previous = {s: signal.signal(s, _exit_now) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         parser = make_parser()
         ns, extra = parser.parse_known_args(argv)
@@ -221,6 +208,9 @@ def main(argv: list[str] | None = None) -> int:
         module, cls_name, fn_name, _ = COMMANDS[ns.command]
         mod = importlib.import_module(module)
         run: Callable = getattr(mod, fn_name)
+        if in_main:  # from here on a signal unwinds the run (temporary folders removed, lock released)
+            signal.signal(signal.SIGINT, previous[signal.SIGINT])
+            signal.signal(signal.SIGTERM, _terminate)
         progress.enable(not ns.quiet)
         _quiet_libraries(ns.quiet)
         args = build_args(getattr(mod, cls_name), ns)
@@ -239,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         return 143
     finally:
         if in_main:
-            signal.signal(signal.SIGTERM, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
     if summary:
         print(summary)
     return 0

@@ -173,6 +173,15 @@ def gram(a: torch.Tensor | Factored, b: torch.Tensor | Factored, chunk: int = 40
     return out
 
 
+def _finite(t: Target, delta: torch.Tensor) -> torch.Tensor:
+    """``delta`` [B, T, out], or :class:`NonFinite` naming its first non-finite row and ``t`` (backward order:
+    the first target the non-finite gradient reaches)."""
+    bad = (~torch.isfinite(delta).flatten(1).all(dim=1)).nonzero()
+    if len(bad):
+        raise NonFinite("gradient", int(bad[0, 0]), f"{t.name} (block {t.block})")
+    return delta
+
+
 @contextmanager
 def capture(
     model: nn.Module, targets: Sequence[Target], sink: Callable[[Target, torch.Tensor, torch.Tensor], None]
@@ -195,7 +204,7 @@ def capture(
             if not torch.is_grad_enabled() or not output.requires_grad:
                 return
             x, b = _shaped(inputs[0].detach(), batch[0]), batch[0]
-            output.register_hook(lambda grad: sink(t, x, _shaped(grad, b)))
+            output.register_hook(lambda grad: sink(t, x, _finite(t, _shaped(grad, b))))
 
         return fwd
 
@@ -219,10 +228,60 @@ def record_losses(model: nn.Module, records: list[Encoded], pad_id: int, batch_s
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
 
 
+class NonFinite(FloatingPointError):
+    """A non-finite loss or gradient in a batch: its ``row`` and the module where the first
+    non-finite value appears (forward order for a loss, backward order for a gradient)."""
+
+    def __init__(self, what: str, row: int, module: str | None) -> None:
+        super().__init__(f"non-finite {what} for batch row {row}" + (f" ({module})" if module else ""))
+        self.what, self.row, self.module = what, row, module
+
+    def at(self, split: str, first: int) -> FloatingPointError:
+        """The error for the run, with the record's index in its split (``first`` = index of batch row 0)."""
+        where = f"; the first non-finite value appears in {self.module}" if self.module else ""
+        return FloatingPointError(f"non-finite {self.what} for {split} record {first + self.row}{where}")
+
+
+def _where(model: nn.Module, name: str) -> str:
+    """``name (block b)`` for a module inside the decoder blocks, else ``name (outside the decoder blocks)``."""
+    from .models import find_blocks
+
+    prefix = find_blocks(model)[0] + "."
+    if name.startswith(prefix):
+        return f"{name} (block {name[len(prefix):].split('.')[0]})"
+    return f"{name} (outside the decoder blocks)"
+
+
+def first_nonfinite_module(model: nn.Module, batch: dict[str, torch.Tensor], row: int) -> str | None:
+    """Forward batch row ``row`` alone, watching every module's output; the first module (in execution
+    order) whose output holds a non-finite value, as :func:`_where` names it, or None."""
+    found: list[str] = []
+
+    def hook(name: str):
+        def check(module: nn.Module, inputs: tuple, output: object) -> None:
+            outs = output if isinstance(output, (tuple, list)) else (output,)
+            if not found and any(isinstance(o, torch.Tensor) and o.is_floating_point() and not torch.isfinite(o).all()
+                                 for o in outs):
+                found.append(name)
+        return check
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if n]
+    try:
+        with torch.no_grad():
+            model(input_ids=batch["input_ids"][row : row + 1], attention_mask=batch["attention_mask"][row : row + 1],
+                  use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return _where(model, found[0]) if found else None
+
+
 def losses_and_backward(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Forward a batch, backward the sum of per-sample losses to the input embeddings; returns losses [B].
 
     Parameters get no ``.grad``: only hooks installed by :func:`capture` see gradients.
+    A non-finite loss raises :class:`NonFinite` naming the row and the first module
+    whose output is non-finite (:func:`first_nonfinite_module`), before any backward.
     """
     embed = model.get_input_embeddings()
     with torch.no_grad():
@@ -230,6 +289,10 @@ def losses_and_backward(model: nn.Module, batch: dict[str, torch.Tensor]) -> tor
     emb = emb.detach().requires_grad_(True)
     out = model(inputs_embeds=emb, attention_mask=batch["attention_mask"], use_cache=False)
     losses = per_sample_loss(out.logits, batch["labels"])
+    bad = (~torch.isfinite(losses.detach())).nonzero()
+    if len(bad):
+        row = int(bad[0, 0])
+        raise NonFinite("loss", row, first_nonfinite_module(model, batch, row))
     torch.autograd.grad(losses.sum(), emb)
     return losses.detach()
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -47,8 +46,9 @@ from . import allocate, results
 from .allocate import COMPARE_EXPERTS, allocate_experts, top_k_for
 from .errors import UserError
 from .io import (
-    atomic_dir,
-    prepare_out_dir,
+    output_folder,
+    overwrite_field,
+    staged_folder,
     write_figure,
     write_json,
     write_safetensors,
@@ -56,7 +56,7 @@ from .io import (
 )
 from .models import LoadedModel, ModelArgs, find_blocks, is_conv1d, select_targets, weight_out_in
 from .report import write_report
-from .results import ALLOCATION_FILE, write_config, block_scores, check_save_dir, write_allocation
+from .results import ALLOCATION_FILE, block_scores, check_save_dir, read_scores, write_allocation, write_config
 from .stability import mean_std, mean_std_cell
 from .spectral import block_alphas
 from .train import TrainConfig, check_train_config, evaluate_records, train
@@ -360,7 +360,7 @@ def save_adapter(model: nn.Module, folder: str | Path, allocation: dict | None =
         "peft": peft_lora_kwargs(model),
         "version": __version__,
     }
-    with atomic_dir(dest) as tmp:
+    with staged_folder(dest, "--save", lambda d: check_save_dir(d, "adapter folder")) as tmp:
         write_safetensors(tmp / ADAPTER_FILE, adapter_state(model), metadata={"format": "layerif-lora-moe"})
         write_allocation(tmp, doc)
     return dest
@@ -487,6 +487,8 @@ def _setting(args: _MoeOptions) -> _Setting:
 
     if args.task is not None:
         get_task(args.task)  # an unknown task fails before the model loads
+    if args.scores:
+        read_scores(args.scores)  # so does a bad scores file
     lm = args.load()
     _, blocks = find_blocks(lm.model)
     scores, doc = block_scores(args.scores, len(blocks)) if args.scores else (None, {})
@@ -576,6 +578,7 @@ class CompareMoeArgs(_MoeOptions):
     allocations: list[str] = field(default_factory=lambda: list(COMPARE_EXPERTS), metadata={"help": "allocations to compare"})
     seeds: list[str] = field(default_factory=lambda: ["0", "1", "2"], metadata={"help": "training seeds (at least 3 for mean ± std)"})
     out: str = field(default="out/compare-moe", metadata={"help": "output folder"})
+    overwrite: bool = overwrite_field()
 
 
 CSV_FIELDS = ("allocation", "seed", "accuracy", "exact_match", "final_loss", "trainable_params", "seconds")
@@ -659,40 +662,41 @@ def run_compare(args: CompareMoeArgs) -> str:
     if not allocations or not seeds:
         raise UserError("--allocations and --seeds need at least one value each")
     args.check(allocations)
-    out = prepare_out_dir(args.out)
-    s = _setting(args)
-    metrics = {a: _metric(s, a) for a in allocations}
-    allocs = {a: allocate_experts(a, metrics[a], s.n_blocks, args.total_experts, args.beta) for a in allocations}
-    total = int(next(iter(allocs.values())).sum())
-    meta = {"model": s.lm.name,
-            "task": f"{s.task} ({len(s.train_records)} train items, {len(s.test_records)} test items)",
-            "scores": f"{args.scores} (target {s.scores_doc.get('target')}, estimator {s.scores_doc.get('estimator')})"
-            if args.scores else "none",
-            "budget": f"T = {total} experts over {s.n_blocks} blocks, β = {args.beta:g}, "
-                      "top-2 where a block has > 1 expert",
-            "adapter": f"targets {args.targets}, rank {args.rank}, alpha {args.lora_alpha:g}, dropout {args.dropout:g}, "
-                       f"load-balancing coefficient {args.aux_loss_coef:g}",
-            "training": f"{args.steps} steps × {args.batch_size * args.grad_accum} records, AdamW lr {args.lr:g}, "
-                        f"warm-up {args.warmup:g}, then linear decay",
-            "seeds": ", ".join(map(str, seeds)),
-            "accuracy": "multiple-choice log-likelihood; exact match: greedy completion"}
-    write_config(out, "compare-moe", args)
-    base = evaluate_records(s.lm.model, s.lm.tokenizer, s.test_records, args.eval_batch_size, args.max_new_tokens)
-    rows = [{"allocation": "base", "seed": "-", **base, "final_loss": float("nan"), "trainable_params": 0,
-             "seconds": 0.0}]
-    for seed, a in progress.track([(seed, a) for seed in seeds for a in allocations], desc="compare-moe", unit="run"):
-        r = _fit(s, args, allocs[a], seed)
-        remove_lora_moe(s.lm.model)
-        tail = r["losses"][-max(1, len(r["losses"]) // 10):]
-        rows.append({"allocation": a, "seed": str(seed), "accuracy": r["accuracy"], "exact_match": r["exact_match"],
-                     "final_loss": sum(tail) / len(tail), "trainable_params": r["trainable_params"], "seconds": r["seconds"]})
+    with output_folder(args.out, "compare-moe", args.overwrite) as out:
+        s = _setting(args)
+        metrics = {a: _metric(s, a) for a in allocations}
+        allocs = {a: allocate_experts(a, metrics[a], s.n_blocks, args.total_experts, args.beta) for a in allocations}
+        total = int(next(iter(allocs.values())).sum())
+        meta = {"model": s.lm.name,
+                "task": f"{s.task} ({len(s.train_records)} train items, {len(s.test_records)} test items)",
+                "scores": f"{args.scores} (target {s.scores_doc.get('target')}, estimator {s.scores_doc.get('estimator')})"
+                if args.scores else "none",
+                "budget": f"T = {total} experts over {s.n_blocks} blocks, β = {args.beta:g}, "
+                          "top-2 where a block has > 1 expert",
+                "adapter": f"targets {args.targets}, rank {args.rank}, alpha {args.lora_alpha:g}, dropout {args.dropout:g}, "
+                           f"load-balancing coefficient {args.aux_loss_coef:g}",
+                "training": f"{args.steps} steps × {args.batch_size * args.grad_accum} records, AdamW lr {args.lr:g}, "
+                            f"warm-up {args.warmup:g}, then linear decay",
+                "seeds": ", ".join(map(str, seeds)),
+                "accuracy": "multiple-choice log-likelihood; exact match: greedy completion"}
+        write_config(out, "compare-moe", args)
+        base = evaluate_records(s.lm.model, s.lm.tokenizer, s.test_records, args.eval_batch_size, args.max_new_tokens)
+        rows = [{"allocation": "base", "seed": "-", **base, "final_loss": float("nan"), "trainable_params": 0,
+                 "seconds": 0.0}]
+        for seed, a in progress.track([(seed, a) for seed in seeds for a in allocations], desc="compare-moe", unit="run"):
+            r = _fit(s, args, allocs[a], seed)
+            remove_lora_moe(s.lm.model)
+            tail = r["losses"][-max(1, len(r["losses"]) // 10):]
+            rows.append({"allocation": a, "seed": str(seed), "accuracy": r["accuracy"], "exact_match": r["exact_match"],
+                         "final_loss": sum(tail) / len(tail), "trainable_params": r["trainable_params"], "seconds": r["seconds"]})
+            write_text(out / "comparison.csv", _rows_csv(rows))
+        md = _compare_markdown(rows, allocs, meta)
         write_text(out / "comparison.csv", _rows_csv(rows))
-    md = _compare_markdown(rows, allocs, meta)
-    write_text(out / "comparison.csv", _rows_csv(rows))
-    write_text(out / "comparison.md", md)
-    write_json(out / "allocations.json", {a: {"layers": list(range(s.n_blocks)), "experts": e.tolist(),
-                                           "top_k": top_k_for(e).tolist()} for a, e in allocs.items()})
-    write_figure(out / "experts_per_layer.png", _experts_plot(allocs, f"{s.lm.name} · task {s.task} · T={total}"))
-    write_report(out)
+        write_text(out / "comparison.md", md)
+        write_json(out / "allocations.json", {a: {"layers": list(range(s.n_blocks)), "experts": e.tolist(),
+                                               "top_k": top_k_for(e).tolist()} for a, e in allocs.items()})
+        write_figure(out / "experts_per_layer.png", _experts_plot(allocs, f"{s.lm.name} · task {s.task} · T={total}"))
+        write_report(out)
+    out = Path(args.out)
     return md + (f"\nwrote {out}/comparison.csv, comparison.md, experts_per_layer.png, allocations.json, config.json, "
                  "report.md, report.html")

@@ -36,7 +36,6 @@ from __future__ import annotations
 import copy
 import csv
 import io
-import json
 import math
 import re
 import time
@@ -54,10 +53,19 @@ from . import allocate
 from .allocate import COMPARE_SPARSITY, SparsityOptions, allocate_sparsity, check_epsilon, check_sparsity
 from .errors import UserError
 from .evaluate import mc_accuracy, perplexity
-from .io import atomic_dir, prepare_out_dir, write_figure, write_json, write_text
+from .io import CACHE_DIR, output_folder, overwrite_field, prepare_out_dir, staged_folder, write_figure, write_text
 from .models import ModelArgs, find_blocks, iter_projections, projections, set_weight_out_in, weight_out_in
 from .report import write_report
-from .results import block_scores, block_sparsity, check_save_dir, write_allocation, write_config
+from .results import (
+    block_scores,
+    block_sparsity,
+    check_save_dir,
+    read_config,
+    read_json,
+    read_scores,
+    write_allocation,
+    write_config,
+)
 from .search import LevelDatabase, SearchOptions, run_search, run_sensitivity, windows_hash, write_search
 from .spectral import block_alphas
 from .stability import mean_std, mean_std_cell
@@ -556,7 +564,7 @@ def save_pruned(model: nn.Module, tokenizer, path: str, allocation: dict, recipe
     leaves the old folder, or none).
     """
     dest = check_save_dir(path, "pruned model")
-    with atomic_dir(dest) as tmp:
+    with staged_folder(dest, "--save", lambda d: check_save_dir(d, "pruned model")) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -672,6 +680,8 @@ def run(args: PruneArgs) -> str:
             and args.scores is None:
         raise UserError(f"--allocation {args.allocation} needs --scores scores.json (from `layerif score`)")
     records = _task_records(args.task, args.task_items, args.allow_repeats)
+    if args.scores is not None:
+        read_scores(args.scores)  # a bad scores file fails before the model loads
     if args.save is not None:
         check_save_dir(args.save, "pruned model")
     lm = args.load()
@@ -784,6 +794,7 @@ class CompareArgs(ModelArgs, SearchOptions):
     block_size: int = field(default=BLOCK_SIZE, metadata={"help": "SparseGPT column block size"})
     resume: bool = field(default=False, metadata={"help": "keep the rows of an earlier run with the same options in --out"})
     out: str = field(default="out/compare-pruning", metadata={"help": "output folder"})
+    overwrite: bool = overwrite_field()
 
 
 CSV_FIELDS = ("method", "sparsity", "allocation", "seed", "achieved", "perplexity", "accuracy", "seconds")
@@ -924,6 +935,24 @@ def _rows_csv(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
+def _resumed(args: CompareArgs, dest: Path, state: Path) -> dict:
+    """``--resume``: ``{"rows", "searches"}`` of an interrupted run (its cache ``state``) or of the finished
+    result at ``dest``, if that run used the same options; empty when neither exists."""
+    for folder in (state, dest):
+        if not (folder / "comparison.csv").exists():
+            continue
+        try:
+            saved = read_config(folder)["args"]
+        except UserError:
+            raise UserError(f"--resume: {folder}/config.json is missing or unreadable") from None
+        differ = [k for k, v in asdict(args).items() if k not in ("resume", "overwrite") and saved.get(k) != v]
+        if differ:
+            raise UserError(f"--resume: the earlier run in {dest} used other options ({', '.join(differ)})")
+        searches = read_json(folder / "search.json", "search") if (folder / "search.json").exists() else {}
+        return {"rows": _read_rows(folder / "comparison.csv"), "searches": searches}
+    return {"rows": [], "searches": {}}
+
+
 def run_compare(args: CompareArgs) -> str:
     """``layerif compare-pruning``: every allocation × pruner × sparsity × seed; writes csv, md and a plot."""
     allocations = _parse_list(args.allocations, str, "allocations")
@@ -946,102 +975,101 @@ def run_compare(args: CompareArgs) -> str:
             and args.scores is None:
         raise UserError("the layerif allocations need --scores scores.json (from `layerif score`)")
     records = _task_records(args.task, args.task_items, args.allow_repeats)  # a bad --task fails before any output
-    out = prepare_out_dir(args.out)
-    rows: list[dict] = []
-    if args.resume and (out / "comparison.csv").exists():
-        try:
-            saved = json.loads((out / "config.json").read_text(encoding="utf-8"))["args"]
-        except (OSError, ValueError, KeyError):
-            raise UserError(f"--resume: {out}/config.json is missing or unreadable") from None
-        differ = [k for k, v in asdict(args).items() if k != "resume" and saved.get(k) != v]
-        if differ:
-            raise UserError(f"--resume: the earlier run in {out} used other options ({', '.join(differ)})")
-        rows = _read_rows(out / "comparison.csv")
-    write_config(out, "compare-pruning", args)
+    if args.scores is not None:
+        read_scores(args.scores)  # a bad scores file too
+    with output_folder(args.out, "compare-pruning", args.overwrite or args.resume) as out:
+        state = out / CACHE_DIR  # rows, searches and level databases of finished runs, for --resume
+        resumed = _resumed(args, Path(args.out), state) if args.resume else {"rows": [], "searches": {}}
+        rows: list[dict] = resumed["rows"]
+        state.mkdir(exist_ok=True)
+        write_config(state, "compare-pruning", args)
+        write_config(out, "compare-pruning", args)
 
-    lm = args.load()
-    model, tok = lm.model, lm.tokenizer
-    _, blocks = find_blocks(model)
-    scores, doc = block_scores(args.scores, len(blocks)) if args.scores else (None, {})
-    task = args.task or doc.get("task") or "capitals"
-    records = records or test_records(task, args.task_items, allow_repeats=args.allow_repeats)
-    calib_text, eval_text = _corpus(args.text)
-    max_windows = args.eval_windows or None
-    meta = {"model": lm.name, "task": f"{task} ({len(records)} test items, multiple choice)",
-            "scores": f"{args.scores} (task {doc.get('task')}, target {doc.get('target')})" if args.scores else "none",
-            "perplexity": f"held-out corpus, {args.seqlen}-token windows, at most {max_windows or 'all'}",
-            "calibration": f"{args.n_calib} windows of {args.seqlen} tokens per seed", "seeds": ", ".join(map(str, seeds)),
-            "epsilon": args.epsilon, "smooth": args.smooth}
+        lm = args.load()
+        model, tok = lm.model, lm.tokenizer
+        _, blocks = find_blocks(model)
+        scores, doc = block_scores(args.scores, len(blocks)) if args.scores else (None, {})
+        task = args.task or doc.get("task") or "capitals"
+        records = records or test_records(task, args.task_items, allow_repeats=args.allow_repeats)
+        calib_text, eval_text = _corpus(args.text)
+        max_windows = args.eval_windows or None
+        meta = {"model": lm.name, "task": f"{task} ({len(records)} test items, multiple choice)",
+                "scores": f"{args.scores} (task {doc.get('task')}, target {doc.get('target')})" if args.scores else "none",
+                "perplexity": f"held-out corpus, {args.seqlen}-token windows, at most {max_windows or 'all'}",
+                "calibration": f"{args.n_calib} windows of {args.seqlen} tokens per seed", "seeds": ", ".join(map(str, seeds)),
+                "epsilon": args.epsilon, "smooth": args.smooth}
 
-    def evaluate() -> tuple[float, float]:
-        return (perplexity(model, tok, eval_text, seqlen=args.seqlen, max_windows=max_windows,
-                           batch_size=args.batch_size),
-                mc_accuracy(model, tok, records, batch_size=args.batch_size))
+        def evaluate() -> tuple[float, float]:
+            return (perplexity(model, tok, eval_text, seqlen=args.seqlen, max_windows=max_windows,
+                               batch_size=args.batch_size),
+                    mc_accuracy(model, tok, records, batch_size=args.batch_size))
 
-    def save_all() -> str:
-        md = _compare_markdown(rows, meta)
+        def save_all() -> str:  # after every run, into the cache a resumed run reads
+            md = _compare_markdown(rows, meta)
+            write_text(state / "comparison.csv", _rows_csv(rows))
+            return md
+
+        done = {(r["method"], r["sparsity"], r["allocation"], r["seed"]) for r in rows}
+        if ("dense", 0.0, "dense", "-") not in done:
+            t0 = time.time()
+            ppl, acc = evaluate()
+            rows.append({"method": "dense", "sparsity": 0.0, "allocation": "dense", "seed": "-", "achieved": 0.0,
+                         "perplexity": ppl, "accuracy": acc, "seconds": round(time.time() - t0, 2)})
+            save_all()
+        mods = prunable_modules(model)
+        dense = {name: mod.weight.detach().clone() for name, (_, mod) in mods.items()}
+        weights = prunable_params(model)
+        metrics: dict[tuple[str, int | None], np.ndarray | None] = {}  # (allocation, seed for owl) -> dense-model metric
+        calib: dict[int, torch.Tensor] = {}  # seed -> calibration windows
+        fitness: dict[int, torch.Tensor] = {}  # seed -> KL windows of search and sensitivity
+        searches = resumed["searches"]
+        todo = [(seed, m, sp, a) for seed in seeds for m in methods for sp in sparsities for a in allocations
+                if (m, sp, a, str(seed)) not in done]
+        for seed, method, sp, label in progress.track(todo, desc="compare-pruning", unit="run"):
+            t0 = time.time()
+            rule, _ = allocate.get(label, "sparsity")
+            if seed not in calib:
+                calib[seed] = _windows(tok, calib_text, args.n_calib, args.seqlen, seed)
+            windows = calib[seed]
+            options = SparsityOptions(args.epsilon, args.smooth and rule.metric == "scores", args.owl_lambda)
+
+            def map_metric(name: str):
+                key = (name, seed if allocate.ALLOCATIONS[name].metric == "outliers" else None)
+                if key not in metrics:
+                    metrics[key] = allocation_metric(name, model, scores, windows, args.owl_m)
+                return metrics[key]
+
+            if rule.metric in MEASURED:
+                start = search_start(label)
+                start_ratios = allocate_sparsity(start, map_metric(start), sp, weights, options) \
+                    if rule.metric == "search" else None
+                if seed not in fitness:
+                    fitness[seed] = _windows(tok, calib_text, args.search_windows, args.seqlen, seed)
+                metric, rec = measured_metric(rule, model, method, sp, weights, windows, fitness[seed], args,
+                                              state / "levels", seed, start_ratios, start, args.damping, args.block_size,
+                                              args.batch_size, lm.name)
+                if rule.metric == "search":
+                    searches[f"{method} {sp:g} seed {seed} from {start}"] = rec
+                    write_search(state, searches, f"{lm.name}: search fitness by evaluations")
+            else:
+                metric = map_metric(rule.name)
+            ratios = allocate_sparsity(label, metric, sp, weights, options)
+            prune_model(model, ratios, method, windows, damping=args.damping, block_size=args.block_size)
+            achieved, _ = achieved_sparsity(model)
+            ppl, acc = evaluate()
+            rows.append({"method": method, "sparsity": sp, "allocation": label, "seed": str(seed),
+                         "achieved": float(np.average(achieved, weights=weights)), "perplexity": ppl, "accuracy": acc,
+                         "seconds": round(time.time() - t0, 2)})
+            with torch.no_grad():
+                for name, w in dense.items():
+                    mods[name][1].weight.copy_(w)
+            save_all()
+        md = save_all()  # also when --resume found nothing left to run: the tables follow the current code
         write_text(out / "comparison.csv", _rows_csv(rows))
         write_text(out / "comparison.md", md)
-        return md
-
-    done = {(r["method"], r["sparsity"], r["allocation"], r["seed"]) for r in rows}
-    if ("dense", 0.0, "dense", "-") not in done:
-        t0 = time.time()
-        ppl, acc = evaluate()
-        rows.append({"method": "dense", "sparsity": 0.0, "allocation": "dense", "seed": "-", "achieved": 0.0,
-                     "perplexity": ppl, "accuracy": acc, "seconds": round(time.time() - t0, 2)})
-        save_all()
-    mods = prunable_modules(model)
-    dense = {name: mod.weight.detach().clone() for name, (_, mod) in mods.items()}
-    weights = prunable_params(model)
-    metrics: dict[tuple[str, int | None], np.ndarray | None] = {}  # (allocation, seed for owl) -> dense-model metric
-    calib: dict[int, torch.Tensor] = {}  # seed -> calibration windows
-    fitness: dict[int, torch.Tensor] = {}  # seed -> KL windows of search and sensitivity
-    searches: dict[str, dict] = {}
-    if args.resume and (out / "search.json").exists():
-        searches = json.loads((out / "search.json").read_text(encoding="utf-8"))
-    todo = [(seed, m, sp, a) for seed in seeds for m in methods for sp in sparsities for a in allocations
-            if (m, sp, a, str(seed)) not in done]
-    for seed, method, sp, label in progress.track(todo, desc="compare-pruning", unit="run"):
-        t0 = time.time()
-        rule, _ = allocate.get(label, "sparsity")
-        if seed not in calib:
-            calib[seed] = _windows(tok, calib_text, args.n_calib, args.seqlen, seed)
-        windows = calib[seed]
-        options = SparsityOptions(args.epsilon, args.smooth and rule.metric == "scores", args.owl_lambda)
-
-        def map_metric(name: str):
-            key = (name, seed if allocate.ALLOCATIONS[name].metric == "outliers" else None)
-            if key not in metrics:
-                metrics[key] = allocation_metric(name, model, scores, windows, args.owl_m)
-            return metrics[key]
-
-        if rule.metric in MEASURED:
-            start = search_start(label)
-            start_ratios = allocate_sparsity(start, map_metric(start), sp, weights, options) \
-                if rule.metric == "search" else None
-            if seed not in fitness:
-                fitness[seed] = _windows(tok, calib_text, args.search_windows, args.seqlen, seed)
-            metric, rec = measured_metric(rule, model, method, sp, weights, windows, fitness[seed], args,
-                                          out / "levels", seed, start_ratios, start, args.damping, args.block_size,
-                                          args.batch_size, lm.name)
-            if rule.metric == "search":
-                searches[f"{method} {sp:g} seed {seed} from {start}"] = rec
-                write_search(out, searches, f"{lm.name}: search fitness by evaluations")
-        else:
-            metric = map_metric(rule.name)
-        ratios = allocate_sparsity(label, metric, sp, weights, options)
-        prune_model(model, ratios, method, windows, damping=args.damping, block_size=args.block_size)
-        achieved, _ = achieved_sparsity(model)
-        ppl, acc = evaluate()
-        rows.append({"method": method, "sparsity": sp, "allocation": label, "seed": str(seed),
-                     "achieved": float(np.average(achieved, weights=weights)), "perplexity": ppl, "accuracy": acc,
-                     "seconds": round(time.time() - t0, 2)})
-        with torch.no_grad():
-            for name, w in dense.items():
-                mods[name][1].weight.copy_(w)
-        save_all()
-    md = save_all()  # also when --resume found nothing left to run: the tables follow the current code
-    write_figure(out / "comparison.png", _compare_plot(rows, f"{lm.name} · task {task}"))
-    write_report(out)
+        if searches:
+            write_search(out, searches, f"{lm.name}: search fitness by evaluations")
+        write_figure(out / "comparison.png", _compare_plot(rows, f"{lm.name} · task {task}"))
+        write_report(out)
+    out = Path(args.out)
     return (md + f"\nwrote {out}/comparison.csv, comparison.md, comparison.png, config.json, report.md, report.html")

@@ -23,7 +23,7 @@ from pathlib import Path
 from .data import records_note
 from .errors import UserError
 from .io import write_text
-from .results import read_scores
+from .results import read_config, read_scores
 from .stability import fmt, top_k_blocks
 
 REPORT_FILES = ("report.md", "report.html")
@@ -154,16 +154,16 @@ def _read_json(path: Path) -> dict:
 
 
 def _read_config(path: Path) -> dict:
-    """A result folder's config.json, its options checked against the command's fields (:func:`layerif.cli.read_config`)."""
+    """A result folder's config.json, its options checked against the command's fields."""
     import importlib
 
-    from .cli import COMMANDS, read_config
+    from .cli import COMMANDS, check_config_args
 
-    doc = read_config(str(path))
+    doc = read_config(path)
     command = doc.get("command")
     if command in COMMANDS:
         module, cls_name, _, _ = COMMANDS[command]
-        doc = read_config(str(path), getattr(importlib.import_module(module), cls_name))
+        check_config_args(doc["args"], getattr(importlib.import_module(module), cls_name), str(path))
     return doc
 
 

@@ -22,6 +22,7 @@ Every write is atomic (:mod:`layerif.io`).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -63,8 +64,16 @@ def read_scores(path: str | Path) -> dict:
         raise UserError(f"scores file not found: {path}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"cannot read scores file {path}: {exc}") from None
-    if not isinstance(doc, dict) or not {"layers", "score"} <= doc.keys() or len(doc["layers"]) != len(doc["score"]):
-        raise UserError(f"{path} is not a layerif scores.json (needs 'layers' and 'score' of equal length)")
+    if not isinstance(doc, dict) or not {"layers", "score"} <= doc.keys() or not isinstance(doc["layers"], list) \
+            or not isinstance(doc["score"], list) or len(doc["layers"]) != len(doc["score"]):
+        raise UserError(f"{path} is not a layerif scores.json (needs 'layers' and 'score' lists of equal length)")
+    for key, ok, what in (("layers", lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= 0,
+                           "block indices (integers >= 0)"),
+                          ("score", lambda x: isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x),
+                           "finite numbers")):
+        bad = next((i for i, x in enumerate(doc[key]) if not ok(x)), None)
+        if bad is not None:
+            raise UserError(f"{path}: '{key}' must hold {what}; entry {bad} is {json.dumps(doc[key][bad])[:40]}")
     return doc
 
 
@@ -164,11 +173,23 @@ def write_config(out: Path, command: str, args: Any) -> Path:
 
 
 def read_config(path: str | Path) -> dict:
-    """A config.json (or the folder holding one); its ``args`` must be a mapping."""
+    """A config.json (or the folder holding one): ``{"command", "args", "version"}``.
+
+    A bare object of options is read as ``{"args": it}``. A document that is not
+    an object, ``args`` that is not an object, or a ``command`` that is not a
+    string is a :class:`UserError` naming the file; the option values are
+    checked against a command's fields by :func:`layerif.cli.check_config_args`.
+    """
     p = Path(path)
     if p.is_dir():
         p = p / CONFIG_FILE
     doc = read_json(p, "config")
     if not isinstance(doc, dict):
-        raise UserError(f"{p} is not a layerif config.json")
+        raise UserError(f"{p} must hold a JSON object of options, got {type(doc).__name__}")
+    if "args" not in doc:
+        return {"args": doc}
+    if not isinstance(doc["args"], dict):
+        raise UserError(f"{p}: 'args' must be an object of options, got {type(doc['args']).__name__}")
+    if not isinstance(doc.get("command", ""), str):
+        raise UserError(f"{p}: 'command' must be a string")
     return doc

@@ -23,7 +23,7 @@ import io as _io
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -33,7 +33,7 @@ from .cache import PassCache, fingerprint
 from .data import Encoded, Fields, batches, check_records, collate, encode_split, load_records, n_distinct, records_note
 from .distributed import is_main, process_group, world
 from .errors import UserError
-from .grads import Factored, capture, dense_from_activations, gram, losses_and_backward, record_losses
+from .grads import Factored, NonFinite, capture, dense_from_activations, gram, losses_and_backward, record_losses
 from .influence import ESTIMATORS, EstimatorOptions, ModuleStats, damping, estimate, get_estimator
 from .io import (
     CACHE_DIR,
@@ -43,7 +43,6 @@ from .io import (
     prepare_out_dir,
     sibling,
     write_figure,
-    write_json,
     write_safetensors,
     write_text,
 )
@@ -221,7 +220,10 @@ def _grad_pass(
         for chunk in progress.track(batches(records, batch_size), desc=desc, unit="batch"):
             batch = collate(chunk, pad_id, device)
             state["mask"] = batch["attention_mask"]
-            loss = losses_and_backward(model, batch)
+            try:
+                loss = losses_and_backward(model, batch)
+            except NonFinite as exc:  # desc starts with the split's name
+                raise exc.at(desc.split()[0], state["offset"]) from None
             losses[state["offset"] : state["offset"] + len(chunk)] = loss.double().cpu()
             state["offset"] += len(chunk)
     grads: dict[str, torch.Tensor | Factored] = dict(bufs)

@@ -36,19 +36,25 @@ from .cache import PassCache
 from .data import Encoded, batches, collate
 from .distributed import all_gather_rows, all_reduce_sum, shard
 from .influence import ESTIMATORS, damping_from_norms
-from .grads import capture, dots, losses_and_backward, sq_norms, weighted_sum
+from .grads import NonFinite, capture, dots, losses_and_backward, sq_norms, weighted_sum
 from .models import Target, input_device
 
 
-def _pass(model, targets: list[Target], records: list[Encoded], pad_id: int, batch_size: int, desc: str, on_batch) -> torch.Tensor:
-    """One forward+backward pass; ``on_batch(target, x, delta, offset)`` per module and batch. Returns losses [n]."""
+def _pass(model, targets: list[Target], records: list[Encoded], pad_id: int, batch_size: int, desc: str, on_batch,
+          start: int = 0) -> torch.Tensor:
+    """One forward+backward pass; ``on_batch(target, x, delta, offset)`` per module and batch. Returns losses [n].
+
+    ``records`` are records ``start, start + 1, ...`` of the split ``desc`` starts with (for error messages)."""
     device = input_device(model)
     losses = torch.zeros(len(records), dtype=torch.float64)
     state = {"offset": 0}
     with capture(model, targets, lambda t, x, d: on_batch(t, x, d, state["offset"])):
         for chunk in progress.track(batches(records, batch_size), desc=desc, unit="batch"):
             batch = collate(chunk, pad_id, device)
-            losses[state["offset"] : state["offset"] + len(chunk)] = losses_and_backward(model, batch).double().cpu()
+            try:
+                losses[state["offset"] : state["offset"] + len(chunk)] = losses_and_backward(model, batch).double().cpu()
+            except NonFinite as exc:
+                raise exc.at(desc.split()[0], start + state["offset"]) from None
             state["offset"] += len(chunk)
     return losses
 
@@ -119,7 +125,7 @@ def streaming_influence(
             def on_batch(t, x, d, off):
                 V[t.name] += weighted_sum(t.module, x, d, select[off : off + x.shape[0]].to(device=x.device, dtype=x.dtype))
 
-            _pass(model, targets, val[va], pad_id, batch_size, f"validation gradients{tag}", on_batch)
+            _pass(model, targets, val[va], pad_id, batch_size, f"validation gradients{tag}", on_batch, va.start)
             return {name: all_reduce_sum(v) for name, v in V.items()}
 
         V = stage(f"chunk{ci}.val", val_pass)
@@ -136,7 +142,7 @@ def streaming_influence(
                 sq[t.name][off : off + B] = s.cpu()
                 dot[t.name][off : off + B] = dots(t.module, x, d, V[t.name].to(x.device)).cpu()
 
-            losses = _pass(model, targets, train[tr], pad_id, batch_size, f"train norms and dots{tag}", on_batch)
+            losses = _pass(model, targets, train[tr], pad_id, batch_size, f"train norms and dots{tag}", on_batch, tr.start)
             out = {"train_loss": all_gather_rows(losses)}
             out |= {f"{name}.sq": all_gather_rows(v) for name, v in sq.items()}
             out |= {f"{name}.P": all_gather_rows(v) for name, v in dot.items()}
@@ -160,7 +166,7 @@ def streaming_influence(
                 r = R[t.name][tr.start + off : tr.start + off + x.shape[0]].to(device=x.device, dtype=x.dtype)
                 W[t.name] += weighted_sum(t.module, x, d, r)
 
-            _pass(model, targets, train[tr], pad_id, batch_size, f"train weighted gradient{tag}", on_batch)
+            _pass(model, targets, train[tr], pad_id, batch_size, f"train weighted gradient{tag}", on_batch, tr.start)
             return {name: all_reduce_sum(w) for name, w in W.items()}
 
         W = stage(f"chunk{ci}.B", pass_b)
@@ -172,7 +178,7 @@ def streaming_influence(
             def on_batch(t, x, d, off):
                 dot[t.name][off : off + x.shape[0]] = dots(t.module, x, d, W[t.name].to(x.device)).cpu()
 
-            _pass(model, targets, train[tr], pad_id, batch_size, f"train dots with w{tag}", on_batch)
+            _pass(model, targets, train[tr], pad_id, batch_size, f"train dots with w{tag}", on_batch, tr.start)
             return {name: all_gather_rows(v) for name, v in dot.items()}
 
         C = stage(f"chunk{ci}.C", pass_c)
