@@ -34,7 +34,7 @@ $(PEER_STAMP): $(STAMP)
 peer: $(PEER_STAMP)
 
 demo: $(STAMP)
-	$(BIN)/layerif score --task capitals --out out/demo
+	$(BIN)/layerif score --task capitals --out out/demo --overwrite
 
 test: $(STAMP) $(PEER_STAMP)
 	$(BIN)/python -m pytest

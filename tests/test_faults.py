@@ -527,3 +527,28 @@ def test_compare_tasks_with_a_malformed_second_task(model_dir, work, capsys, no_
 
 def test_bad_record_field_before_the_model_loads(model_dir, work, capsys, no_model_load):
     fails(capsys, _score(model_dir, work, "--text-field", "txt"), "train record 0: a record has neither 'txt'", work)
+
+
+def test_batch_too_large_for_memory_is_refused_before_the_pass(model_dir, work, capsys, monkeypatch):
+    from layerif import grads
+
+    monkeypatch.setattr(grads, "available_bytes", lambda device: 1e5)
+    fails(capsys, _score(model_dir, work), "a batch of 4 train records of up to 7 tokens needs about", work)
+
+
+def test_pass_memory_estimate_grows_with_batch_and_tokens(llama):
+    from layerif.grads import pass_bytes
+
+    small, wide, long = pass_bytes(llama, 1, 100), pass_bytes(llama, 4, 100), pass_bytes(llama, 1, 400)
+    assert wide == pytest.approx(4 * small) and long > 4 * small  # the attention term is quadratic
+
+
+def test_untrained_lora_adapters_are_refused(model_dir, work, capsys):
+    fails(capsys, _score(model_dir, work, "--target", "lora"), "--target lora on fresh adapters needs --finetune-steps",
+          work)
+
+
+def test_clamped_top_k_is_reported(model_dir, work, capsys):
+    assert main(_score(model_dir, work, "--bootstrap", "10", "--top-k", "9")) == 0
+    assert "note: --top-k 9 is more than the 2 blocks scored: k = 2 was used" in capsys.readouterr().out
+    assert json.loads((work / "out" / "scores.json").read_text())["notes"]

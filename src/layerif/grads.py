@@ -228,6 +228,64 @@ def record_losses(model: nn.Module, records: list[Encoded], pad_id: int, batch_s
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
 
 
+def pass_bytes(model: nn.Module, batch_size: int, tokens: int) -> float:
+    """Estimated peak bytes of one forward + backward pass of a [batch_size, tokens] batch (activations kept
+    for the backward pass; parameters not included).
+
+    Per token and block about 14 hidden-size and 4 intermediate-size values, the
+    float32 logits with their softmax and gradient (3 x vocabulary), and the
+    attention matrices (heads x tokens per token: kept for every block with
+    ``eager`` attention, one block at a time otherwise). An estimate, meant to
+    catch batches an order of magnitude too large before the kernel does.
+    """
+    c = model.config
+    get = lambda *keys: next((getattr(c, k) for k in keys if isinstance(getattr(c, k, None), int)), 0)  # noqa: E731
+    hidden = get("hidden_size", "n_embd", "d_model")
+    inter = get("intermediate_size", "n_inner", "ffn_dim") or 4 * hidden
+    layers = get("num_hidden_layers", "n_layer", "num_layers")
+    heads = get("num_attention_heads", "n_head") or 1
+    vocab = get("vocab_size")
+    item = next(model.parameters()).element_size()
+    bt = batch_size * tokens
+    eager = getattr(c, "_attn_implementation", "eager") == "eager"
+    attn = batch_size * heads * tokens * tokens * item * (2 * layers if eager else 2)
+    return float(bt * item * layers * (14 * hidden + 4 * inter) + bt * 4 * 3 * vocab + attn)
+
+
+def available_bytes(device: torch.device) -> float | None:
+    """Memory a pass may use: free memory of a CUDA device, MemAvailable of the machine for the CPU, None if unknown."""
+    if device.type == "cuda":
+        return float(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_pass_memory(model: nn.Module, splits: dict[str, Sequence[Encoded]], batch_size: int) -> None:
+    """Refuse, with a :class:`UserError`, a batch whose estimated pass memory (:func:`pass_bytes`) exceeds the
+    available memory (:func:`available_bytes`) -- instead of the process being killed by the kernel."""
+    from .errors import UserError
+    from .models import input_device
+
+    free = available_bytes(input_device(model))
+    if free is None:
+        return
+    for split, records in splits.items():
+        for chunk in batches(list(records), batch_size):
+            need = pass_bytes(model, len(chunk), max(len(e.input_ids) for e in chunk))
+            if need > free:
+                longest = max(len(e.input_ids) for e in chunk)
+                size = lambda b: f"{b / 1e9:.1f} GB" if b >= 1e8 else f"{b / 1e6:.2g} MB"  # noqa: E731
+                raise UserError(f"a batch of {len(chunk)} {split} records of up to {longest} tokens needs about "
+                                f"{size(need)} for its forward and backward pass, more than the {size(free)} "
+                                "available; lower --batch-size or pass --max-length")
+
+
 class NonFinite(FloatingPointError):
     """A non-finite loss or gradient in a batch: its ``row`` and the module where the first
     non-finite value appears (forward order for a loss, backward order for a gradient)."""

@@ -1,8 +1,10 @@
 """LoRA adapters as influence targets (``--target lora``), as DataInf does.
 
-The model gets PEFT LoRA adapters on the chosen projections; optionally they are
-trained for a few steps on the train split first (:func:`layerif.train.train_encoded`), because freshly initialised
-adapters have B = 0, which makes every gradient of A zero.
+The model gets PEFT LoRA adapters on the chosen projections, trained for
+``--finetune-steps`` steps on the train split first
+(:func:`layerif.train.train_encoded`): freshly initialised adapters have B = 0,
+which makes every gradient of A zero, so scoring fresh adapters is refused
+(a model that already carries trained adapters is scored as it is).
 """
 
 from __future__ import annotations
@@ -39,7 +41,15 @@ def add_lora(lm: LoadedModel, modules: list[str], rank: int, seed: int = 0) -> L
 def prepare_lora(
     lm: LoadedModel, train: list[Encoded], modules: list[str], rank: int, steps: int, lr: float, batch_size: int, seed: int
 ) -> LoadedModel:
-    """LoRA adapters on ``modules``, trained ``steps`` steps on ``train`` when steps > 0."""
+    """LoRA adapters on ``modules``, trained ``steps`` steps on ``train`` when steps > 0.
+
+    Fresh adapters (the model had none) with ``steps == 0`` are a :class:`UserError`:
+    their B = 0 makes every A gradient, and so those modules' scores, zero.
+    """
+    fresh = not any("lora_A" in name for name, _ in lm.model.named_modules())
+    if fresh and steps <= 0:
+        raise UserError("--target lora on fresh adapters needs --finetune-steps N (N >= 1; e.g. 50): untrained "
+                        "adapters have B = 0, so every gradient of A and its score would be 0")
     lm = add_lora(lm, modules, rank, seed)
     if steps > 0:
         from .train import TrainConfig, train_encoded

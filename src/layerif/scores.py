@@ -33,7 +33,16 @@ from .cache import PassCache, fingerprint
 from .data import Encoded, Fields, batches, check_records, collate, encode_split, load_records, n_distinct, records_note
 from .distributed import is_main, process_group, world
 from .errors import UserError
-from .grads import Factored, NonFinite, capture, dense_from_activations, gram, losses_and_backward, record_losses
+from .grads import (
+    Factored,
+    NonFinite,
+    capture,
+    check_pass_memory,
+    dense_from_activations,
+    gram,
+    losses_and_backward,
+    record_losses,
+)
 from .influence import ESTIMATORS, EstimatorOptions, ModuleStats, damping, estimate, get_estimator
 from .io import (
     CACHE_DIR,
@@ -92,7 +101,7 @@ class ScoreArgs(ModelArgs):
     layout: str = field(default="auto", metadata={"help": "per-sample gradients held dense, as token factors, or auto (fewer flops)", "choices": ("auto", "dense", "factored")})
     lora_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"], metadata={"help": "modules that get LoRA adapters with --target lora"})
     lora_rank: int = field(default=8, metadata={"help": "LoRA rank with --target lora"})
-    finetune_steps: int = field(default=0, metadata={"help": "train the LoRA adapters this many steps first (--target lora)"})
+    finetune_steps: int = field(default=0, metadata={"help": "train fresh LoRA adapters this many steps first; required with --target lora unless the model already has adapters (e.g. 50)"})
     finetune_lr: float = field(default=1e-3, metadata={"help": "learning rate of --finetune-steps"})
     bootstrap: int = field(default=0, metadata={"help": "bootstrap resamples B of the train records for intervals, top-k probabilities and rank stability (0: none; 200 is typical)"})
     bootstrap_val: bool = field(default=False, metadata={"help": "the bootstrap also resamples validation records (needs --per-val)"})
@@ -353,6 +362,7 @@ def compute(
     if batch_size < 1:
         raise UserError(f"--batch-size must be >= 1 (got {batch_size})")
     start = time.perf_counter()
+    check_pass_memory(lm.model, {"train": train, "validation": val}, batch_size)
     targets = select_targets(lm.model, target)
     pad_id = lm.tokenizer.pad_token_id
     budget = (max_memory_gb or default_max_memory_gb()) * 1e9
@@ -553,6 +563,9 @@ def score(args: ScoreArgs, lm: LoadedModel | None = None, cache: Path | None = N
                     "n_train_distinct": n_distinct(train), "n_val_distinct": n_distinct(val)}
     if args.bootstrap or args.split_half:
         result.meta["stability"] = assess_stability(result, args, lm, train, val)
+        if args.top_k > len(result.layers):
+            result.meta["notes"] = [f"--top-k {args.top_k} is more than the {len(result.layers)} blocks scored: "
+                                    f"k = {len(result.layers)} was used"]
     return result
 
 
@@ -578,6 +591,7 @@ def scores_json(result: ScoreResult, args: ScoreArgs) -> dict:
         "seconds": round(result.seconds, 3),
         "version": __version__,
         **({"stability": result.meta["stability"]} if result.meta.get("stability") else {}),
+        **({"notes": result.meta["notes"]} if result.meta.get("notes") else {}),
     }
 
 
@@ -662,4 +676,5 @@ def run(args: ScoreArgs) -> str:
     stab = stability.summary(m.get("stability"))
     wrote = (f"wrote {out}/scores.json, scores.csv, influence.safetensors, layer_scores.png"
              f"{', stability.png' if stab else ''}, report.md, report.html")
-    return "\n".join(line for line in (head, table(result), stab, wrote) if line)
+    notes = "\n".join(f"note: {n}" for n in m.get("notes", []))
+    return "\n".join(line for line in (head, table(result), stab, notes, wrote) if line)

@@ -57,7 +57,7 @@ from .data import Encoded
 from .errors import UserError
 from .grads import record_losses
 from .evaluate import mc_accuracy
-from .io import prepare_out_dir, write_figure, write_json, write_text
+from .io import output_folder, prepare_out_dir, write_figure, write_json, write_text
 from .models import Target, find_blocks, projections, select_targets, weight_out_in
 from .prune import (
     BLOCK_SIZE,
@@ -287,7 +287,7 @@ def correlate(
 
 def check_args(args: ValidateArgs) -> list[str]:
     """Option checks that need no model; returns the estimators (deduplicated, in order)."""
-    validate(args)
+    validate(args, "validate")
     names = list(dict.fromkeys(args.estimators))
     unknown = [e for e in names if e not in ALL_ESTIMATORS]
     if unknown or not names:
@@ -449,9 +449,10 @@ def figure(doc: dict):
     return fig
 
 
-def write(doc: dict, args: ValidateArgs) -> Path:
-    """validation.json, validation.csv, spearman.csv, validation.png, config.json, report.md / report.html."""
-    out = prepare_out_dir(args.out)
+def write(doc: dict, args: ValidateArgs, folder: str | Path | None = None) -> Path:
+    """validation.json, validation.csv, spearman.csv, validation.png, config.json, report.md / report.html
+    into ``folder`` (default args.out)."""
+    out = prepare_out_dir(folder if folder is not None else args.out)
     write_text(out / "validation.csv", blocks_csv(doc))
     write_text(out / "spearman.csv", _csv([["estimator", "aggregation", "ground_truth", "rho", "ci_low", "ci_high",
                                             "claimed_sign", "verdict"]] + spearman_rows(doc)))
@@ -465,8 +466,10 @@ def write(doc: dict, args: ValidateArgs) -> Path:
 def run(args: ValidateArgs) -> str:
     """``layerif validate``: measure, correlate, write the files; returns the terminal summary."""
     check_args(args)
-    doc = compute(args)
-    out = write(doc, args)
+    with output_folder(args.out, "validate", args.overwrite) as tmp:
+        doc = compute(args)
+        write(doc, args, tmp)
+    out = Path(args.out)
     lines = [f"{doc['model']} · task {doc['task']} · target {args.target} · {doc['n_train']} train x {doc['n_val']} "
              f"validation · {len(doc['layers'])} blocks · {sum(doc['seconds'].values()):.0f} s",
              f"{'estimator':>9} {'agg':>8} {'ground truth':>22} {'rho':>6}  interval        verdict"]
