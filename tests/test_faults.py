@@ -552,3 +552,26 @@ def test_clamped_top_k_is_reported(model_dir, work, capsys):
     assert main(_score(model_dir, work, "--bootstrap", "10", "--top-k", "9")) == 0
     assert "note: --top-k 9 is more than the 2 blocks scored: k = 2 was used" in capsys.readouterr().out
     assert json.loads((work / "out" / "scores.json").read_text())["notes"]
+
+
+def test_sigterm_during_a_run_changes_nothing(model_dir, work):
+    """A real run on a folder holding an earlier result, terminated once it holds the folder: status 143,
+    one line, the earlier result untouched, no lock left, at most the resume cache in the temporary folder."""
+    out = work / "out"
+    out.mkdir()
+    _fill(out, "score", **{"scores.json": "{}"})
+    before = snapshot(out)
+    argv = _score(model_dir, work, "--overwrite")[1:]
+    p = _spawn(["score", *argv], work)
+    lock = lio.sibling(out, "lock")
+    deadline = time.time() + 120
+    while not lock.exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    if p.returncode == 0:
+        pytest.skip("the run finished before the signal arrived")
+    assert p.returncode == 143 and err.strip().splitlines() == ["layerif score: terminated (SIGTERM)"], err
+    assert snapshot(out) == before and not lock.exists()
+    staging = lio.sibling(out, "partial")
+    assert not staging.exists() or {p.name for p in staging.iterdir()} <= {lio.CACHE_DIR}

@@ -37,7 +37,9 @@ import copy
 import csv
 import io
 import math
+import os
 import re
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -982,6 +984,8 @@ def run_compare(args: CompareArgs) -> str:
         resumed = _resumed(args, Path(args.out), state) if args.resume else {"rows": [], "searches": {}}
         rows: list[dict] = resumed["rows"]
         state.mkdir(exist_ok=True)
+        if args.resume and (Path(args.out) / "levels").is_dir() and not (state / "levels").exists():
+            shutil.copytree(Path(args.out) / "levels", state / "levels")  # the finished run's level databases
         write_config(state, "compare-pruning", args)
         write_config(out, "compare-pruning", args)
 
@@ -1069,6 +1073,8 @@ def run_compare(args: CompareArgs) -> str:
         write_text(out / "comparison.md", md)
         if searches:
             write_search(out, searches, f"{lm.name}: search fitness by evaluations")
+        if (state / "levels").exists():  # the level databases belong to the result
+            os.replace(state / "levels", out / "levels")
         write_figure(out / "comparison.png", _compare_plot(rows, f"{lm.name} · task {task}"))
         write_report(out)
     out = Path(args.out)
