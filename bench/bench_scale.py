@@ -144,32 +144,6 @@ def part_b(lm, a) -> None:
     print(f"   floor with LoRA adapters: {floor_l:.1f} s; materialized lora {t_mat:.1f} s = {t_mat / floor_l:.2f}x floor")
 
 
-def _rss() -> int:
-    """Resident set size of this process now, in bytes."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
-
-
-class PeakRSS:
-    """The largest RSS seen while the ``with`` body runs (sampled every millisecond in a thread)."""
-
-    def __enter__(self) -> PeakRSS:
-        self.start = self.peak = _rss()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-        self._thread.start()
-        return self
-
-    def _watch(self) -> None:
-        while not self._stop.wait(0.001):
-            self.peak = max(self.peak, _rss())
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, _rss())
-
-
 def batch_activation_bytes(lm, recs, batch_size: int) -> int:
     """RSS growth of one plain forward+backward of the longest batch (no parameter gradients):
     the "one batch of activations" of the memory budget (run in a process of its own, so that no

@@ -1,103 +1,76 @@
-"""Speed of `layerif score` against a plain one-backward-per-sample implementation of the same formulas.
+"""Speed bars of `layerif score`, whole processes side by side: the fair plain baseline and the floor.
 
-Both run in this process, on the same model and records, one after the other:
+Three processes, each started from scratch (imports, loading the same cached
+weights, the work, and for layerif writing every output file), run in turn and
+repeated; the order rotates every round so that a neighbour's load on a shared
+machine falls on each of them alike:
 
-* layerif: batched passes, per-sample gradients from hooks (dense or token
-  factors), DataInf in Gram form (:func:`layerif.scores.compute`);
-* plain: ``model(input_ids, labels).loss.backward()`` for one record at a time,
-  gradients read from ``param.grad``, the DataInf formulas as written:
-  pass 1 the norms (lambda needs all of them), pass 2 h_m = 1/(n lambda) sum_j
-  (v - (v.g_j)/(lambda + |g_j|^2) g_j), pass 3 I(i) = -sum_m h_m . g_im.
-  It never holds more than one sample's gradients, so it needs 3 backward
-  passes per train record.
+* ``layerif score --per-val`` on the records and target below;
+* ``plain``: the DataInf a competent user would write (``bench/baselines.py``:
+  batch-1 gradients only on the targeted weights, every per-sample gradient
+  stored in float32, the algebra as matrix products);
+* ``floor``: load the weights, one batched forward+backward over the same train
+  and validation records, gradients only on the targeted weights.
 
-Prints both times, the speed-up ratio, and the largest relative difference of
-the block influences. Usage: python bench/bench_score.py [--n-train 128 --n-val 32 --task capitals]
+Prints every round, the median of each, the bars (plain / layerif >= 2,
+layerif / floor <= 1.25) per round and on the medians, and the difference of
+the influence matrices of layerif and plain.
+Usage: python bench/bench_score.py [--n-train 48 --n-val 16 --target attn --batch-size 8 --rounds 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
-import time
+import tempfile
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
-from layerif.data import encode_split
-from layerif.models import load_model, select_targets
-from layerif.scores import compute
-from layerif.tasks import get_task
-
-
-def plain_datainf(lm, train_records, val_records, target: str, c: float) -> dict[int, torch.Tensor]:
-    model = lm.model
-    targets = select_targets(model, target)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for t in targets:
-        for p in t.module.parameters(recurse=False):
-            p.requires_grad_(True)
-
-    def grads(enc) -> dict[str, torch.Tensor]:
-        ids = torch.tensor([enc.input_ids])
-        labels = torch.tensor([enc.labels])
-        model.zero_grad(set_to_none=True)
-        model(input_ids=ids, labels=labels).loss.backward()
-        return {t.name: torch.cat([p.grad.flatten() for p in t.module.parameters(recurse=False)]).double() for t in targets}
-
-    v = {t.name: 0 for t in targets}
-    for enc in val_records:
-        for k, g in grads(enc).items():
-            v[k] = v[k] + g
-    n = len(train_records)
-    norms = {t.name: torch.zeros(n, dtype=torch.float64) for t in targets}
-    for i, enc in enumerate(train_records):  # pass 1: norms -> lambda
-        for k, g in grads(enc).items():
-            norms[k][i] = g @ g
-    lam = {t.name: c * float(norms[t.name].mean()) / t.numel for t in targets}
-    h = {t.name: torch.zeros(t.numel, dtype=torch.float64) for t in targets}
-    for j, enc in enumerate(train_records):  # pass 2: h
-        for k, g in grads(enc).items():
-            h[k] += v[k] - (v[k] @ g) / (lam[k] + norms[k][j]) * g
-    for k in h:
-        h[k] /= n * lam[k]
-    out: dict[int, torch.Tensor] = {}
-    for i, enc in enumerate(train_records):  # pass 3: influence
-        g = grads(enc)
-        for t in targets:
-            out.setdefault(t.block, torch.zeros(n, dtype=torch.float64))[i] -= h[t.name] @ g[t.name]
-    model.zero_grad(set_to_none=True)
-    return out
+from baselines import baseline_cmd, difference, median, score_cmd, timed
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--task", default="capitals")
-    ap.add_argument("--n-train", type=int, default=128)
-    ap.add_argument("--n-val", type=int, default=32)
+    ap.add_argument("--n-train", type=int, default=48)
+    ap.add_argument("--n-val", type=int, default=16)
     ap.add_argument("--target", default="attn")
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--device", default="cpu")
     a = ap.parse_args()
-
-    lm = load_model()
-    task = get_task(a.task)
-    train, _ = encode_split(lm.tokenizer, task.split("train", a.n_train), "train")
-    val, _ = encode_split(lm.tokenizer, task.split("validation", a.n_val), "validation")
-    print(f"machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}")
-    print(f"model: {lm.name}; task {a.task}: {len(train)} train x {len(val)} validation; target {a.target}; "
-          f"batch size {a.batch_size}")
-
-    t0 = time.perf_counter()
-    fast = compute(lm, train, val, a.target, "datainf", 0.1, batch_size=a.batch_size)
-    t_fast = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    ref = plain_datainf(lm, train, val, a.target, 0.1)
-    t_plain = time.perf_counter() - t0
-
-    err = max(float((fast.influence[l] - ref[l]).abs().max() / ref[l].abs().max()) for l in fast.layers)
-    print(f"layerif score (datainf): {t_fast:8.1f} s  ({fast.passes} batched passes)")
-    print(f"plain one-sample loops : {t_plain:8.1f} s  (3 backward passes per train record)")
-    print(f"speed-up: {t_plain / t_fast:.1f}x   max relative difference of block influences: {err:.2e}")
+    tmp = Path(tempfile.mkdtemp(prefix="bench_score."))
+    common = dict(task=a.task, n_train=a.n_train, n_val=a.n_val, target=a.target, per_val=True,
+                  batch_size=a.batch_size, device=a.device)
+    cmds = {
+        "layerif": score_cmd(**common, out=tmp / "layerif"),
+        "plain": baseline_cmd("plain", **common, out=tmp / "plain.safetensors"),
+        "floor": baseline_cmd("floor", **common),
+    }
+    print(f"machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}; "
+          f"task {a.task}, {a.n_train} train x {a.n_val} validation, target {a.target}, --per-val, "
+          f"batch size {a.batch_size}, device {a.device}; whole processes, {a.rounds} rounds, order rotating")
+    for name, cmd in cmds.items():
+        print(f"  {name}: {' '.join(str(c) for c in cmd)}")
+    names = list(cmds)
+    wall: dict[str, list[float]] = {k: [] for k in names}
+    for r in range(a.rounds):
+        order = names[r % 3:] + names[: r % 3]
+        for name in order:
+            wall[name].append(timed(cmds[name]))
+        print(f"round {r + 1} ({' -> '.join(order)}): " + ", ".join(f"{k} {wall[k][-1]:.1f} s" for k in names)
+              + f"; plain/layerif {wall['plain'][-1] / wall['layerif'][-1]:.2f}x, "
+                f"layerif/floor {wall['layerif'][-1] / wall['floor'][-1]:.2f}x")
+    m = {k: median(v) for k, v in wall.items()}
+    print("median: " + ", ".join(f"{k} {m[k]:.1f} s" for k in names))
+    print(f"bar plain / layerif >= 2: {m['plain'] / m['layerif']:.2f}x (per round "
+          + ", ".join(f"{p / q:.2f}" for p, q in zip(wall["plain"], wall["layerif"])) + ")")
+    print(f"bar layerif / floor <= 1.25: {m['layerif'] / m['floor']:.2f}x (per round "
+          + ", ".join(f"{p / q:.2f}" for p, q in zip(wall["layerif"], wall["floor"])) + ")")
+    mine = {k: v for k, v in load_file(tmp / "layerif" / "influence.safetensors").items() if k.startswith("layer.")}
+    print(f"influences, layerif vs plain (float32 both): {difference(mine, load_file(tmp / 'plain.safetensors'))}")
 
 
 if __name__ == "__main__":
