@@ -44,7 +44,7 @@ def child(method: str, a: argparse.Namespace) -> None:
             from layerif.ekfac import kronfluence_influence
 
             targets = select_targets(lm.model, a.target)
-            inf, _ = kronfluence_influence(lm.model, targets, train, val, lm.tokenizer.pad_token_id,
+            inf, _, _ = kronfluence_influence(lm.model, targets, train, val, lm.tokenizer.pad_token_id,
                                            method.split("-", 1)[1], per_val=True, batch_size=a.batch_size)
             blocks: dict[int, torch.Tensor] = {}
             for t in targets:
