@@ -1,14 +1,15 @@
 """The scale bar of `layerif score` (issue: exact LayerIF at 7B-70B scale), measured side by side in one run.
 
-a. naive DataInf (batch-1 backward per record, flattened per-sample gradients
-   kept in memory, Python loops over train samples for each validation sample,
-   the way the original DataInf code works) against `layerif score --per-val`
-   on target lora (q_proj, v_proj, rank 8, after a few fine-tuning steps);
-   prints the speed-up and the differences of the influence matrices in float32, then
-   reruns both methods on the same model in float64 (the exact value, to which each
-   float32 result is compared too; --no-float64 skips it).
-b. the physical floor: one plain batched forward+backward pass over train +
-   validation, against streaming mode on target attn and materialized mode on lora.
+a. whole processes, one after the other: `layerif score --per-val` on target lora
+   (q_proj, v_proj, rank 8, after a few fine-tuning steps) against the plain
+   vectorised DataInf of bench/baselines.py (batch-1 gradients only on the
+   adapters, stored, the algebra as matrix products; the same fine-tuning);
+   prints the speed-up and the differences of the influence matrices, then
+   reruns both in float64 (the exact value, to which each float32 result is
+   compared too; --no-float64 skips it).
+b. the floor: one batched forward+backward pass over train + validation with
+   gradients only on the targeted weights (what any gradient method must do),
+   against streaming mode on target attn and materialized mode on lora.
 c. peak memory of streaming mode on target block (in a child process), against
    model + 4 gradient-sized buffers + one batch of activations.
 d. scaling of streaming mode on target attn: wall time for several n_train
@@ -28,120 +29,65 @@ import platform
 import resource
 import subprocess
 import sys
-import threading
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from layerif.data import IGNORE, batches, collate, encode_split, per_sample_loss
+from baselines import PeakRSS, baseline_cmd, difference, floor_pass, score_cmd, task_records, timed
+from safetensors.torch import load_file
+
+from layerif.data import collate, per_sample_loss
 from layerif.lora import prepare_lora
 from layerif.models import input_device, load_model, select_targets
 from layerif.scores import compute
-from layerif.tasks import get_task
 
 
-def records(lm, task: str, n_train: int, n_val: int):
-    t = get_task(task)
-    train, _ = encode_split(lm.tokenizer, t.split("train", n_train), "train")
-    val, _ = encode_split(lm.tokenizer, t.split("validation", n_val), "validation")
-    return train, val
+def part_a(a) -> None:
+    """Whole processes: `layerif score --target lora --per-val` against the plain vectorised DataInf."""
+    tmp = Path(tempfile.mkdtemp(prefix="bench_scale_a."))
+    common = dict(task=a.task, n_train=a.n_train, n_val=a.n_val, target="lora", per_val=True,
+                  batch_size=a.batch_size, finetune_steps=a.finetune_steps, device=a.device)
 
+    def both(dtype: str) -> tuple[float, float, dict, dict]:
+        mine, plain = tmp / f"layerif-{dtype}", tmp / f"plain-{dtype}.safetensors"
+        t_mine = timed(score_cmd(**common, dtype=dtype, out=mine))
+        t_plain = timed(baseline_cmd("plain", **common, dtype=dtype, out=plain))
+        got = {k: v for k, v in load_file(mine / "influence.safetensors").items() if k.startswith("layer.")}
+        return t_mine, t_plain, got, load_file(plain)
 
-def naive_datainf(lm, train, val, target: str, c: float = 0.1) -> dict[int, torch.Tensor]:
-    """The original DataInf recipe: batch-1 gradients kept as flat vectors, loops over samples."""
-    model = lm.model
-    targets = select_targets(model, target)
-
-    def grad(enc):
-        model.zero_grad(set_to_none=True)
-        device = input_device(model)
-        ids, labels = torch.tensor([enc.input_ids], device=device), torch.tensor([enc.labels], device=device)
-        # the record's mean next-token cross-entropy, in the model's dtype (transformers'
-        # own ``labels=`` loss casts logits to float32, which would spoil a float64 run)
-        logits = model(input_ids=ids).logits[0, :-1]
-        torch.nn.functional.cross_entropy(logits, labels[0, 1:], ignore_index=IGNORE).backward()
-        # float32 gradients as autograd gives them; the loops below run in float64, so the
-        # comparison measures layerif's error, not float32 round-off of a 256-term sum
-        return {t.name: torch.cat([p.grad.flatten() for p in t.module.parameters(recurse=False)]).double() for t in targets}
-
-    tr = [grad(e) for e in train]
-    va = [grad(e) for e in val]
-    out: dict[int, torch.Tensor] = {}
-    n = len(tr)
-    for t in targets:
-        lam = c * sum(float((g[t.name] ** 2).mean()) for g in tr) / n
-        if lam == 0:
-            continue
-        mat = torch.zeros(len(va), n, dtype=torch.float64)
-        for j, v in enumerate(va):
-            hvp = torch.zeros_like(v[t.name])
-            for g in tr:
-                gi = g[t.name]
-                hvp += (v[t.name] - (v[t.name] @ gi) / (lam + gi @ gi) * gi) / (n * lam)
-            for i, g in enumerate(tr):
-                mat[j, i] = -(hvp @ g[t.name])
-        out[t.block] = out.get(t.block, 0) + mat
-    model.zero_grad(set_to_none=True)
-    return out
-
-
-def floor_pass(lm, recs, batch_size: int) -> float:
-    """Seconds for one plain batched forward+backward over recs (parameter gradients on)."""
-    model = lm.model
-    t0 = time.perf_counter()
-    for chunk in batches(recs, batch_size):
-        b = collate(chunk, lm.tokenizer.pad_token_id, input_device(model))
-        out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False)
-        per_sample_loss(out.logits, b["labels"]).sum().backward()
-    model.zero_grad(set_to_none=True)
-    return time.perf_counter() - t0
-
-
-def _diff(a: dict[int, torch.Tensor], b: dict[int, torch.Tensor]) -> str:
-    """Worst block's largest entry-wise difference (of the largest entry of b) and relative Frobenius difference."""
-    ent = max(float((a[l] - b[l]).abs().max() / b[l].abs().max()) for l in b)
-    fro = max(float((a[l] - b[l]).norm() / b[l].norm()) for l in b)
-    return f"entry-wise {ent:.1e}, Frobenius {fro:.1e}"
-
-
-def part_a(lm, a) -> None:
-    train, val = records(lm, a.task, a.n_train, a.n_val)
-    lm = prepare_lora(lm, train, ["q_proj", "v_proj"], 8, a.finetune_steps, 1e-3, a.batch_size, 0)
-    t0 = time.perf_counter()
-    fast = compute(lm, train, val, "lora", "datainf", 0.1, per_val=True, batch_size=a.batch_size).influence
-    t_fast = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    ref = naive_datainf(lm, train, val, "lora")
-    t_naive = time.perf_counter() - t0
-    print(f"a. lora per-val {len(train)}x{len(val)}: layerif {t_fast:.1f} s, naive {t_naive:.1f} s "
-          f"-> {t_naive / t_fast:.1f}x faster")
-    print(f"   float32 model, layerif vs naive: {_diff(fast, ref)} (worst block)")
+    t_mine, t_plain, fast, ref = both(a.dtype)
+    print(f"a. lora per-val {a.n_train}x{a.n_val}, whole processes: layerif score {t_mine:.1f} s, plain vectorised "
+          f"DataInf {t_plain:.1f} s -> {t_plain / t_mine:.2f}x")
+    print(f"   {a.dtype} model, layerif vs plain: {difference(fast, ref)} (worst block)")
     if not a.float64:
         return
     # The same fine-tuned model in float64: both methods' rounding drops to ~1e-16, so what
     # remains is any difference in the mathematics; and each float32 run's own error shows.
-    lm.model.double()
-    fast64 = compute(lm, train, val, "lora", "datainf", 0.1, per_val=True, batch_size=a.batch_size).influence
-    ref64 = naive_datainf(lm, train, val, "lora")
-    print(f"   float64 model, layerif vs naive: {_diff(fast64, ref64)}")
-    print(f"   float32 against float64: layerif {_diff(fast, ref64)}; naive {_diff(ref, ref64)}")
+    _, _, fast64, ref64 = both("float64")
+    print(f"   float64 model, layerif vs plain: {difference(fast64, ref64)}")
+    print(f"   {a.dtype} against float64: layerif {difference(fast, ref64)}; plain {difference(ref, ref64)}")
 
 
 def part_b(lm, a) -> None:
-    train, val = records(lm, a.task, a.n_train, a.n_val)
-    floor = floor_pass(lm, train + val, a.batch_size)
+    """In one process: the engine's scoring time against one batched pass with gradients only on the targets."""
+    train, val = task_records(lm.tokenizer, a.task, a.n_train, a.n_val)
+    pad = lm.tokenizer.pad_token_id
+    floor = floor_pass(lm.model, select_targets(lm.model, "attn"), train + val, pad, a.batch_size)
     t0 = time.perf_counter()
     res = compute(lm, train, val, "attn", "datainf", 0.1, batch_size=a.batch_size, mode="streaming")
     t_stream = time.perf_counter() - t0
-    print(f"b. floor (one batched fwd+bwd over {len(train)}+{len(val)} records): {floor:.1f} s; "
+    print(f"b. floor (one batched fwd+bwd over {len(train)}+{len(val)} records, gradients only on attn): {floor:.1f} s; "
           f"streaming attn {t_stream:.1f} s = {t_stream / floor:.2f}x floor ({res.passes} passes)")
     lora = prepare_lora(lm, train, ["q_proj", "v_proj"], 8, a.finetune_steps, 1e-3, a.batch_size, 0)
-    floor_l = floor_pass(lora, train + val, a.batch_size)
+    floor_l = floor_pass(lora.model, select_targets(lora.model, "lora"), train + val, pad, a.batch_size)
     t0 = time.perf_counter()
     res = compute(lora, train, val, "lora", "datainf", 0.1, batch_size=a.batch_size, mode="materialized")
     t_mat = time.perf_counter() - t0
-    print(f"   floor with LoRA adapters: {floor_l:.1f} s; materialized lora {t_mat:.1f} s = {t_mat / floor_l:.2f}x floor")
+    print(f"   floor with gradients only on the LoRA adapters: {floor_l:.1f} s; materialized lora {t_mat:.1f} s "
+          f"= {t_mat / floor_l:.2f}x floor")
 
 
 def batch_activation_bytes(lm, recs, batch_size: int) -> int:
@@ -171,7 +117,7 @@ def child(spec: dict) -> None:
     loaded: what the streaming statistics themselves cost.
     """
     lm = load_model(device="cpu")
-    train, val = records(lm, spec["task"], spec["n_train"], spec["n_val"])
+    train, val = task_records(lm.tokenizer, spec["task"], spec["n_train"], spec["n_val"])
     if spec.get("activations_only"):
         print(json.dumps({"activations": batch_activation_bytes(lm, train, spec["batch_size"])}))
         return
@@ -239,7 +185,7 @@ def main() -> None:
     print(f"machine: {platform.machine()}{gpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}; "
           f"task {a.task}, batch size {a.batch_size}, dtype {a.dtype}")
     if "a" in a.parts:
-        part_a(load_model(device=a.device, dtype=a.dtype), a)
+        part_a(a)
     if "b" in a.parts:
         part_b(load_model(device=a.device, dtype=a.dtype), a)
     if "c" in a.parts:

@@ -21,6 +21,7 @@ Usage: python bench/bench_score.py [--n-train 48 --n-val 16 --target attn --batc
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import tempfile
 from pathlib import Path
@@ -40,7 +41,10 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads of every process (0: torch's default)")
     a = ap.parse_args()
+    if a.threads:
+        os.environ["OMP_NUM_THREADS"] = str(a.threads)
     tmp = Path(tempfile.mkdtemp(prefix="bench_score."))
     common = dict(task=a.task, n_train=a.n_train, n_val=a.n_val, target=a.target, per_val=True,
                   batch_size=a.batch_size, device=a.device)
@@ -49,7 +53,9 @@ def main() -> None:
         "plain": baseline_cmd("plain", **common, out=tmp / "plain.safetensors"),
         "floor": baseline_cmd("floor", **common),
     }
-    print(f"machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}; "
+    threads = a.threads or torch.get_num_threads()
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}, "
+          f"{threads} torch threads per process, torch {torch.__version__}; "
           f"task {a.task}, {a.n_train} train x {a.n_val} validation, target {a.target}, --per-val, "
           f"batch size {a.batch_size}, device {a.device}; whole processes, {a.rounds} rounds, order rotating")
     for name, cmd in cmds.items():

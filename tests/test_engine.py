@@ -10,7 +10,7 @@ from layerif.data import encode, encode_split
 from layerif.grads import flat_params, per_sample_grads
 from layerif.influence import ModuleStats, damping, module_influence
 from layerif.models import LoadedModel, find_blocks, select_targets
-from layerif.scores import aggregate, compute
+from layerif.scores import aggregate, compute, plan_layouts
 
 TEXTS = [
     "the capital of france is paris",
@@ -184,7 +184,8 @@ def test_per_val_summed_equals_default_and_multi_pass_equals_single_pass():
     train, val = _split(lm.tokenizer, TEXTS[:6]), _split(lm.tokenizer, TEXTS[5:])
     base = compute(lm, train, val, "block", "datainf", 0.1, batch_size=4)
     pv = compute(lm, train, val, "block", "datainf", 0.1, per_val=True, batch_size=3)
-    tiny_budget = compute(lm, train, val, "block", "datainf", 0.1, batch_size=2, max_memory_gb=1e-6,
+    one_module = max(plan_layouts(select_targets(lm.model, "block"), train, val, False)[1].values()) / 1e9
+    tiny_budget = compute(lm, train, val, "block", "datainf", 0.1, batch_size=2, max_memory_gb=one_module,
                           mode="materialized")
     assert tiny_budget.passes > base.passes
     for l in base.layers:

@@ -37,7 +37,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.signal import savgol_filter
 
 from .errors import UserError
 
@@ -121,6 +120,8 @@ def smooth_metric(metric) -> np.ndarray:
     window = min(SMOOTH_WINDOW, m.size if m.size % 2 else m.size - 1)
     if window < 5:
         return m
+    from scipy.signal import savgol_filter  # 1-4 s to import: only when smoothing (not on every layerif start)
+
     return savgol_filter(m, window_length=window, polyorder=min(SMOOTH_ORDER, window - 1))
 
 

@@ -30,7 +30,8 @@ def fingerprint(model: torch.nn.Module, model_name: str, train: list[Encoded], v
     h.update((config.to_json_string() if config is not None else type(model).__name__).encode())
     with torch.no_grad():
         for name, p in model.named_parameters():
-            h.update(f"{name}:{tuple(p.shape)}:{float(p.double().sum()):.17g}:{float(p.double().abs().sum()):.17g}".encode())
+            total, l1 = p.sum(dtype=torch.float64), torch.linalg.vector_norm(p, 1, dtype=torch.float64)
+            h.update(f"{name}:{tuple(p.shape)}:{float(total):.17g}:{float(l1):.17g}".encode())
     for recs in (train, val):
         h.update(json.dumps([[e.input_ids, e.labels] for e in recs]).encode())
     h.update(json.dumps(options, sort_keys=True, default=str).encode())

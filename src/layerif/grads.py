@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .data import Encoded, batches, collate, per_sample_loss, upcast
-from .models import Target, input_device, is_conv1d
+from .models import Target, input_device, is_conv1d, weight_out_in
 
 
 def flat_params(module: nn.Module) -> torch.Tensor:
@@ -128,17 +128,35 @@ class Factored:
     module: nn.Module
 
     @classmethod
+    def allocate(cls, module: nn.Module, n_tokens: int, n: int, dtype: torch.dtype, device: torch.device,
+                 zeros: Callable[..., torch.Tensor] = torch.zeros) -> "Factored":
+        """Empty factors for ``n_tokens`` real tokens of n samples, filled by :meth:`fill` (``zeros`` allocates)."""
+        out_f, in_f = weight_out_in(module).shape
+        return cls(zeros(n_tokens, in_f + _has_bias(module), dtype=dtype, device=device),
+                   zeros(n_tokens, out_f, dtype=dtype, device=device),
+                   zeros(n_tokens, dtype=torch.long, device=device), n, module)
+
+    def fill(self, at: int, x: torch.Tensor, delta: torch.Tensor, mask: torch.Tensor, offset: int) -> int:
+        """Write one batch's real tokens (x [B, T, in], delta [B, T, out], mask [B, T]; its samples start at
+        ``offset``) from token row ``at``; returns the next free row."""
+        keep = mask.bool()
+        rows = torch.arange(x.shape[0], device=x.device)[:, None].expand_as(keep)
+        m = int(keep.sum())
+        self.x[at : at + m] = augment(self.module, x[keep])
+        self.delta[at : at + m] = delta[keep]
+        self.sample[at : at + m] = rows[keep] + offset
+        return at + m
+
+    @classmethod
     def from_batches(cls, module: nn.Module, parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], n: int) -> "Factored":
         """From (x [B, T, in], delta [B, T, out], mask [B, T]) of consecutive batches covering n samples."""
-        xs, ds, ss, offset = [], [], [], 0
+        x0 = parts[0][0]
+        f = cls.allocate(module, sum(int(m.sum()) for _, _, m in parts), n, x0.dtype, x0.device)
+        at = offset = 0
         for x, delta, mask in parts:
-            keep = mask.bool()
-            rows = torch.arange(x.shape[0], device=x.device)[:, None].expand_as(keep)
-            xs.append(augment(module, x[keep]))
-            ds.append(delta[keep])
-            ss.append(rows[keep] + offset)
+            at = f.fill(at, x, delta, mask, offset)
             offset += x.shape[0]
-        return cls(torch.cat(xs), torch.cat(ds), torch.cat(ss), n, module)
+        return f
 
 
 def _segment_sum(values: torch.Tensor, index: torch.Tensor, n: int) -> torch.Tensor:

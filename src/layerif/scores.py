@@ -6,9 +6,10 @@ The pipeline, for each targeted module m of block l:
    gradients with ``per_val``), from hooks (:mod:`layerif.grads`);
 2. per-sample train gradients g_im, reduced at once to the Gram statistics
    K_m = G_m G_m^T and P_m = G_m v_m (:mod:`layerif.influence`). Modules are
-   processed in groups whose gradients fit ``max_memory`` GB; a group costs one
-   forward+backward pass over the records, so no more than one group's
-   gradients are ever held;
+   processed in groups whose gradients and Gram matrices fit ``max_memory`` GB
+   (:mod:`layerif.budget`); a group costs a validation and a train pass, and is
+   reduced to its influences before the next, so no more than one group's
+   buffers are ever held;
 3. lambda_m, the module influence I_m (n_train x k), and the block influence
    I_l(i) = sum_{m in l} I_m(i).
 
@@ -23,12 +24,14 @@ import io as _io
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from . import __version__, progress, stability
+from .budget import METER, gram_bytes, plan_groups, too_small
 from .cache import PassCache, fingerprint
 from .data import Encoded, Fields, batches, check_records, collate, encode_split, load_records, n_distinct, records_note
 from .distributed import is_main, process_group, world
@@ -170,25 +173,15 @@ def _layout(t: Target, n: int, n_tokens: int, prefer: str = "auto") -> tuple[str
 def plan_layouts(
     targets: list[Target], train: list[Encoded], val: list[Encoded], per_val: bool, prefer: str = "auto"
 ) -> tuple[tuple[dict, dict], dict[str, float]]:
-    """Per-module layouts of the train and validation gradients, and bytes each module needs."""
+    """Per-module layouts of the train and validation gradients, and the bytes each module holds in the
+    materialized engine (:mod:`layerif.budget`): its gradients and its Gram matrices K and P."""
     tokens = lambda recs: sum(len(e.input_ids) for e in recs)  # noqa: E731
     layout_t = {t.name: _layout(t, len(train), tokens(train), prefer) for t in targets}
-    layout_v = {t.name: (_layout(t, len(val), tokens(val), prefer) if per_val else ("summed", 0.0)) for t in targets}
-    cost = {k: layout_t[k][1] + layout_v[k][1] for k in layout_t}
+    layout_v = {t.name: (_layout(t, len(val), tokens(val), prefer) if per_val
+                         else ("summed", float(t.stat_dtype.itemsize * t.numel))) for t in targets}
+    k = len(val) if per_val else 1
+    cost = {t.name: layout_t[t.name][1] + layout_v[t.name][1] + gram_bytes(len(train), k) for t in targets}
     return (layout_t, layout_v), cost
-
-
-def _plan_groups(targets: list[Target], cost: dict[str, float], budget_bytes: float) -> list[list[Target]]:
-    """Split targets (model order) into groups whose gradient buffers (``cost`` bytes each) fit the budget."""
-    groups: list[list[Target]] = [[]]
-    used = 0.0
-    for t in targets:
-        if groups[-1] and used + cost[t.name] > budget_bytes:
-            groups.append([])
-            used = 0.0
-        groups[-1].append(t)
-        used += cost[t.name]
-    return groups
 
 
 def _grad_pass(
@@ -208,22 +201,25 @@ def _grad_pass(
     """
     device = input_device(model)
     n = len(records)
-    bufs: dict[str, torch.Tensor] = {
-        t.name: torch.zeros((1 if layout[t.name] == "summed" else n), t.numel, device=t.device, dtype=t.stat_dtype)
-        for t in targets if layout[t.name] != "factored"
+    n_tokens = sum(len(e.input_ids) for e in records)
+    grads: dict[str, torch.Tensor | Factored] = {
+        t.name: (Factored.allocate(t.module, n_tokens, n, t.stat_dtype, t.device, METER.zeros)
+                 if layout[t.name] == "factored" else
+                 METER.zeros((1 if layout[t.name] == "summed" else n), t.numel, device=t.device, dtype=t.stat_dtype))
+        for t in targets
     }
-    parts: dict[str, list] = {t.name: [] for t in targets if layout[t.name] == "factored"}
     losses = torch.zeros(n, dtype=torch.float64)
     state = {"offset": 0, "mask": None}
+    filled = {t.name: 0 for t in targets}
 
     def sink(t: Target, x: torch.Tensor, delta: torch.Tensor) -> None:
         kind, o = layout[t.name], state["offset"]
         if kind == "factored":
-            parts[t.name].append((x, delta, state["mask"]))
+            filled[t.name] = grads[t.name].fill(filled[t.name], x, delta, state["mask"], o)
         elif kind == "summed":
-            bufs[t.name][0] += dense_from_activations(t.module, x, delta).sum(dim=0)
+            grads[t.name][0] += dense_from_activations(t.module, x, delta).sum(dim=0)
         else:
-            bufs[t.name][o : o + x.shape[0]] = dense_from_activations(t.module, x, delta)
+            grads[t.name][o : o + x.shape[0]] = dense_from_activations(t.module, x, delta)
 
     with capture(model, targets, sink):
         for chunk in progress.track(batches(records, batch_size), desc=desc, unit="batch"):
@@ -235,10 +231,6 @@ def _grad_pass(
                 raise exc.at(desc.split()[0], state["offset"]) from None
             losses[state["offset"] : state["offset"] + len(chunk)] = loss.double().cpu()
             state["offset"] += len(chunk)
-    grads: dict[str, torch.Tensor | Factored] = dict(bufs)
-    for t in targets:
-        if t.name in parts:
-            grads[t.name] = Factored.from_batches(t.module, parts.pop(t.name), n)
     return grads, losses
 
 
@@ -253,44 +245,50 @@ def module_stats(
     max_memory_gb: float = 2.0,
     layout: str = "auto",
     cache: PassCache | None = None,
+    reduce: Callable[[Target, ModuleStats], None] | None = None,
 ) -> tuple[dict[str, ModuleStats], torch.Tensor, int]:
     """Gram statistics of every target. Returns ({name: stats}, train losses [n], passes run).
 
-    Each completed module group is recorded in ``cache`` and skipped on a re-run.
+    Targets go in groups whose gradients and Gram matrices fit ``max_memory_gb``
+    (:mod:`layerif.budget`); each group costs a validation and a train pass. With
+    ``reduce``, each module's statistics are handed to it as soon as its group is
+    done and not kept (the returned dict is empty), so no more than one group's
+    are ever held. Each completed module group is recorded in ``cache`` and skipped on a re-run.
     """
     cache = cache or PassCache(None)
     (layout_t, layout_v), cost = plan_layouts(targets, train, val, per_val, layout)
-    groups = _plan_groups(targets, cost, max_memory_gb * 1e9)
+    budget = max_memory_gb * 1e9
+    big = max(targets, key=lambda t: cost[t.name])
+    if cost[big.name] > budget:
+        raise too_small(budget, cost[big.name], f"module {big.name} (its gradients and Gram matrices)")
+    groups = plan_groups(targets, cost, budget)
     stats: dict[str, ModuleStats] = {}
     passes = 0
-    vsum: dict = {}
     train_loss = torch.zeros(0)
+    keep = reduce or (lambda t, s: stats.__setitem__(t.name, s))
     for gi, group in enumerate(groups):
         done = cache.load(f"group{gi}")
         if done is not None:
             for t in group:
-                stats[t.name] = ModuleStats(K=done[f"{t.name}.K"], P=done[f"{t.name}.P"], d=t.numel)
+                keep(t, ModuleStats(K=done[f"{t.name}.K"], P=done[f"{t.name}.P"], d=t.numel))
             train_loss = done["train_loss"]
             continue
         tag = f" (group {gi + 1}/{len(groups)})" if len(groups) > 1 else ""
-        if not per_val and not vsum:
-            vsum, _ = _grad_pass(model, targets, val, pad_id, batch_size, "validation gradients",
-                                 {t.name: "summed" for t in targets})
-            passes += 1
-        V = vsum
-        if per_val:
-            V, _ = _grad_pass(model, group, val, pad_id, batch_size, f"validation gradients{tag}",
-                              {t.name: layout_v[t.name][0] for t in group})
-            passes += 1
+        V, _ = _grad_pass(model, group, val, pad_id, batch_size, f"validation gradients{tag}",
+                          {t.name: layout_v[t.name][0] for t in group})
         G, train_loss = _grad_pass(model, group, train, pad_id, batch_size, f"train gradients{tag}",
                                    {t.name: layout_t[t.name][0] for t in group})
-        passes += 1
+        passes += 2
+        saved = {"train_loss": train_loss}
         for t in group:
             g, v = G.pop(t.name), V.pop(t.name)
-            stats[t.name] = ModuleStats(K=gram(g, g).cpu(), P=gram(g, v).cpu(), d=t.numel)
-            check_finite(torch.diagonal(stats[t.name].K), "squared gradient norm", t.name)
-        cache.save(f"group{gi}", {"train_loss": train_loss} | {f"{t.name}.{k}": getattr(stats[t.name], k)
-                                                              for t in group for k in ("K", "P")})
+            s = ModuleStats(K=METER.track(gram(g, g).cpu()), P=METER.track(gram(g, v).cpu()), d=t.numel)
+            del g, v
+            check_finite(torch.diagonal(s.K), "squared gradient norm", t.name)
+            saved |= {f"{t.name}.K": s.K, f"{t.name}.P": s.P}
+            keep(t, s)
+        cache.save(f"group{gi}", saved)
+        del saved, s
     return stats, train_loss, passes
 
 
@@ -367,27 +365,37 @@ def compute(
     pad_id = lm.tokenizer.pad_token_id
     budget = (max_memory_gb or default_max_memory_gb()) * 1e9
     layouts, cost = plan_layouts(targets, train, val, per_val, layout)
-    chosen = choose_mode(mode, estimator, len(_plan_groups(targets, cost, budget)), world()[1])
+    fits = max(cost.values()) <= budget  # else the materialized engine cannot hold even one module
+    chosen = choose_mode(mode, estimator, len(plan_groups(targets, cost, budget)) if fits else 10**9, world()[1])
     cache = PassCache(None)
     if cache_dir is not None and world()[1] == 1:
         options = {"target": target, "estimator": estimator, "damping_scale": damping_scale, "per_val": per_val,
                    "mode": chosen, "layout": layout, "budget": budget, "val_chunk": val_chunk}
         cache = PassCache(cache_dir, fingerprint(lm.model, lm.name, train, val, options))
+    blocks: dict[int, torch.Tensor] = {}
+    lambdas: dict[str, float] = {}
+
+    def add(module_inf: dict[str, torch.Tensor], module_lambdas: dict[str, float]) -> None:
+        """Sum module influences [k, n] into their blocks."""
+        lambdas.update(module_lambdas)
+        for t in targets:
+            if t.name in module_inf:
+                blocks[t.block] = blocks.get(t.block, 0) + module_inf[t.name]
+
     direct = get_estimator(estimator).direct
     if direct is not None:
-        module_inf, lambdas, passes = direct(lm.model, targets, train, val, pad_id, damping_scale, per_val, batch_size)
+        *found, passes = direct(lm.model, targets, train, val, pad_id, damping_scale, per_val, batch_size)
+        add(*found)
         train_loss = record_losses(lm.model, train, pad_id, batch_size)
         chosen = estimator
     elif chosen == "streaming":
-        module_inf, lambdas, train_loss, passes = streaming_influence(
-            lm.model, targets, train, val, pad_id, estimator, damping_scale, per_val, batch_size, val_chunk, cache)
-    else:
-        stats, train_loss, passes = module_stats(lm.model, targets, train, val, pad_id, per_val, batch_size,
-                                                budget / 1e9, layout, cache)
-        module_inf, lambdas = gram_influence(stats, targets, estimator, damping_scale)
-    blocks: dict[int, torch.Tensor] = {}
-    for t in targets:
-        blocks[t.block] = blocks.get(t.block, 0) + module_inf[t.name]
+        *found, train_loss, passes = streaming_influence(lm.model, targets, train, val, pad_id, estimator, damping_scale,
+                                                         per_val, batch_size, val_chunk, cache, budget)
+        add(*found)
+    else:  # each module reduced to its influence as soon as its group is done (module_stats' reduce)
+        _, train_loss, passes = module_stats(
+            lm.model, targets, train, val, pad_id, per_val, batch_size, budget / 1e9, layout, cache,
+            reduce=lambda t, s: add(*gram_influence({t.name: s}, [t], estimator, damping_scale)))
     layers = sorted(blocks)
     influence = {l: (blocks[l] if per_val else blocks[l][0]) for l in layers}
     return ScoreResult(layers=layers, influence=influence, lambdas=lambdas, train_loss=train_loss,
