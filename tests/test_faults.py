@@ -253,7 +253,7 @@ def test_bad_parquet(model_dir, work, capsys):
     fails(capsys, _score(model_dir, work, "--train", str(f)), expect, work)
 
 
-def test_max_length_cutting_the_completion(model_dir, work, capsys):
+def test_max_length_cutting_the_completion(model_dir, work, capsys, no_weights):
     _jsonl(work / "long.jsonl", [{"prompt": "the capital of italy is the city of", "completion": " rome"}])
     fails(capsys, _score(model_dir, work, "--val", str(work / "long.jsonl"), "--max-length", "4"),
           "validation record 0: --max-length 4 cuts off its whole completion (the prompt alone has 8 tokens)", work)
@@ -397,7 +397,16 @@ def test_user_files_are_used_whole_unless_capped(model_dir, work, capsys):
     assert "7 of 90 train" in capsys.readouterr().out
 
 
-def test_record_longer_than_the_context_is_refused(model_dir, work, capsys):
+@pytest.fixture
+def no_weights(monkeypatch):
+    """Loading model weights fails the test: checks that need only the tokenizer and config come first."""
+    import transformers
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: pytest.fail("the weights were loaded before the check"))
+
+
+def test_record_longer_than_the_context_is_refused(model_dir, work, capsys, no_weights):
     _jsonl(work / "long.jsonl", [{"text": "the cat"}, {"text": "one " * 2100}])
     fails(capsys, _score(model_dir, work, "--train", str(work / "long.jsonl")),
           "train record 1 has 2100 tokens, more than the model's context of 2048; pass --max-length N", work)
@@ -519,6 +528,7 @@ def test_bad_scores_file_before_the_model_loads(model_dir, work, capsys, no_mode
 
 
 def test_compare_tasks_with_a_malformed_second_task(model_dir, work, capsys, no_model_load):
+    """(A second task whose records tokenize badly is caught before the weights too: load_checked.)"""
     (work / "bad.jsonl").write_text('{"text": "one two"}\n[1]\n')
     fails(capsys, ["compare-tasks", "--model", str(model_dir), "--tasks",
                    f"a={work / 'train.jsonl'}:{work / 'val.jsonl'},b={work / 'bad.jsonl'}:{work / 'val.jsonl'}",
@@ -575,3 +585,32 @@ def test_sigterm_during_a_run_changes_nothing(model_dir, work):
     assert snapshot(out) == before and not lock.exists()
     staging = lio.sibling(out, "partial")
     assert not staging.exists() or {p.name for p in staging.iterdir()} <= {lio.CACHE_DIR}
+
+
+def test_report_waits_for_the_folder_lock(work, capsys):
+    out = work / "res"
+    out.mkdir()
+    _fill(out, "compare-moe")
+    with lio.folder_lock(out):
+        fails(capsys, ["report", str(out)], "report folder", work, clean=False)
+    assert main(["report", str(out)]) == 0 and (out / "report.md").exists() and (out / "report.html").exists()
+
+
+def test_lm_eval_export_is_a_unit(tmp_path):
+    from layerif.tasks import export_lm_eval
+
+    export_lm_eval(tmp_path / "lm", ["capitals"])
+    export_lm_eval(tmp_path / "lm", ["past-tense"])  # an earlier export is replaced whole
+    assert sorted(p.name for p in (tmp_path / "lm").iterdir()) == ["past-tense"]
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("x")
+    with pytest.raises(UserError, match="not an lm-eval export"):
+        export_lm_eval(tmp_path / "mine", ["capitals"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lm", "mine"]
+
+
+def test_compare_tasks_checks_every_task_before_the_weights(model_dir, work, capsys, no_weights):
+    _jsonl(work / "longval.jsonl", [{"prompt": "the capital of italy is the city of", "completion": " rome"}])
+    fails(capsys, ["compare-tasks", "--model", str(model_dir), "--max-length", "6", "--tasks",
+                   f"a={work / 'train.jsonl'}:{work / 'val.jsonl'},b={work / 'train.jsonl'}:{work / 'longval.jsonl'}",
+                   "--out", str(work / "cmp"), "--quiet"], "validation record 0: --max-length 6 cuts off", work)

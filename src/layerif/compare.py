@@ -39,6 +39,7 @@ from .scores import (
     ScoreArgs,
     default_max_memory_gb,
     gram_influence,
+    load_checked,
     module_stats,
     prepare,
     score,
@@ -193,7 +194,7 @@ def run_tasks(args: CompareTasksArgs) -> str:
     """``layerif compare-tasks``: per-task score folders, comparison.json, spearman.csv, task_heatmap.png, report."""
     specs = task_specs(args)
     with output_folder(args.out, "compare-tasks", args.overwrite) as tmp:
-        lm = args.load()  # once, for every task
+        lm, _ = load_checked(*(a for _, a in specs))  # once, for every task; all records checked first
         doc = _score_tasks(args, specs, lm, tmp)
     out = Path(args.out)
     labels = list(doc["folders"])
@@ -339,7 +340,7 @@ def run_estimators(args: CompareEstimatorsArgs) -> str:
     influence.safetensors (``{estimator}.layer.{l}``), config.json and the report."""
     names = validate_estimators(args)
     with output_folder(args.out, "compare-estimators", args.overwrite) as out:
-        lm, train, val, label, counts = prepare(args, args.load())
+        lm, train, val, label, counts = prepare(args, *load_checked(args))
         targets = select_targets(lm.model, args.target)
         progress.info(f"Gram statistics of {len(targets)} modules: {len(train)} train x {len(val)} validation records")
         stats, _, passes = module_stats(lm.model, targets, train, val, lm.tokenizer.pad_token_id, False, args.batch_size,

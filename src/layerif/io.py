@@ -171,7 +171,7 @@ def folder_lock(dest: Path, option: str = "--out") -> Iterator[Path]:
 
 
 @contextmanager
-def _signals_deferred() -> Iterator[None]:
+def signals_deferred() -> Iterator[None]:
     """SIGINT and SIGTERM arriving in the body are delivered after it (main thread only)."""
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -264,7 +264,7 @@ def staged_folder(dest: str | os.PathLike, option: str = "--out", check: Callabl
                 staging.rmdir()
             raise
         shutil.rmtree(staging / CACHE_DIR, ignore_errors=True)
-        with _signals_deferred():
+        with signals_deferred():
             _swap(staging, dest)
 
 

@@ -17,7 +17,7 @@ import hashlib
 import importlib.util
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -120,8 +120,13 @@ def load_model(
     dtype: str | None = None,
     trust_remote_code: bool = False,
     device_map: str | None = None,
+    before_weights: Callable[[object, object], None] | None = None,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer, in eval mode, on ``device``.
+
+    ``before_weights(tokenizer, config)`` runs once the tokenizer and the model
+    config are read and before the weights load (checks of the user's records
+    that need the tokenizer fail fast).
 
     ``name`` is a hub name or local folder; with ``gguf_file`` it is the folder (or
     repo) holding that GGUF file, or ``gguf_file`` may itself be a path. With
@@ -129,7 +134,7 @@ def load_model(
     ``device_map`` (e.g. ``"auto"``) spreads a model too large for one GPU over
     the machine's GPUs with accelerate instead of moving it to ``device``.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
@@ -153,8 +158,14 @@ def load_model(
     progress.info(f"loading {label}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs, **model_kwargs)
+        config = AutoConfig.from_pretrained(source, **kwargs) if before_weights is not None else None
     except Exception as exc:  # third-party readers of the user's files raise many types; every one is one line
+        raise UserError(load_error(label, exc, "gguf_file" in kwargs)) from None
+    if before_weights is not None:
+        before_weights(tokenizer, config)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs, **model_kwargs)
+    except Exception as exc:
         raise UserError(load_error(label, exc, "gguf_file" in kwargs)) from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -194,17 +205,18 @@ class ModelArgs:
         "from_config": False})
     device_map: str | None = field(default=None, metadata={"help": "accelerate device map (auto: spread a large model over the GPUs)"})
 
-    def load(self) -> LoadedModel:
+    def load(self, before_weights: Callable[[object, object], None] | None = None) -> LoadedModel:
         """:func:`load_model` with these options."""
-        return load_model(self.model, self.gguf_file, self.device, self.dtype, self.trust_remote_code, self.device_map)
+        return load_model(self.model, self.gguf_file, self.device, self.dtype, self.trust_remote_code, self.device_map,
+                          before_weights)
 
 
 # ----------------------------------------------------------------------------- structure
 
 
-def context_length(model: nn.Module) -> int | None:
-    """The most tokens the model takes (``max_position_embeddings`` / GPT-2's ``n_positions``), None if unstated."""
-    config = getattr(model, "config", None)
+def context_length(config: object) -> int | None:
+    """The most tokens a model of ``config`` takes (``max_position_embeddings`` / GPT-2's ``n_positions``),
+    None if unstated."""
     for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
         value = getattr(config, key, None)
         if isinstance(value, int) and value > 0:

@@ -574,6 +574,15 @@ class ReportArgs:
 
 
 def run(args: ReportArgs) -> str:
-    """``layerif report DIR``."""
-    md, page = write_report(args.dir)
-    return f"wrote {md} and {page}"
+    """``layerif report DIR``: under the folder's lock (:func:`layerif.io.folder_lock`: not while a run
+    replaces it), both files rendered first, then written together (Ctrl-C and SIGTERM wait for both)."""
+    from .io import folder_lock, signals_deferred
+
+    folder = Path(args.dir)
+    if not folder.is_dir():
+        raise UserError(f"{folder} is not a folder")
+    with folder_lock(folder, "report folder"):
+        md, page = render_report(folder)
+        with signals_deferred():
+            written = write_text(folder / "report.md", md), write_text(folder / "report.html", page)
+    return f"wrote {written[0]} and {written[1]}"

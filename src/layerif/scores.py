@@ -543,10 +543,23 @@ def cache_dir(args: ScoreArgs) -> Path:
     return sibling(Path(args.out), "partial") / CACHE_DIR
 
 
-def prepare(args: ScoreArgs, lm: LoadedModel) -> tuple[LoadedModel, list[Encoded], list[Encoded], str, dict]:
-    """Tokenized splits, their label and the record counts (:func:`load_splits`); with
-    ``--target lora`` the model comes back with fine-tuned LoRA adapters."""
-    train, val, label, counts = load_splits(args, lm.tokenizer, context_length(lm.model))
+def load_checked(args: ScoreArgs, *more: ScoreArgs) -> tuple[LoadedModel, tuple]:
+    """The model of ``args`` and the :func:`load_splits` of ``args``: the records are tokenized and
+    checked (lengths, loss tokens) once the tokenizer and config are read, before the weights load.
+    The records of ``more`` (other tasks on the same model) are checked there too."""
+    splits: list = []
+
+    def check(tokenizer, config) -> None:
+        splits.extend(load_splits(a, tokenizer, context_length(config)) for a in (args, *more))
+
+    return args.load(check), splits[0]
+
+
+def prepare(args: ScoreArgs, lm: LoadedModel, splits: tuple | None = None
+            ) -> tuple[LoadedModel, list[Encoded], list[Encoded], str, dict]:
+    """Tokenized splits, their label and the record counts (``splits`` if :func:`load_checked` made them,
+    else :func:`load_splits`); with ``--target lora`` the model comes back with fine-tuned LoRA adapters."""
+    train, val, label, counts = splits or load_splits(args, lm.tokenizer, context_length(lm.model.config))
     progress.info(records_note(counts))
     if args.target == "lora":
         from .lora import prepare_lora
@@ -561,7 +574,7 @@ def score(args: ScoreArgs, lm: LoadedModel | None = None, cache: Path | None = N
 
     Completed passes are kept in ``cache`` (default :func:`cache_dir`) with ``--resume``."""
     validate(args, None)
-    lm, train, val, label, counts = prepare(args, lm or args.load())
+    lm, train, val, label, counts = prepare(args, *((lm, None) if lm is not None else load_checked(args)))
     progress.info(f"scoring {len(find_blocks(lm.model)[1])} blocks: {len(train)} train x {len(val)} validation records, "
                   f"target {args.target}, estimator {args.estimator}")
     result = compute(lm, train, val, args.target, args.estimator, args.damping_scale, args.per_val,

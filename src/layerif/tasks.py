@@ -452,19 +452,30 @@ def export_lm_eval(out: str | Path, names: list[str] | None = None, seed: int = 
     :func:`layerif.evaluate.mc_accuracy`) and ``acc_norm``. The data files are
     named by absolute path, so the folder is used where it was written
     (``lm_eval --include_path out --tasks layerif_capitals``; the tasks are also
-    grouped as ``layerif``). Returns the YAML paths.
+    grouped as ``layerif``). ``out`` must be new, empty or an earlier export, which
+    it replaces as a unit (:func:`layerif.io.staged_folder`). Returns the YAML paths.
     """
+    from .io import staged_folder
+
+    def earlier_export(d: Path) -> None:
+        if d.is_dir() and not all(e.is_dir() and any(e.glob("layerif_*.yaml")) for e in d.iterdir()):
+            raise UserError(f"--export-lm-eval {out} holds files that are not an lm-eval export; choose a new folder")
+
+    root = Path(out).resolve()
+    earlier_export(root)
+    with staged_folder(root, "--export-lm-eval", earlier_export) as tmp:
+        return _write_lm_eval(root, tmp, list(TASKS) if names is None else names, seed)
+
+
+def _write_lm_eval(root: Path, tmp: Path, names: list[str], seed: int) -> list[Path]:
+    """The files of :func:`export_lm_eval`, written into ``tmp``, naming their final place under ``root``."""
     import json
 
     import yaml
 
-    root = Path(out).resolve()
-    if root.exists() and not root.is_dir():
-        raise UserError(f"--export-lm-eval {out} is a file, not a folder")
     written = []
-    names = list(TASKS) if names is None else names
     for name in names:
-        task, folder, lm_name = get_task(name), root / name, "layerif_" + name.replace("-", "_")
+        task, folder, lm_name = get_task(name), tmp / name, "layerif_" + name.replace("-", "_")
         folder.mkdir(parents=True, exist_ok=True)
         for split in SPLITS:
             with open(folder / f"{split}.jsonl", "w", encoding="utf-8") as f:
@@ -473,7 +484,7 @@ def export_lm_eval(out: str | Path, names: list[str] | None = None, seed: int = 
             "task": lm_name,
             "tag": ["layerif"],
             "dataset_path": "json",
-            "dataset_kwargs": {"data_files": {s: str(folder / f"{s}.jsonl") for s in SPLITS}},
+            "dataset_kwargs": {"data_files": {s: str(root / name / f"{s}.jsonl") for s in SPLITS}},
             "output_type": "multiple_choice",
             "training_split": "train",
             "validation_split": "validation",
@@ -489,7 +500,7 @@ def export_lm_eval(out: str | Path, names: list[str] | None = None, seed: int = 
         }
         path = folder / f"{lm_name}.yaml"
         path.write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True), encoding="utf-8")
-        written.append(path)
+        written.append(root / name / path.name)
     return written
 
 

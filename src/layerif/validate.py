@@ -71,7 +71,7 @@ from .prune import (
     calibrate,
     prune_module,
 )
-from .scores import aggregate, default_max_memory_gb, module_stats, prepare, validate
+from .scores import aggregate, default_max_memory_gb, load_checked, module_stats, prepare, validate
 from .report import ESTIMATOR_LABEL, TRUTHS, spearman_rows, validation_reading, validation_truths, write_report
 from .results import write_config
 from .stability import LEVEL, finite, fmt, spearman_interval
@@ -376,7 +376,7 @@ def validation_doc(head: dict, influence: dict[str, dict[int, torch.Tensor]], me
 def compute(args: ValidateArgs, lm=None) -> dict:
     """The validation.json document (the Python API behind ``layerif validate``; no files written)."""
     names = check_args(args)
-    lm, train, val, label, _ = prepare(args, lm or args.load())
+    lm, train, val, label, _ = prepare(args, *((lm, None) if lm is not None else load_checked(args)))
     targets = select_targets(lm.model, args.target)
     t0 = time.perf_counter()
     progress.info(f"Gram statistics of {len(targets)} modules: {len(train)} train x {len(val)} validation records")
