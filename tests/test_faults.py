@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_tokenizer, tiny_model
+from conftest import make_tokenizer
 from layerif import io as lio
 from layerif.cli import main
 from layerif.errors import UserError
@@ -35,14 +35,6 @@ def _jsonl(path: Path, records: list) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny-llama")
-    tiny_model("llama", n_layers=2, seed=0).save_pretrained(d)
-    make_tokenizer().save_pretrained(d)
-    return d
-
-
 @pytest.fixture
 def work(tmp_path):
     """A folder with train / validation files; everything a run may touch lives under it."""
@@ -51,8 +43,8 @@ def work(tmp_path):
     return tmp_path
 
 
-def _score(model_dir, work, *extra, out="out"):
-    return ["score", "--model", str(model_dir), "--train", str(work / "train.jsonl"), "--val", str(work / "val.jsonl"),
+def _score(tiny_model_dir, work, *extra, out="out"):
+    return ["score", "--model", str(tiny_model_dir), "--train", str(work / "train.jsonl"), "--val", str(work / "val.jsonl"),
             "--out", str(work / out), "--quiet", "--batch-size", "4", *extra]
 
 
@@ -174,9 +166,9 @@ def test_out_rule(tmp_path, setup, expect):
     assert snapshot(tmp_path) == before and sorted(p.name for p in tmp_path.iterdir()) == ["res"]
 
 
-def test_out_inside_model_folder_or_under_a_file(tmp_path, model_dir):
+def test_out_inside_model_folder_or_under_a_file(tmp_path, tiny_model_dir):
     with pytest.raises(UserError, match="inside the model folder"):
-        lio.check_out_dir(model_dir / "scores", "score")
+        lio.check_out_dir(tiny_model_dir / "scores", "score")
     (tmp_path / "f").write_text("x")
     with pytest.raises(UserError, match="is a file, not a folder"):
         lio.check_out_dir(tmp_path / "f" / "sub", "score")
@@ -242,27 +234,27 @@ def _parquet_case(path: Path) -> tuple[Path, str]:
     ("dict.jsonl", '{"prompt": {"a": 1}, "completion": "x"}\n', "field 'prompt' must be a string, got dict"),
     ("latin1.jsonl", b'{"text": "caf\xe9"}\n', "not UTF-8"),
 ])
-def test_bad_train_file(model_dir, work, capsys, name, content, expect):
+def test_bad_train_file(tiny_model_dir, work, capsys, name, content, expect):
     f = work / name
     f.write_bytes(content if isinstance(content, bytes) else content.encode())
-    fails(capsys, _score(model_dir, work, "--train", str(f)), expect, work)
+    fails(capsys, _score(tiny_model_dir, work, "--train", str(f)), expect, work)
 
 
-def test_bad_parquet(model_dir, work, capsys):
+def test_bad_parquet(tiny_model_dir, work, capsys):
     f, expect = _parquet_case(work / "bad.parquet")
-    fails(capsys, _score(model_dir, work, "--train", str(f)), expect, work)
+    fails(capsys, _score(tiny_model_dir, work, "--train", str(f)), expect, work)
 
 
-def test_max_length_cutting_the_completion(model_dir, work, capsys, no_weights):
+def test_max_length_cutting_the_completion(tiny_model_dir, work, capsys, no_weights):
     _jsonl(work / "long.jsonl", [{"prompt": "the capital of italy is the city of", "completion": " rome"}])
-    fails(capsys, _score(model_dir, work, "--val", str(work / "long.jsonl"), "--max-length", "4"),
+    fails(capsys, _score(tiny_model_dir, work, "--val", str(work / "long.jsonl"), "--max-length", "4"),
           "validation record 0: --max-length 4 cuts off its whole completion (the prompt alone has 8 tokens)", work)
 
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
-def test_non_finite_option_values(model_dir, work, capsys, value):
+def test_non_finite_option_values(tiny_model_dir, work, capsys, value):
     with pytest.raises(SystemExit) as exc:
-        main(_score(model_dir, work, f"--damping-scale={value}"))
+        main(_score(tiny_model_dir, work, f"--damping-scale={value}"))
     err = capsys.readouterr().err.strip()
     assert exc.value.code == 2 and len(err.splitlines()) == 1
     assert f"argument --damping-scale: must be a finite number (got {value})" in err
@@ -275,40 +267,40 @@ def _damage(folder: Path, how: str) -> None:
 
 
 @pytest.mark.parametrize("how", ["truncated", "garbage"])
-def test_damaged_weights(model_dir, work, capsys, how):
+def test_damaged_weights(tiny_model_dir, work, capsys, how):
     import shutil
 
     bad = work / "model"
-    shutil.copytree(model_dir, bad)
+    shutil.copytree(tiny_model_dir, bad)
     _damage(bad, how)
-    fails(capsys, _score(model_dir, work, "--model", str(bad)),
+    fails(capsys, _score(tiny_model_dir, work, "--model", str(bad)),
           "a safetensors weight file is damaged or truncated", work)
 
 
 @pytest.mark.parametrize("header", [os.urandom(64), b"GGUF" + os.urandom(64),
                                     b"GGUF" + struct.pack("<IQQ", 3, 1, 1) + os.urandom(64)],
                          ids=["no-magic", "bad-version", "bad-metadata"])
-def test_garbage_gguf(model_dir, work, capsys, header):
+def test_garbage_gguf(tiny_model_dir, work, capsys, header):
     g = work / "m.gguf"
     g.write_bytes(header)
-    argv = [a for a in _score(model_dir, work) if a not in ("--model", str(model_dir))]
+    argv = [a for a in _score(tiny_model_dir, work) if a not in ("--model", str(tiny_model_dir))]
     fails(capsys, argv + ["--gguf-file", str(g)], "not a readable GGUF file", work)
 
 
-def test_missing_model_folder(model_dir, work, capsys):
-    fails(capsys, _score(model_dir, work, "--model", str(work / "no-such-model")), "model folder not found", work)
+def test_missing_model_folder(tiny_model_dir, work, capsys):
+    fails(capsys, _score(tiny_model_dir, work, "--model", str(work / "no-such-model")), "model folder not found", work)
 
 
-def test_out_under_a_file(model_dir, work, capsys):
+def test_out_under_a_file(tiny_model_dir, work, capsys):
     (work / "f").write_text("x")
-    fails(capsys, _score(model_dir, work, out="f/sub"), "f is a file, not a folder", work)
+    fails(capsys, _score(tiny_model_dir, work, out="f/sub"), "f is a file, not a folder", work)
 
 
-def test_out_is_the_model_folder(model_dir, work, capsys):
+def test_out_is_the_model_folder(tiny_model_dir, work, capsys):
     import shutil
 
     m = work / "m_copy"
-    shutil.copytree(model_dir, m)
+    shutil.copytree(tiny_model_dir, m)
     fails(capsys, _score(m, work, out="m_copy"), "is a model folder; layerif never writes into a model folder", work)
 
 
@@ -319,9 +311,9 @@ def test_out_is_the_model_folder(model_dir, work, capsys):
     ({"command": "score", "args": {"damping_scale": None}}, "'damping_scale' must be a finite number, got null"),
     ({"command": "score", "args": {"per_val": 1}}, "'per_val' must be true or false, got 1"),
 ])
-def test_bad_config(model_dir, work, capsys, doc, expect):
+def test_bad_config(tiny_model_dir, work, capsys, doc, expect):
     (work / "c.json").write_text(json.dumps(doc))
-    fails(capsys, _score(model_dir, work, "--config", str(work / "c.json")), expect, work)
+    fails(capsys, _score(tiny_model_dir, work, "--config", str(work / "c.json")), expect, work)
 
 
 def test_report_of_a_folder_with_a_bad_config(work, capsys):
@@ -333,13 +325,13 @@ def test_report_of_a_folder_with_a_bad_config(work, capsys):
 # ----------------------------------------------------------------------------- replayed configs never run code
 
 
-def test_config_replay_never_enables_remote_code(model_dir, work, capsys):
+def test_config_replay_never_enables_remote_code(tiny_model_dir, work, capsys):
     """A model folder whose config points at its own Python code: a shared config.json asking for
     trust_remote_code must not run it; only the command line can."""
     import shutil
 
     m = work / "evil"
-    shutil.copytree(model_dir, m)
+    shutil.copytree(tiny_model_dir, m)
     marker = work / "code-ran"
     (m / "evil.py").write_text(
         f"open({str(marker)!r}, 'w').write('ran')\n"
@@ -352,7 +344,7 @@ def test_config_replay_never_enables_remote_code(model_dir, work, capsys):
     shared = work / "shared.json"
     shared.write_text(json.dumps({"command": "score", "args": {"model": str(m), "trust_remote_code": True,
                                                                "overwrite": True}}))
-    argv = [a for a in _score(model_dir, work) if a not in ("--model", str(model_dir))]
+    argv = [a for a in _score(tiny_model_dir, work) if a not in ("--model", str(tiny_model_dir))]
     rc = main(argv + ["--config", str(shared)])
     capsys.readouterr()
     assert not marker.exists(), "a replayed config ran the model folder's code"
@@ -386,12 +378,12 @@ def test_signal_while_starting(tmp_path, sig, status, word, delay):
 # ----------------------------------------------------------------------------- no silent changes, concurrency (CLI)
 
 
-def test_user_files_are_used_whole_unless_capped(model_dir, work, capsys):
+def test_user_files_are_used_whole_unless_capped(tiny_model_dir, work, capsys):
     _jsonl(work / "big.jsonl", [{"text": f"the cat is {w}"} for w in ("one", "two", "three") * 30])
-    assert main(_score(model_dir, work, "--train", str(work / "big.jsonl"))) == 0
+    assert main(_score(tiny_model_dir, work, "--train", str(work / "big.jsonl"))) == 0
     doc = json.loads((work / "out" / "scores.json").read_text())
     assert doc["n_train"] == 90 and doc["records"]["train"] == {"available": 90, "used": 90, "truncated": 0}
-    assert main(_score(model_dir, work, "--train", str(work / "big.jsonl"), "--n-train", "7", out="capped")) == 0
+    assert main(_score(tiny_model_dir, work, "--train", str(work / "big.jsonl"), "--n-train", "7", out="capped")) == 0
     doc = json.loads((work / "capped" / "scores.json").read_text())
     assert doc["n_train"] == 7 and doc["records"]["train"]["available"] == 90
     assert "7 of 90 train" in capsys.readouterr().out
@@ -406,22 +398,22 @@ def no_weights(monkeypatch):
                         lambda *a, **k: pytest.fail("the weights were loaded before the check"))
 
 
-def test_record_longer_than_the_context_is_refused(model_dir, work, capsys, no_weights):
+def test_record_longer_than_the_context_is_refused(tiny_model_dir, work, capsys, no_weights):
     _jsonl(work / "long.jsonl", [{"text": "the cat"}, {"text": "one " * 2100}])
-    fails(capsys, _score(model_dir, work, "--train", str(work / "long.jsonl")),
+    fails(capsys, _score(tiny_model_dir, work, "--train", str(work / "long.jsonl")),
           "train record 1 has 2100 tokens, more than the model's context of 2048; pass --max-length N", work)
-    fails(capsys, _score(model_dir, work, "--max-length", "4096"), "--max-length 4096 exceeds the model's context", work)
+    fails(capsys, _score(tiny_model_dir, work, "--max-length", "4096"), "--max-length 4096 exceeds the model's context", work)
 
 
-def test_rerun_needs_overwrite_and_replaces_the_whole_folder(model_dir, work, capsys):
-    assert main(_score(model_dir, work, "--bootstrap", "20")) == 0
+def test_rerun_needs_overwrite_and_replaces_the_whole_folder(tiny_model_dir, work, capsys):
+    assert main(_score(tiny_model_dir, work, "--bootstrap", "20")) == 0
     assert (work / "out" / "stability.png").exists()
-    fails(capsys, _score(model_dir, work), "holds an earlier `layerif score` result; pass --overwrite", work)
-    assert main(_score(model_dir, work, "--overwrite")) == 0
+    fails(capsys, _score(tiny_model_dir, work), "holds an earlier `layerif score` result; pass --overwrite", work)
+    assert main(_score(tiny_model_dir, work, "--overwrite")) == 0
     assert not (work / "out" / "stability.png").exists()
 
 
-def test_concurrent_run_on_the_same_folder_is_refused(model_dir, work, capsys):
+def test_concurrent_run_on_the_same_folder_is_refused(tiny_model_dir, work, capsys):
     """Another process holds the folder: the run fails at once naming it, and changes nothing."""
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from layerif.io import folder_lock\n"
@@ -430,7 +422,7 @@ def test_concurrent_run_on_the_same_folder_is_refused(model_dir, work, capsys):
         env={**os.environ, "PYTHONPATH": SRC}, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        err = fails(capsys, _score(model_dir, work), f"is in use by another layerif run (pid {holder.pid} on ", work,
+        err = fails(capsys, _score(tiny_model_dir, work), f"is in use by another layerif run (pid {holder.pid} on ", work,
                     clean=False)
         assert "lock file" in err
     finally:
@@ -441,14 +433,14 @@ def test_concurrent_run_on_the_same_folder_is_refused(model_dir, work, capsys):
 # ----------------------------------------------------------------------------- bad numbers: exit 1, nothing written
 
 
-def _poisoned(model_dir: Path, dest: Path, where: str) -> Path:
+def _poisoned(tiny_model_dir: Path, dest: Path, where: str) -> Path:
     """A copy of the tiny model with NaN in one place: ``embed:WORD`` (that token's embedding row, so only
     records holding WORD are hit) or a parameter name (every record is hit)."""
     import shutil
 
     from safetensors.torch import load_file, save_file
 
-    shutil.copytree(model_dir, dest)
+    shutil.copytree(tiny_model_dir, dest)
     weights = load_file(dest / "model.safetensors")
     if where.startswith("embed:"):
         token = make_tokenizer().convert_tokens_to_ids(where.split(":")[1])
@@ -460,17 +452,17 @@ def _poisoned(model_dir: Path, dest: Path, where: str) -> Path:
 
 
 @pytest.mark.parametrize("mode", ["materialized", "streaming"])
-def test_nan_reaching_only_validation_records(model_dir, work, capsys, mode):
+def test_nan_reaching_only_validation_records(tiny_model_dir, work, capsys, mode):
     """'rome' is only in the validation record: the train side is finite, the validation loss is not."""
-    m = _poisoned(model_dir, work / "nan-model", "embed:rome")
+    m = _poisoned(tiny_model_dir, work / "nan-model", "embed:rome")
     fails(capsys, _score(m, work, "--mode", mode),
           "non-finite loss for validation record 0; the first non-finite value appears in model.embed_tokens "
           "(outside the decoder blocks)", work, status=1)
     assert not (work / "out").exists()
 
 
-def test_inf_in_block_1_is_named_block_1(model_dir, work, capsys):
-    m = _poisoned(model_dir, work / "inf-model", "model.layers.1.mlp.up_proj.weight")
+def test_inf_in_block_1_is_named_block_1(tiny_model_dir, work, capsys):
+    m = _poisoned(tiny_model_dir, work / "inf-model", "model.layers.1.mlp.up_proj.weight")
     fails(capsys, _score(m, work, "--target", "attn"),
           "non-finite loss for validation record 0; the first non-finite value appears in "
           "model.layers.1.mlp.up_proj (block 1)", work, status=1)
@@ -521,29 +513,29 @@ def no_model_load(monkeypatch):
     ({"layers": [0, 1], "score": [0.5]}, "'layers' and 'score' lists of equal length"),
     ([1, 2], "is not a layerif scores.json"),
 ])
-def test_bad_scores_file_before_the_model_loads(model_dir, work, capsys, no_model_load, doc, expect):
+def test_bad_scores_file_before_the_model_loads(tiny_model_dir, work, capsys, no_model_load, doc, expect):
     (work / "scores.json").write_text(json.dumps(doc))
-    fails(capsys, ["prune", "--model", str(model_dir), "--allocation", "layerif", "--scores", str(work / "scores.json"),
+    fails(capsys, ["prune", "--model", str(tiny_model_dir), "--allocation", "layerif", "--scores", str(work / "scores.json"),
                    "--quiet"], expect, work)
 
 
-def test_compare_tasks_with_a_malformed_second_task(model_dir, work, capsys, no_model_load):
+def test_compare_tasks_with_a_malformed_second_task(tiny_model_dir, work, capsys, no_model_load):
     """(A second task whose records tokenize badly is caught before the weights too: load_checked.)"""
     (work / "bad.jsonl").write_text('{"text": "one two"}\n[1]\n')
-    fails(capsys, ["compare-tasks", "--model", str(model_dir), "--tasks",
+    fails(capsys, ["compare-tasks", "--model", str(tiny_model_dir), "--tasks",
                    f"a={work / 'train.jsonl'}:{work / 'val.jsonl'},b={work / 'bad.jsonl'}:{work / 'val.jsonl'}",
                    "--out", str(work / "cmp"), "--quiet"], "bad.jsonl line 2: a record must be a JSON object", work)
 
 
-def test_bad_record_field_before_the_model_loads(model_dir, work, capsys, no_model_load):
-    fails(capsys, _score(model_dir, work, "--text-field", "txt"), "train record 0: a record has neither 'txt'", work)
+def test_bad_record_field_before_the_model_loads(tiny_model_dir, work, capsys, no_model_load):
+    fails(capsys, _score(tiny_model_dir, work, "--text-field", "txt"), "train record 0: a record has neither 'txt'", work)
 
 
-def test_batch_too_large_for_memory_is_refused_before_the_pass(model_dir, work, capsys, monkeypatch):
+def test_batch_too_large_for_memory_is_refused_before_the_pass(tiny_model_dir, work, capsys, monkeypatch):
     from layerif import grads
 
     monkeypatch.setattr(grads, "available_bytes", lambda device: 1e5)
-    fails(capsys, _score(model_dir, work), "a batch of 4 train records of up to 7 tokens needs about", work)
+    fails(capsys, _score(tiny_model_dir, work), "a batch of 4 train records of up to 7 tokens needs about", work)
 
 
 def test_pass_memory_estimate_grows_with_batch_and_tokens(llama):
@@ -553,25 +545,25 @@ def test_pass_memory_estimate_grows_with_batch_and_tokens(llama):
     assert wide == pytest.approx(4 * small) and long > 4 * small  # the attention term is quadratic
 
 
-def test_untrained_lora_adapters_are_refused(model_dir, work, capsys):
-    fails(capsys, _score(model_dir, work, "--target", "lora"), "--target lora on fresh adapters needs --finetune-steps",
+def test_untrained_lora_adapters_are_refused(tiny_model_dir, work, capsys):
+    fails(capsys, _score(tiny_model_dir, work, "--target", "lora"), "--target lora on fresh adapters needs --finetune-steps",
           work)
 
 
-def test_clamped_top_k_is_reported(model_dir, work, capsys):
-    assert main(_score(model_dir, work, "--bootstrap", "10", "--top-k", "9")) == 0
-    assert "note: --top-k 9 is more than the 2 blocks scored: k = 2 was used" in capsys.readouterr().out
+def test_clamped_top_k_is_reported(tiny_model_dir, work, capsys):
+    assert main(_score(tiny_model_dir, work, "--bootstrap", "10", "--top-k", "9")) == 0
+    assert "note: --top-k 9 is more than the 3 blocks scored: k = 3 was used" in capsys.readouterr().out
     assert json.loads((work / "out" / "scores.json").read_text())["notes"]
 
 
-def test_sigterm_during_a_run_changes_nothing(model_dir, work):
+def test_sigterm_during_a_run_changes_nothing(tiny_model_dir, work):
     """A real run on a folder holding an earlier result, terminated once it holds the folder: status 143,
     one line, the earlier result untouched, no lock left, at most the resume cache in the temporary folder."""
     out = work / "out"
     out.mkdir()
     _fill(out, "score", **{"scores.json": "{}"})
     before = snapshot(out)
-    argv = _score(model_dir, work, "--overwrite")[1:]
+    argv = _score(tiny_model_dir, work, "--overwrite")[1:]
     p = _spawn(["score", *argv], work)
     lock = lio.sibling(out, "lock")
     deadline = time.time() + 120
@@ -609,8 +601,8 @@ def test_lm_eval_export_is_a_unit(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lm", "mine"]
 
 
-def test_compare_tasks_checks_every_task_before_the_weights(model_dir, work, capsys, no_weights):
+def test_compare_tasks_checks_every_task_before_the_weights(tiny_model_dir, work, capsys, no_weights):
     _jsonl(work / "longval.jsonl", [{"prompt": "the capital of italy is the city of", "completion": " rome"}])
-    fails(capsys, ["compare-tasks", "--model", str(model_dir), "--max-length", "6", "--tasks",
+    fails(capsys, ["compare-tasks", "--model", str(tiny_model_dir), "--max-length", "6", "--tasks",
                    f"a={work / 'train.jsonl'}:{work / 'val.jsonl'},b={work / 'train.jsonl'}:{work / 'longval.jsonl'}",
                    "--out", str(work / "cmp"), "--quiet"], "validation record 0: --max-length 6 cuts off", work)
