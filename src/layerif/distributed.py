@@ -32,8 +32,8 @@ def init_from_env(device: torch.device) -> bool:
     """
     if dist.is_initialized():
         return True
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return False
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
+        return False  # not launched by torchrun (a 1-process torchrun run still joins: its collectives run)
     dist.init_process_group(backend=backend_for(device))
     return True
 
@@ -105,7 +105,7 @@ def shard(items: list) -> slice:
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum ``t`` over ranks, in place (float64 tensors are reduced as float64), on :func:`comm_device`."""
-    if world()[1] > 1:
+    if dist.is_available() and dist.is_initialized():
         on = t.to(comm_device())
         dist.all_reduce(on, op=dist.ReduceOp.SUM)
         if on is not t:
@@ -118,9 +118,9 @@ def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
 
     Every buffer of the collective is created on :func:`comm_device`; the result comes back on ``t.device``.
     """
-    size = world()[1]
-    if size == 1:
+    if not (dist.is_available() and dist.is_initialized()):
         return t
+    size = world()[1]
     device = comm_device()
     local = t.to(device)
     counts = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(size)]
