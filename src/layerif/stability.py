@@ -39,6 +39,8 @@ from .errors import UserError
 from .influence import ModuleStats
 
 LEVEL = 0.95
+# how every bootstrap rank-stability figure is labelled: it resamples the sum, not the estimator's fixed quantities
+CONDITIONAL = "conditional on λ and the Hessian"
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -337,7 +339,7 @@ def summary(stab: dict | None) -> str:
     if stab and "bootstrap" in stab:
         b = stab["bootstrap"]
         lo, hi = b["rank_stability_ci"]
-        lines.append(f"rank stability (bootstrap, B={b['B']}): {fmt(b['rank_stability'], 2)} "
+        lines.append(f"rank stability (bootstrap, B={b['B']}, {CONDITIONAL}): {fmt(b['rank_stability'], 2)} "
                      f"[{fmt(lo, 2)}, {fmt(hi, 2)}]; top-{b['top_k']} blocks {b['top_k_blocks']} with P(top-{b['top_k']}) "
                      + ", ".join(f"{p:.2f}" for p in _p_of(b, b["top_k_blocks"])))
     if stab and "split_half" in stab:
@@ -383,7 +385,7 @@ def figure(stab: dict):
             ax.bar(s["layers"], s["p_top_k"], color="#3a6ea5")
             ax.set_ylim(0, 1.02)
             ax.set_ylabel(f"P(block in top-{s['top_k']})")
-            ax.set_title(f"bootstrap B={s['B']}: rank stability {fmt(s['rank_stability'], 2)}", fontsize=10)
+            ax.set_title(f"bootstrap B={s['B']}: rank stability {fmt(s['rank_stability'], 2)}\n({CONDITIONAL})", fontsize=10)
         else:
             for key, label, style in (("score_a", "half A", "-o"), ("score_b", "half B", "-s")):
                 v = torch.tensor(s[key])
