@@ -339,8 +339,8 @@ def summary(stab: dict | None) -> str:
     if stab and "bootstrap" in stab:
         b = stab["bootstrap"]
         lo, hi = b["rank_stability_ci"]
-        lines.append(f"rank stability (bootstrap, B={b['B']}, {CONDITIONAL}): {fmt(b['rank_stability'], 2)} "
-                     f"[{fmt(lo, 2)}, {fmt(hi, 2)}]; top-{b['top_k']} blocks {b['top_k_blocks']} with P(top-{b['top_k']}) "
+        lines.append(f"rank stability (bootstrap, B={b['B']}): {fmt(b['rank_stability'], 2)} "
+                     f"[{fmt(lo, 2)}, {fmt(hi, 2)}] ({CONDITIONAL}); top-{b['top_k']} blocks {b['top_k_blocks']} with P(top-{b['top_k']}) "
                      + ", ".join(f"{p:.2f}" for p in _p_of(b, b["top_k_blocks"])))
     if stab and "split_half" in stab:
         s = stab["split_half"]
