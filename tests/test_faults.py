@@ -606,3 +606,14 @@ def test_compare_tasks_checks_every_task_before_the_weights(tiny_model_dir, work
     fails(capsys, ["compare-tasks", "--model", str(tiny_model_dir), "--max-length", "6", "--tasks",
                    f"a={work / 'train.jsonl'}:{work / 'val.jsonl'},b={work / 'train.jsonl'}:{work / 'longval.jsonl'}",
                    "--out", str(work / "cmp"), "--quiet"], "validation record 0: --max-length 6 cuts off", work)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_library_refuses_non_finite_damping(llama, tokenizer, value):
+    from layerif.data import encode_split
+    from layerif.models import LoadedModel
+    from layerif.scores import compute
+
+    recs = encode_split(tokenizer, [{"text": "the cat is a dog"}] * 2, "x")[0]
+    with pytest.raises(UserError, match="--damping-scale must be > 0"):
+        compute(LoadedModel(llama, tokenizer, "tiny"), recs, recs, damping_scale=value)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import csv
 import io as _io
 import json
+import math
 import os
 import time
 from collections.abc import Callable
@@ -354,7 +355,7 @@ def compute(
     completed pass is kept there and a re-run with the same model, data and
     options resumes after the last one; the caller removes it when done.
     """
-    if damping_scale <= 0:
+    if not 0 < damping_scale < math.inf:  # nan fails this too
         raise UserError(f"--damping-scale must be > 0 (got {damping_scale})")
     get_estimator(estimator)
     if batch_size < 1:
@@ -505,7 +506,7 @@ def assess_stability(result: ScoreResult, args: ScoreArgs, lm: LoadedModel, trai
 def validate(args: ScoreArgs, command: str | None = "score") -> None:
     """Checks that need no model: option values, the records, and (unless ``command`` is None) the
     output folder for that command (:func:`layerif.io.check_out_dir`)."""
-    if args.damping_scale <= 0:
+    if not 0 < args.damping_scale < math.inf:  # nan fails this too
         raise UserError(f"--damping-scale must be > 0 (got {args.damping_scale})")
     if args.bootstrap < 0 or args.bootstrap == 1:
         raise UserError(f"--bootstrap must be >= 2 resamples, or 0 for none (got {args.bootstrap})")
@@ -516,7 +517,7 @@ def validate(args: ScoreArgs, command: str | None = "score") -> None:
     get_estimator(args.estimator)
     if args.mode not in ("auto", "materialized", "streaming"):
         raise UserError(f"unknown mode {args.mode!r} (use auto, materialized or streaming)")
-    if args.max_memory is not None and args.max_memory <= 0:
+    if args.max_memory is not None and not 0 < args.max_memory < math.inf:
         raise UserError(f"--max-memory must be > 0 GB (got {args.max_memory})")
     if args.val_chunk < 1:
         raise UserError(f"--val-chunk must be >= 1 (got {args.val_chunk})")
