@@ -122,8 +122,10 @@ def baseline_cmd(method: str, **opts) -> list[str]:
 
 
 def score_cmd(**opts) -> list[str]:
-    """The command line of a ``layerif score`` process, options as in :func:`baseline_cmd`."""
-    return baseline_cmd("x", **opts)[:1] + ["-m", "layerif", "score", "--quiet"] + baseline_cmd("x", **opts)[3:]
+    """The command line of a ``layerif score`` process, options as in :func:`baseline_cmd` (``--overwrite``:
+    repeated rounds write the same folder)."""
+    return [*baseline_cmd("x", **opts)[:1], "-m", "layerif", "score", "--quiet", "--overwrite",
+            *baseline_cmd("x", **opts)[3:]]
 
 
 def difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> str:
