@@ -617,3 +617,23 @@ def test_library_refuses_non_finite_damping(llama, tokenizer, value):
     recs = encode_split(tokenizer, [{"text": "the cat is a dog"}] * 2, "x")[0]
     with pytest.raises(UserError, match="--damping-scale must be > 0"):
         compute(LoadedModel(llama, tokenizer, "tiny"), recs, recs, damping_scale=value)
+
+
+def test_non_finite_influence_from_finite_gradients_is_an_error(tiny_model_dir, work, capsys, monkeypatch):
+    """Defence in depth: whatever the estimator returns, NaN never reaches scores.json."""
+    import torch
+
+    from layerif import scores
+
+    real = scores.gram_influence
+
+    def overflowing(*a, **k):
+        inf, lam = real(*a, **k)
+        name = next(iter(inf))
+        inf[name] = torch.full_like(inf[name], float("nan"))
+        return inf, lam
+
+    monkeypatch.setattr(scores, "gram_influence", overflowing)
+    fails(capsys, _score(tiny_model_dir, work, "--mode", "materialized"),
+          "non-finite influence in module model.layers.0.self_attn.q_proj (block 0) from finite gradients", work,
+          status=1)

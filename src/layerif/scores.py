@@ -381,6 +381,10 @@ def compute(
         lambdas.update(module_lambdas)
         for t in targets:
             if t.name in module_inf:
+                if not bool(torch.isfinite(module_inf[t.name]).all()):  # the passes found every gradient finite
+                    raise FloatingPointError(f"non-finite influence in module {t.name} (block {t.block}) from finite "
+                                             f"gradients (lambda {module_lambdas.get(t.name)}): the estimator "
+                                             "overflowed; try --dtype float64 or a larger --damping-scale")
                 blocks[t.block] = blocks.get(t.block, 0) + module_inf[t.name]
 
     direct = get_estimator(estimator).direct
