@@ -637,3 +637,12 @@ def test_non_finite_influence_from_finite_gradients_is_an_error(tiny_model_dir, 
     fails(capsys, _score(tiny_model_dir, work, "--mode", "materialized"),
           "non-finite influence in module model.layers.0.self_attn.q_proj (block 0) from finite gradients", work,
           status=1)
+
+
+def test_out_is_the_current_folder_or_the_root(tiny_model_dir, work, capsys, monkeypatch):
+    (work / "here").mkdir()
+    monkeypatch.chdir(work / "here")
+    argv = _score(tiny_model_dir, work)
+    for out in (".", "/", ".."):
+        argv[argv.index("--out") + 1] = out
+        fails(capsys, argv, f"--out {out} is (or holds) the current folder", work)

@@ -96,6 +96,9 @@ def check_out_dir(out: str | os.PathLike, command: str, overwrite: bool = False,
     """
     path = Path(out)
     _check_no_file_on_path(path, option)
+    if path.resolve() in (Path.cwd(), *Path.cwd().parents):
+        raise UserError(f"{option} {out} is (or holds) the current folder; it is replaced as a whole, "
+                        "so choose a folder below it")
     for p in (path, *path.parents):
         if is_model_folder(p):
             where = "is a model folder" if p == path else f"is inside the model folder {p}"
@@ -121,7 +124,10 @@ def overwrite_field() -> Any:
 
 
 def sibling(dest: Path, kind: str) -> Path:
-    """The hidden sibling ``.NAME.layerif-KIND`` of ``dest`` (kind: lock, partial, old, swap)."""
+    """The hidden sibling ``.NAME.layerif-KIND`` of ``dest`` (kind: lock, partial, old, swap), ``dest`` resolved."""
+    dest = Path(dest).resolve()
+    if not dest.name:
+        raise UserError(f"{dest} cannot be an output folder")
     return dest.with_name(f".{dest.name}.layerif-{kind}")
 
 
@@ -240,7 +246,7 @@ def staged_folder(dest: str | os.PathLike, option: str = "--out", check: Callabl
     cache survives, for the next run to resume from. ``dest`` is untouched until
     the swap, which Ctrl-C and SIGTERM do not interrupt.
     """
-    dest = Path(dest)
+    dest = Path(dest).resolve()  # `--out .` is the current folder by its name
     _check_no_file_on_path(dest, option)
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
