@@ -36,12 +36,15 @@ def import_graph() -> dict[str, set[str]]:
                 base = _resolve(mod, is_pkg, node.level, node.module) if node.level else (node.module or "")
                 names = [base] + [f"{base}.{a.name}" for a in node.names]
             for name in names:
-                # the deepest layerif module the name refers to; a package's __init__ is not an edge
-                # for its own submodules' sake (importing layerif.commands.x runs layerif.commands first)
+                # the deepest layerif module the name refers to, and every package above it (importing
+                # layerif.commands.base runs layerif/commands/__init__.py first) -- except the packages
+                # that hold the importing module itself, which are running already
                 while name and name not in files:
                     name = name.rpartition(".")[0]
-                if name and name != mod and name != "layerif" and not mod.startswith(name + "."):
-                    graph[mod].add(name)
+                while name and name != "layerif":
+                    if name != mod and not mod.startswith(name + "."):
+                        graph[mod].add(name)
+                    name = name.rpartition(".")[0]
     return graph
 
 

@@ -20,17 +20,9 @@ from layerif.models import select_targets
 from layerif.stability import spearman
 from test_stability import random_texts
 
-NEW_COMMANDS = {
-    "compare-tasks": ("layerif.compare", "CompareTasksArgs", "run_tasks", "compare block profiles across tasks"),
-    "compare-estimators": ("layerif.compare", "CompareEstimatorsArgs", "run_estimators", "compare estimators"),
-}
-
-
 @pytest.fixture
-def main(monkeypatch):
-    """The CLI with the comparison commands registered (a no-op once cli.COMMANDS lists them)."""
-    for name, entry in NEW_COMMANDS.items():
-        monkeypatch.setitem(cli.COMMANDS, name, entry)
+def main():
+    """The CLI (the comparison commands are registered in layerif.commands)."""
     return cli.main
 
 
@@ -249,7 +241,7 @@ def test_compare_estimators_d_below_n(main, tmp_path, capsys):
     # the report's command line parses back to the saved arguments; replay from config.json gives the same document
     from dataclasses import asdict
 
-    from layerif.compare import CompareEstimatorsArgs
+    from layerif.commands.compare_estimators import CompareEstimatorsArgs
     from layerif.report import command_line
 
     config = json.loads((out / "config.json").read_text())

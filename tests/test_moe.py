@@ -12,6 +12,8 @@ import torch
 from conftest import TINY_VOCAB, make_tokenizer, tiny_model
 
 from layerif import moe
+from layerif.commands import compare_moe
+from layerif.commands import moe as moe_cmd
 from layerif.errors import UserError
 from layerif.moe import (
     MoeConfig,
@@ -364,8 +366,8 @@ def test_moe_command_saves_a_loadable_adapter(tasks, model_dir, tmp_path):
     from layerif.models import load_model
 
     scores = write_scores(tmp_path / "scores.json", [0.1, 2.0, 0.5])
-    args = moe.MoeArgs(model=model_dir, scores=scores, total_experts=9, save=str(tmp_path / "adapter"), **SMALL)
-    summary = moe.run(args)
+    args = moe_cmd.MoeArgs(model=model_dir, scores=scores, total_experts=9, save=str(tmp_path / "adapter"), **SMALL)
+    summary = moe_cmd.run(args)
     assert "allocation layerif" in summary and "accuracy" in summary and "exact match" in summary
     doc = read_allocation(tmp_path / "adapter")
     assert sum(doc["experts"]) == 9 and doc["experts"][1] == max(doc["experts"]) and doc["experts"][0] == 1
@@ -381,15 +383,15 @@ def test_moe_command_saves_a_loadable_adapter(tasks, model_dir, tmp_path):
 
 @pytest.mark.parametrize("allocation", ["alpha", "uniform"])
 def test_moe_command_baselines_need_no_scores(tasks, model_dir, allocation):
-    summary = moe.run(moe.MoeArgs(model=model_dir, task="capitals", allocation=allocation, **SMALL))
+    summary = moe_cmd.run(moe_cmd.MoeArgs(model=model_dir, task="capitals", allocation=allocation, **SMALL))
     assert f"allocation {allocation}" in summary and "T=15" in summary  # default T = 5 × blocks
 
 
 def test_compare_moe_writes_the_table_and_plot(tasks, model_dir, tmp_path):
     scores = write_scores(tmp_path / "scores.json", [0.1, 2.0, 0.5])
     out = tmp_path / "cmp"
-    args = moe.CompareMoeArgs(model=model_dir, scores=scores, out=str(out), **{**SMALL, "steps": 2})
-    md = moe.run_compare(args)
+    args = compare_moe.CompareMoeArgs(model=model_dir, scores=scores, out=str(out), **{**SMALL, "steps": 2})
+    md = compare_moe.run(args)
     assert {p.name for p in out.iterdir()} >= {"comparison.csv", "comparison.md", "experts_per_layer.png",
                                                "allocations.json", "config.json", "report.md", "report.html"}
     rows = (out / "comparison.csv").read_text().splitlines()
@@ -417,7 +419,7 @@ def test_comparison_verdict_is_honest(accuracy, verdict):
     rows += [{"allocation": a, "seed": str(seed), "accuracy": acc + 0.01 * (seed - 1), "exact_match": 0.0,
               "final_loss": 1.0, "trainable_params": 10, "seconds": 1.0}
              for a, acc in accuracy.items() for seed in range(3)]
-    md = moe._compare_markdown(rows, {a: np.array([1, 2]) for a in accuracy}, {"model": "m"})
+    md = compare_moe.markdown(rows, {a: np.array([1, 2]) for a in accuracy}, {"model": "m"})
     assert verdict in md
     assert f"| {max(accuracy, key=accuracy.get)} | **" in md  # the best mean accuracy is bold
 
@@ -437,14 +439,12 @@ def test_moe_command_bad_input(tasks, model_dir, tmp_path, kw, message):
     if kw.get("scores") == "four":
         kw["scores"] = write_scores(tmp_path / "four.json", [0.1, 2.0, 0.5, 1.0])
     with pytest.raises(UserError, match=message):
-        moe.run(moe.MoeArgs(model=model_dir, **{"scores": scores, **SMALL, **kw}))
+        moe_cmd.run(moe_cmd.MoeArgs(model=model_dir, **{"scores": scores, **SMALL, **kw}))
 
 
 def test_cli_one_line_error_and_exit_2(tasks, model_dir, tmp_path, monkeypatch, capsys):
     from layerif import cli
 
-    monkeypatch.setattr(cli, "COMMANDS", {"moe": ("layerif.moe", "MoeArgs", "run", "LoRA-MoE"),
-                                          "compare-moe": ("layerif.moe", "CompareMoeArgs", "run_compare", "compare")})
     scores = write_scores(tmp_path / "scores.json", [0.1, 2.0, 0.5, 1.0])
     assert cli.main(["moe", "--model", model_dir, "--scores", scores, "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]  # (transformers' own loading bar may come first)
@@ -452,5 +452,5 @@ def test_cli_one_line_error_and_exit_2(tasks, model_dir, tmp_path, monkeypatch, 
     assert cli.main(["moe", "--model", model_dir, "--allocation", "spectral", "--quiet"]) == 2
     assert "unknown allocation 'spectral'" in capsys.readouterr().err.strip().splitlines()[-1]
     ns = cli.make_parser().parse_args(["compare-moe", "--allocations", "uniform,alpha", "--seeds", "0,1,2"])
-    args = cli.build_args(moe.CompareMoeArgs, ns)
+    args = cli.build_args(compare_moe.CompareMoeArgs, ns)
     assert args.allocations == ["uniform", "alpha"] and args.seeds == ["0", "1", "2"]

@@ -16,6 +16,8 @@ import torch
 import yaml
 
 import layerif.prune as P
+from layerif.commands import compare_pruning as CP
+from layerif.commands import prune as PC
 from conftest import TINY_VOCAB, WORDS, make_tokenizer, tiny_model
 from layerif.allocate import COMPARE_SPARSITY, linear_sparsity
 from layerif.errors import UserError
@@ -329,18 +331,18 @@ def write_scores(path: Path, score: list[float]) -> str:
     return str(path)
 
 
-def prune_args(model_dir, tmp_path, **kw) -> P.PruneArgs:
+def prune_args(model_dir, tmp_path, **kw) -> PC.PruneArgs:
     base = dict(model=str(model_dir), device="cpu", scores=write_scores(tmp_path / "scores.json", [1.0, 5.0, 2.0]),
                 sparsity=0.5, n_calib=4, seqlen=16)
     base.update(kw)
-    return P.PruneArgs(**base)
+    return PC.PruneArgs(**base)
 
 
 def test_prune_command(stand_ins, model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "pruned"
-    summary = P.run(prune_args(model_dir, tmp_path, save=str(out), eval_windows=2))
+    summary = PC.run(prune_args(model_dir, tmp_path, save=str(out), eval_windows=2))
     assert "achieved" in summary and "perplexity" in summary
     doc = json.loads((out / "allocation.json").read_text())
     assert {"layers", "sparsity", "achieved", "modules", "args"} <= doc.keys()
@@ -358,14 +360,14 @@ def test_prune_command(stand_ins, model_dir, tmp_path):
         doc["sparsity"], abs=1e-6)
     # reversed: the highest score now gets the least sparsity
     rev = tmp_path / "rev"
-    P.run(prune_args(model_dir, tmp_path, save=str(rev), reverse=True, smooth=False))
+    PC.run(prune_args(model_dir, tmp_path, save=str(rev), reverse=True, smooth=False))
     assert np.argmin(json.loads((rev / "allocation.json").read_text())["sparsity"]) == 1
 
 
 @pytest.mark.parametrize("allocation", ["uniform", "owl", "alpha"])
 def test_prune_command_baseline_allocations(stand_ins, model_dir, tmp_path, allocation):
     out = tmp_path / allocation
-    P.run(prune_args(model_dir, tmp_path, scores=None, allocation=allocation, method="magnitude", save=str(out)))
+    PC.run(prune_args(model_dir, tmp_path, scores=None, allocation=allocation, method="magnitude", save=str(out)))
     doc = json.loads((out / "allocation.json").read_text())
     assert np.average(doc["sparsity"], weights=doc["prunable_params"]) == pytest.approx(0.5)
     assert (doc["metric"] is None) == (allocation == "uniform")
@@ -380,7 +382,7 @@ def test_prune_command_task_accuracy(stand_ins, model_dir, tmp_path):
     from layerif.tasks import test_records
 
     out, task = tmp_path / "pruned", write_task(tmp_path / "task.jsonl")
-    summary = P.run(prune_args(model_dir, tmp_path, task=task, save=str(out)))
+    summary = PC.run(prune_args(model_dir, tmp_path, task=task, save=str(out)))
     doc = json.loads((out / "allocation.json").read_text())
     reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
     assert doc["accuracy"] == mc_accuracy(reloaded, AutoTokenizer.from_pretrained(out), test_records(task))
@@ -389,7 +391,7 @@ def test_prune_command_task_accuracy(stand_ins, model_dir, tmp_path):
 
 def test_prune_command_nm(stand_ins, model_dir, tmp_path):
     out = tmp_path / "nm"
-    P.run(prune_args(model_dir, tmp_path, allocation="uniform", method="sparsegpt", nm="2:4", save=str(out)))
+    PC.run(prune_args(model_dir, tmp_path, allocation="uniform", method="sparsegpt", nm="2:4", save=str(out)))
     doc = json.loads((out / "allocation.json").read_text())
     assert doc["achieved"] == pytest.approx([0.5] * 3)
 
@@ -434,7 +436,7 @@ def test_prune_bad_input(stand_ins, model_dir, tmp_path, kw, message):
         kw["task"] = str(tmp_path / "bad.jsonl")
         Path(kw["task"]).write_text(json.dumps({"prompt": "the cat", "options": [" a", " b"], "answer": 2}) + "\n")
     with pytest.raises(UserError, match=message):
-        P.run(prune_args(model_dir, tmp_path, **kw))
+        PC.run(prune_args(model_dir, tmp_path, **kw))
 
 
 def test_short_text_with_the_real_corpus(model_dir, tmp_path):
@@ -442,7 +444,7 @@ def test_short_text_with_the_real_corpus(model_dir, tmp_path):
     short = tmp_path / "short.txt"
     short.write_text("the cat is in the house . " * 4)
     with pytest.raises(UserError):
-        P.run(prune_args(model_dir, tmp_path, text=str(short), seqlen=64))
+        PC.run(prune_args(model_dir, tmp_path, text=str(short), seqlen=64))
 
 
 def test_cli_options_build_the_args():
@@ -451,23 +453,23 @@ def test_cli_options_build_the_args():
     from layerif.cli import add_dataclass_arguments, build_args
 
     parser = argparse.ArgumentParser()
-    add_dataclass_arguments(parser, P.PruneArgs)
-    args = build_args(P.PruneArgs, parser.parse_args(["--sparsity", "0.6", "--method", "sparsegpt", "--reverse",
+    add_dataclass_arguments(parser, PC.PruneArgs)
+    args = build_args(PC.PruneArgs, parser.parse_args(["--sparsity", "0.6", "--method", "sparsegpt", "--reverse",
                                                      "--nm", "2:4", "--n-calib", "8"]))
     assert (args.sparsity, args.method, args.reverse, args.nm, args.n_calib) == (0.6, "sparsegpt", True, "2:4", 8)
     parser = argparse.ArgumentParser()
-    add_dataclass_arguments(parser, P.CompareArgs)
-    args = build_args(P.CompareArgs, parser.parse_args(["--sparsities", "0.5,0.7", "--seeds", "1,2,3",
+    add_dataclass_arguments(parser, CP.CompareArgs)
+    args = build_args(CP.CompareArgs, parser.parse_args(["--sparsities", "0.5,0.7", "--seeds", "1,2,3",
                                                        "--allocations", "uniform,layerif"]))
     assert (args.sparsities, args.seeds, args.allocations) == (["0.5", "0.7"], ["1", "2", "3"], ["uniform", "layerif"])
 
 
-def compare_args(model_dir, tmp_path, **kw) -> P.CompareArgs:
+def compare_args(model_dir, tmp_path, **kw) -> CP.CompareArgs:
     base = dict(model=str(model_dir), device="cpu", scores=write_scores(tmp_path / "scores.json", [1.0, 5.0, 2.0]),
                 methods=["magnitude", "wanda"], sparsities=["0.5"], seeds=["0", "1", "2"], n_calib=3, seqlen=16,
                 eval_windows=2, task=write_task(tmp_path / "task.jsonl"), task_items=4, out=str(tmp_path / "cmp"))
     base.update(kw)
-    return P.CompareArgs(**base)
+    return CP.CompareArgs(**base)
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -477,7 +479,7 @@ def read_csv(path: Path) -> list[dict]:
 
 def test_compare_pruning(stand_ins, model_dir, tmp_path, monkeypatch):
     args = compare_args(model_dir, tmp_path)
-    summary = P.run_compare(args)
+    summary = CP.run(args)
     out = Path(args.out)
     rows = read_csv(out / "comparison.csv")
     assert len(rows) == 1 + 5 * 2 * 3  # dense + allocations × methods × seeds
@@ -493,10 +495,10 @@ def test_compare_pruning(stand_ins, model_dir, tmp_path, monkeypatch):
     assert "comparison.csv" in summary and "## comparison.md" in (out / "report.md").read_text()
     # resume: nothing left to run
     monkeypatch.setattr(P, "prune_model", lambda *a, **k: pytest.fail("resume re-ran a finished run"))
-    P.run_compare(compare_args(model_dir, tmp_path, resume=True))
+    CP.run(compare_args(model_dir, tmp_path, resume=True))
     assert len(read_csv(out / "comparison.csv")) == len(rows)
     with pytest.raises(UserError, match="other options"):
-        P.run_compare(compare_args(model_dir, tmp_path, resume=True, epsilon=0.3))
+        CP.run(compare_args(model_dir, tmp_path, resume=True, epsilon=0.3))
 
 
 @pytest.mark.parametrize(
@@ -514,7 +516,7 @@ def test_compare_pruning(stand_ins, model_dir, tmp_path, monkeypatch):
 )
 def test_compare_bad_input(stand_ins, model_dir, tmp_path, kw, message):
     with pytest.raises(UserError, match=message):
-        P.run_compare(compare_args(model_dir, tmp_path, **kw))
+        CP.run(compare_args(model_dir, tmp_path, **kw))
 
 
 def test_comparison_summary_counts_wins_and_says_who_won():
@@ -528,7 +530,7 @@ def test_comparison_summary_counts_wins_and_says_who_won():
     rows += [row("wanda", 0.5, "layerif", s, 20.0, 0.5) for s in ("0", "1")]
     rows += [row("wanda", 0.6, "uniform", s, 50.0, 0.4) for s in ("0", "1")]
     rows += [row("wanda", 0.6, "layerif", s, 60.0, 0.4) for s in ("0", "1")]
-    md = P._compare_markdown(rows, {"model": "tiny"})
+    md = CP.markdown(rows, {"model": "tiny"})
     assert "| uniform | 2 | 1 |" in md and "| layerif | 1 | 1 |" in md
     assert "LayerIF does not win: uniform has the best accuracy most often (2 of 2; LayerIF 1)." in md
 
@@ -540,8 +542,8 @@ def test_a_new_allocation_is_one_registration(stand_ins, model_dir, tmp_path, mo
     rule = allocate.Allocation("random", None, sparsity=lambda m, target, w, o, rev: allocate.fit_weighted_mean(
         np.random.default_rng(0).random(len(w)), target, w))
     monkeypatch.setitem(allocate.ALLOCATIONS, "random", rule)
-    P.run(prune_args(model_dir, tmp_path, allocation="random", save=str(tmp_path / "pruned")))
+    PC.run(prune_args(model_dir, tmp_path, allocation="random", save=str(tmp_path / "pruned")))
     doc = json.loads((tmp_path / "pruned" / "allocation.json").read_text())
     assert np.average(doc["sparsity"], weights=doc["prunable_params"]) == pytest.approx(0.5)
-    P.run_compare(compare_args(model_dir, tmp_path, allocations=["uniform", "random"], methods=["magnitude"], seeds=["0"]))
+    CP.run(compare_args(model_dir, tmp_path, allocations=["uniform", "random"], methods=["magnitude"], seeds=["0"]))
     assert {r["allocation"] for r in read_csv(tmp_path / "cmp" / "comparison.csv")} == {"dense", "uniform", "random"}

@@ -12,9 +12,10 @@ import pytest
 from conftest import make_tokenizer, tiny_model
 from layerif import cli
 from layerif.errors import UserError
-from layerif.report import ReportArgs, block_ranges, command_line, render_report, run, score_reading
+from layerif.commands.report import ReportArgs, run
+from layerif.report import block_ranges, command_line, render_report, score_reading
 from layerif.scores import ScoreArgs
-from layerif.scores import run as run_score
+from layerif.commands.score import run as run_score
 from test_stability import random_texts
 
 

@@ -11,6 +11,8 @@ import pytest
 import torch
 
 import layerif.prune as P
+from layerif.commands import compare_pruning as CP
+from layerif.commands import prune as PC
 import layerif.search as S
 from conftest import TINY_VOCAB, tiny_model
 from layerif.allocate import SparsityOptions, allocate_sparsity
@@ -240,9 +242,9 @@ def test_prune_with_search_then_apply_the_saved_allocation(stand_ins, model_dir,
 
     search = dict(allocation="search", method="wanda", search_init="layerif", search_evals=12, search_offspring=3,
                   search_survivors=1, search_windows=3, search_screen_windows=1, search_dir=str(tmp_path / "s"))
-    summary = P.run(prune_args(model_dir, tmp_path, save=str(tmp_path / "pruned"), **search))
+    summary = PC.run(prune_args(model_dir, tmp_path, save=str(tmp_path / "pruned"), **search))
     assert "search from layerif" in summary
-    assert "search-layerif" in P.PruneArgs.__dataclass_fields__["allocation"].metadata["choices"]
+    assert "search-layerif" in PC.PruneArgs.__dataclass_fields__["allocation"].metadata["choices"]
     saved = json.loads((tmp_path / "pruned" / "allocation.json").read_text())
     assert saved["allocation"] == "search" and saved["search"]["evaluations"] <= 12
     weights = saved["prunable_params"]
@@ -250,13 +252,13 @@ def test_prune_with_search_then_apply_the_saved_allocation(stand_ins, model_dir,
     assert all(f.exists() for f in (Path(tmp_path / "s") / n for n in ("search.json", "search.png")))
     assert yaml_sparsity(tmp_path / "pruned") == pytest.approx(saved["sparsity"], abs=1e-6)
     # the saved allocation applied again: the same per-block targets and the same pruned model
-    P.run(prune_args(model_dir, tmp_path, allocation_file=str(tmp_path / "pruned" / "allocation.json"),
+    PC.run(prune_args(model_dir, tmp_path, allocation_file=str(tmp_path / "pruned" / "allocation.json"),
                      save=str(tmp_path / "again"), sparsity=0.3))
     again = json.loads((tmp_path / "again" / "allocation.json").read_text())
     assert again["allocation"] == "file" and again["sparsity"] == saved["sparsity"]
     assert again["achieved"] == saved["achieved"] and again["target_sparsity"] == pytest.approx(0.5)
     with pytest.raises(UserError, match="neither"):
-        P.run(prune_args(model_dir, tmp_path, allocation="search", search_init="nowhere.json"))
+        PC.run(prune_args(model_dir, tmp_path, allocation="search", search_init="nowhere.json"))
 
 
 def yaml_sparsity(folder) -> list[float]:
@@ -267,7 +269,7 @@ def yaml_sparsity(folder) -> list[float]:
 
 
 def test_prune_with_sensitivity(stand_ins, model_dir, tmp_path):
-    P.run(prune_args(model_dir, tmp_path, allocation="sensitivity", method="magnitude", search_windows=2,
+    PC.run(prune_args(model_dir, tmp_path, allocation="sensitivity", method="magnitude", search_windows=2,
                      search_dir=str(tmp_path / "s"), save=str(tmp_path / "pruned")))
     saved = json.loads((tmp_path / "pruned" / "allocation.json").read_text())
     kl = saved["sensitivity"]["kl"]
@@ -280,7 +282,7 @@ def test_compare_pruning_with_search_and_sensitivity(stand_ins, model_dir, tmp_p
     args = compare_args(model_dir, tmp_path, allocations=["uniform", "sensitivity", "search-uniform", "search-layerif"],
                         methods=["wanda"], seeds=["0"], search_evals=8, search_offspring=3, search_survivors=1,
                         search_windows=2, search_screen_windows=1)
-    P.run_compare(args)
+    CP.run(args)
     out = Path(args.out)
     rows = read_csv(out / "comparison.csv")
     assert {r["allocation"] for r in rows} == {"dense", "uniform", "sensitivity", "search-uniform", "search-layerif"}

@@ -189,7 +189,8 @@ def test_score_writes_stability(model_dir, data, tmp_path, capsys, estimator):
 def test_error_bars_drawn_from_bootstrap():
     from matplotlib.container import ErrorbarContainer
 
-    from layerif.scores import ScoreResult, plot
+    from layerif.commands.score import plot
+    from layerif.scores import ScoreResult
 
     inf = synthetic(20, layers=4)
     res = ScoreResult(layers=[0, 1, 2, 3], influence=inf, lambdas={}, train_loss=torch.zeros(20), seconds=0, passes=0,

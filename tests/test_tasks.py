@@ -14,7 +14,8 @@ from conftest import tiny_model
 from layerif.errors import UserError
 from layerif.evaluate import mc_accuracy
 from layerif.models import LoadedModel
-from layerif.tasks import MIN_DISTINCT, SPLITS, TASKS, TasksArgs, addition_task, export_lm_eval, get_task, run
+from layerif.commands.tasks import TasksArgs, run
+from layerif.tasks import MIN_DISTINCT, SPLITS, TASKS, addition_task, export_lm_eval, get_task
 
 NAMES = sorted(TASKS)
 

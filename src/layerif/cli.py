@@ -19,58 +19,50 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
-import json
 import math
 import os
 import signal
 import sys
 import threading
-import types
 import typing
-from collections.abc import Callable
-from typing import Any, NoReturn
+from typing import NoReturn
 
 from . import __version__, progress
+from .commands.base import COMMANDS
 from .errors import Terminated, UserError
-
-# sub-command -> (module, argument dataclass name, run function name, one-line help)
-COMMANDS: dict[str, tuple[str, str, str, str]] = {
-    "score": ("layerif.scores", "ScoreArgs", "run", "per-layer influence scores of a model on a task"),
-    "tasks": ("layerif.tasks", "TasksArgs", "run", "list the built-in tasks with chance level and model accuracy"),
-    "prune": ("layerif.prune", "PruneArgs", "run", "prune a model with per-layer sparsity from LayerIF scores or a baseline allocation"),
-    "compare-pruning": ("layerif.prune", "CompareArgs", "run_compare", "compare pruning allocations x pruners x sparsities over calibration seeds"),
-    "compare-tasks": ("layerif.compare", "CompareTasksArgs", "run_tasks", "score one model on several tasks and compare the block profiles"),
-    "compare-estimators": ("layerif.compare", "CompareEstimatorsArgs", "run_estimators", "datainf, exact, grad-dot and LiSSA on the same gradients: agreement of the block rankings"),
-    "validate": ("layerif.validate", "ValidateArgs", "run", "measure each block's fine-tune gain and pruning sensitivity and test whether the layer scores predict them"),
-    "report": ("layerif.report", "ReportArgs", "run", "re-render report.md and report.html of a result folder"),
-    "moe": ("layerif.moe", "MoeArgs", "run", "fine-tune a LoRA mixture of experts with per-layer expert counts from LayerIF scores"),
-    "compare-moe": ("layerif.moe", "CompareMoeArgs", "run_compare", "compare LoRA-MoE expert allocations (LayerIF, AlphaLoRA, uniform) over seeds"),
-}
+from .results import check_config_args, field_type, read_config
 
 
-def _base_type(tp: object) -> tuple[type, bool]:
-    """(the scalar type of a field annotation, whether it is optional)."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return _base_type(args[0])[0], True
-    if origin in (list, tuple):
-        return list, False
-    return tp, False  # type: ignore[return-value]
+
+def load_commands() -> None:
+    """Import every command module; each registers itself in :data:`COMMANDS`, in the order of ``--help``.
+
+    Done on demand (by :func:`make_parser`), not at import: the command modules
+    import torch and transformers, and :func:`main` sets its signal handlers first.
+    """
+    from .commands import (  # noqa: F401
+        score,
+        tasks,
+        prune,
+        compare_pruning,
+        compare_tasks,
+        compare_estimators,
+        validate,
+        report,
+        moe,
+        compare_moe,
+    )
 
 
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     """One ``--option`` per dataclass field; list fields take comma-separated values."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        if f.metadata.get("cli") is False:
-            continue
         if f.metadata.get("positional"):
             parser.add_argument(f.name, nargs="?", default=argparse.SUPPRESS, help=f"{f.metadata.get('help', '')} (default: {f.default})")
             continue
         flag = "--" + f.name.replace("_", "-")
-        tp, _ = _base_type(hints[f.name])
+        tp, _ = field_type(hints[f.name])
         help_ = f.metadata.get("help", "")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         kw: dict = {"dest": f.name, "default": argparse.SUPPRESS}
@@ -100,39 +92,6 @@ def finite_float(text: str) -> float:
     return value
 
 
-_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string",
-               list: "a list of strings"}
-
-
-def _check_value(name: str, value: Any, tp: object, where: str) -> None:
-    """A config value must have its field's type (None only for optional fields); floats must be finite."""
-    base, optional = _base_type(tp)
-    if value is None:
-        if optional:
-            return
-    elif base is bool and isinstance(value, bool):
-        return
-    elif base is int and isinstance(value, int) and not isinstance(value, bool):
-        return
-    elif base is float and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-        return
-    elif base is str and isinstance(value, str):
-        return
-    elif base is list and isinstance(value, list) and all(isinstance(x, (str, int, float)) and not isinstance(x, bool)
-                                                          for x in value):
-        return
-    shown = json.dumps(value)
-    raise UserError(f"{where}: '{name}' must be {_TYPE_NAMES.get(base, str(base))}, got {shown[:40]}")
-
-
-def check_config_args(values: dict, cls: type, where: str) -> None:
-    """Every value of a config's ``args`` that is a field of ``cls`` must have the field's type."""
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if f.name in values:
-            _check_value(f.name, values[f.name], hints[f.name], where)
-
-
 def build_args(cls: type, ns: argparse.Namespace) -> object:
     """The dataclass from parsed options; ``--config FILE`` supplies values not given on the line.
 
@@ -140,8 +99,6 @@ def build_args(cls: type, ns: argparse.Namespace) -> object:
     """
     values: dict = {}
     if getattr(ns, "config", None):
-        from .results import read_config
-
         saved = read_config(ns.config)["args"]
         check_config_args(saved, cls, ns.config)
         names = {f.name for f in dataclasses.fields(cls) if f.metadata.get("from_config", True)}
@@ -161,10 +118,11 @@ def make_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="layerif", description="Layer-wise influence scores for pretrained LLMs.")
     parser.add_argument("--version", action="version", version=f"layerif {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, (module, cls_name, _, help_) in COMMANDS.items():
-        cls = getattr(importlib.import_module(module), cls_name)
-        p = sub.add_parser(name, help=help_, description=(cls.__doc__ or help_).strip().splitlines()[0])
-        add_dataclass_arguments(p, cls)
+    load_commands()
+    for name, command in COMMANDS.items():
+        p = sub.add_parser(name, help=command.help,
+                           description=(command.args.__doc__ or command.help).strip().splitlines()[0])
+        add_dataclass_arguments(p, command.args)
         p.add_argument("--config", help="a config.json saved by an earlier run; options given here override it")
         p.add_argument("--quiet", action="store_true", help="no progress output")
     return parser
@@ -205,16 +163,13 @@ def main(argv: list[str] | None = None) -> int:
         name = f"layerif {ns.command}"
         if extra:
             parser.exit(2, f"{name}: error: unrecognized arguments: {' '.join(extra)} (see {name} --help)\n")
-        module, cls_name, fn_name, _ = COMMANDS[ns.command]
-        mod = importlib.import_module(module)
-        run: Callable = getattr(mod, fn_name)
+        command = COMMANDS[ns.command]
         if in_main:  # from here on a signal unwinds the run (temporary folders removed, lock released)
             signal.signal(signal.SIGINT, previous[signal.SIGINT])
             signal.signal(signal.SIGTERM, _terminate)
         progress.enable(not ns.quiet)
         _quiet_libraries(ns.quiet)
-        args = build_args(getattr(mod, cls_name), ns)
-        summary = run(args)
+        summary = command.run(build_args(command.args, ns))
     except UserError as exc:
         print(f"{name}: error: {exc}", file=sys.stderr)
         return 2

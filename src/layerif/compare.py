@@ -1,4 +1,5 @@
-r"""Does the block profile depend on the task? On the estimator?
+r"""Does the block profile depend on the task? On the estimator? (The statistics of ``compare-tasks`` and
+``compare-estimators``; the commands are in :mod:`layerif.commands`.)
 
 ``layerif compare-tasks`` scores one loaded model on several tasks (each written
 as a full ``layerif score`` folder) and compares the block profiles: a
@@ -18,59 +19,13 @@ EK-FAC needs its own covariance passes rather than the Gram statistics shared he
 
 from __future__ import annotations
 
-import csv
-import io
-import re
-import shutil
-from dataclasses import dataclass, field, fields, replace
-from pathlib import Path
-from typing import Any
-
 import torch
 
-from . import __version__, progress
-from .errors import UserError
-from .influence import ESTIMATORS, EstimatorOptions, ModuleStats, damping, datainf_bound, lissa_residual
-from .io import CACHE_DIR, output_folder, write_figure, write_json, write_safetensors, write_text
-from .models import Target, select_targets
-from .report import write_report
-from .results import write_config
-from .scores import (
-    ScoreArgs,
-    default_max_memory_gb,
-    gram_influence,
-    load_checked,
-    module_stats,
-    prepare,
-    score,
-    validate,
-    write,
-)
-from .stability import (
-    bootstrap,
-    finite,
-    fmt,
-    layer_scores,
-    pearson,
-    spearman,
-    split_half_from_stats,
-    top_k_blocks,
-    top_k_overlap,
-)
-
-LISSA = "lissa"
-ALL_ESTIMATORS = tuple(n for n, e in ESTIMATORS.items() if e.gram is not None)  # from one set of Gram statistics
-
-
-def _hidden(default: Any, help_: str = "") -> Any:
-    """A ScoreArgs field that a comparison fixes itself: kept in config.json, not offered as an option."""
-    return field(default=default, metadata={"cli": False, "help": help_})
-
-
-def as_score_args(args: ScoreArgs, **changes) -> ScoreArgs:
-    """A plain :class:`ScoreArgs` with the fields of ``args`` (a subclass instance) and ``changes``."""
-    return replace(ScoreArgs(**{f.name: getattr(args, f.name) for f in fields(ScoreArgs)}), **changes)
-
+from .influence import EstimatorOptions, ModuleStats
+from .io import pyplot
+from .models import Target
+from .scores import gram_influence
+from .stability import finite, layer_scores, pearson, spearman, top_k_blocks, top_k_overlap
 
 def spearman_matrix(profiles: list[list[float]]) -> list[list[float | None]]:
     """Pairwise Spearman correlations of block profiles (None where undefined)."""
@@ -83,55 +38,7 @@ def shares(score: list[float]) -> list[float]:
     return [s / total if total > 0 else 0.0 for s in score]
 
 
-# ----------------------------------------------------------------------------- compare-tasks
-
-
-@dataclass
-class CompareTasksArgs(ScoreArgs):
-    """Score one model on several tasks and compare the block profiles."""
-
-    task: str = _hidden("capitals")
-    train: str | None = _hidden(None)
-    val: str | None = _hidden(None)
-    out: str = field(default="out/compare-tasks", metadata={"help": "output folder (one score subfolder per task)"})
-    tasks: list[str] = field(default_factory=list, metadata={
-        "help": "at least two, comma-separated: built-in task names or TRAIN:VAL record files, each optionally "
-                "prefixed LABEL= (e.g. arith,capitals,mine=a.jsonl:b.jsonl)"})
-
-
-def task_specs(args: CompareTasksArgs) -> list[tuple[str, ScoreArgs]]:
-    """(label, per-task ScoreArgs writing into ``out/<label>``) for every ``--tasks`` entry, validated.
-
-    ``NAME`` is a built-in task, ``TRAIN:VAL`` a pair of record files; ``LABEL=``
-    names either. Fewer than two tasks, a repeated label, an unknown task or a
-    missing file is a :class:`UserError`.
-    """
-    if len(args.tasks) < 2:
-        raise UserError(f"--tasks needs at least two tasks to compare (got {len(args.tasks)}: {','.join(args.tasks)})")
-    if args.target == "lora" and args.finetune_steps > 0:
-        raise UserError("--target lora with --finetune-steps would fine-tune the same adapters on each task in turn; "
-                        "run `layerif score` per task instead")
-    out: list[tuple[str, ScoreArgs]] = []
-    for spec in args.tasks:
-        label, sep, source = spec.partition("=")
-        if not sep:
-            label, source = "", spec
-        if ":" in source:
-            train, val = source.split(":", 1)
-            if not train or not val:
-                raise UserError(f"--tasks entry {spec!r}: use TRAIN:VAL with both files")
-            changes = {"train": train, "val": val}
-            label = label or Path(train).stem
-        else:
-            changes = {"task": source, "train": None, "val": None}
-            label = label or source
-        folder = re.sub(r"[^\w.-]+", "_", label)
-        if folder in {f for f, _ in out}:
-            raise UserError(f"task label {label!r} appears twice in --tasks (name entries LABEL=...)")
-        a = as_score_args(args, out=str(Path(args.out) / folder), **changes)
-        validate(a, None)  # the folder is written inside --out's staging folder (run_tasks)
-        out.append((folder, a))
-    return out
+# ----------------------------------------------------------------------------- task profiles
 
 
 def compare_profiles(labels: list[str], layers: list[int], scores: dict[str, list[float]], top_k: int) -> dict:
@@ -161,11 +68,7 @@ def compare_profiles(labels: list[str], layers: list[int], scores: dict[str, lis
 
 def heatmap_figure(labels: list[str], layers: list[int], share: dict[str, list[float]]):
     """Block x task heatmap of the share of S (rows: blocks, columns: tasks); the image data is that matrix."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     M = torch.tensor([share[t] for t in labels], dtype=torch.float64).T.numpy()  # [L, T]
     fig, ax = plt.subplots(figsize=(1.4 + 1.1 * len(labels), 1.2 + 0.22 * len(layers)))
     im = ax.imshow(M, aspect="auto", cmap="viridis", origin="lower")
@@ -178,79 +81,7 @@ def heatmap_figure(labels: list[str], layers: list[int], share: dict[str, list[f
     return fig
 
 
-def _csv(rows: list[list]) -> str:
-    """CSV text; floats in full precision (repr), None as an empty cell."""
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerows([["" if x is None else repr(x) if isinstance(x, float) else x for x in r] for r in rows])
-    return buf.getvalue()
-
-
-def _csv_matrix(labels: list[str], M: list[list[float | None]]) -> str:
-    return _csv([["task", *labels]] + [[t, *M[i]] for i, t in enumerate(labels)])
-
-
-def run_tasks(args: CompareTasksArgs) -> str:
-    """``layerif compare-tasks``: per-task score folders, comparison.json, spearman.csv, task_heatmap.png, report."""
-    specs = task_specs(args)
-    with output_folder(args.out, "compare-tasks", args.overwrite) as tmp:
-        lm, _ = load_checked(*(a for _, a in specs))  # once, for every task; all records checked first
-        doc = _score_tasks(args, specs, lm, tmp)
-    out = Path(args.out)
-    labels = list(doc["folders"])
-    lines = [f"{lm.name} · {len(labels)} tasks · target {args.target} · estimator {args.estimator}",
-             "Spearman of the block rankings:", _csv_matrix(labels, [[None if x is None else round(x, 3) for x in r]
-                                                                      for r in doc["spearman"]]).strip(),
-             "blocks differing most: " + ", ".join(f"{d['block']} ({d['max_task']} > {d['min_task']})"
-                                                    for d in doc["differing_blocks"]),
-             f"wrote {out}/comparison.json, spearman.csv, task_heatmap.png, report.md, report.html and "
-             f"{len(labels)} score folders"]
-    return "\n".join(lines)
-
-
-def _score_tasks(args: CompareTasksArgs, specs: list[tuple[str, ScoreArgs]], lm, out: Path) -> dict:
-    """Score every task into ``out/<label>`` and write the comparison files into ``out``; returns comparison.json."""
-    scores, meta, stab, layers = {}, {}, {}, []
-    for label, a in specs:
-        progress.info(f"task {label}")
-        result = score(a, lm=lm, cache=out / CACHE_DIR / label)
-        write(result, a, out / label)
-        shutil.rmtree(out / CACHE_DIR / label, ignore_errors=True)
-        scores[label], meta[label], layers = result.score, result.meta, result.layers
-        boot = result.meta.get("stability", {}).get("bootstrap")
-        stab[label] = boot["rank_stability"] if boot else None
-    labels = [label for label, _ in specs]
-    doc = {"model": lm.name, "target": args.target, "estimator": args.estimator,
-           "sources": dict(zip(labels, args.tasks)), "folders": {t: t for t in labels},
-           "task_names": {t: meta[t]["task"] for t in labels}, "n_train": {t: meta[t]["n_train"] for t in labels},
-           **compare_profiles(labels, layers, scores, args.top_k), "rank_stability": stab, "version": __version__}
-    write_config(out, "compare-tasks", args)
-    write_text(out / "spearman.csv", _csv_matrix(labels, doc["spearman"]))
-    write_figure(out / "task_heatmap.png", heatmap_figure(labels, layers, doc["share"]))
-    write_json(out / "comparison.json", doc)
-    write_report(out)
-    return doc
-
-
 # ----------------------------------------------------------------------------- compare-estimators
-
-
-@dataclass
-class CompareEstimatorsArgs(ScoreArgs):
-    """Apply several influence estimators to the same gradients and compare their block rankings."""
-
-    estimator: str = _hidden("datainf")
-    per_val: bool = _hidden(False)
-    mode: str = _hidden("materialized", "the Gram statistics are shared by every estimator")
-    val_chunk: int = _hidden(8)
-    bootstrap_val: bool = _hidden(False)
-    resume: bool = _hidden(False, "one gradient pass pair; nothing to resume")
-    out: str = field(default="out/compare-estimators", metadata={"help": "output folder"})
-    estimators: list[str] = field(default_factory=lambda: list(ALL_ESTIMATORS), metadata={
-        "help": f"at least two of {', '.join(ALL_ESTIMATORS)}, comma-separated"})
-    lissa_iterations: int = field(default=100, metadata={"help": "LiSSA recursion steps T"})
-    lissa_batch: int = field(default=0, metadata={
-        "help": "train records per LiSSA step (0: all, deterministic; k: seeded random mini-batches of k)"})
 
 
 def block_influence(
@@ -266,7 +97,7 @@ def block_influence(
     return {l: blocks[l] for l in sorted(blocks)}
 
 
-def _per_block_max(targets: list[Target], values: dict[str, float]) -> list[float]:
+def per_block_max(targets: list[Target], values: dict[str, float]) -> list[float]:
     """The largest per-module value within each block, blocks in order."""
     out: dict[int, float] = {}
     for t in targets:
@@ -289,30 +120,9 @@ def agreement(layers: list[int], influence: dict[str, dict[int, torch.Tensor]], 
     return pairs
 
 
-def validate_estimators(args: CompareEstimatorsArgs) -> list[str]:
-    """The estimators to run (deduplicated, in the given order); bad options are a :class:`UserError`."""
-    validate(args, "compare-estimators")
-    names = list(dict.fromkeys(args.estimators))
-    unknown = [e for e in names if e not in ALL_ESTIMATORS]
-    if unknown:
-        raise UserError(f"unknown estimator {unknown[0]!r} (use {', '.join(ALL_ESTIMATORS)})")
-    if len(names) < 2:
-        raise UserError(f"--estimators needs at least two estimators to compare (got {','.join(names) or 'none'})")
-    if args.lissa_iterations < 1:
-        raise UserError(f"--lissa-iterations must be >= 1 (got {args.lissa_iterations})")
-    if args.lissa_batch < 0:
-        raise UserError(f"--lissa-batch must be >= 0 (got {args.lissa_batch})")
-    return names
-
-
 def estimators_figure(names: list[str], layers: list[int], scores: dict[str, list[float]], pairs: list[dict]):
     """estimators.png: each estimator's normalized block profile, and the Spearman matrix of the rankings."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 3.4), gridspec_kw={"width_ratios": [2.2, 1]})
+    fig, (ax, ax2) = pyplot().subplots(1, 2, figsize=(11, 3.4), gridspec_kw={"width_ratios": [2.2, 1]})
     for i, e in enumerate(names):  # distinct markers and dashes: identical profiles stay visible
         ax.plot(layers, shares(scores[e]), marker="osd^v<>"[i % 7], ls=("-", "--", "-.", ":")[i % 4], ms=4, label=e)
     ax.set_xlabel("decoder block")
@@ -335,67 +145,3 @@ def estimators_figure(names: list[str], layers: list[int], scores: dict[str, lis
     return fig
 
 
-def run_estimators(args: CompareEstimatorsArgs) -> str:
-    """``layerif compare-estimators``: estimators.json, estimators.csv, agreement.csv, estimators.png,
-    influence.safetensors (``{estimator}.layer.{l}``), config.json and the report."""
-    names = validate_estimators(args)
-    with output_folder(args.out, "compare-estimators", args.overwrite) as out:
-        lm, train, val, label, counts = prepare(args, *load_checked(args))
-        targets = select_targets(lm.model, args.target)
-        progress.info(f"Gram statistics of {len(targets)} modules: {len(train)} train x {len(val)} validation records")
-        stats, _, passes = module_stats(lm.model, targets, train, val, lm.tokenizer.pad_token_id, False, args.batch_size,
-                                        args.max_memory or default_max_memory_gb(), args.layout)
-        opts = dict(damping_scale=args.damping_scale, lissa_iterations=args.lissa_iterations,
-                    lissa_batch=args.lissa_batch, seed=args.seed)
-        influence = {e: block_influence(stats, targets, e, **opts) for e in names}
-        layers = sorted(next(iter(influence.values())))
-        scores = {e: layer_scores(influence[e]) for e in names}
-        pairs = agreement(layers, influence, args.top_k)
-        lam = {t.name: damping(stats[t.name], args.damping_scale) for t in targets}
-        doc: dict = {"model": lm.name, "task": label, "target": args.target, "damping_scale": args.damping_scale,
-                     "n_train": len(train), "n_val": len(val), "records": counts,
-                     "estimators": names, "layers": layers, "score": scores,
-                     "top_k": min(args.top_k, len(layers)),
-                     "top_k_blocks": {e: top_k_blocks(layers, scores[e], args.top_k) for e in names}, "pairs": pairs,
-                     "datainf_bound": _per_block_max(targets, {t.name: datainf_bound(stats[t.name], lam[t.name])
-                                                               if lam[t.name] > 0 else 0.0 for t in targets}),
-                     "lambda": lam, "passes": passes}
-        notes = ["EK-FAC (kronfluence) is not included: kronfluence requires torchvision, which installs another torch "
-                 "build, and EK-FAC needs its own covariance passes rather than these shared Gram statistics."]
-        if LISSA in names:
-            if args.lissa_batch == 0:
-                doc["lissa_residual"] = _per_block_max(targets, {t.name: lissa_residual(stats[t.name], lam[t.name],
-                                                                                        args.lissa_iterations)
-                                                                 if lam[t.name] > 0 else 0.0 for t in targets})
-                notes.append(f"LiSSA: {args.lissa_iterations} full-batch steps; the largest remaining Neumann factor "
-                             f"(1 − μ/σ)^(T+1) per block is up to {max(doc['lissa_residual']):.3g} (0 = converged to exact).")
-            else:
-                notes.append(f"LiSSA: {args.lissa_iterations} steps on seeded random mini-batches of {args.lissa_batch} "
-                             "train records (stochastic, as in Koh & Liang).")
-        if args.bootstrap:
-            boots = {e: bootstrap(influence[e], args.bootstrap, args.top_k, args.seed) for e in names}
-            doc["bootstrap"] = boots
-            doc["rank_stability"] = {e: boots[e]["rank_stability"] for e in names}
-        if args.split_half:
-            doc["split_half"] = {e: split_half_from_stats(stats, lambda s, e=e: block_influence(s, targets, e, **opts),
-                                                          args.top_k, args.seed) for e in names}
-        doc |= {"notes": notes, "version": __version__}
-        write_safetensors(out / "influence.safetensors",
-                          {f"{e}.layer.{l}": influence[e][l].float() for e in names for l in layers})
-        write_text(out / "estimators.csv", _csv([["layer", *names]] + [[l, *(scores[e][i] for e in names)]
-                                                                        for i, l in enumerate(layers)]))
-        keys = ["a", "b", "spearman", "pearson", "top_k_overlap", "sample_spearman"]
-        write_text(out / "agreement.csv", _csv([keys] + [[p[k] for k in keys] for p in pairs]))
-        write_figure(out / "estimators.png", estimators_figure(names, layers, scores, pairs))
-        write_config(out, "compare-estimators", args)
-        write_json(out / "estimators.json", doc)
-        write_report(out)
-    out = Path(args.out)
-    lines = [f"{lm.name} · task {label} · target {args.target} · {len(train)} train x {len(val)} validation · "
-             f"{passes} pass(es), shared by {len(names)} estimators",
-             f"{'a':>9} {'b':>9} {'Spearman':>9} {'Pearson':>8} {'top-k':>6}"]
-    lines += [f"{p['a']:>9} {p['b']:>9} {fmt(p['spearman'], 3):>9} {fmt(p['pearson'], 3):>8} {p['top_k_overlap']:>6.2f}"
-              for p in pairs]
-    lines.append(f"wrote {out}/estimators.json, estimators.csv, agreement.csv, estimators.png, influence.safetensors, "
-                 "report.md, report.html")
-    return "\n".join(lines)

@@ -56,16 +56,21 @@ def option_logprobs(model: nn.Module, tokenizer, records: list[dict], batch_size
     return out
 
 
-def mc_accuracy(model: nn.Module, tokenizer, records: list[dict], batch_size: int = 16) -> float:
-    """Fraction of records whose highest-scoring option (see :func:`option_logprobs`) is ``answer``.
+def mc_correct(model: nn.Module, tokenizer, records: list[dict], batch_size: int = 16) -> list[bool]:
+    """Per record: whether its highest-scoring option (see :func:`option_logprobs`) is ``answer``.
 
     Ties go to the first option. An empty record list is a :class:`UserError`.
     """
     if not records:
         raise UserError("no records to evaluate")
     scores = option_logprobs(model, tokenizer, records, batch_size)
-    hits = sum(max(range(len(s)), key=s.__getitem__) == r["answer"] for s, r in zip(scores, records))
-    return hits / len(records)
+    return [max(range(len(s)), key=s.__getitem__) == r["answer"] for s, r in zip(scores, records)]
+
+
+def mc_accuracy(model: nn.Module, tokenizer, records: list[dict], batch_size: int = 16) -> float:
+    """Fraction of records :func:`mc_correct` (multiple-choice accuracy)."""
+    hits = mc_correct(model, tokenizer, records, batch_size)
+    return sum(hits) / len(hits)
 
 
 _OPENING_QUOTES = "\"'`\u201c\u2018"
@@ -77,9 +82,15 @@ def _matches(generated: str, answer: str) -> bool:
     return text.startswith(want) and (len(text) == len(want) or not text[len(want)].isalnum())
 
 
-@torch.no_grad()
 def greedy_exact_match(model: nn.Module, tokenizer, records: list[dict], max_new_tokens: int = 8) -> float:
-    """Fraction of records whose greedy continuation of the prompt gives the correct answer.
+    """Fraction of records :func:`exact_match_correct`."""
+    hits = exact_match_correct(model, tokenizer, records, max_new_tokens)
+    return sum(hits) / len(hits)
+
+
+@torch.no_grad()
+def exact_match_correct(model: nn.Module, tokenizer, records: list[dict], max_new_tokens: int = 8) -> list[bool]:
+    """Per record: whether the greedy continuation of its prompt gives the correct answer.
 
     For each record the prompt is tokenized as in :func:`layerif.data.encode_pair`
     and up to ``max_new_tokens`` tokens are generated greedily (``model.generate``
@@ -96,24 +107,36 @@ def greedy_exact_match(model: nn.Module, tokenizer, records: list[dict], max_new
 
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tokenizer.eos_token_id,
                               pad_token_id=pad_id(tokenizer))
-    device, hits = input_device(model), 0
+    device, hits = input_device(model), []
     for r in progress.track(records, "generating"):
         ids = torch.tensor([tokenizer(r["prompt"])["input_ids"]], device=device)
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
-        hits += _matches(tokenizer.decode(out[0, ids.shape[1] :].tolist(), skip_special_tokens=True), r["completion"])
-    return hits / len(records)
+        hits.append(_matches(tokenizer.decode(out[0, ids.shape[1] :].tolist(), skip_special_tokens=True),
+                             r["completion"]))
+    return hits
 
 
-@torch.no_grad()
 def perplexity(model: nn.Module, tokenizer, text: str, seqlen: int = 512, max_windows: int | None = None,
                batch_size: int = 4) -> float:
     """Perplexity of ``text``, the Wanda way: non-overlapping windows of ``seqlen`` tokens.
 
+    PPL = exp(mean next-token NLL over all predicted tokens) = exp of the mean of
+    :func:`window_nll` (every window predicts ``seqlen - 1`` tokens).
+    """
+    nll = window_nll(model, tokenizer, text, seqlen, max_windows, batch_size)
+    return math.exp(math.fsum(nll) / len(nll))
+
+
+@torch.no_grad()
+def window_nll(model: nn.Module, tokenizer, text: str, seqlen: int = 512, max_windows: int | None = None,
+               batch_size: int = 4) -> list[float]:
+    """Mean next-token NLL (nats) of each window of ``text``, the Wanda way.
+
     The text is tokenized once without special tokens and cut into
-    ``len // seqlen`` consecutive windows (the remainder is dropped; at most
-    ``max_windows`` of them, from the start). Each window is an independent
-    sequence; PPL = exp(mean next-token NLL over all predicted tokens, i.e.
-    ``seqlen - 1`` per window). A text shorter than one window is a :class:`UserError`.
+    ``len // seqlen`` consecutive non-overlapping windows (the remainder is
+    dropped; at most ``max_windows`` of them, from the start). Each window is an
+    independent sequence of ``seqlen - 1`` predictions. A text shorter than one
+    window is a :class:`UserError`.
     """
     if seqlen < 2:
         raise UserError(f"seqlen must be >= 2 (got {seqlen})")
@@ -124,11 +147,11 @@ def perplexity(model: nn.Module, tokenizer, text: str, seqlen: int = 512, max_wi
     if n < 1:
         raise UserError(f"the text has {ids.numel()} tokens, fewer than one window of {seqlen}")
     windows = ids[: n * seqlen].view(n, seqlen)
-    device, total = input_device(model), 0.0
+    device, out = input_device(model), []
     for start in progress.track(range(0, n, batch_size), "perplexity"):
         x = windows[start : start + batch_size].to(device)
         logits = model(input_ids=x).logits[:, :-1].float()
-        total += torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1).to(logits.device), reduction="sum"
-        ).item()
-    return math.exp(total / (n * (seqlen - 1)))
+        nll = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1).to(logits.device), reduction="none")
+        out += nll.view(x.shape[0], -1).double().mean(dim=1).tolist()
+    return out

@@ -259,6 +259,11 @@ def _kronfluence_installed() -> bool:
 register(Estimator("ekfac", None, direct=_ekfac, installed=_kronfluence_installed))
 
 
+def gram_estimators() -> list[str]:
+    """The registered estimators with a Gram form (computable from one set of shared statistics)."""
+    return [n for n, e in ESTIMATORS.items() if e.gram is not None]
+
+
 def get_estimator(name: str) -> Estimator:
     """The registered estimator ``name``; an unknown one is a :class:`~layerif.errors.UserError`."""
     if name not in ESTIMATORS:

@@ -341,6 +341,16 @@ def write_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict[str
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
+def pyplot():
+    """``matplotlib.pyplot`` on the file-only Agg backend: the one place the backend is chosen."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def write_figure(path: str | os.PathLike, fig: Any) -> Path:
     """Save a matplotlib figure atomically (format from the file suffix) and close it."""
     import matplotlib.pyplot as plt

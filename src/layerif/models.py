@@ -18,7 +18,7 @@ import importlib.util
 import os
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -190,25 +190,6 @@ def load_error(label: str, exc: BaseException, gguf: bool) -> str:
     if type(exc).__name__ == "SafetensorError":
         return f"cannot load model {label!r}: a safetensors weight file is damaged or truncated ({first})"
     return f"cannot load model {label!r}: {first}"
-
-
-@dataclass
-class ModelArgs:
-    """Which model every command loads, and where (the first options of each command)."""
-
-    model: str | None = field(default=None, metadata={"help": "hub name or local folder (default: embedded SmolLM2-135M-Instruct)"})
-    gguf_file: str | None = field(default=None, metadata={"help": "GGUF file (inside --model, or a path)"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
-    dtype: str | None = field(default=None, metadata={"help": "float32 (CPU default), bfloat16, float16; float64 for reference runs"})
-    trust_remote_code: bool = field(default=False, metadata={
-        "help": "run the model folder's own Python code (command line only: never taken from --config)",
-        "from_config": False})
-    device_map: str | None = field(default=None, metadata={"help": "accelerate device map (auto: spread a large model over the GPUs)"})
-
-    def load(self, before_weights: Callable[[object, object], None] | None = None) -> LoadedModel:
-        """:func:`load_model` with these options."""
-        return load_model(self.model, self.gguf_file, self.device, self.dtype, self.trust_remote_code, self.device_map,
-                          before_weights)
 
 
 # ----------------------------------------------------------------------------- structure

@@ -1,4 +1,4 @@
-"""Layer-wise unstructured pruning: allocations, pruners, saving, and the allocation comparison.
+"""Layer-wise unstructured pruning: pruners, calibration, the allocation metrics, saving.
 
 Pruners (every projection inside the decoder blocks: attention and MLP; the
 embeddings and the LM head are never pruned):
@@ -34,15 +34,8 @@ scores, measured with the dense model).
 from __future__ import annotations
 
 import copy
-import csv
-import io
-import math
-import os
 import re
-import shutil
-import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -50,28 +43,13 @@ import torch
 import yaml
 from torch import nn
 
-from . import __version__, progress
-from . import allocate
-from .allocate import COMPARE_SPARSITY, SparsityOptions, allocate_sparsity, check_epsilon, check_sparsity
+from . import allocate, progress
 from .errors import UserError
-from .evaluate import mc_accuracy, perplexity
-from .io import CACHE_DIR, output_folder, overwrite_field, prepare_out_dir, staged_folder, write_figure, write_text
-from .models import ModelArgs, find_blocks, iter_projections, projections, set_weight_out_in, weight_out_in
-from .report import write_report
-from .results import (
-    block_scores,
-    block_sparsity,
-    check_save_dir,
-    read_config,
-    read_json,
-    read_scores,
-    write_allocation,
-    write_config,
-)
-from .search import LevelDatabase, SearchOptions, run_search, run_sensitivity, windows_hash, write_search
+from .io import staged_folder, write_text
+from .models import find_blocks, iter_projections, projections, set_weight_out_in, weight_out_in
+from .results import check_save_dir, write_allocation
+from .search import LevelDatabase, SearchOptions, run_search, run_sensitivity, windows_hash
 from .spectral import block_alphas
-from .stability import mean_std, mean_std_cell
-from .tasks import test_records
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 OWL_M = 5.0
@@ -126,6 +104,12 @@ def achieved_sparsity(model: nn.Module) -> tuple[np.ndarray, dict[str, float]]:
         zeros[idx] += z
         sizes[idx] += mod.weight.numel()
     return zeros / sizes, per_module
+
+
+def check_method(method: str) -> None:
+    """An unknown pruner is a :class:`UserError`."""
+    if method not in METHODS:
+        raise UserError(f"unknown pruning method {method!r} (use {', '.join(METHODS)})")
 
 
 def parse_nm(nm: str | None) -> tuple[int, int] | None:
@@ -394,7 +378,7 @@ def prune_model(
     calibration data of ``wanda`` and ``sparsegpt``. With ``nm`` every module gets
     N:M sparsity and the ratios are not used.
     """
-    _check_method(method)
+    check_method(method)
     targets = module_targets(model, ratios, module_ratios)
     if method == "magnitude":
         for name, (_, mod) in progress.track(prunable_modules(model).items(), desc="magnitude pruning", unit="matrix"):
@@ -465,7 +449,7 @@ def level_database(root: Path, model: nn.Module, method: str, windows: torch.Ten
     block's level does not depend on the levels of the blocks before it.
     Magnitude and Wanda store masks; SparseGPT also the reconstructed weights.
     """
-    _check_method(method)
+    check_method(method)
     if method != "magnitude" and windows is None:
         raise ValueError(f"{method} levels need calibration windows")
     sparsegpt = method == "sparsegpt"
@@ -574,508 +558,3 @@ def save_pruned(model: nn.Module, tokenizer, path: str, allocation: dict, recipe
         if recipe is not None:
             write_text(tmp / "recipe.yaml", recipe)
     return dest
-
-
-# ----------------------------------------------------------------------------- shared CLI pieces
-
-
-def _check_method(method: str) -> None:
-    if method not in METHODS:
-        raise UserError(f"unknown pruning method {method!r} (use {', '.join(METHODS)})")
-
-
-def _check_sizes(n_calib: int, seqlen: int, damping: float, block_size: int) -> None:
-    if n_calib < 1:
-        raise UserError(f"--n-calib must be ≥ 1 (got {n_calib})")
-    if seqlen < 2:
-        raise UserError(f"--seqlen must be ≥ 2 (got {seqlen})")
-    if not damping > 0:
-        raise UserError(f"--damping must be > 0 (got {damping:g})")
-    if block_size < 1:
-        raise UserError(f"--block-size must be ≥ 1 (got {block_size})")
-
-
-def _task_records(task: str | None, task_items: int, allow_repeats: bool = False) -> list[dict] | None:
-    """The multiple-choice records of ``--task`` (None without one), after checking ``--task-items``."""
-    if task_items < 1:
-        raise UserError(f"--task-items must be ≥ 1 (got {task_items})")
-    return None if task is None else test_records(task, task_items, allow_repeats=allow_repeats)
-
-
-def _corpus(text: str | None) -> tuple[str, str]:
-    """(calibration part, evaluation part) of ``--text`` or the built-in corpus."""
-    from .corpus import load_text, split_text
-
-    return split_text(load_text(text))
-
-
-def _windows(tokenizer, calib_text: str, n: int, seqlen: int, seed: int) -> torch.Tensor:
-    from .corpus import text_windows
-
-    return text_windows(tokenizer, calib_text, n, seqlen, seed)
-
-
-def _block_table(layers: list[int], target: np.ndarray, achieved: np.ndarray, metric: np.ndarray | None) -> str:
-    head = f"{'block':>5}  {'metric':>10}  {'target':>7}  {'achieved':>8}"
-    rows = [
-        f"{l:>5}  {'' if metric is None else f'{metric[l]:.4g}':>10}  {target[l]:>7.4f}  {achieved[l]:>8.4f}"
-        for l in layers
-    ]
-    return "\n".join([head, *rows])
-
-
-# ----------------------------------------------------------------------------- layerif prune
-
-
-@dataclass
-class PruneArgs(ModelArgs, SearchOptions):
-    """Prune a causal LM with per-layer sparsity from LayerIF scores (or a baseline allocation)."""
-
-    scores: str | None = field(default=None, metadata={"help": "scores.json of `layerif score` (needed by --allocation layerif)"})
-    sparsity: float = field(default=0.5, metadata={"help": "target sparsity, the mean over prunable weights, in [0, 1)"})
-    method: str = field(default="wanda", metadata={"help": "pruner", "choices": METHODS})
-    allocation: str = field(default="layerif", metadata={"help": "per-block sparsity map", "choices": tuple(allocate.names("sparsity"))})
-    epsilon: float = field(default=0.2, metadata={"help": "spread of the linear map: ratios in [1-ε, 1+ε] × target (layerif, alpha)"})
-    reverse: bool = field(default=False, metadata={"help": "flip the map's direction: a higher metric gets less sparsity"})
-    smooth: bool = field(default=False, metadata={"help": "Savitzky-Golay smoothing (window 7, order 3) of the metric first"})
-    owl_m: float = field(default=OWL_M, metadata={"help": "OWL: a weight is an outlier above M × its block's mean Wanda score"})
-    owl_lambda: float = field(default=OWL_LAMBDA, metadata={"help": "OWL: the block sparsities span 2λ around the target"})
-    nm: str | None = field(default=None, metadata={"help": "N:M semi-structured pruning, e.g. 2:4 (N pruned of every M; needs --allocation uniform)"})
-    n_calib: int = field(default=128, metadata={"help": "calibration windows (wanda, sparsegpt, owl)"})
-    seqlen: int = field(default=512, metadata={"help": "tokens per calibration / evaluation window"})
-    text: str | None = field(default=None, metadata={"help": "text file for calibration and evaluation (default: built-in English corpus)"})
-    seed: int = field(default=0, metadata={"help": "seed of the calibration windows"})
-    damping: float = field(default=DAMPING, metadata={"help": "SparseGPT damping, a fraction of the mean Hessian diagonal"})
-    block_size: int = field(default=BLOCK_SIZE, metadata={"help": "SparseGPT column block size"})
-    eval_windows: int = field(default=0, metadata={"help": "also measure perplexity on this many held-out windows (0: no)"})
-    task: str | None = field(default=None, metadata={"help": "also measure multiple-choice accuracy on a built-in task or a JSONL file of {prompt, options, answer} records"})
-    task_items: int = field(default=200, metadata={"help": "test items of a built-in --task (a file: its first N)"})
-    allow_repeats: bool = field(default=False, metadata={"help": "allow more task items than a built-in split holds (records repeat)"})
-    batch_size: int = field(default=4, metadata={"help": "windows / records per evaluation batch"})
-    save: str | None = field(default=None, metadata={"help": "folder for the pruned model, allocation.json and recipe.yaml"})
-    allocation_file: str | None = field(default=None, metadata={"help": "apply the per-block sparsity of a saved allocation.json (replaces --allocation and --sparsity)"})
-    search_init: str = field(default="uniform", metadata={"help": "start of --allocation search: uniform, layerif, owl, alpha or a saved allocation.json"})
-    search_dir: str = field(default="out/search", metadata={"help": "folder of the level database and the search trajectory (search, sensitivity)"})
-
-
-def run(args: PruneArgs) -> str:
-    """``layerif prune``: allocate, prune, measure, save; returns the terminal summary."""
-    nm = parse_nm(args.nm)
-    check_sparsity(args.sparsity)
-    check_epsilon(args.epsilon)
-    _check_method(args.method)
-    _check_sizes(args.n_calib, args.seqlen, args.damping, args.block_size)
-    rule, _ = allocate.get(args.allocation, "sparsity", args.reverse, args.smooth)
-    allocation, target = ("file", None) if args.allocation_file is not None else (args.allocation, args.sparsity)
-    searching = allocation != "file" and rule.metric == "search"
-    start = search_start(allocation, args.search_init) if searching else None
-    if searching:
-        args.search_config(args.seed)
-        if start not in allocate.SEARCH_STARTS and not Path(start).exists():
-            raise UserError(f"--search-init {start!r} is neither {', '.join(allocate.SEARCH_STARTS)} nor a file")
-    if nm is not None:
-        if allocation != "uniform":
-            raise UserError(f"--nm {args.nm} prunes every block alike; use --allocation uniform")
-        if not math.isclose(args.sparsity, nm[0] / nm[1]):
-            raise UserError(f"--nm {args.nm} means sparsity {nm[0] / nm[1]:g}; pass --sparsity {nm[0] / nm[1]:g}")
-    if allocation != "file" and "scores" in (rule.metric, allocate.ALLOCATIONS.get(start, rule).metric) \
-            and args.scores is None:
-        raise UserError(f"--allocation {args.allocation} needs --scores scores.json (from `layerif score`)")
-    records = _task_records(args.task, args.task_items, args.allow_repeats)
-    if args.scores is not None:
-        read_scores(args.scores)  # a bad scores file fails before the model loads
-    if args.save is not None:
-        check_save_dir(args.save, "pruned model")
-    lm = args.load()
-    model = lm.model
-    prefix, blocks = find_blocks(model)
-    scores = None
-    if args.scores is not None:
-        scores, doc = block_scores(args.scores, len(blocks))
-        if doc.get("model") not in (None, lm.name):
-            progress.info(f"note: {args.scores} was computed on {doc.get('model')}, pruning {lm.name}")
-    measured = allocation != "file" and rule.metric in MEASURED
-    needs_data = args.method != "magnitude" or measured or "owl" in (allocation, start)
-    calib_text, eval_text = _corpus(args.text) if needs_data or args.eval_windows > 0 else ("", "")
-    windows = _windows(lm.tokenizer, calib_text, args.n_calib, args.seqlen, args.seed) if needs_data else None
-    t0 = time.time()
-    weights = prunable_params(model)
-    options = SparsityOptions(args.epsilon, args.smooth, args.owl_lambda)
-    metric, extra = None, {}
-    if allocation == "file":
-        ratios, _ = block_sparsity(args.allocation_file, len(blocks))
-        target = float(np.average(ratios, weights=weights))
-        extra = {"allocation_file": args.allocation_file}
-    else:
-        if measured:
-            start_ratios = None
-            if rule.metric == "search":
-                start_ratios = (allocate_sparsity(start, allocation_metric(start, model, scores, windows, args.owl_m),
-                                                  target, weights, options)
-                                if start in allocate.SEARCH_STARTS else block_sparsity(start, len(blocks))[0])
-            fitness_windows = _windows(lm.tokenizer, calib_text, args.search_windows, args.seqlen, args.seed)
-            out = prepare_out_dir(args.search_dir)
-            metric, rec = measured_metric(rule, model, args.method, target, weights, windows, fitness_windows, args,
-                                          out / "levels", args.seed, start_ratios, start, args.damping,
-                                          args.block_size, args.batch_size, lm.name)
-            if rule.metric == "search":
-                write_search(out, {allocation: rec}, f"{lm.name} · {args.method}")
-                rec = {k: v for k, v in rec.items() if k != "trajectory"}
-            extra = {rule.metric: rec}
-        else:
-            metric = allocation_metric(args.allocation, model, scores, windows, args.owl_m)
-        ratios = allocate_sparsity(args.allocation, metric, target, weights, options, args.reverse)
-    targets = prune_model(model, ratios, args.method, windows, nm=nm, damping=args.damping, block_size=args.block_size)
-    achieved, per_module = achieved_sparsity(model)
-    record = {
-        "model": lm.name,
-        "method": args.method,
-        "allocation": allocation,
-        "target_sparsity": target,
-        "mean_achieved": float(np.average(achieved, weights=weights)),
-        "layers": list(range(len(blocks))),
-        "sparsity": [float(r) for r in ratios],
-        "achieved": [float(a) for a in achieved],
-        "metric": None if metric is None else [float(m) for m in metric],
-        "prunable_params": [int(w) for w in weights],
-        "modules": {name: {"target": targets[name], "achieved": per_module[name]} for name in targets},
-        "seconds": round(time.time() - t0, 2),
-        **extra,
-        "args": asdict(args),
-        "version": __version__,
-    }
-    lines = [
-        f"{lm.name} · {args.method} · allocation {allocation} · target {target:g} · "
-        f"achieved {record['mean_achieved']:.4f} · {record['seconds']:.1f} s",
-        _block_table(record["layers"], ratios, achieved, None if "search" in extra else metric),
-    ]
-    if "search" in extra:
-        s = extra["search"]
-        lines.append(f"search from {s['start']}: KL to dense {s['start_fitness']:.4g} → {s['fitness']:.4g} in "
-                     f"{s['evaluations']} evaluations ({s['seconds']:.0f} s); level database {s['database']['path']} "
-                     f"({s['database']['bytes'] / 1e6:.1f} MB, built in {s['database']['build_seconds']:.0f} s); "
-                     f"trajectory in {args.search_dir}/search.png")
-    if args.eval_windows > 0:
-        record["perplexity"] = perplexity(model, lm.tokenizer, eval_text, seqlen=args.seqlen, max_windows=args.eval_windows)
-        lines.append(f"perplexity on {args.eval_windows} held-out windows: {record['perplexity']:.3f}")
-    if records is not None:
-        record["accuracy"] = mc_accuracy(model, lm.tokenizer, records, batch_size=args.batch_size)
-        lines.append(f"accuracy on {args.task} ({len(records)} items, multiple choice): {record['accuracy']:.3f}")
-    if args.save is not None:
-        recipe = llmcompressor_recipe(args.method, ratios, prefix, nm, args.damping, args.block_size)
-        dest = save_pruned(model, lm.tokenizer, args.save, record, recipe)
-        lines.append(f"wrote {dest}/ (model.safetensors, tokenizer, allocation.json{', recipe.yaml' if recipe else ''})")
-    return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------- layerif compare-pruning
-
-
-@dataclass
-class CompareArgs(ModelArgs, SearchOptions):
-    """Compare allocations (uniform, OWL, AlphaPruning, LayerIF both ways) × pruners × sparsities over seeds."""
-
-    scores: str | None = field(default=None, metadata={"help": "scores.json of `layerif score` (needed by the layerif allocations)"})
-    allocations: list[str] = field(default_factory=lambda: list(COMPARE_SPARSITY), metadata={"help": "allocations to compare (also sensitivity and search-START, the search from START: uniform, layerif, owl, alpha)"})
-    methods: list[str] = field(default_factory=lambda: ["wanda", "sparsegpt"], metadata={"help": "pruners"})
-    sparsities: list[str] = field(default_factory=lambda: ["0.5", "0.6", "0.7"], metadata={"help": "target sparsities"})
-    seeds: list[str] = field(default_factory=lambda: ["0", "1", "2"], metadata={"help": "calibration seeds (at least 3 for mean ± std)"})
-    epsilon: float = field(default=0.2, metadata={"help": "spread of the linear map (layerif, alpha)"})
-    smooth: bool = field(default=False, metadata={"help": "Savitzky-Golay smoothing of the LayerIF scores"})
-    owl_m: float = field(default=OWL_M, metadata={"help": "OWL outlier threshold M"})
-    owl_lambda: float = field(default=OWL_LAMBDA, metadata={"help": "OWL: the block sparsities span 2λ around the target"})
-    n_calib: int = field(default=128, metadata={"help": "calibration windows per seed"})
-    seqlen: int = field(default=512, metadata={"help": "tokens per calibration / evaluation window"})
-    text: str | None = field(default=None, metadata={"help": "text file for calibration and evaluation (default: built-in English corpus)"})
-    eval_windows: int = field(default=64, metadata={"help": "held-out perplexity windows (0: all)"})
-    task: str | None = field(default=None, metadata={"help": "built-in task or JSONL file of {prompt, options, answer} records for accuracy (default: the task of --scores, else capitals)"})
-    task_items: int = field(default=200, metadata={"help": "test items of a built-in task (a file: its first N)"})
-    allow_repeats: bool = field(default=False, metadata={"help": "allow more task items than a built-in split holds (records repeat)"})
-    batch_size: int = field(default=4, metadata={"help": "windows / records per evaluation batch"})
-    damping: float = field(default=DAMPING, metadata={"help": "SparseGPT damping"})
-    block_size: int = field(default=BLOCK_SIZE, metadata={"help": "SparseGPT column block size"})
-    resume: bool = field(default=False, metadata={"help": "keep the rows of an earlier run with the same options in --out"})
-    out: str = field(default="out/compare-pruning", metadata={"help": "output folder"})
-    overwrite: bool = overwrite_field()
-
-
-CSV_FIELDS = ("method", "sparsity", "allocation", "seed", "achieved", "perplexity", "accuracy", "seconds")
-
-
-def _parse_list(values: list, kind: type, option: str) -> list:
-    try:
-        out = [kind(v) for v in values]
-    except (TypeError, ValueError):
-        raise UserError(f"--{option}: cannot read {values!r} as {kind.__name__} values") from None
-    if not out:
-        raise UserError(f"--{option}: no values")
-    return out
-
-
-def _compare_markdown(rows: list[dict], meta: dict) -> str:
-    """comparison.md: one table per pruner, mean ± std over seeds, best allocation per sparsity in bold."""
-    dense = next((r for r in rows if r["allocation"] == "dense"), None)
-    lines = [f"# Pruning allocations on {meta['model']}", "",
-             "Mean ± standard deviation over calibration seeds; bold: the best allocation at that sparsity.", ""]
-    lines += [f"- {k}: {v}" for k, v in meta.items() if k != "model"]
-    if dense:
-        lines.append(f"- dense model: perplexity {dense['perplexity']:.3f}, accuracy {dense['accuracy']:.3f}")
-    for method in dict.fromkeys(r["method"] for r in rows if r["allocation"] != "dense"):
-        lines += ["", f"## {method}", "", "| sparsity | allocation | achieved | perplexity ↓ | accuracy ↑ | seeds |",
-                  "|---:|---|---:|---:|---:|---:|"]
-        for sp in sorted({r["sparsity"] for r in rows if r["method"] == method}):
-            group: dict[str, list[dict]] = {}
-            for r in rows:
-                if r["method"] == method and r["sparsity"] == sp:
-                    group.setdefault(r["allocation"], []).append(r)
-            stats = {a: {k: mean_std([r[k] for r in rs]) for k in ("achieved", "perplexity", "accuracy")}
-                     for a, rs in group.items()}
-            best_ppl = min(s["perplexity"][0] for s in stats.values())
-            best_acc = max(s["accuracy"][0] for s in stats.values())
-            for a, s in stats.items():
-                ppl, acc = mean_std_cell(s["perplexity"], best_ppl, 3), mean_std_cell(s["accuracy"], best_acc, 3)
-                lines.append(f"| {sp:g} | {a} | {s['achieved'][0]:.4f} | {ppl} | {acc} | {len(group[a])} |")
-    return "\n".join(lines + _wins(rows)) + "\n"
-
-
-def _wins(rows: list[dict]) -> list[str]:
-    """The summary of comparison.md: per allocation, in how many (pruner, sparsity) settings its mean
-    accuracy / perplexity is the best (ties count for each), and a plain verdict on LayerIF."""
-    cells: dict[tuple[str, float], dict[str, list[dict]]] = {}
-    for r in rows:
-        if r["allocation"] != "dense":
-            cells.setdefault((r["method"], r["sparsity"]), {}).setdefault(r["allocation"], []).append(r)
-    if not cells:
-        return []
-    allocations = list(dict.fromkeys(a for group in cells.values() for a in group))
-    best = {k: dict.fromkeys(allocations, 0) for k in ("accuracy", "perplexity")}
-    for group in cells.values():
-        means = {a: {k: mean_std([r[k] for r in rs])[0] for k in best} for a, rs in group.items()}
-        top_acc = max(m["accuracy"] for m in means.values())
-        top_ppl = min(m["perplexity"] for m in means.values())
-        for a, m in means.items():
-            best["accuracy"][a] += m["accuracy"] == top_acc
-            best["perplexity"][a] += m["perplexity"] == top_ppl
-    n = len(cells)
-    lines = ["", "## Summary", "", f"Settings (pruner × sparsity) in which an allocation has the best mean (of {n}; "
-             "ties count for each):", "", "| allocation | best accuracy | best perplexity |", "|---|---:|---:|"]
-    lines += [f"| {a} | {best['accuracy'][a]} | {best['perplexity'][a]} |" for a in allocations]
-    if "layerif" in allocations:
-        top = max(best["accuracy"].values())
-        leaders = [a for a in allocations if best["accuracy"][a] == top]
-        if leaders == ["layerif"]:
-            verdict = f"LayerIF has the best accuracy most often ({top} of {n})."
-        elif "layerif" in leaders:
-            verdict = f"LayerIF shares the lead in accuracy with {', '.join(a for a in leaders if a != 'layerif')}."
-        else:
-            verdict = (f"LayerIF does not win: {', '.join(leaders)} {'has' if len(leaders) == 1 else 'have'} the best "
-                       f"accuracy most often ({top} of {n}; LayerIF {best['accuracy']['layerif']}).")
-        lines += ["", verdict + " Compare the gaps with the standard deviations over seeds above."]
-    return lines
-
-
-def _compare_plot(rows: list[dict], title: str):
-    """Perplexity and accuracy against sparsity, one line per allocation (mean ± std), one column per pruner.
-
-    Perplexity is on a log scale when it spans more than a factor 3; the lines
-    are shifted slightly along x so their error bars do not hide each other.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    pruned = [r for r in rows if r["allocation"] != "dense"]
-    methods = list(dict.fromkeys(r["method"] for r in pruned))
-    allocs = list(dict.fromkeys(r["allocation"] for r in pruned))
-    dense = next((r for r in rows if r["allocation"] == "dense"), None)
-    sps_all = sorted({r["sparsity"] for r in pruned})
-    step = 0.15 * min(np.diff(sps_all), default=0.1) / max(len(allocs) - 1, 1)
-    fig, axes = plt.subplots(2, len(methods), figsize=(5 * len(methods), 7), squeeze=False)
-    for col, method in enumerate(methods):
-        for j, alloc in enumerate(allocs):
-            sps = sorted({r["sparsity"] for r in pruned if r["method"] == method and r["allocation"] == alloc})
-            x = [sp + (j - (len(allocs) - 1) / 2) * step for sp in sps]
-            for row, key in enumerate(("perplexity", "accuracy")):
-                ms = [mean_std([r[key] for r in pruned if r["method"] == method and r["allocation"] == alloc
-                                 and r["sparsity"] == sp]) for sp in sps]
-                axes[row][col].errorbar(x, [m for m, _ in ms], yerr=[s for _, s in ms], marker="o", capsize=3,
-                                        label=alloc)
-        for row, key in enumerate(("perplexity", "accuracy")):
-            ax = axes[row][col]
-            if dense:
-                ax.axhline(dense[key], color="grey", linestyle="--", label="dense")
-            values = [r[key] for r in pruned if r["method"] == method]
-            if key == "perplexity" and min(values) > 0 and max(values) / min(values) > 3:
-                ax.set_yscale("log")
-            ax.set_xticks(sps_all)
-            ax.set_xlabel("target sparsity")
-            ax.set_ylabel(key)
-            ax.set_title(method)
-            ax.grid(alpha=0.3)
-        axes[0][col].legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    return fig
-
-
-def _read_rows(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8", newline="") as f:
-        rows = list(csv.DictReader(f))
-    for r in rows:
-        r["sparsity"] = float(r["sparsity"])
-        for k in ("achieved", "perplexity", "accuracy", "seconds"):
-            r[k] = float(r[k])
-    return rows
-
-
-def _rows_csv(rows: list[dict]) -> str:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
-    w.writeheader()
-    w.writerows({k: r[k] for k in CSV_FIELDS} for r in rows)
-    return buf.getvalue()
-
-
-def _resumed(args: CompareArgs, dest: Path, state: Path) -> dict:
-    """``--resume``: ``{"rows", "searches"}`` of an interrupted run (its cache ``state``) or of the finished
-    result at ``dest``, if that run used the same options; empty when neither exists."""
-    for folder in (state, dest):
-        if not (folder / "comparison.csv").exists():
-            continue
-        try:
-            saved = read_config(folder)["args"]
-        except UserError:
-            raise UserError(f"--resume: {folder}/config.json is missing or unreadable") from None
-        differ = [k for k, v in asdict(args).items() if k not in ("resume", "overwrite") and saved.get(k) != v]
-        if differ:
-            raise UserError(f"--resume: the earlier run in {dest} used other options ({', '.join(differ)})")
-        searches = read_json(folder / "search.json", "search") if (folder / "search.json").exists() else {}
-        return {"rows": _read_rows(folder / "comparison.csv"), "searches": searches}
-    return {"rows": [], "searches": {}}
-
-
-def run_compare(args: CompareArgs) -> str:
-    """``layerif compare-pruning``: every allocation × pruner × sparsity × seed; writes csv, md and a plot."""
-    allocations = _parse_list(args.allocations, str, "allocations")
-    methods = _parse_list(args.methods, str, "methods")
-    sparsities = _parse_list(args.sparsities, float, "sparsities")
-    seeds = _parse_list(args.seeds, int, "seeds")
-    for a in allocations:
-        allocate.get(a, "sparsity")
-    for m in methods:
-        _check_method(m)
-    for sp in sparsities:
-        check_sparsity(sp)
-    _check_sizes(args.n_calib, args.seqlen, args.damping, args.block_size)
-    check_epsilon(args.epsilon)
-    if any(allocate.get(a, "sparsity")[0].metric == "search" for a in allocations):
-        args.search_config(0)
-        if "search" in allocations:
-            raise UserError("compare-pruning runs searches as search-START (e.g. search-uniform, search-layerif)")
-    if any(allocate.get(a.removeprefix("search-"), "sparsity")[0].metric == "scores" for a in allocations) \
-            and args.scores is None:
-        raise UserError("the layerif allocations need --scores scores.json (from `layerif score`)")
-    records = _task_records(args.task, args.task_items, args.allow_repeats)  # a bad --task fails before any output
-    if args.scores is not None:
-        read_scores(args.scores)  # a bad scores file too
-    with output_folder(args.out, "compare-pruning", args.overwrite or args.resume) as out:
-        state = out / CACHE_DIR  # rows, searches and level databases of finished runs, for --resume
-        resumed = _resumed(args, Path(args.out), state) if args.resume else {"rows": [], "searches": {}}
-        rows: list[dict] = resumed["rows"]
-        state.mkdir(exist_ok=True)
-        if args.resume and (Path(args.out) / "levels").is_dir() and not (state / "levels").exists():
-            shutil.copytree(Path(args.out) / "levels", state / "levels")  # the finished run's level databases
-        write_config(state, "compare-pruning", args)
-        write_config(out, "compare-pruning", args)
-
-        lm = args.load()
-        model, tok = lm.model, lm.tokenizer
-        _, blocks = find_blocks(model)
-        scores, doc = block_scores(args.scores, len(blocks)) if args.scores else (None, {})
-        task = args.task or doc.get("task") or "capitals"
-        records = records or test_records(task, args.task_items, allow_repeats=args.allow_repeats)
-        calib_text, eval_text = _corpus(args.text)
-        max_windows = args.eval_windows or None
-        meta = {"model": lm.name, "task": f"{task} ({len(records)} test items, multiple choice)",
-                "scores": f"{args.scores} (task {doc.get('task')}, target {doc.get('target')})" if args.scores else "none",
-                "perplexity": f"held-out corpus, {args.seqlen}-token windows, at most {max_windows or 'all'}",
-                "calibration": f"{args.n_calib} windows of {args.seqlen} tokens per seed", "seeds": ", ".join(map(str, seeds)),
-                "epsilon": args.epsilon, "smooth": args.smooth}
-
-        def evaluate() -> tuple[float, float]:
-            return (perplexity(model, tok, eval_text, seqlen=args.seqlen, max_windows=max_windows,
-                               batch_size=args.batch_size),
-                    mc_accuracy(model, tok, records, batch_size=args.batch_size))
-
-        def save_all() -> str:  # after every run, into the cache a resumed run reads
-            md = _compare_markdown(rows, meta)
-            write_text(state / "comparison.csv", _rows_csv(rows))
-            return md
-
-        done = {(r["method"], r["sparsity"], r["allocation"], r["seed"]) for r in rows}
-        if ("dense", 0.0, "dense", "-") not in done:
-            t0 = time.time()
-            ppl, acc = evaluate()
-            rows.append({"method": "dense", "sparsity": 0.0, "allocation": "dense", "seed": "-", "achieved": 0.0,
-                         "perplexity": ppl, "accuracy": acc, "seconds": round(time.time() - t0, 2)})
-            save_all()
-        mods = prunable_modules(model)
-        dense = {name: mod.weight.detach().clone() for name, (_, mod) in mods.items()}
-        weights = prunable_params(model)
-        metrics: dict[tuple[str, int | None], np.ndarray | None] = {}  # (allocation, seed for owl) -> dense-model metric
-        calib: dict[int, torch.Tensor] = {}  # seed -> calibration windows
-        fitness: dict[int, torch.Tensor] = {}  # seed -> KL windows of search and sensitivity
-        searches = resumed["searches"]
-        todo = [(seed, m, sp, a) for seed in seeds for m in methods for sp in sparsities for a in allocations
-                if (m, sp, a, str(seed)) not in done]
-        for seed, method, sp, label in progress.track(todo, desc="compare-pruning", unit="run"):
-            t0 = time.time()
-            rule, _ = allocate.get(label, "sparsity")
-            if seed not in calib:
-                calib[seed] = _windows(tok, calib_text, args.n_calib, args.seqlen, seed)
-            windows = calib[seed]
-            options = SparsityOptions(args.epsilon, args.smooth and rule.metric == "scores", args.owl_lambda)
-
-            def map_metric(name: str):
-                key = (name, seed if allocate.ALLOCATIONS[name].metric == "outliers" else None)
-                if key not in metrics:
-                    metrics[key] = allocation_metric(name, model, scores, windows, args.owl_m)
-                return metrics[key]
-
-            if rule.metric in MEASURED:
-                start = search_start(label)
-                start_ratios = allocate_sparsity(start, map_metric(start), sp, weights, options) \
-                    if rule.metric == "search" else None
-                if seed not in fitness:
-                    fitness[seed] = _windows(tok, calib_text, args.search_windows, args.seqlen, seed)
-                metric, rec = measured_metric(rule, model, method, sp, weights, windows, fitness[seed], args,
-                                              state / "levels", seed, start_ratios, start, args.damping, args.block_size,
-                                              args.batch_size, lm.name)
-                if rule.metric == "search":
-                    searches[f"{method} {sp:g} seed {seed} from {start}"] = rec
-                    write_search(state, searches, f"{lm.name}: search fitness by evaluations")
-            else:
-                metric = map_metric(rule.name)
-            ratios = allocate_sparsity(label, metric, sp, weights, options)
-            prune_model(model, ratios, method, windows, damping=args.damping, block_size=args.block_size)
-            achieved, _ = achieved_sparsity(model)
-            ppl, acc = evaluate()
-            rows.append({"method": method, "sparsity": sp, "allocation": label, "seed": str(seed),
-                         "achieved": float(np.average(achieved, weights=weights)), "perplexity": ppl, "accuracy": acc,
-                         "seconds": round(time.time() - t0, 2)})
-            with torch.no_grad():
-                for name, w in dense.items():
-                    mods[name][1].weight.copy_(w)
-            save_all()
-        md = save_all()  # also when --resume found nothing left to run: the tables follow the current code
-        write_text(out / "comparison.csv", _rows_csv(rows))
-        write_text(out / "comparison.md", md)
-        if searches:
-            write_search(out, searches, f"{lm.name}: search fitness by evaluations")
-        if (state / "levels").exists():  # the level databases belong to the result
-            os.replace(state / "levels", out / "levels")
-        write_figure(out / "comparison.png", _compare_plot(rows, f"{lm.name} · task {task}"))
-        write_report(out)
-    out = Path(args.out)
-    return (md + f"\nwrote {out}/comparison.csv, comparison.md, comparison.png, config.json, report.md, report.html")

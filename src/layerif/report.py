@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import csv
-import dataclasses
 import html
 import json
 import re
@@ -20,10 +19,12 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .commands.base import COMMANDS
+from .commands.base import defaults as command_defaults
 from .data import records_note
 from .errors import UserError
 from .io import write_text
-from .results import read_config, read_scores
+from .results import check_config_args, read_config, read_scores
 from .stability import fmt, top_k_blocks
 
 REPORT_FILES = ("report.md", "report.html")
@@ -154,43 +155,24 @@ def _read_json(path: Path) -> dict:
 
 
 def _read_config(path: Path) -> dict:
-    """A result folder's config.json, its options checked against the command's fields."""
-    import importlib
-
-    from .cli import COMMANDS, check_config_args
-
+    """A result folder's config.json, its options checked against the command's fields (when it is registered)."""
     doc = read_config(path)
-    command = doc.get("command")
-    if command in COMMANDS:
-        module, cls_name, _, _ = COMMANDS[command]
-        check_config_args(doc["args"], getattr(importlib.import_module(module), cls_name), str(path))
+    command = COMMANDS.get(doc.get("command"))
+    if command is not None:
+        check_config_args(doc["args"], command.args, str(path))
     return doc
-
-
-def _defaults(command: str) -> dict | None:
-    """{option field: default} of the command's argument dataclass (fields the CLI offers), None when unknown here."""
-    import importlib
-
-    from .cli import COMMANDS
-
-    if command not in COMMANDS:
-        return None
-    module, cls_name, _, _ = COMMANDS[command]
-    cls = getattr(importlib.import_module(module), cls_name)
-    return {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())  # type: ignore[misc]
-            for f in dataclasses.fields(cls) if f.metadata.get("cli") is not False}
 
 
 def command_line(config: dict) -> str:
     """The shell command that reruns a config.json: ``layerif CMD`` plus every option that differs from its default.
 
     Lists are comma-joined, booleans become ``--flag``/``--no-flag``; arguments the
-    command line does not offer (fixed by the command) are left out; when the
-    command is unknown here, every argument is spelled out. ``--config`` replays
+    command does not offer (an older config) are left out; when the command is
+    unknown (its module not imported), every argument is spelled out. ``--config`` replays
     everything, these included.
     """
     command = config.get("command", "?")
-    defaults = _defaults(command)
+    defaults = command_defaults(command)
     parts = ["layerif", command]
     for name, value in config.get("args", {}).items():
         if value is None or (defaults is not None and (name not in defaults or defaults[name] == value)):
@@ -564,25 +546,3 @@ def write_report(out_dir: str | Path) -> tuple[Path, Path]:
     md, page = render_report(out_dir)
     folder = Path(out_dir)
     return write_text(folder / "report.md", md), write_text(folder / "report.html", page)
-
-
-@dataclass
-class ReportArgs:
-    """Re-render report.md and report.html of a result folder."""
-
-    dir: str = field(default="out/score", metadata={"help": "result folder (holding config.json)", "positional": True})
-
-
-def run(args: ReportArgs) -> str:
-    """``layerif report DIR``: under the folder's lock (:func:`layerif.io.folder_lock`: not while a run
-    replaces it), both files rendered first, then written together (Ctrl-C and SIGTERM wait for both)."""
-    from .io import folder_lock, signals_deferred
-
-    folder = Path(args.dir)
-    if not folder.is_dir():
-        raise UserError(f"{folder} is not a folder")
-    with folder_lock(folder, "report folder"):
-        md, page = render_report(folder)
-        with signals_deferred():
-            written = write_text(folder / "report.md", md), write_text(folder / "report.html", page)
-    return f"wrote {written[0]} and {written[1]}"

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict
+import types
+import typing
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +96,32 @@ def block_scores(path: str | Path, n_blocks: int) -> tuple[np.ndarray, dict]:
     if not np.all(np.isfinite(s)):
         raise UserError(f"{path} has NaN or infinite scores")
     return s, doc
+
+
+def scores_document(result: Any, args: Any) -> dict:
+    """The scores.json document of a :class:`~layerif.scores.ScoreResult` and its ScoreArgs."""
+    return {
+        "model": result.meta.get("model"),
+        "task": result.meta.get("task"),
+        "target": args.target,
+        "estimator": args.estimator,
+        "damping_scale": args.damping_scale,
+        "n_train": result.meta.get("n_train"),
+        "n_val": result.meta.get("n_val"),
+        "n_train_distinct": result.meta.get("n_train_distinct"),
+        "n_val_distinct": result.meta.get("n_val_distinct"),
+        "records": result.meta.get("records"),
+        "layers": result.layers,
+        "score": result.score,
+        "aggregations": result.aggregations(),
+        "lambda": result.lambdas,
+        "mode": result.meta.get("mode"),
+        "passes": result.passes,
+        "seconds": round(result.seconds, 3),
+        "version": __version__,
+        **({"stability": result.meta["stability"]} if result.meta.get("stability") else {}),
+        **({"notes": result.meta["notes"]} if result.meta.get("notes") else {}),
+    }
 
 
 def write_scores(out: Path, doc: dict) -> Path:
@@ -193,3 +221,50 @@ def read_config(path: str | Path) -> dict:
     if not isinstance(doc.get("command", ""), str):
         raise UserError(f"{p}: 'command' must be a string")
     return doc
+
+
+# ----------------------------------------------------------------------------- config values
+
+
+def field_type(tp: object) -> tuple[type, bool]:
+    """(the scalar type of a field annotation, whether it is optional)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return field_type(args[0])[0], True
+    if origin in (list, tuple):
+        return list, False
+    return tp, False  # type: ignore[return-value]
+
+
+_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string",
+               list: "a list of strings"}
+
+
+def _check_value(name: str, value: Any, tp: object, where: str) -> None:
+    """A config value must have its field's type (None only for optional fields); floats must be finite."""
+    base, optional = field_type(tp)
+    if value is None:
+        if optional:
+            return
+    elif base is bool and isinstance(value, bool):
+        return
+    elif base is int and isinstance(value, int) and not isinstance(value, bool):
+        return
+    elif base is float and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return
+    elif base is str and isinstance(value, str):
+        return
+    elif base is list and isinstance(value, list) and all(isinstance(x, (str, int, float)) and not isinstance(x, bool)
+                                                          for x in value):
+        return
+    shown = json.dumps(value)
+    raise UserError(f"{where}: '{name}' must be {_TYPE_NAMES.get(base, str(base))}, got {shown[:40]}")
+
+
+def check_config_args(values: dict, cls: type, where: str) -> None:
+    """Every value of a config's ``args`` that is a field of ``cls`` must have the field's type."""
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        if f.name in values:
+            _check_value(f.name, values[f.name], hints[f.name], where)

@@ -19,9 +19,6 @@ helpful influence in block l. Other aggregations are reported beside it.
 
 from __future__ import annotations
 
-import csv
-import io as _io
-import json
 import math
 import os
 import time
@@ -31,11 +28,11 @@ from pathlib import Path
 
 import torch
 
-from . import __version__, progress, stability
+from . import progress, stability
 from .budget import METER, gram_bytes, plan_groups, too_small
 from .cache import PassCache, fingerprint
 from .data import Encoded, Fields, batches, check_records, collate, encode_split, load_records, n_distinct, records_note
-from .distributed import is_main, process_group, world
+from .distributed import world
 from .errors import UserError
 from .grads import (
     Factored,
@@ -48,71 +45,39 @@ from .grads import (
     record_losses,
 )
 from .influence import ESTIMATORS, EstimatorOptions, ModuleStats, damping, estimate, get_estimator
-from .io import (
-    CACHE_DIR,
-    check_out_dir,
-    output_folder,
-    overwrite_field,
-    prepare_out_dir,
-    sibling,
-    write_figure,
-    write_safetensors,
-    write_text,
-)
+from .io import CACHE_DIR, check_out_dir, overwrite_field, sibling
 from .models import (
     LoadedModel,
-    ModelArgs,
-    check_selector,
     Target,
+    check_selector,
     context_length,
     find_blocks,
     input_device,
-    resolve_device,
     select_targets,
     weight_out_in,
 )
-from .report import write_report
-from .results import write_config, write_scores
+from .options import DataOptions, DataSource, EngineOptions, ModelOptions, RunOptions, StabilityOptions, option
 from .streaming import check_finite, streaming_influence
 
 AGGREGATIONS = ("helpful", "sum", "mean_abs", "helpful_share")
 
 
 @dataclass
-class ScoreArgs(ModelArgs):
+class ScoreArgs(StabilityOptions, RunOptions, EngineOptions, DataOptions, DataSource, ModelOptions):
     """Compute per-layer influence scores (LayerIF) of a causal LM on a task."""
 
-    task: str = field(default="capitals", metadata={"help": "built-in task (see `layerif tasks`)"})
-    train: str | None = field(default=None, metadata={"help": "train records (JSONL/CSV/Parquet or HF dataset); replaces --task"})
-    val: str | None = field(default=None, metadata={"help": "validation records; required with --train"})
-    n_train: int | None = field(default=None, metadata={"help": "use the first N train records (0 = all; default: all records of --train, 64 of a built-in task)"})
-    n_val: int | None = field(default=None, metadata={"help": "use the first N validation records (0 = all; default: all records of --val, 16 of a built-in task)"})
-    seed: int = field(default=0, metadata={"help": "seed of the built-in task's sampling"})
-    allow_repeats: bool = field(default=False, metadata={"help": "allow --n-train / --n-val beyond a built-in task's distinct items"})
-    text_field: str = field(default="text", metadata={"help": "record field with plain text"})
-    prompt_field: str = field(default="prompt", metadata={"help": "record field with the prompt"})
-    completion_field: str = field(default="completion", metadata={"help": "record field with the completion"})
-    max_length: int | None = field(default=None, metadata={"help": "keep the first N tokens of longer records (default: a record longer than the model's context is refused)"})
-    target: str = field(default="attn", metadata={"help": "attn, mlp, block, lora, or a regex over module names"})
-    estimator: str = field(default="datainf", metadata={"help": "influence estimator (layerif.influence.ESTIMATORS)", "choices": tuple(ESTIMATORS)})
-    damping_scale: float = field(default=0.1, metadata={"help": "c in lambda_m = c * mean_i ||g_im||^2 / d_m"})
-    per_val: bool = field(default=False, metadata={"help": "also keep the [n_val, n_train] influence matrix"})
-    batch_size: int = field(default=8, metadata={"help": "records per forward/backward pass"})
-    mode: str = field(default="auto", metadata={"help": "materialized (Gram statistics, all estimators), streaming (a few gradient-sized buffers; datainf, grad-dot) or auto", "choices": ("auto", "materialized", "streaming")})
-    max_memory: float | None = field(default=None, metadata={"help": "GB of gradient buffers held at once (default: a fifth of RAM, half the free GPU memory)"})
-    resume: bool = field(default=True, metadata={"help": "keep completed passes in OUT/.layerif-cache and resume from them after a crash"})
-    val_chunk: int = field(default=8, metadata={"help": "validation columns per pass group in streaming --per-val"})
-    layout: str = field(default="auto", metadata={"help": "per-sample gradients held dense, as token factors, or auto (fewer flops)", "choices": ("auto", "dense", "factored")})
-    lora_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"], metadata={"help": "modules that get LoRA adapters with --target lora"})
-    lora_rank: int = field(default=8, metadata={"help": "LoRA rank with --target lora"})
-    finetune_steps: int = field(default=0, metadata={"help": "train fresh LoRA adapters this many steps first; required with --target lora unless the model already has adapters (e.g. 50)"})
-    finetune_lr: float = field(default=1e-3, metadata={"help": "learning rate of --finetune-steps"})
-    bootstrap: int = field(default=0, metadata={"help": "bootstrap resamples B of the train records for intervals, top-k probabilities and rank stability (0: none; 200 is typical)"})
-    bootstrap_val: bool = field(default=False, metadata={"help": "the bootstrap also resamples validation records (needs --per-val)"})
-    top_k: int = field(default=5, metadata={"help": "k of the top-k block statistics of --bootstrap and --split-half"})
-    split_half: bool = field(default=False, metadata={"help": "score two disjoint halves of the train records separately and compare their rankings"})
-    out: str = field(default="out/score", metadata={"help": "output folder (see README: output folders)"})
+    out: str = option("out/score", "output folder (see README: output folders)")
     overwrite: bool = overwrite_field()
+
+    @property
+    def lora_init_seed(self) -> int:
+        """Seed of the LoRA adapters' initialisation and fine-tuning (``--lora-seed``, else ``--seed``)."""
+        return self.seed if self.lora_seed is None else self.lora_seed
+
+    @property
+    def resample_seed(self) -> int:
+        """Seed of the bootstrap and the split halves (``--bootstrap-seed``, else ``--seed``)."""
+        return self.seed if self.bootstrap_seed is None else self.bootstrap_seed
 
 
 @dataclass
@@ -494,14 +459,14 @@ def assess_stability(result: ScoreResult, args: ScoreArgs, lm: LoadedModel, trai
     """
     out: dict = {}
     if args.bootstrap:
-        out["bootstrap"] = stability.bootstrap(result.influence, args.bootstrap, args.top_k, args.seed,
+        out["bootstrap"] = stability.bootstrap(result.influence, args.bootstrap, args.top_k, args.resample_seed,
                                                args.bootstrap_val)
     if args.split_half:
         if get_estimator(args.estimator).sample_independent:
-            out["split_half"] = stability.split_half_from_influence(result.influence, args.top_k, args.seed)
+            out["split_half"] = stability.split_half_from_influence(result.influence, args.top_k, args.resample_seed)
         else:
             out["split_half"] = split_half_recompute(
-                lm, train, val, args.top_k, args.seed, target=args.target, estimator=args.estimator,
+                lm, train, val, args.top_k, args.resample_seed, target=args.target, estimator=args.estimator,
                 damping_scale=args.damping_scale, batch_size=args.batch_size, max_memory_gb=args.max_memory,
                 layout=args.layout, mode=args.mode, val_chunk=args.val_chunk)
     return out
@@ -570,7 +535,7 @@ def prepare(args: ScoreArgs, lm: LoadedModel, splits: tuple | None = None
         from .lora import prepare_lora
 
         lm = prepare_lora(lm, train, args.lora_modules, args.lora_rank, args.finetune_steps, args.finetune_lr,
-                          args.batch_size, args.seed)
+                          args.batch_size, args.lora_init_seed)
     return lm, train, val, label, counts
 
 
@@ -593,114 +558,3 @@ def score(args: ScoreArgs, lm: LoadedModel | None = None, cache: Path | None = N
             result.meta["notes"] = [f"--top-k {args.top_k} is more than the {len(result.layers)} blocks scored: "
                                     f"k = {len(result.layers)} was used"]
     return result
-
-
-def scores_json(result: ScoreResult, args: ScoreArgs) -> dict:
-    """The scores.json document (the contract later tools read)."""
-    return {
-        "model": result.meta.get("model"),
-        "task": result.meta.get("task"),
-        "target": args.target,
-        "estimator": args.estimator,
-        "damping_scale": args.damping_scale,
-        "n_train": result.meta.get("n_train"),
-        "n_val": result.meta.get("n_val"),
-        "n_train_distinct": result.meta.get("n_train_distinct"),
-        "n_val_distinct": result.meta.get("n_val_distinct"),
-        "records": result.meta.get("records"),
-        "layers": result.layers,
-        "score": result.score,
-        "aggregations": result.aggregations(),
-        "lambda": result.lambdas,
-        "mode": result.meta.get("mode"),
-        "passes": result.passes,
-        "seconds": round(result.seconds, 3),
-        "version": __version__,
-        **({"stability": result.meta["stability"]} if result.meta.get("stability") else {}),
-        **({"notes": result.meta["notes"]} if result.meta.get("notes") else {}),
-    }
-
-
-def scores_csv(result: ScoreResult) -> str:
-    agg = result.aggregations()
-    buf = _io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["layer", "score", *AGGREGATIONS[1:]])
-    for i, l in enumerate(result.layers):
-        w.writerow([l, repr(agg["helpful"][i]), *(repr(agg[a][i]) for a in AGGREGATIONS[1:])])
-    return buf.getvalue()
-
-
-def table(result: ScoreResult, top: int = 5) -> str:
-    """A short terminal table: every block's score with a bar, the top blocks marked."""
-    s = result.score
-    peak = max(s) or 1.0
-    best = sorted(range(len(s)), key=lambda i: -s[i])[:top]
-    lines = [f"{'block':>5}  {'S_l':>11}  {'helpful%':>8}"]
-    share = result.aggregations()["helpful_share"]
-    for i, l in enumerate(result.layers):
-        bar = "#" * int(round(24 * s[i] / peak))
-        mark = " *" if i in best else ""
-        lines.append(f"{l:>5}  {s[i]:>11.4g}  {100 * share[i]:>7.1f}%  {bar}{mark}")
-    return "\n".join(lines)
-
-
-def plot(result: ScoreResult, title: str):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 3.2))
-    ax.bar(result.layers, result.score, color="#3a6ea5")
-    stability.error_bars(ax, result.meta.get("stability"))
-    ax.set_xlabel("decoder block")
-    ax.set_ylabel("S_l (total helpful influence)")
-    ax.set_title(title, fontsize=10)
-    ax.grid(axis="y", alpha=0.3)
-    return fig
-
-
-def write(result: ScoreResult, args: ScoreArgs, folder: str | Path | None = None) -> Path:
-    """Write scores.json, scores.csv, influence.safetensors, layer_scores.png, config.json into ``folder``
-    (default args.out), stability.png with --bootstrap / --split-half, and report.md / report.html
-    (:mod:`layerif.report`)."""
-    out = prepare_out_dir(folder if folder is not None else args.out)
-    doc = scores_json(result, args)
-    tensors = {f"layer.{l}": result.influence[l].float() for l in result.layers}
-    tensors["train_loss"] = result.train_loss.float()
-    write_safetensors(out / "influence.safetensors", tensors, metadata={"scores": json.dumps({k: doc[k] for k in ("model", "task", "target", "estimator")})})
-    write_text(out / "scores.csv", scores_csv(result))
-    title = f"{doc['model']} · task {doc['task']} · target {args.target} · {args.estimator} · n={doc['n_train']}x{doc['n_val']}"
-    write_figure(out / "layer_scores.png", plot(result, title))
-    write_config(out, "score", args)
-    if result.meta.get("stability"):
-        write_figure(out / "stability.png", stability.figure(result.meta["stability"]))
-    write_scores(out, doc)
-    write_report(out)
-    return out
-
-
-def run(args: ScoreArgs) -> str:
-    """``layerif score``: compute, write the files, return the terminal summary.
-
-    Under ``torchrun`` every rank computes its shard and rank 0 writes the files.
-    """
-    validate(args)
-    with process_group(resolve_device(args.device)):
-        if not is_main():
-            progress.enable(False)
-            score(args)
-            return ""
-        with output_folder(args.out, "score", args.overwrite) as tmp:
-            result = score(args)
-            write(result, args, tmp)
-        out = Path(args.out)
-    m = result.meta
-    head = (f"{m['model']} · task {m['task']} · target {args.target} · estimator {args.estimator} · "
-            f"{records_note(m['records'])} · {result.passes} pass(es) · {result.seconds:.1f} s")
-    stab = stability.summary(m.get("stability"))
-    wrote = (f"wrote {out}/scores.json, scores.csv, influence.safetensors, layer_scores.png"
-             f"{', stability.png' if stab else ''}, report.md, report.html")
-    notes = "\n".join(f"note: {n}" for n in m.get("notes", []))
-    return "\n".join(line for line in (head, table(result), stab, notes, wrote) if line)

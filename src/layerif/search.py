@@ -49,7 +49,6 @@ import csv
 import hashlib
 import io
 import json
-import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -62,7 +61,7 @@ from torch import nn
 from . import __version__, progress
 from .allocate import MAX_SPARSITY, check_sparsity
 from .errors import UserError
-from .io import write_json, write_safetensors, write_text
+from .io import pyplot, write_figure, write_json, write_safetensors, write_text
 from .models import find_blocks, projections, set_weight_out_in, weight_out_in
 
 STEP = 0.05
@@ -595,17 +594,12 @@ def trajectory_csv(trajectories: dict[str, list[dict]]) -> str:
 def trajectory_figure(records: list[dict], title: str):
     """Fitness (KL to the dense model, log scale) against evaluations: one panel per (pruner, target), one
     line per start point and seed (:func:`search_record` entries)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     panels: dict[str, list[dict]] = {}
     for rec in records:
         panels.setdefault(f"{rec['method']} · sparsity {rec['target']:g}", []).append(rec)
     cols = min(len(panels), 2)
     rows = -(-len(panels) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 3.8 * rows), squeeze=False)
+    fig, axes = pyplot().subplots(rows, cols, figsize=(6 * cols, 3.8 * rows), squeeze=False)
     for ax, (name, recs) in zip(axes.flat, panels.items()):
         for rec in recs:
             t = rec["trajectory"]
@@ -643,8 +637,6 @@ def search_record(result: SearchResult, config: SearchConfig, db_info: dict, sta
 
 def write_search(out: str | Path, records: dict[str, dict], title: str) -> list[str]:
     """``search.json`` (label → :func:`search_record`), ``search_trajectory.csv`` and ``search.png`` in ``out``."""
-    from .io import write_figure
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "search.json", records)

@@ -34,8 +34,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from . import progress
 from .errors import UserError
+from .io import pyplot
 from .influence import ModuleStats
 
 LEVEL = 0.95
@@ -372,13 +372,8 @@ def error_bars(ax, stab: dict | None) -> None:
 
 def figure(stab: dict):
     """stability.png: P(top-k) per block (bootstrap) and the two halves' normalized profiles (split-half)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     panels = [p for p in ("bootstrap", "split_half") if p in stab]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.2), squeeze=False)
+    fig, axes = pyplot().subplots(1, len(panels), figsize=(5.5 * len(panels), 3.2), squeeze=False)
     for ax, name in zip(axes[0], panels):
         s = stab[name]
         if name == "bootstrap":

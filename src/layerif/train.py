@@ -29,7 +29,7 @@ from torch import nn
 from . import progress
 from .data import IGNORE, Encoded, collate, encode_split, pad_id, per_sample_loss
 from .errors import UserError
-from .evaluate import greedy_exact_match, mc_accuracy
+from .evaluate import exact_match_correct, mc_correct
 
 LOG_POINTS = 10  # loss messages per run
 
@@ -143,11 +143,14 @@ def train_encoded(model: nn.Module, pad: int, encoded: list[Encoded], config: Tr
 
 
 def evaluate_records(model: nn.Module, tokenizer, records: list[dict], batch_size: int = 16,
-                     max_new_tokens: int = 8) -> dict[str, float]:
+                     max_new_tokens: int = 8) -> dict:
     """``accuracy`` (multiple-choice log-likelihood) and ``exact_match`` (greedy completion) on ``records``.
 
-    Both are fractions in [0, 1]; the model is evaluated in eval mode and left in it.
+    Both are fractions in [0, 1]; ``items`` holds the per-record 0/1 results
+    (``{"accuracy": [...], "exact_match": [...]}``) they are the means of. The
+    model is evaluated in eval mode and left in it.
     """
     model.eval()
-    return {"accuracy": mc_accuracy(model, tokenizer, records, batch_size),
-            "exact_match": greedy_exact_match(model, tokenizer, records, max_new_tokens)}
+    items = {"accuracy": [float(x) for x in mc_correct(model, tokenizer, records, batch_size)],
+             "exact_match": [float(x) for x in exact_match_correct(model, tokenizer, records, max_new_tokens)]}
+    return {k: sum(v) / len(v) for k, v in items.items()} | {"items": items}

@@ -1,0 +1,123 @@
+"""``layerif compare-estimators``: every registered estimator on the same gradients, rankings compared."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .. import __version__, progress
+from ..compare import agreement, block_influence, estimators_figure, per_block_max
+from ..errors import UserError
+from ..influence import damping, datainf_bound, gram_estimators, lissa_residual
+from ..io import write_safetensors
+from ..models import select_targets
+from ..options import DataOptions, DataSource, EngineOptions, ModelOptions, StabilityOptions, option
+from ..io import overwrite_field
+from ..scores import default_max_memory_gb, load_checked, module_stats, prepare, validate
+from ..stability import bootstrap, fmt, layer_scores, split_half_from_stats, top_k_blocks
+from .base import register
+from .compare import Comparison
+from .compare_tasks import csv_text, score_args
+
+
+@dataclass
+class EstimatorsOptions:
+    """Several estimators on one set of Gram statistics (``compare-estimators``, ``validate``)."""
+
+    estimators: list[str] = option(gram_estimators(), f"at least two of {', '.join(gram_estimators())}, comma-separated")
+    lissa_iterations: int = option(100, "LiSSA recursion steps T")
+    lissa_batch: int = option(0, "train records per LiSSA step (0: all, deterministic; k: seeded random mini-batches "
+                                 "of k)")
+
+
+@dataclass
+class CompareEstimatorsArgs(EstimatorsOptions, StabilityOptions, EngineOptions, DataOptions, DataSource, ModelOptions):
+    """Apply several influence estimators to the same gradients and compare their block rankings."""
+
+    out: str = option("out/compare-estimators", "output folder")
+    overwrite: bool = overwrite_field()
+
+
+def validate_estimators(args: CompareEstimatorsArgs) -> list[str]:
+    """The estimators to run (deduplicated, in the given order); bad options are a :class:`UserError`."""
+    validate(score_args(args), "compare-estimators")
+    names = list(dict.fromkeys(args.estimators))
+    unknown = [e for e in names if e not in gram_estimators()]
+    if unknown:
+        raise UserError(f"unknown estimator {unknown[0]!r} (use {', '.join(gram_estimators())})")
+    if len(names) < 2:
+        raise UserError(f"--estimators needs at least two estimators to compare (got {','.join(names) or 'none'})")
+    if args.lissa_iterations < 1:
+        raise UserError(f"--lissa-iterations must be >= 1 (got {args.lissa_iterations})")
+    if args.lissa_batch < 0:
+        raise UserError(f"--lissa-batch must be >= 0 (got {args.lissa_batch})")
+    return names
+
+
+def run(args: CompareEstimatorsArgs) -> str:
+    """``layerif compare-estimators``: estimators.json, estimators.csv, agreement.csv, estimators.png,
+    influence.safetensors (``{estimator}.layer.{l}``), config.json and the report."""
+    names = validate_estimators(args)
+    sargs = score_args(args, mode="materialized", resume=False)
+    with Comparison("compare-estimators", args, ()) as cmp:
+        return _estimate(args, sargs, names, cmp)
+
+
+def _estimate(args: CompareEstimatorsArgs, sargs, names: list[str], cmp: Comparison) -> str:
+    """The shared Gram statistics, every estimator on them, the agreement files; returns the summary."""
+    lm, train, val, label, counts = prepare(sargs, *load_checked(sargs))
+    targets = select_targets(lm.model, args.target)
+    progress.info(f"Gram statistics of {len(targets)} modules: {len(train)} train x {len(val)} validation records")
+    stats, _, passes = module_stats(lm.model, targets, train, val, lm.tokenizer.pad_token_id, False, args.batch_size,
+                                    args.max_memory or default_max_memory_gb(), args.layout)
+    opts = dict(damping_scale=args.damping_scale, lissa_iterations=args.lissa_iterations,
+                lissa_batch=args.lissa_batch, seed=sargs.resample_seed)
+    influence = {e: block_influence(stats, targets, e, **opts) for e in names}
+    layers = sorted(next(iter(influence.values())))
+    scores = {e: layer_scores(influence[e]) for e in names}
+    pairs = agreement(layers, influence, args.top_k)
+    lam = {t.name: damping(stats[t.name], args.damping_scale) for t in targets}
+    doc: dict = {"model": lm.name, "task": label, "target": args.target, "damping_scale": args.damping_scale,
+                 "n_train": len(train), "n_val": len(val), "records": counts, "estimators": names, "layers": layers, "score": scores,
+                 "top_k": min(args.top_k, len(layers)),
+                 "top_k_blocks": {e: top_k_blocks(layers, scores[e], args.top_k) for e in names}, "pairs": pairs,
+                 "datainf_bound": per_block_max(targets, {t.name: datainf_bound(stats[t.name], lam[t.name])
+                                                          if lam[t.name] > 0 else 0.0 for t in targets}),
+                 "lambda": lam, "passes": passes}
+    notes = ["EK-FAC (kronfluence) is not included: kronfluence requires torchvision, which installs another torch "
+             "build, and EK-FAC needs its own covariance passes rather than these shared Gram statistics."]
+    if "lissa" in names:
+        if args.lissa_batch == 0:
+            doc["lissa_residual"] = per_block_max(targets, {t.name: lissa_residual(stats[t.name], lam[t.name],
+                                                                                   args.lissa_iterations)
+                                                            if lam[t.name] > 0 else 0.0 for t in targets})
+            notes.append(f"LiSSA: {args.lissa_iterations} full-batch steps; the largest remaining Neumann factor "
+                         f"(1 − μ/σ)^(T+1) per block is up to {max(doc['lissa_residual']):.3g} (0 = converged to exact).")
+        else:
+            notes.append(f"LiSSA: {args.lissa_iterations} steps on seeded random mini-batches of {args.lissa_batch} "
+                         "train records (stochastic, as in Koh & Liang).")
+    if args.bootstrap:
+        boots = {e: bootstrap(influence[e], args.bootstrap, args.top_k, sargs.resample_seed) for e in names}
+        doc["bootstrap"] = boots
+        doc["rank_stability"] = {e: boots[e]["rank_stability"] for e in names}
+    if args.split_half:
+        doc["split_half"] = {e: split_half_from_stats(stats, lambda s, e=e: block_influence(s, targets, e, **opts),
+                                                      args.top_k, sargs.resample_seed) for e in names}
+    doc |= {"notes": notes, "version": __version__}
+    write_safetensors(cmp.out / "influence.safetensors",
+                      {f"{e}.layer.{l}": influence[e][l].float() for e in names for l in layers})
+    cmp.write_config()
+    keys = ["a", "b", "spearman", "pearson", "top_k_overlap", "sample_spearman"]
+    files = {"estimators.csv": csv_text([["layer", *names]] + [[l, *(scores[e][i] for e in names)]
+                                                                for i, l in enumerate(layers)]),
+             "agreement.csv": csv_text([keys] + [[p[k] for k in keys] for p in pairs]),
+             "estimators.png": estimators_figure(names, layers, scores, pairs), "estimators.json": doc}
+    lines = [f"{lm.name} · task {label} · target {args.target} · {len(train)} train x {len(val)} validation · "
+             f"{passes} pass(es), shared by {len(names)} estimators",
+             f"{'a':>9} {'b':>9} {'Spearman':>9} {'Pearson':>8} {'top-k':>6}"]
+    lines += [f"{p['a']:>9} {p['b']:>9} {fmt(p['spearman'], 3):>9} {fmt(p['pearson'], 3):>8} {p['top_k_overlap']:>6.2f}"
+              for p in pairs]
+    return cmp.finish(files, "\n".join(lines)) + ", influence.safetensors"
+
+
+register("compare-estimators", CompareEstimatorsArgs, run,
+         "every influence estimator on the same gradients: agreement of the block rankings")

@@ -1,0 +1,264 @@
+"""``layerif compare-pruning``: allocations × pruners × sparsities over calibration seeds, through the harness."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import allocate, progress
+from ..allocate import COMPARE_SPARSITY, allocate_sparsity, check_sparsity
+from ..errors import UserError
+from ..evaluate import mc_correct, window_nll
+from ..io import overwrite_field, pyplot
+from ..models import find_blocks
+from ..options import ModelOptions, option
+from ..prune import (MEASURED, achieved_sparsity, allocation_metric, measured_metric, prunable_modules, prunable_params,
+                     prune_model, search_start)
+from ..search import write_search
+from ..results import block_scores, read_config, read_json, read_scores
+from ..tasks import test_records
+from .base import register
+from .compare import Comparison, Metric, cell, count_verdict, group, paired_section, parse_list, read_rows, stats
+from .prune import PruningOptions, corpus, task_records, windows
+
+FIELDS = ("method", "sparsity", "allocation", "seed", "achieved", "perplexity", "accuracy", "seconds")
+METRICS = (Metric("accuracy", True, 3, "accuracy"), Metric("perplexity", False, 3, "perplexity"))
+ITEMS = {"accuracy": "correct", "perplexity": "nll"}
+
+
+@dataclass
+class CompareArgs(PruningOptions, ModelOptions):
+    """Compare allocations (uniform, OWL, AlphaPruning, LayerIF both ways) × pruners × sparsities over seeds."""
+
+    allocations: list[str] = option(list(COMPARE_SPARSITY), "allocations to compare (also sensitivity and search-START, "
+                                                            "the search from START: uniform, layerif, owl, alpha)")
+    methods: list[str] = option(["wanda", "sparsegpt"], "pruners")
+    sparsities: list[str] = option(["0.5", "0.6", "0.7"], "target sparsities")
+    seeds: list[str] = option(["0", "1", "2"], "calibration seeds (at least 3 for mean ± std)")
+    eval_windows: int = option(64, "held-out perplexity windows (0: all)")
+    task: str | None = option(None, "built-in task or JSONL file of {prompt, options, answer} records for accuracy "
+                                    "(default: the task of --scores, else capitals)")
+    resume: bool = option(False, "keep the rows of an earlier run with the same options in --out")
+    out: str = option("out/compare-pruning", "output folder")
+    overwrite: bool = overwrite_field()
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    """comparison.md: one table per pruner (mean ± std over seeds, best in bold), the summary of best means,
+    and the paired differences of the LayerIF allocations where the rows keep their per-item results."""
+    dense = next((r for r in rows if r["allocation"] == "dense"), None)
+    lines = [f"# Pruning allocations on {meta['model']}", "",
+             "Mean ± standard deviation over calibration seeds; bold: the best allocation at that sparsity.", ""]
+    lines += [f"- {k}: {v}" for k, v in meta.items() if k != "model"]
+    if dense:
+        lines.append(f"- dense model: perplexity {dense['perplexity']:.3f}, accuracy {dense['accuracy']:.3f}")
+    settings = group([r for r in rows if r["allocation"] != "dense"], lambda r: (r["method"], r["sparsity"]))
+    acc, ppl = METRICS
+    for method in dict.fromkeys(m for m, _ in settings):
+        lines += ["", f"## {method}", "", "| sparsity | allocation | achieved | perplexity ↓ | accuracy ↑ | seeds |",
+                  "|---:|---|---:|---:|---:|---:|"]
+        for sp in sorted(sp for m, sp in settings if m == method):
+            arms = settings[(method, sp)]
+            st = stats(arms, ["achieved", "perplexity", "accuracy"])
+            for a in arms:
+                lines.append(f"| {sp:g} | {a} | {st[a]['achieved'][0]:.4f} | {cell(st, a, ppl)} | {cell(st, a, acc)} | "
+                             f"{len(arms[a])} |")
+    lines += count_verdict(settings, METRICS)
+    subjects = [a for a in dict.fromkeys(r["allocation"] for r in rows)
+                if a in allocate.ALLOCATIONS or allocate.parse_label(a)[0] in allocate.ALLOCATIONS]
+    lines += paired_section(settings, METRICS, ITEMS,
+                            baselines=[a for a in subjects if allocate.get(a, "sparsity")[0].metric != "scores"],
+                            subjects=[a for a in subjects if allocate.get(a, "sparsity")[0].metric == "scores"],
+                            label=lambda k: f"{k[0]} {k[1]:g}")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], title: str):
+    """Perplexity and accuracy against sparsity, one line per allocation (mean ± std), one column per pruner.
+
+    Perplexity is on a log scale when it spans more than a factor 3; the lines
+    are shifted slightly along x so their error bars do not hide each other.
+    """
+    pruned = [r for r in rows if r["allocation"] != "dense"]
+    settings = group(pruned, lambda r: (r["method"], r["sparsity"]))
+    methods = list(dict.fromkeys(m for m, _ in settings))
+    allocs = list(dict.fromkeys(r["allocation"] for r in pruned))
+    dense = next((r for r in rows if r["allocation"] == "dense"), None)
+    sps_all = sorted({sp for _, sp in settings})
+    step = 0.15 * min(np.diff(sps_all), default=0.1) / max(len(allocs) - 1, 1)
+    fig, axes = pyplot().subplots(2, len(methods), figsize=(5 * len(methods), 7), squeeze=False)
+    for col, method in enumerate(methods):
+        for j, alloc in enumerate(allocs):
+            sps = sorted(sp for m, sp in settings if m == method and alloc in settings[(m, sp)])
+            x = [sp + (j - (len(allocs) - 1) / 2) * step for sp in sps]
+            for row, key in enumerate(("perplexity", "accuracy")):
+                ms = [stats({alloc: settings[(method, sp)][alloc]}, [key])[alloc][key] for sp in sps]
+                axes[row][col].errorbar(x, [m for m, _ in ms], yerr=[s for _, s in ms], marker="o", capsize=3,
+                                        label=alloc)
+        for row, key in enumerate(("perplexity", "accuracy")):
+            ax = axes[row][col]
+            if dense:
+                ax.axhline(dense[key], color="grey", linestyle="--", label="dense")
+            values = [r[key] for r in pruned if r["method"] == method]
+            if key == "perplexity" and min(values) > 0 and max(values) / min(values) > 3:
+                ax.set_yscale("log")
+            ax.set_xticks(sps_all)
+            ax.set_xlabel("target sparsity")
+            ax.set_ylabel(key)
+            ax.set_title(method)
+            ax.grid(alpha=0.3)
+        axes[0][col].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def _resumed(args: CompareArgs, dest: Path, state: Path) -> dict:
+    """``--resume``: ``{"rows", "searches"}`` of an interrupted run (its cache ``state``) or of the finished
+    result at ``dest``, if that run used the same options; empty when neither exists. Rows keep their
+    per-item results (items.json)."""
+    for folder in (state, dest):
+        if not (folder / "comparison.csv").exists():
+            continue
+        try:
+            saved = read_config(folder)["args"]
+        except UserError:
+            raise UserError(f"--resume: {folder}/config.json is missing or unreadable") from None
+        differ = [k for k, v in asdict(args).items() if k not in ("resume", "overwrite") and saved.get(k) != v]
+        if differ:
+            raise UserError(f"--resume: the earlier run in {dest} used other options ({', '.join(differ)})")
+        rows = read_rows(folder / "comparison.csv", ("sparsity", "achieved", "perplexity", "accuracy", "seconds"))
+        items = read_json(folder / "items.json", "items") if (folder / "items.json").exists() else {}
+        for r in rows:
+            key = "|".join(str(r[k]) for k in FIELDS[:4])
+            if key in items:
+                r["items"] = items[key]
+        searches = read_json(folder / "search.json", "search") if (folder / "search.json").exists() else {}
+        return {"rows": rows, "searches": searches}
+    return {"rows": [], "searches": {}}
+
+
+def run(args: CompareArgs) -> str:
+    """``layerif compare-pruning``: every allocation × pruner × sparsity × seed; writes csv, md and a plot."""
+    allocations = parse_list(args.allocations, str, "allocations")
+    methods = parse_list(args.methods, str, "methods")
+    sparsities = parse_list(args.sparsities, float, "sparsities")
+    seeds = parse_list(args.seeds, int, "seeds")
+    rules = {a: allocate.get(a, "sparsity")[0] for a in allocations}
+    for sp in sparsities:
+        check_sparsity(sp)
+    needs_scores = any(allocate.get(a.removeprefix("search-"), "sparsity")[0].metric == "scores" for a in allocations)
+    args.check(methods, "the layerif allocations need" if needs_scores else "")
+    if any(r.metric == "search" for r in rules.values()):
+        args.search_config(0)
+        if "search" in allocations:
+            raise UserError("compare-pruning runs searches as search-START (e.g. search-uniform, search-layerif)")
+    records = task_records(args.task, args.task_items, args.allow_repeats)  # a bad --task fails before any output
+    if args.scores is not None:
+        read_scores(args.scores)  # a bad scores file too
+    with Comparison("compare-pruning", args, FIELDS, FIELDS[:4], args.overwrite or args.resume) as cmp:
+        state = cmp.state  # rows, searches and level databases of finished runs, for --resume
+        resumed = _resumed(args, cmp.dest, state) if args.resume else {"rows": [], "searches": {}}
+        rows: list[dict] = resumed["rows"]
+        state.mkdir(exist_ok=True)
+        if args.resume and (cmp.dest / "levels").is_dir() and not (state / "levels").exists():
+            shutil.copytree(cmp.dest / "levels", state / "levels")  # the finished run's level databases
+        cmp.write_config(state)
+        md, lm, task = _runs(args, cmp, rows, resumed["searches"], records, allocations, methods, sparsities, seeds)
+        cmp.save_rows(rows)
+        return cmp.finish({"comparison.md": md, "comparison.png": plot(rows, f"{lm.name} · task {task}")}, md)
+
+
+def _runs(args: CompareArgs, cmp: Comparison, rows: list[dict], searches: dict, records, allocations: list[str],
+          methods: list[str], sparsities: list[float], seeds: list[int]):
+    """Every run not in ``rows`` yet (rows, items and searches saved into the cache after each);
+    returns (comparison.md, the model, the task)."""
+    state = cmp.state
+    rules = {a: allocate.get(a, "sparsity")[0] for a in allocations}
+    lm = args.load()
+    model, tok = lm.model, lm.tokenizer
+    _, blocks = find_blocks(model)
+    scores, doc = block_scores(args.scores, len(blocks)) if args.scores else (None, {})
+    task = args.task or doc.get("task") or "capitals"
+    records = records or test_records(task, args.task_items, allow_repeats=args.allow_repeats)
+    calib_text, eval_text = corpus(args.text)
+    max_windows = args.eval_windows or None
+    meta = {"model": lm.name, "task": f"{task} ({len(records)} test items, multiple choice)",
+            "scores": f"{args.scores} (task {doc.get('task')}, target {doc.get('target')})" if args.scores else "none",
+            "perplexity": f"held-out corpus, {args.seqlen}-token windows, at most {max_windows or 'all'}",
+            "calibration": f"{args.n_calib} windows of {args.seqlen} tokens per seed", "seeds": ", ".join(map(str, seeds)),
+            "epsilon": args.epsilon, "smooth": args.smooth}
+
+    def evaluate() -> dict:
+        nll = window_nll(model, tok, eval_text, seqlen=args.seqlen, max_windows=max_windows, batch_size=args.batch_size)
+        correct = [float(c) for c in mc_correct(model, tok, records, batch_size=args.batch_size)]
+        return {"perplexity": math.exp(math.fsum(nll) / len(nll)), "accuracy": sum(correct) / len(correct),
+                "items": {"nll": nll, "correct": correct}}
+
+    done = {(r["method"], r["sparsity"], r["allocation"], r["seed"]) for r in rows}
+    if ("dense", 0.0, "dense", "-") not in done:
+        t0 = time.time()
+        rows.append({"method": "dense", "sparsity": 0.0, "allocation": "dense", "seed": "-", "achieved": 0.0,
+                     **evaluate(), "seconds": round(time.time() - t0, 2)})
+        cmp.save_rows(rows, state)
+    mods = prunable_modules(model)
+    dense = {name: mod.weight.detach().clone() for name, (_, mod) in mods.items()}
+    weights = prunable_params(model)
+    metrics: dict[tuple[str, int | None], np.ndarray | None] = {}  # (allocation, seed for owl) -> dense-model metric
+    calib: dict[int, torch.Tensor] = {}  # seed -> calibration windows
+    fitness: dict[int, torch.Tensor] = {}  # seed -> KL windows of search and sensitivity
+    todo = [(seed, m, sp, a) for seed in seeds for m in methods for sp in sparsities for a in allocations
+            if (m, sp, a, str(seed)) not in done]
+    for seed, method, sp, label in progress.track(todo, desc="compare-pruning", unit="run"):
+        t0 = time.time()
+        rule = rules[label]
+        if seed not in calib:
+            calib[seed] = windows(tok, calib_text, args.n_calib, args.seqlen, seed)
+        options = args.sparsity_options(args.smooth and rule.metric == "scores")
+
+        def map_metric(name: str):
+            key = (name, seed if allocate.ALLOCATIONS[name].metric == "outliers" else None)
+            if key not in metrics:
+                metrics[key] = allocation_metric(name, model, scores, calib[seed], args.owl_m)
+            return metrics[key]
+
+        if rule.metric in MEASURED:
+            start = search_start(label)
+            start_ratios = allocate_sparsity(start, map_metric(start), sp, weights, options) \
+                if rule.metric == "search" else None
+            if seed not in fitness:
+                fitness[seed] = windows(tok, calib_text, args.search_windows, args.seqlen, seed)
+            metric, rec = measured_metric(rule, model, method, sp, weights, calib[seed], fitness[seed], args,
+                                          state / "levels", seed, start_ratios, start, args.damping,
+                                          args.block_size, args.batch_size, lm.name)
+            if rule.metric == "search":
+                searches[f"{method} {sp:g} seed {seed} from {start}"] = rec
+                write_search(state, searches, f"{lm.name}: search fitness by evaluations")
+        else:
+            metric = map_metric(rule.name)
+        prune_model(model, allocate_sparsity(label, metric, sp, weights, options), method, calib[seed],
+                    damping=args.damping, block_size=args.block_size)
+        achieved, _ = achieved_sparsity(model)
+        rows.append({"method": method, "sparsity": sp, "allocation": label, "seed": str(seed),
+                     "achieved": float(np.average(achieved, weights=weights)), **evaluate(),
+                     "seconds": round(time.time() - t0, 2)})
+        with torch.no_grad():
+            for name, w in dense.items():
+                mods[name][1].weight.copy_(w)
+        cmp.save_rows(rows, state)
+    if searches:
+        write_search(cmp.out, searches, f"{lm.name}: search fitness by evaluations")
+    if (state / "levels").exists():  # the level databases belong to the result
+        os.replace(state / "levels", cmp.out / "levels")
+    return markdown(rows, meta), lm, task  # also when --resume found nothing left to run: the tables follow the code
+
+
+register("compare-pruning", CompareArgs, run,
+         "compare pruning allocations x pruners x sparsities over calibration seeds")

@@ -1,0 +1,226 @@
+"""``layerif prune``: per-block sparsity from LayerIF scores or a baseline allocation, pruning, evaluation, export."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import __version__, allocate, progress
+from ..allocate import SparsityOptions, allocate_sparsity, check_epsilon, check_sparsity
+from ..errors import UserError
+from ..evaluate import mc_accuracy, perplexity
+from ..models import find_blocks
+from ..options import ModelOptions, option
+from ..io import prepare_out_dir
+from ..prune import (BLOCK_SIZE, DAMPING, MEASURED, METHODS, OWL_LAMBDA, OWL_M, achieved_sparsity, allocation_metric,
+                     check_method, llmcompressor_recipe, measured_metric, parse_nm, prunable_params, prune_model,
+                     save_pruned, search_start)
+from ..results import block_scores, block_sparsity, check_save_dir, read_scores
+from ..search import SearchOptions, write_search
+from ..tasks import test_records
+from .base import register
+
+
+@dataclass
+class PruningOptions(SearchOptions):
+    """Options shared by ``prune`` and ``compare-pruning``: the scores, the maps, calibration, evaluation and the
+    search / sensitivity allocations (:class:`layerif.search.SearchOptions`)."""
+
+    scores: str | None = option(None, "scores.json of `layerif score` (needed by the layerif allocations)")
+    epsilon: float = option(0.2, "spread of the linear map: ratios in [1-ε, 1+ε] × target (layerif, alpha)")
+    smooth: bool = option(False, "Savitzky-Golay smoothing (window 7, order 3) of the metric first")
+    owl_m: float = option(OWL_M, "OWL: a weight is an outlier above M × its block's mean Wanda score")
+    owl_lambda: float = option(OWL_LAMBDA, "OWL: the block sparsities span 2λ around the target")
+    n_calib: int = option(128, "calibration windows (wanda, sparsegpt, owl)")
+    seqlen: int = option(512, "tokens per calibration / evaluation window")
+    text: str | None = option(None, "text file for calibration and evaluation (default: built-in English corpus)")
+    damping: float = option(DAMPING, "SparseGPT damping, a fraction of the mean Hessian diagonal")
+    block_size: int = option(BLOCK_SIZE, "SparseGPT column block size")
+    task_items: int = option(200, "test items of a built-in --task (a file: its first N)")
+    allow_repeats: bool = option(False, "allow more task items than a built-in split holds (records repeat)")
+    batch_size: int = option(4, "windows / records per evaluation batch")
+
+    def sparsity_options(self, smooth: bool | None = None) -> SparsityOptions:
+        return SparsityOptions(self.epsilon, self.smooth if smooth is None else smooth, self.owl_lambda)
+
+    def check(self, methods: list[str], needs_scores: str = "") -> None:
+        """Checks that need no model; ``needs_scores`` names what needs ``--scores`` (empty: nothing)."""
+        for m in methods:
+            check_method(m)
+        if self.n_calib < 1:
+            raise UserError(f"--n-calib must be ≥ 1 (got {self.n_calib})")
+        if self.seqlen < 2:
+            raise UserError(f"--seqlen must be ≥ 2 (got {self.seqlen})")
+        if not self.damping > 0:
+            raise UserError(f"--damping must be > 0 (got {self.damping:g})")
+        if self.block_size < 1:
+            raise UserError(f"--block-size must be ≥ 1 (got {self.block_size})")
+        check_epsilon(self.epsilon)
+        if self.task_items < 1:
+            raise UserError(f"--task-items must be ≥ 1 (got {self.task_items})")
+        if needs_scores and self.scores is None:
+            raise UserError(f"{needs_scores} --scores scores.json (from `layerif score`)")
+
+
+def task_records(task: str | None, task_items: int, allow_repeats: bool = False) -> list[dict] | None:
+    """The multiple-choice records of ``--task`` (None without one)."""
+    return None if task is None else test_records(task, task_items, allow_repeats=allow_repeats)
+
+
+def corpus(text: str | None) -> tuple[str, str]:
+    """(calibration part, evaluation part) of ``--text`` or the built-in corpus."""
+    from ..corpus import load_text, split_text  # imported here so tests can stand in a small corpus
+
+    return split_text(load_text(text))
+
+
+def windows(tokenizer, calib_text: str, n: int, seqlen: int, seed: int) -> torch.Tensor:
+    """``n`` calibration windows of ``seqlen`` tokens, drawn with ``seed``."""
+    from ..corpus import text_windows
+
+    return text_windows(tokenizer, calib_text, n, seqlen, seed)
+
+
+def block_table(blocks: list[int], target: np.ndarray, achieved: np.ndarray, metric: np.ndarray | None) -> str:
+    head = f"{'block':>5}  {'metric':>10}  {'target':>7}  {'achieved':>8}"
+    rows = [f"{l:>5}  {'' if metric is None else f'{metric[l]:.4g}':>10}  {target[l]:>7.4f}  {achieved[l]:>8.4f}"
+            for l in blocks]
+    return "\n".join([head, *rows])
+
+
+@dataclass
+class PruneArgs(PruningOptions, ModelOptions):
+    """Prune a causal LM with per-layer sparsity from LayerIF scores (or a baseline allocation)."""
+
+    sparsity: float = option(0.5, "target sparsity, the mean over prunable weights, in [0, 1)")
+    method: str = option("wanda", "pruner", choices=METHODS)
+    allocation: str = option("layerif", "per-block sparsity map", choices=tuple(allocate.names("sparsity")))
+    reverse: bool = option(False, "flip the map's direction: a higher metric gets less sparsity")
+    nm: str | None = option(None, "N:M semi-structured pruning, e.g. 2:4 (N pruned of every M; needs --allocation uniform)")
+    seed: int = option(0, "seed of the calibration windows")
+    eval_windows: int = option(0, "also measure perplexity on this many held-out windows (0: no)")
+    task: str | None = option(None, "also measure multiple-choice accuracy on a built-in task or a JSONL file of "
+                                    "{prompt, options, answer} records")
+    save: str | None = option(None, "folder for the pruned model, allocation.json and recipe.yaml")
+    allocation_file: str | None = option(None, "apply the per-block sparsity of a saved allocation.json (replaces "
+                                               "--allocation and --sparsity)")
+    search_init: str = option("uniform", "start of --allocation search: uniform, layerif, owl, alpha or a saved "
+                                         "allocation.json")
+    search_dir: str = option("out/search", "folder of the level database and the search trajectory (search, "
+                                           "sensitivity)")
+
+
+def run(args: PruneArgs) -> str:
+    """``layerif prune``: allocate, prune, measure, save; returns the terminal summary."""
+    nm = parse_nm(args.nm)
+    check_sparsity(args.sparsity)
+    rule, _ = allocate.get(args.allocation, "sparsity", args.reverse, args.smooth)
+    allocation, target = ("file", None) if args.allocation_file is not None else (args.allocation, args.sparsity)
+    searching = allocation != "file" and rule.metric == "search"
+    start = search_start(allocation, args.search_init) if searching else None
+    needs_scores = allocation != "file" and "scores" in (rule.metric, allocate.ALLOCATIONS.get(start, rule).metric)
+    args.check([args.method], f"--allocation {args.allocation} needs" if needs_scores else "")
+    if searching:
+        args.search_config(args.seed)
+        if start not in allocate.SEARCH_STARTS and not Path(start).exists():
+            raise UserError(f"--search-init {start!r} is neither {', '.join(allocate.SEARCH_STARTS)} nor a file")
+    if nm is not None:
+        if allocation != "uniform":
+            raise UserError(f"--nm {args.nm} prunes every block alike; use --allocation uniform")
+        if not math.isclose(args.sparsity, nm[0] / nm[1]):
+            raise UserError(f"--nm {args.nm} means sparsity {nm[0] / nm[1]:g}; pass --sparsity {nm[0] / nm[1]:g}")
+    records = task_records(args.task, args.task_items, args.allow_repeats)
+    if args.scores is not None:
+        read_scores(args.scores)  # a bad scores file fails before the model loads
+    if args.save is not None:
+        check_save_dir(args.save, "pruned model")
+    lm = args.load()
+    model = lm.model
+    prefix, blocks = find_blocks(model)
+    scores = None
+    if args.scores is not None:
+        scores, doc = block_scores(args.scores, len(blocks))
+        if doc.get("model") not in (None, lm.name):
+            progress.info(f"note: {args.scores} was computed on {doc.get('model')}, pruning {lm.name}")
+    measured = allocation != "file" and rule.metric in MEASURED
+    needs_data = args.method != "magnitude" or measured or "owl" in (allocation, start)
+    calib_text, eval_text = corpus(args.text) if needs_data or args.eval_windows > 0 else ("", "")
+    calib = windows(lm.tokenizer, calib_text, args.n_calib, args.seqlen, args.seed) if needs_data else None
+    t0 = time.time()
+    weights = prunable_params(model)
+    options = args.sparsity_options()
+    metric, extra = None, {}
+    if allocation == "file":
+        ratios, _ = block_sparsity(args.allocation_file, len(blocks))
+        target = float(np.average(ratios, weights=weights))
+        extra = {"allocation_file": args.allocation_file}
+    else:
+        if measured:
+            start_ratios = None
+            if rule.metric == "search":
+                start_ratios = (allocate_sparsity(start, allocation_metric(start, model, scores, calib, args.owl_m),
+                                                  target, weights, options)
+                                if start in allocate.SEARCH_STARTS else block_sparsity(start, len(blocks))[0])
+            fitness_windows = windows(lm.tokenizer, calib_text, args.search_windows, args.seqlen, args.seed)
+            out = prepare_out_dir(args.search_dir)
+            metric, rec = measured_metric(rule, model, args.method, target, weights, calib, fitness_windows, args,
+                                          out / "levels", args.seed, start_ratios, start, args.damping,
+                                          args.block_size, args.batch_size, lm.name)
+            if rule.metric == "search":
+                write_search(out, {allocation: rec}, f"{lm.name} · {args.method}")
+                rec = {k: v for k, v in rec.items() if k != "trajectory"}
+            extra = {rule.metric: rec}
+        else:
+            metric = allocation_metric(args.allocation, model, scores, calib, args.owl_m)
+        ratios = allocate_sparsity(args.allocation, metric, target, weights, options, args.reverse)
+    targets = prune_model(model, ratios, args.method, calib, nm=nm, damping=args.damping, block_size=args.block_size)
+    achieved, per_module = achieved_sparsity(model)
+    record = {
+        "model": lm.name,
+        "method": args.method,
+        "allocation": allocation,
+        "target_sparsity": target,
+        "mean_achieved": float(np.average(achieved, weights=weights)),
+        "layers": list(range(len(blocks))),
+        "sparsity": [float(r) for r in ratios],
+        "achieved": [float(a) for a in achieved],
+        "metric": None if metric is None else [float(m) for m in metric],
+        "prunable_params": [int(w) for w in weights],
+        "modules": {name: {"target": targets[name], "achieved": per_module[name]} for name in targets},
+        "seconds": round(time.time() - t0, 2),
+        **extra,
+        "args": asdict(args),
+        "version": __version__,
+    }
+    lines = [
+        f"{lm.name} · {args.method} · allocation {allocation} · target {target:g} · "
+        f"achieved {record['mean_achieved']:.4f} · {record['seconds']:.1f} s",
+        block_table(record["layers"], ratios, achieved, None if "search" in extra else metric),
+    ]
+    if "search" in extra:
+        s = extra["search"]
+        lines.append(f"search from {s['start']}: KL to dense {s['start_fitness']:.4g} → {s['fitness']:.4g} in "
+                     f"{s['evaluations']} evaluations ({s['seconds']:.0f} s); level database {s['database']['path']} "
+                     f"({s['database']['bytes'] / 1e6:.1f} MB, built in {s['database']['build_seconds']:.0f} s); "
+                     f"trajectory in {args.search_dir}/search.png")
+    if args.eval_windows > 0:
+        record["perplexity"] = perplexity(model, lm.tokenizer, eval_text, seqlen=args.seqlen,
+                                          max_windows=args.eval_windows)
+        lines.append(f"perplexity on {args.eval_windows} held-out windows: {record['perplexity']:.3f}")
+    if records is not None:
+        record["accuracy"] = mc_accuracy(model, lm.tokenizer, records, batch_size=args.batch_size)
+        lines.append(f"accuracy on {args.task} ({len(records)} items, multiple choice): {record['accuracy']:.3f}")
+    if args.save is not None:
+        recipe = llmcompressor_recipe(args.method, ratios, prefix, nm, args.damping, args.block_size)
+        dest = save_pruned(model, lm.tokenizer, args.save, record, recipe)
+        lines.append(f"wrote {dest}/ (model.safetensors, tokenizer, allocation.json{', recipe.yaml' if recipe else ''})")
+    return "\n".join(lines)
+
+
+register("prune", PruneArgs, run,
+         "prune a model with per-layer sparsity from LayerIF scores or a baseline allocation")

@@ -1,0 +1,178 @@
+"""``layerif validate``: measure each block's fine-tune gain and pruning sensitivity (:mod:`layerif.validate`)
+and test whether the layer scores predict them."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .. import progress
+from ..compare import block_influence
+from ..errors import UserError
+from ..influence import gram_estimators
+from ..io import output_folder, overwrite_field, prepare_out_dir, pyplot, write_figure, write_json, write_text
+from ..models import select_targets
+from ..options import DataOptions, DataSource, EngineOptions, ModelOptions, option
+from ..prune import METHODS, check_method
+from ..report import ESTIMATOR_LABEL, TRUTHS, spearman_rows, validation_reading, validation_truths, write_report
+from ..results import write_config
+from ..scores import default_max_memory_gb, load_checked, module_stats, prepare, validate
+from ..stability import fmt
+from ..validate import ground_truth, validation_doc
+from .base import register
+from .compare_estimators import EstimatorsOptions
+from .compare_tasks import csv_text, score_args
+
+
+@dataclass
+class ValidateArgs(EstimatorsOptions, EngineOptions, DataOptions, DataSource, ModelOptions):
+    """Measure each block's fine-tune gain and pruning sensitivity and test whether the layer scores predict them."""
+
+    estimators: list[str] = option(["datainf", "exact", "grad-dot"],
+                                   "estimators whose S_l are validated, comma-separated (those with a Gram form)")
+    steps: int = option(10, "fine-tuning steps K per block")
+    lr: float = option(1e-4, "Adam learning rate of the per-block fine-tuning (linear decay)")
+    ft_batch_size: int = option(4, "train records per fine-tuning step")
+    sparsity: float = option(0.5, "sparsity s of the single pruned block, in (0, 1)")
+    method: str = option("wanda", "pruner", choices=METHODS)
+    n_calib: int = option(16, "calibration windows (wanda, sparsegpt)")
+    seqlen: int = option(128, "tokens per calibration window")
+    text: str | None = option(None, "calibration text file (default: built-in English corpus)")
+    accuracy_task: str | None = option(None, "built-in task or JSONL of {prompt, options, answer} for the accuracy "
+                                             "change (default: --task unless --train/--val are given; none: no accuracy)")
+    task_items: int = option(100, "test items of the accuracy task")
+    eval_batch_size: int = option(16, "sequences per evaluation batch")
+    bootstrap_blocks: int = option(1000, "bootstrap resamples of the blocks for the Spearman intervals")
+    out: str = option("out/validate", "output folder")
+    overwrite: bool = overwrite_field()
+
+
+def check_args(args: ValidateArgs) -> list[str]:
+    """Option checks that need no model; returns the estimators (deduplicated, in order)."""
+    validate(score_args(args), "validate")
+    names = list(dict.fromkeys(args.estimators))
+    unknown = [e for e in names if e not in gram_estimators()]
+    if unknown or not names:
+        raise UserError(f"unknown estimator {(unknown or [''])[0]!r} (use {', '.join(gram_estimators())})")
+    if args.target == "lora":
+        raise UserError("--target lora is not supported: validate trains and prunes the base projections (use attn, mlp, block or a regex)")
+    if args.steps < 1 or args.ft_batch_size < 1 or args.eval_batch_size < 1:
+        raise UserError("--steps, --ft-batch-size and --eval-batch-size must be >= 1")
+    if not args.lr > 0:
+        raise UserError(f"--lr must be > 0 (got {args.lr})")
+    if not 0 < args.sparsity < 1:
+        raise UserError(f"--sparsity must be in (0, 1) (got {args.sparsity})")
+    check_method(args.method)
+    if args.n_calib < 1:
+        raise UserError(f"--n-calib must be ≥ 1 (got {args.n_calib})")
+    if args.seqlen < 2:
+        raise UserError(f"--seqlen must be ≥ 2 (got {args.seqlen})")
+    if args.task_items < 1:
+        raise UserError(f"--task-items must be >= 1 (got {args.task_items})")
+    if args.bootstrap_blocks < 2:
+        raise UserError(f"--bootstrap-blocks must be >= 2 (got {args.bootstrap_blocks})")
+    if args.lissa_iterations < 1 or args.lissa_batch < 0:
+        raise UserError("--lissa-iterations must be >= 1 and --lissa-batch >= 0")
+    return names
+
+
+def compute(args: ValidateArgs, lm=None) -> dict:
+    """The validation.json document (the Python API behind ``layerif validate``; no files written)."""
+    names = check_args(args)
+    sargs = score_args(args)
+    lm, train, val, label, _ = prepare(sargs, *((lm, None) if lm is not None else load_checked(sargs)))
+    targets = select_targets(lm.model, args.target)
+    t0 = time.perf_counter()
+    progress.info(f"Gram statistics of {len(targets)} modules: {len(train)} train x {len(val)} validation records")
+    stats, _, passes = module_stats(lm.model, targets, train, val, lm.tokenizer.pad_token_id, False, args.batch_size,
+                                    args.max_memory or default_max_memory_gb(), args.layout)
+    influence = {e: block_influence(stats, targets, e, args.damping_scale, args.lissa_iterations, args.lissa_batch,
+                                    args.seed) for e in names}
+    seconds = time.perf_counter() - t0
+    measured = ground_truth(lm, train, val, targets, args, args.seed)
+    measured["seconds"] = {"scores": round(seconds, 2), **measured["seconds"]}
+    head = {"model": lm.name, "task": label, "target": args.target, "damping_scale": args.damping_scale,
+            "n_train": len(train), "n_val": len(val), "passes": passes}
+    return validation_doc(head, influence, measured, args.bootstrap_blocks, args.seed)
+
+
+def blockscsv_text(doc: dict) -> str:
+    """validation.csv: one row a block, the ground truths and every estimator's S_l."""
+    truths = validation_truths(doc)
+    names = doc["estimators"]
+    head = ["layer", *TRUTHS, *(f"{e}_score" for e in names)]
+    rows = [[l, *((truths[g] or [None] * len(doc["layers"]))[i] for g in TRUTHS),
+             *(doc["scores"][e]["score"][i] for e in names)] for i, l in enumerate(doc["layers"])]
+    return csv_text([head] + rows)
+
+
+def figure(doc: dict):
+    """validation.png: each estimator's S_l (share of its total) per block, and the ground truths per block."""
+    layers = doc["layers"]
+    ps = doc["prune_sensitivity"]
+    fig, axes = pyplot().subplots(3, 1, figsize=(9, 7.5), sharex=True)
+    ax = axes[0]
+    for i, e in enumerate(doc["estimators"]):
+        s = torch.tensor(doc["scores"][e]["score"], dtype=torch.float64)
+        ax.plot(layers, (s / s.sum() if s.sum() > 0 else s).numpy(), marker="osd^v"[i % 5],
+                ls=("-", "--", "-.", ":")[i % 4], ms=4, label=ESTIMATOR_LABEL.get(e, e))
+    ax.set_ylabel("share of S_l")
+    ax.legend(fontsize=8)
+    ax.set_title(f"{doc['model']} · task {doc['task']} · target {doc['target']} · "
+                 f"n={doc['n_train']}x{doc['n_val']}", fontsize=10)
+    ft = doc["fine_tune"]
+    axes[1].bar(layers, doc["fine_tune_gain"], color="#3a6ea5")
+    axes[1].set_ylabel("fine-tune gain\n(val loss drop)")
+    axes[1].set_title(f"train block l alone: {ft['steps']} Adam steps, lr {ft['lr']:g}, {ft['batch_size']} records",
+                      fontsize=9)
+    pr = doc["pruning"]
+    axes[2].bar(layers, ps["loss_rise"], color="#a5473a", label="val loss rise")
+    axes[2].set_ylabel("pruning loss rise")
+    axes[2].set_title(f"prune block l alone: {pr['method']} at {pr['sparsity']:g}", fontsize=9)
+    if ps["accuracy_change"] is not None:
+        tw = axes[2].twinx()
+        tw.plot(layers, ps["accuracy_change"], "k.-", ms=4, label="accuracy change")
+        tw.set_ylabel("accuracy change")
+        tw.axhline(0, color="k", lw=0.5)
+    axes[2].set_xlabel("decoder block")
+    for a in axes:
+        a.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def write(doc: dict, args: ValidateArgs, folder: str | Path | None = None) -> Path:
+    """validation.json, validation.csv, spearman.csv, validation.png, config.json, report.md / report.html
+    into ``folder`` (default args.out)."""
+    out = prepare_out_dir(folder if folder is not None else args.out)
+    write_text(out / "validation.csv", blockscsv_text(doc))
+    write_text(out / "spearman.csv", csv_text([["estimator", "aggregation", "ground_truth", "rho", "ci_low", "ci_high",
+                                            "claimed_sign", "verdict"]] + spearman_rows(doc)))
+    write_figure(out / "validation.png", figure(doc))
+    write_config(out, "validate", args)
+    write_json(out / "validation.json", doc)
+    write_report(out)
+    return out
+
+
+def run(args: ValidateArgs) -> str:
+    """``layerif validate``: measure, correlate, write the files; returns the terminal summary."""
+    check_args(args)
+    with output_folder(args.out, "validate", args.overwrite) as tmp:
+        doc = compute(args)
+        write(doc, args, tmp)
+    out = Path(args.out)
+    lines = [f"{doc['model']} · task {doc['task']} · target {args.target} · {doc['n_train']} train x {doc['n_val']} "
+             f"validation · {len(doc['layers'])} blocks · {sum(doc['seconds'].values()):.0f} s",
+             f"{'estimator':>9} {'agg':>8} {'ground truth':>22} {'rho':>6}  interval        verdict"]
+    lines += [f"{e:>9} {a:>8} {g:>22} {fmt(r, 2):>6}  [{fmt(lo, 2)}, {fmt(hi, 2)}]  {v}"
+              for e, a, g, r, lo, hi, _, v in spearman_rows(doc) if a == "score"]
+    lines += validation_reading(doc)[:1]
+    lines.append(f"wrote {out}/validation.json, validation.csv, spearman.csv, validation.png, report.md, report.html")
+    return "\n".join(lines)
+
+register("validate", ValidateArgs, run,
+         "measure each block's fine-tune gain and pruning sensitivity and test whether the layer scores predict them")
