@@ -445,6 +445,7 @@ def test_moe_command_bad_input(tasks, model_dir, tmp_path, kw, message):
 def test_cli_one_line_error_and_exit_2(tasks, model_dir, tmp_path, monkeypatch, capsys):
     from layerif import cli
 
+    monkeypatch.setattr(cli, "load_commands", lambda: None)  # only the moe commands (imported above): the stand-in tasks
     scores = write_scores(tmp_path / "scores.json", [0.1, 2.0, 0.5, 1.0])
     assert cli.main(["moe", "--model", model_dir, "--scores", scores, "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]  # (transformers' own loading bar may come first)

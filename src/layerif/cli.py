@@ -28,9 +28,8 @@ import typing
 from typing import NoReturn
 
 from . import __version__, progress
-from .commands.base import COMMANDS
+from .commands.base import COMMANDS, check_config_args, field_type
 from .errors import Terminated, UserError
-from .results import check_config_args, field_type, read_config
 
 
 
@@ -99,6 +98,8 @@ def build_args(cls: type, ns: argparse.Namespace) -> object:
     """
     values: dict = {}
     if getattr(ns, "config", None):
+        from .results import read_config  # here: cli imports nothing heavy before main() sets its signal handlers
+
         saved = read_config(ns.config)["args"]
         check_config_args(saved, cls, ns.config)
         names = {f.name for f in dataclasses.fields(cls) if f.metadata.get("from_config", True)}

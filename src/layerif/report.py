@@ -19,12 +19,12 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .commands.base import COMMANDS
+from .commands.base import COMMANDS, check_config_args
 from .commands.base import defaults as command_defaults
 from .data import records_note
 from .errors import UserError
 from .io import write_text
-from .results import check_config_args, read_config, read_scores
+from .results import read_config, read_scores
 from .stability import fmt, top_k_blocks
 
 REPORT_FILES = ("report.md", "report.html")

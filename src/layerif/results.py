@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import json
 import math
-import types
-import typing
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -221,50 +219,3 @@ def read_config(path: str | Path) -> dict:
     if not isinstance(doc.get("command", ""), str):
         raise UserError(f"{p}: 'command' must be a string")
     return doc
-
-
-# ----------------------------------------------------------------------------- config values
-
-
-def field_type(tp: object) -> tuple[type, bool]:
-    """(the scalar type of a field annotation, whether it is optional)."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return field_type(args[0])[0], True
-    if origin in (list, tuple):
-        return list, False
-    return tp, False  # type: ignore[return-value]
-
-
-_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string",
-               list: "a list of strings"}
-
-
-def _check_value(name: str, value: Any, tp: object, where: str) -> None:
-    """A config value must have its field's type (None only for optional fields); floats must be finite."""
-    base, optional = field_type(tp)
-    if value is None:
-        if optional:
-            return
-    elif base is bool and isinstance(value, bool):
-        return
-    elif base is int and isinstance(value, int) and not isinstance(value, bool):
-        return
-    elif base is float and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-        return
-    elif base is str and isinstance(value, str):
-        return
-    elif base is list and isinstance(value, list) and all(isinstance(x, (str, int, float)) and not isinstance(x, bool)
-                                                          for x in value):
-        return
-    shown = json.dumps(value)
-    raise UserError(f"{where}: '{name}' must be {_TYPE_NAMES.get(base, str(base))}, got {shown[:40]}")
-
-
-def check_config_args(values: dict, cls: type, where: str) -> None:
-    """Every value of a config's ``args`` that is a field of ``cls`` must have the field's type."""
-    hints = typing.get_type_hints(cls)
-    for f in fields(cls):
-        if f.name in values:
-            _check_value(f.name, values[f.name], hints[f.name], where)

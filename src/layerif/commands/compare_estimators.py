@@ -28,6 +28,22 @@ class EstimatorsOptions:
     lissa_batch: int = option(0, "train records per LiSSA step (0: all, deterministic; k: seeded random mini-batches "
                                  "of k)")
 
+    def estimator_names(self, at_least: int = 1) -> list[str]:
+        """The estimators to run (deduplicated, in the given order); unknown ones, fewer than ``at_least``
+        or bad LiSSA options are a :class:`UserError`."""
+        names = list(dict.fromkeys(self.estimators))
+        unknown = [e for e in names if e not in gram_estimators()]
+        if unknown or not names:
+            raise UserError(f"unknown estimator {(unknown or [''])[0]!r} (use {', '.join(gram_estimators())})")
+        if len(names) < at_least:
+            raise UserError(f"--estimators needs at least {'two' if at_least == 2 else at_least} estimators to compare "
+                            f"(got {','.join(names)})")
+        if self.lissa_iterations < 1:
+            raise UserError(f"--lissa-iterations must be >= 1 (got {self.lissa_iterations})")
+        if self.lissa_batch < 0:
+            raise UserError(f"--lissa-batch must be >= 0 (got {self.lissa_batch})")
+        return names
+
 
 @dataclass
 class CompareEstimatorsArgs(EstimatorsOptions, StabilityOptions, EngineOptions, DataOptions, DataSource, ModelOptions):
@@ -40,17 +56,7 @@ class CompareEstimatorsArgs(EstimatorsOptions, StabilityOptions, EngineOptions, 
 def validate_estimators(args: CompareEstimatorsArgs) -> list[str]:
     """The estimators to run (deduplicated, in the given order); bad options are a :class:`UserError`."""
     validate(score_args(args), "compare-estimators")
-    names = list(dict.fromkeys(args.estimators))
-    unknown = [e for e in names if e not in gram_estimators()]
-    if unknown:
-        raise UserError(f"unknown estimator {unknown[0]!r} (use {', '.join(gram_estimators())})")
-    if len(names) < 2:
-        raise UserError(f"--estimators needs at least two estimators to compare (got {','.join(names) or 'none'})")
-    if args.lissa_iterations < 1:
-        raise UserError(f"--lissa-iterations must be >= 1 (got {args.lissa_iterations})")
-    if args.lissa_batch < 0:
-        raise UserError(f"--lissa-batch must be >= 0 (got {args.lissa_batch})")
-    return names
+    return args.estimator_names(at_least=2)
 
 
 def run(args: CompareEstimatorsArgs) -> str:

@@ -53,10 +53,7 @@ class ValidateArgs(EstimatorsOptions, EngineOptions, DataOptions, DataSource, Mo
 def check_args(args: ValidateArgs) -> list[str]:
     """Option checks that need no model; returns the estimators (deduplicated, in order)."""
     validate(score_args(args), "validate")
-    names = list(dict.fromkeys(args.estimators))
-    unknown = [e for e in names if e not in gram_estimators()]
-    if unknown or not names:
-        raise UserError(f"unknown estimator {(unknown or [''])[0]!r} (use {', '.join(gram_estimators())})")
+    names = args.estimator_names()
     if args.target == "lora":
         raise UserError("--target lora is not supported: validate trains and prunes the base projections (use attn, mlp, block or a regex)")
     if args.steps < 1 or args.ft_batch_size < 1 or args.eval_batch_size < 1:
@@ -74,8 +71,6 @@ def check_args(args: ValidateArgs) -> list[str]:
         raise UserError(f"--task-items must be >= 1 (got {args.task_items})")
     if args.bootstrap_blocks < 2:
         raise UserError(f"--bootstrap-blocks must be >= 2 (got {args.bootstrap_blocks})")
-    if args.lissa_iterations < 1 or args.lissa_batch < 0:
-        raise UserError("--lissa-iterations must be >= 1 and --lissa-batch >= 0")
     return names
 
 
