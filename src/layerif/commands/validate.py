@@ -12,7 +12,6 @@ import torch
 from .. import progress
 from ..compare import block_influence
 from ..errors import UserError
-from ..influence import gram_estimators
 from ..io import output_folder, overwrite_field, prepare_out_dir, pyplot, write_figure, write_json, write_text
 from ..models import select_targets
 from ..options import DataOptions, DataSource, EngineOptions, ModelOptions, option
