@@ -646,3 +646,17 @@ def test_out_is_the_current_folder_or_the_root(tiny_model_dir, work, capsys, mon
     for out in (".", "/", ".."):
         argv[argv.index("--out") + 1] = out
         fails(capsys, argv, f"--out {out} is (or holds) the current folder", work)
+
+
+@pytest.mark.parametrize("argv", [
+    ["score"],
+    ["compare-tasks", "--tasks", "capitals,addition"],
+    ["compare-estimators"],
+    ["validate"],
+    ["compare-pruning", "--allocations", "uniform"],
+    ["compare-moe", "--allocations", "uniform"],
+], ids=lambda a: a[0])
+def test_every_command_refuses_a_foreign_out_before_the_model(work, capsys, no_model_load, argv):
+    (work / "mine").mkdir()
+    (work / "mine" / "notes.txt").write_text("keep me")
+    fails(capsys, [*argv, "--out", str(work / "mine"), "--quiet"], "holds files that are not a layerif result", work)
