@@ -86,3 +86,21 @@ def test_nccl_groups_communicate_on_this_ranks_gpu(monkeypatch):
     assert distributed.comm_device() == torch.device("cuda", 3)
     monkeypatch.setattr(distributed.dist, "get_backend", lambda *a: "gloo")
     assert distributed.comm_device() == torch.device("cpu")
+
+
+def test_one_process_torchrun_joins_its_group_and_runs_the_collectives(monkeypatch):
+    """A 1-process torchrun run (what bench/gpu_check.sh runs on one GPU) is in a group, so its collectives
+    go through the backend rather than being skipped."""
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+    for k, v in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", LOCAL_RANK="0",
+                     WORLD_SIZE="1").items():
+        monkeypatch.setenv(k, v)
+    calls = []
+    real = distributed.dist.all_gather
+    monkeypatch.setattr(distributed.dist, "all_gather", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with distributed.process_group(torch.device("cpu")) as joined:
+        assert joined and distributed.world() == (0, 1)
+        rows = torch.arange(6.0).view(3, 2)
+        torch.testing.assert_close(distributed.all_gather_rows(rows), rows)
+        torch.testing.assert_close(distributed.all_reduce_sum(rows.clone()), rows)
+    assert calls and not distributed.dist.is_initialized()
