@@ -222,7 +222,7 @@ def test_compare_estimators_d_below_n(main, tmp_path, capsys):
     out = tmp_path / "est"
     argv = ["compare-estimators", "--model", str(d), "--train", train, "--val", val, "--target", "k_proj", "--out",
             str(out), "--quiet", "--batch-size", "20", "--damping-scale", "300", "--lissa-iterations", "200",
-            "--bootstrap", "20", "--split-half", "--top-k", "2"]
+            "--bootstrap", "20", "--split-half", "--top-k", "2", "--peers", ""]
     assert main(argv) == 0
     doc = json.loads((out / "estimators.json").read_text())
     assert doc["estimators"] == ["datainf", "exact", "grad-dot", "lissa"] and len(doc["pairs"]) == 6

@@ -73,3 +73,33 @@ def test_ekfac_without_kronfluence_says_how_to_install(monkeypatch):
     monkeypatch.setattr(ekfac, "available", lambda: False)
     with pytest.raises(UserError, match="pip install --no-deps kronfluence"):
         compute(lm, train, val, "attn", "ekfac", batch_size=4)
+
+
+def test_compare_estimators_includes_ekfac_when_installed(tiny_model_dir, tmp_path, capsys):
+    import json
+
+    from safetensors.torch import load_file
+
+    from layerif.cli import main
+    from layerif.data import encode_split
+    from layerif.models import LoadedModel, load_model
+
+    texts = ["the capital of france is paris", "one plus two equals three", "the cat is in the house",
+             "berlin is the capital of germany", "four plus five equals nine"]
+    train, val = tmp_path / "t.jsonl", tmp_path / "v.jsonl"
+    train.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    val.write_text(json.dumps({"text": "rome is the capital of italy"}) + "\n")
+    out = tmp_path / "est"
+    assert main(["compare-estimators", "--model", str(tiny_model_dir), "--train", str(train), "--val", str(val),
+                 "--estimators", "exact,grad-dot", "--batch-size", "3", "--out", str(out), "--quiet"]) == 0
+    capsys.readouterr()
+    doc = json.loads((out / "estimators.json").read_text())
+    assert doc["estimators"] == ["exact", "grad-dot", "ekfac"] and len(doc["pairs"]) == 3
+    lm = load_model(str(tiny_model_dir), device="cpu")
+    tr = encode_split(lm.tokenizer, [{"text": t} for t in texts], "train")[0]
+    va = encode_split(lm.tokenizer, [{"text": "rome is the capital of italy"}], "validation")[0]
+    ref = compute(LoadedModel(lm.model, lm.tokenizer, lm.name), tr, va, "attn", "ekfac", batch_size=3)
+    got = load_file(out / "influence.safetensors")
+    for l in ref.layers:
+        torch.testing.assert_close(got[f"ekfac.layer.{l}"].double(), ref.influence[l], rtol=1e-5,
+                                   atol=1e-6 * float(ref.influence[l].abs().max()))

@@ -259,6 +259,11 @@ def _kronfluence_installed() -> bool:
 register(Estimator("ekfac", None, direct=_ekfac, installed=_kronfluence_installed))
 
 
+def peer_estimators() -> list[str]:
+    """The registered estimators a peer library computes on the model itself (``direct``) whose library is installed."""
+    return [n for n, e in ESTIMATORS.items() if e.direct is not None and e.installed()]
+
+
 def gram_estimators() -> list[str]:
     """The registered estimators with a Gram form (computable from one set of shared statistics)."""
     return [n for n, e in ESTIMATORS.items() if e.gram is not None]

@@ -7,12 +7,12 @@ from dataclasses import dataclass
 from .. import __version__, progress
 from ..compare import agreement, block_influence, estimators_figure, per_block_max
 from ..errors import UserError
-from ..influence import damping, datainf_bound, gram_estimators, lissa_residual
+from ..influence import ESTIMATORS, damping, datainf_bound, gram_estimators, lissa_residual, peer_estimators
 from ..io import write_safetensors
 from ..models import select_targets
 from ..options import DataOptions, DataSource, EngineOptions, ModelOptions, StabilityOptions, option
 from ..io import overwrite_field
-from ..scores import default_max_memory_gb, load_checked, module_stats, prepare, validate
+from ..scores import compute, default_max_memory_gb, load_checked, module_stats, prepare, validate
 from ..stability import bootstrap, fmt, layer_scores, split_half_from_stats, top_k_blocks
 from .base import register
 from .compare import Comparison
@@ -49,6 +49,8 @@ class EstimatorsOptions:
 class CompareEstimatorsArgs(EstimatorsOptions, StabilityOptions, EngineOptions, DataOptions, DataSource, ModelOptions):
     """Apply several influence estimators to the same gradients and compare their block rankings."""
 
+    peers: list[str] = option(peer_estimators(), "estimators a peer library computes on the model itself, beside "
+                              "the Gram ones (ekfac: Kronfluence EK-FAC, included when installed; empty: none)")
     out: str = option("out/compare-estimators", "output folder")
     overwrite: bool = overwrite_field()
 
@@ -63,6 +65,13 @@ def run(args: CompareEstimatorsArgs) -> str:
     """``layerif compare-estimators``: estimators.json, estimators.csv, agreement.csv, estimators.png,
     influence.safetensors (``{estimator}.layer.{l}``), config.json and the report."""
     names = validate_estimators(args)
+    peers = list(dict.fromkeys(p for p in args.peers if p))
+    bad = [p for p in peers if p not in ESTIMATORS or ESTIMATORS[p].direct is None]
+    if bad:
+        raise UserError(f"--peers: {bad[0]!r} is not a peer estimator (use {', '.join(n for n, e in ESTIMATORS.items() if e.direct) or 'none'})")
+    if set(peers) & set(names):
+        raise UserError("an estimator is in both --estimators and --peers")
+    names = names + peers
     sargs = score_args(args, mode="materialized", resume=False)
     with Comparison("compare-estimators", args, ()) as cmp:
         return _estimate(args, sargs, names, cmp)
@@ -77,7 +86,11 @@ def _estimate(args: CompareEstimatorsArgs, sargs, names: list[str], cmp: Compari
                                     args.max_memory or default_max_memory_gb(), args.layout)
     opts = dict(damping_scale=args.damping_scale, lissa_iterations=args.lissa_iterations,
                 lissa_batch=args.lissa_batch, seed=sargs.resample_seed)
-    influence = {e: block_influence(stats, targets, e, **opts) for e in names}
+    gram = [e for e in names if ESTIMATORS[e].direct is None]
+    influence = {e: block_influence(stats, targets, e, **opts) for e in gram}
+    for e in names[len(gram):]:  # peers: their own passes on the same records, targets, loss and damping
+        progress.info(f"{e}: computed by its library on the model")
+        influence[e] = compute(lm, train, val, args.target, e, args.damping_scale, batch_size=args.batch_size).influence
     layers = sorted(next(iter(influence.values())))
     scores = {e: layer_scores(influence[e]) for e in names}
     pairs = agreement(layers, influence, args.top_k)
@@ -89,8 +102,10 @@ def _estimate(args: CompareEstimatorsArgs, sargs, names: list[str], cmp: Compari
                  "datainf_bound": per_block_max(targets, {t.name: datainf_bound(stats[t.name], lam[t.name])
                                                           if lam[t.name] > 0 else 0.0 for t in targets}),
                  "lambda": lam, "passes": passes}
-    notes = ["EK-FAC (kronfluence) is not included: kronfluence requires torchvision, which installs another torch "
-             "build, and EK-FAC needs its own covariance passes rather than these shared Gram statistics."]
+    notes = [f"{e}: computed by Kronfluence with its own passes (factor fitting, then scores) on the same records, "
+             "target modules, per-sample loss and damping; not from the shared Gram statistics" for e in names[len(gram):]]
+    if not names[len(gram):]:
+        notes.append("EK-FAC is not included: Kronfluence is not installed (make peer).")
     if "lissa" in names:
         if args.lissa_batch == 0:
             doc["lissa_residual"] = per_block_max(targets, {t.name: lissa_residual(stats[t.name], lam[t.name],
@@ -107,7 +122,7 @@ def _estimate(args: CompareEstimatorsArgs, sargs, names: list[str], cmp: Compari
         doc["rank_stability"] = {e: boots[e]["rank_stability"] for e in names}
     if args.split_half:
         doc["split_half"] = {e: split_half_from_stats(stats, lambda s, e=e: block_influence(s, targets, e, **opts),
-                                                      args.top_k, sargs.resample_seed) for e in names}
+                                                      args.top_k, sargs.resample_seed) for e in gram}
     doc |= {"notes": notes, "version": __version__}
     write_safetensors(cmp.out / "influence.safetensors",
                       {f"{e}.layer.{l}": influence[e][l].float() for e in names for l in layers})
