@@ -10,7 +10,8 @@ import torch
 from layerif.budget import METER, streaming_bytes, streaming_plan
 from layerif.errors import UserError
 from layerif.models import select_targets
-from layerif.scores import compute, plan_layouts
+from layerif.engine import plan_layouts
+from layerif.scores import compute
 from test_streaming import _setup
 
 

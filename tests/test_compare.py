@@ -13,7 +13,7 @@ from conftest import TINY_VOCAB, make_tokenizer, tiny_model
 from layerif import cli
 from layerif.compare import block_influence, heatmap_figure, shares
 from layerif.data import encode_split
-from layerif.grads import per_sample_grads
+from layerif.engine import per_sample_grads
 from layerif.influence import (ModuleStats, damping, datainf_bound, lissa_influence, lissa_residual, lissa_scale,
                                module_influence)
 from layerif.models import select_targets

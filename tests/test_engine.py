@@ -7,10 +7,12 @@ import torch
 
 from conftest import make_tokenizer, tiny_model
 from layerif.data import encode, encode_split
-from layerif.grads import flat_params, per_sample_grads
+from layerif.engine import per_sample_grads
+from layerif.grads import flat_params
 from layerif.influence import ModuleStats, damping, module_influence
 from layerif.models import LoadedModel, find_blocks, select_targets
-from layerif.scores import aggregate, compute, plan_layouts
+from layerif.engine import plan_layouts
+from layerif.scores import aggregate, compute
 
 TEXTS = [
     "the capital of france is paris",

@@ -58,7 +58,7 @@ def test_module_ratios_override_their_block():
     assert targets[name] == 0.9
     assert P.achieved_sparsity(model)[1][name] == pytest.approx(0.9, abs=1e-3)
     with pytest.raises(UserError, match="not a prunable module"):
-        P.module_targets(model, [0.5] * 3, {"lm_head": 0.5})
+        P.module_sparsity(model, [0.5] * 3, {"lm_head": 0.5})
 
 
 def direct_wanda(model, windows, ratios) -> None:

@@ -138,7 +138,7 @@ def test_split_half_recompute_equals_rescoring_gram_subsets():
     """Two independent routes to the same halves: new gradient passes per half vs K[A, A], P[A] of one pass."""
     from layerif.compare import block_influence
     from layerif.models import select_targets
-    from layerif.scores import module_stats
+    from layerif.engine import module_stats
 
     lm = LoadedModel(model=tiny_model("llama", n_layers=3, seed=6), tokenizer=make_tokenizer(), name="tiny")
     train = encode_split(lm.tokenizer, [{"text": t} for t in random_texts(10, seed=5)], "train")[0]

@@ -12,7 +12,8 @@ from conftest import make_tokenizer, tiny_model
 from layerif.data import encode_split
 from layerif.grads import dense_from_activations, dots, sq_norms, weighted_sum
 from layerif.models import LoadedModel, select_targets
-from layerif.scores import choose_mode, compute, plan_layouts
+from layerif.engine import plan_layouts
+from layerif.scores import choose_mode, compute
 from test_engine import TEXTS
 
 
@@ -112,15 +113,14 @@ def test_non_finite_gradients_are_reported_not_summed(mode):
 
 @pytest.mark.parametrize("mode", ["streaming", "materialized"])
 def test_killed_run_resumes_from_completed_passes(tmp_path, monkeypatch, mode):
-    import layerif.scores as scores
-    import layerif.streaming as streaming
+    import layerif.engine as engine
 
     lm, train, val = _setup("gpt2", seed=6)
     kw = dict(target="attn", estimator="datainf", damping_scale=0.1, batch_size=3, mode=mode, cache_dir=tmp_path / "c")
     if mode == "materialized":  # the budget of the largest module: module groups of one or two
         kw["max_memory_gb"] = max(plan_layouts(select_targets(lm.model, "attn"), train, val, False)[1].values()) / 1e9
     fresh = compute(lm, train, val, **{**kw, "cache_dir": None})
-    module, name = (streaming, "_pass") if mode == "streaming" else (scores, "_grad_pass")
+    module, name = engine, "run_pass"  # the one forward+backward pass of both engines
     real, calls = getattr(module, name), {"n": 0}
 
     def dies_on_third_pass(*a, **k):

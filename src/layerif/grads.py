@@ -371,24 +371,3 @@ def losses_and_backward(model: nn.Module, batch: dict[str, torch.Tensor]) -> tor
         raise NonFinite("loss", row, first_nonfinite_module(model, batch, row))
     torch.autograd.grad(losses.sum(), emb)
     return losses.detach()
-
-
-def per_sample_grads(
-    model: nn.Module,
-    targets: Sequence[Target],
-    records: Sequence[Encoded],
-    pad_id: int,
-    batch_size: int = 8,
-) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """All per-sample gradients of ``targets`` for ``records`` (small problems and tests).
-
-    Returns ({target name: [n, d]}, losses [n]). Production code streams batches
-    through :func:`capture` instead of holding everything.
-    """
-    device = next(model.parameters()).device
-    out: dict[str, list[torch.Tensor]] = {t.name: [] for t in targets}
-    losses = []
-    with capture(model, targets, lambda t, x, d: out[t.name].append(dense_from_activations(t.module, x, d).cpu())):
-        for chunk in batches(list(records), batch_size):
-            losses.append(losses_and_backward(model, collate(chunk, pad_id, device)).cpu())
-    return {k: torch.cat(v) for k, v in out.items()}, torch.cat(losses)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from . import progress
-from .data import Encoded
+from .data import Encoded, pad_id
 from .errors import UserError
 from .models import LoadedModel
 
@@ -55,6 +55,6 @@ def prepare_lora(
         from .train import TrainConfig, train_encoded
 
         config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup=0.1, seed=seed)
-        losses = train_encoded(lm.model, lm.tokenizer.pad_token_id, train, config).losses
+        losses = train_encoded(lm.model, pad_id(lm.tokenizer), train, config).losses
         progress.info(f"LoRA fine-tuning: loss {losses[0]:.3f} -> {losses[-1]:.3f} over {steps} steps")
     return lm

@@ -22,10 +22,6 @@ def enable(on: bool = True) -> None:
     _enabled = on
 
 
-def enabled() -> bool:
-    return _enabled
-
-
 def track(items: Iterable[T], desc: str, total: int | None = None, unit: str = "it") -> Iterator[T]:
     """Iterate over ``items``, showing a progress bar on stderr when enabled."""
     if not _enabled:

@@ -75,7 +75,7 @@ def prunable_params(model: nn.Module) -> np.ndarray:
     return counts
 
 
-def module_targets(model: nn.Module, ratios, module_ratios: dict[str, float] | None = None) -> dict[str, float]:
+def module_sparsity(model: nn.Module, ratios, module_ratios: dict[str, float] | None = None) -> dict[str, float]:
     """The sparsity of each prunable module: its block's ratio, unless ``module_ratios`` names it."""
     mods = prunable_modules(model)
     r = np.asarray(ratios, dtype=np.float64).reshape(-1)
@@ -379,18 +379,18 @@ def prune_model(
     N:M sparsity and the ratios are not used.
     """
     check_method(method)
-    targets = module_targets(model, ratios, module_ratios)
+    sparsity = module_sparsity(model, ratios, module_ratios)
     if method == "magnitude":
         for name, (_, mod) in progress.track(prunable_modules(model).items(), desc="magnitude pruning", unit="matrix"):
-            prune_module(mod, method, targets[name], nm=nm)
-        return targets
+            prune_module(mod, method, sparsity[name], nm=nm)
+        return sparsity
     if windows is None:
         raise ValueError(f"{method} needs calibration windows")
     prefix, _ = find_blocks(model)
     for idx, block, stats in calibrate(model, windows, hessian=(method == "sparsegpt")):
         for rel, mod in projections(block).items():
-            prune_module(mod, method, targets[f"{prefix}.{idx}.{rel}"], stats[rel], nm, damping, block_size)
-    return targets
+            prune_module(mod, method, sparsity[f"{prefix}.{idx}.{rel}"], stats[rel], nm, damping, block_size)
+    return sparsity
 
 
 def outlier_ratios(model: nn.Module, windows: torch.Tensor, m: float = OWL_M) -> np.ndarray:

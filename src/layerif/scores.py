@@ -1,6 +1,8 @@
 """LayerIF scores: per-block influence of train samples on the validation loss.
 
-The pipeline, for each targeted module m of block l:
+This module chooses the engine (:func:`choose_mode`; the engines and their one
+forward+backward pass are in :mod:`layerif.engine`) and aggregates module
+influences into blocks. The pipeline, for each targeted module m of block l:
 
 1. v_m: gradient of the summed validation loss (or per-validation-sample
    gradients with ``per_val``), from hooks (:mod:`layerif.grads`);
@@ -20,44 +22,24 @@ helpful influence in block l. Other aggregations are reported beside it.
 from __future__ import annotations
 
 import math
-import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from . import progress, stability
-from .budget import METER, gram_bytes, plan_groups, too_small
+from .budget import plan_groups
 from .cache import PassCache, fingerprint
-from .data import Encoded, Fields, batches, check_records, collate, encode_split, load_records, n_distinct, records_note
+from .data import Encoded, Fields, check_records, encode_split, load_records, n_distinct, pad_id, records_note
 from .distributed import world
+from .engine import memory_budget, module_stats, plan_layouts, streaming_influence
 from .errors import UserError
-from .grads import (
-    Factored,
-    NonFinite,
-    capture,
-    check_pass_memory,
-    dense_from_activations,
-    gram,
-    losses_and_backward,
-    record_losses,
-)
+from .grads import check_pass_memory, record_losses
 from .influence import ESTIMATORS, EstimatorOptions, ModuleStats, damping, estimate, get_estimator
 from .io import CACHE_DIR, check_out_dir, overwrite_field, sibling
-from .models import (
-    LoadedModel,
-    Target,
-    check_selector,
-    context_length,
-    find_blocks,
-    input_device,
-    select_targets,
-    weight_out_in,
-)
+from .models import LoadedModel, Target, check_selector, context_length, find_blocks, select_targets
 from .options import DataOptions, DataSource, EngineOptions, ModelOptions, RunOptions, StabilityOptions, option
-from .streaming import check_finite, streaming_influence
 
 AGGREGATIONS = ("helpful", "sum", "mean_abs", "helpful_share")
 
@@ -119,145 +101,6 @@ def aggregate(I: torch.Tensor) -> dict[str, float]:
 # ----------------------------------------------------------------------------- engine
 
 
-def _layout(t: Target, n: int, n_tokens: int, prefer: str = "auto") -> tuple[str, float]:
-    """How to hold a module's per-sample gradients for n samples of n_tokens real tokens in all.
-
-    ``factored`` (token factors, :class:`~layerif.grads.Factored`) when its Gram
-    costs fewer flops than forming dense gradients and their Gram, else
-    ``dense``; ``prefer`` forces one. Returns (layout, bytes it needs at the module's statistics dtype).
-    """
-    size = t.stat_dtype.itemsize
-    out_f, in_f = weight_out_in(t.module).shape
-    in_f += getattr(t.module, "bias", None) is not None
-    factored_flops = n_tokens**2 * (in_f + out_f)
-    dense_flops = (n_tokens + n * n) * in_f * out_f
-    if prefer == "factored" or (prefer == "auto" and factored_flops <= dense_flops):
-        return "factored", float(size * n_tokens * (in_f + out_f))
-    return "dense", float(size * n * t.numel)
-
-
-def plan_layouts(
-    targets: list[Target], train: list[Encoded], val: list[Encoded], per_val: bool, prefer: str = "auto"
-) -> tuple[tuple[dict, dict], dict[str, float]]:
-    """Per-module layouts of the train and validation gradients, and the bytes each module holds in the
-    materialized engine (:mod:`layerif.budget`): its gradients and its Gram matrices K and P."""
-    tokens = lambda recs: sum(len(e.input_ids) for e in recs)  # noqa: E731
-    layout_t = {t.name: _layout(t, len(train), tokens(train), prefer) for t in targets}
-    layout_v = {t.name: (_layout(t, len(val), tokens(val), prefer) if per_val
-                         else ("summed", float(t.stat_dtype.itemsize * t.numel))) for t in targets}
-    k = len(val) if per_val else 1
-    cost = {t.name: layout_t[t.name][1] + layout_v[t.name][1] + gram_bytes(len(train), k) for t in targets}
-    return (layout_t, layout_v), cost
-
-
-def _grad_pass(
-    model: torch.nn.Module,
-    targets: list[Target],
-    records: list[Encoded],
-    pad_id: int,
-    batch_size: int,
-    desc: str,
-    layout: dict[str, str],
-) -> tuple[dict[str, torch.Tensor | Factored], torch.Tensor]:
-    """One forward+backward pass over ``records``.
-
-    Returns ({name: gradients}, losses [n]). Per module, by ``layout[name]``:
-    ``summed`` -> [1, d] gradient of the summed loss; ``dense`` -> [n, d]
-    per-sample gradients; ``factored`` -> :class:`Factored` per-sample gradients.
-    """
-    device = input_device(model)
-    n = len(records)
-    n_tokens = sum(len(e.input_ids) for e in records)
-    grads: dict[str, torch.Tensor | Factored] = {
-        t.name: (Factored.allocate(t.module, n_tokens, n, t.stat_dtype, t.device, METER.zeros)
-                 if layout[t.name] == "factored" else
-                 METER.zeros((1 if layout[t.name] == "summed" else n), t.numel, device=t.device, dtype=t.stat_dtype))
-        for t in targets
-    }
-    losses = torch.zeros(n, dtype=torch.float64)
-    state = {"offset": 0, "mask": None}
-    filled = {t.name: 0 for t in targets}
-
-    def sink(t: Target, x: torch.Tensor, delta: torch.Tensor) -> None:
-        kind, o = layout[t.name], state["offset"]
-        if kind == "factored":
-            filled[t.name] = grads[t.name].fill(filled[t.name], x, delta, state["mask"], o)
-        elif kind == "summed":
-            grads[t.name][0] += dense_from_activations(t.module, x, delta).sum(dim=0)
-        else:
-            grads[t.name][o : o + x.shape[0]] = dense_from_activations(t.module, x, delta)
-
-    with capture(model, targets, sink):
-        for chunk in progress.track(batches(records, batch_size), desc=desc, unit="batch"):
-            batch = collate(chunk, pad_id, device)
-            state["mask"] = batch["attention_mask"]
-            try:
-                loss = losses_and_backward(model, batch)
-            except NonFinite as exc:  # desc starts with the split's name
-                raise exc.at(desc.split()[0], state["offset"]) from None
-            losses[state["offset"] : state["offset"] + len(chunk)] = loss.double().cpu()
-            state["offset"] += len(chunk)
-    return grads, losses
-
-
-def module_stats(
-    model: torch.nn.Module,
-    targets: list[Target],
-    train: list[Encoded],
-    val: list[Encoded],
-    pad_id: int,
-    per_val: bool = False,
-    batch_size: int = 8,
-    max_memory_gb: float = 2.0,
-    layout: str = "auto",
-    cache: PassCache | None = None,
-    reduce: Callable[[Target, ModuleStats], None] | None = None,
-) -> tuple[dict[str, ModuleStats], torch.Tensor, int]:
-    """Gram statistics of every target. Returns ({name: stats}, train losses [n], passes run).
-
-    Targets go in groups whose gradients and Gram matrices fit ``max_memory_gb``
-    (:mod:`layerif.budget`); each group costs a validation and a train pass. With
-    ``reduce``, each module's statistics are handed to it as soon as its group is
-    done and not kept (the returned dict is empty), so no more than one group's
-    are ever held. Each completed module group is recorded in ``cache`` and skipped on a re-run.
-    """
-    cache = cache or PassCache(None)
-    (layout_t, layout_v), cost = plan_layouts(targets, train, val, per_val, layout)
-    budget = max_memory_gb * 1e9
-    big = max(targets, key=lambda t: cost[t.name])
-    if cost[big.name] > budget:
-        raise too_small(budget, cost[big.name], f"module {big.name} (its gradients and Gram matrices)")
-    groups = plan_groups(targets, cost, budget)
-    stats: dict[str, ModuleStats] = {}
-    passes = 0
-    train_loss = torch.zeros(0)
-    keep = reduce or (lambda t, s: stats.__setitem__(t.name, s))
-    for gi, group in enumerate(groups):
-        done = cache.load(f"group{gi}")
-        if done is not None:
-            for t in group:
-                keep(t, ModuleStats(K=done[f"{t.name}.K"], P=done[f"{t.name}.P"], d=t.numel))
-            train_loss = done["train_loss"]
-            continue
-        tag = f" (group {gi + 1}/{len(groups)})" if len(groups) > 1 else ""
-        V, _ = _grad_pass(model, group, val, pad_id, batch_size, f"validation gradients{tag}",
-                          {t.name: layout_v[t.name][0] for t in group})
-        G, train_loss = _grad_pass(model, group, train, pad_id, batch_size, f"train gradients{tag}",
-                                   {t.name: layout_t[t.name][0] for t in group})
-        passes += 2
-        saved = {"train_loss": train_loss}
-        for t in group:
-            g, v = G.pop(t.name), V.pop(t.name)
-            s = ModuleStats(K=METER.track(gram(g, g).cpu()), P=METER.track(gram(g, v).cpu()), d=t.numel)
-            del g, v
-            check_finite(torch.diagonal(s.K), "squared gradient norm", t.name)
-            saved |= {f"{t.name}.K": s.K, f"{t.name}.P": s.P}
-            keep(t, s)
-        cache.save(f"group{gi}", saved)
-        del saved, s
-    return stats, train_loss, passes
-
-
 def gram_influence(
     stats: dict[str, ModuleStats], targets: list[Target], estimator: str, damping_scale: float,
     options: EstimatorOptions = EstimatorOptions(),
@@ -269,14 +112,6 @@ def gram_influence(
         lambdas[t.name] = lam = damping(stats[t.name], damping_scale)
         inf[t.name] = estimate(stats[t.name], estimator, lam, options).T
     return inf, lambdas
-
-
-def default_max_memory_gb() -> float:
-    """Gradient-buffer budget from the machine: half the free GPU memory, or a fifth of the RAM."""
-    if torch.cuda.is_available():
-        free, _ = torch.cuda.mem_get_info()
-        return free / 2 / 1e9
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 5 / 1e9
 
 
 def choose_mode(mode: str, estimator: str, groups: int, world_size: int) -> str:
@@ -315,7 +150,7 @@ def compute(
     """Score every block of ``lm`` with train records ``train`` against validation records ``val``.
 
     ``mode``: ``materialized`` (Gram statistics; all estimators), ``streaming``
-    (:mod:`layerif.streaming`; datainf and grad-dot, memory of a few gradients),
+    (:func:`layerif.engine.streaming_influence`; the estimators with a streaming form, memory of a few gradients),
     or ``auto`` (:func:`choose_mode`). With ``cache_dir`` (single process), every
     completed pass is kept there and a re-run with the same model, data and
     options resumes after the last one; the caller removes it when done.
@@ -328,8 +163,8 @@ def compute(
     start = time.perf_counter()
     check_pass_memory(lm.model, {"train": train, "validation": val}, batch_size)
     targets = select_targets(lm.model, target)
-    pad_id = lm.tokenizer.pad_token_id
-    budget = (max_memory_gb or default_max_memory_gb()) * 1e9
+    pad = pad_id(lm.tokenizer)
+    budget = memory_budget(max_memory_gb)  # bytes, once for the run
     layouts, cost = plan_layouts(targets, train, val, per_val, layout)
     fits = max(cost.values()) <= budget  # else the materialized engine cannot hold even one module
     chosen = choose_mode(mode, estimator, len(plan_groups(targets, cost, budget)) if fits else 10**9, world()[1])
@@ -354,17 +189,17 @@ def compute(
 
     direct = get_estimator(estimator).direct
     if direct is not None:
-        *found, passes = direct(lm.model, targets, train, val, pad_id, damping_scale, per_val, batch_size)
+        *found, passes = direct(lm.model, targets, train, val, pad, damping_scale, per_val, batch_size)
         add(*found)
-        train_loss = record_losses(lm.model, train, pad_id, batch_size)
+        train_loss = record_losses(lm.model, train, pad, batch_size)
         chosen = estimator
     elif chosen == "streaming":
-        *found, train_loss, passes = streaming_influence(lm.model, targets, train, val, pad_id, estimator, damping_scale,
+        *found, train_loss, passes = streaming_influence(lm.model, targets, train, val, pad, estimator, damping_scale,
                                                          per_val, batch_size, val_chunk, cache, budget)
         add(*found)
     else:  # each module reduced to its influence as soon as its group is done (module_stats' reduce)
         _, train_loss, passes = module_stats(
-            lm.model, targets, train, val, pad_id, per_val, batch_size, budget / 1e9, layout, cache,
+            lm.model, targets, train, val, pad, per_val, batch_size, budget, layout, cache,
             reduce=lambda t, s: add(*gram_influence({t.name: s}, [t], estimator, damping_scale)))
     layers = sorted(blocks)
     influence = {l: (blocks[l] if per_val else blocks[l][0]) for l in layers}

@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from . import __version__, progress
-from .data import Encoded
+from .data import Encoded, pad_id
 from .evaluate import mc_accuracy
 from .grads import record_losses
 from .models import Target, find_blocks, projections, weight_out_in
@@ -150,7 +150,7 @@ def prune_sensitivity(
     ``base_accuracy``.
     """
     check_method(method)
-    pad = tokenizer.pad_token_id
+    pad = pad_id(tokenizer)
     accuracy = (lambda: mc_accuracy(model, tokenizer, accuracy_records, eval_batch_size)) if accuracy_records else None
     base_loss = mean_loss(model, val, pad, eval_batch_size)
     base_acc = accuracy() if accuracy else None
@@ -257,7 +257,7 @@ def ground_truth(lm, train: list[Encoded], val: list[Encoded], targets: list[Tar
     measurement part of validation.json: ``layers``, ``fine_tune``, ``pruning``,
     ``base``, ``fine_tune_gain``, ``prune_sensitivity``, ``seconds``.
     """
-    model, pad = lm.model, lm.tokenizer.pad_token_id
+    model, pad = lm.model, pad_id(lm.tokenizer)
     acc_source = accuracy_source(opts)
     acc_records = test_records(acc_source, opts.task_items) if acc_source else None
     t0 = time.perf_counter()

@@ -6,13 +6,15 @@ from dataclasses import dataclass
 
 from .. import __version__, progress
 from ..compare import agreement, block_influence, estimators_figure, per_block_max
+from ..data import pad_id
 from ..errors import UserError
 from ..influence import ESTIMATORS, damping, datainf_bound, gram_estimators, lissa_residual, peer_estimators
 from ..io import write_safetensors
 from ..models import select_targets
 from ..options import DataOptions, DataSource, EngineOptions, ModelOptions, StabilityOptions, option
 from ..io import overwrite_field
-from ..scores import compute, default_max_memory_gb, load_checked, module_stats, prepare, validate
+from ..engine import memory_budget, module_stats
+from ..scores import compute, load_checked, prepare, validate
 from ..stability import bootstrap, fmt, layer_scores, split_half_from_stats, top_k_blocks
 from .base import register
 from .compare import Comparison
@@ -82,8 +84,8 @@ def _estimate(args: CompareEstimatorsArgs, sargs, names: list[str], cmp: Compari
     lm, train, val, label, counts = prepare(sargs, *load_checked(sargs))
     targets = select_targets(lm.model, args.target)
     progress.info(f"Gram statistics of {len(targets)} modules: {len(train)} train x {len(val)} validation records")
-    stats, _, passes = module_stats(lm.model, targets, train, val, lm.tokenizer.pad_token_id, False, args.batch_size,
-                                    args.max_memory or default_max_memory_gb(), args.layout)
+    stats, _, passes = module_stats(lm.model, targets, train, val, pad_id(lm.tokenizer), False, args.batch_size,
+                                    memory_budget(args.max_memory), args.layout)
     opts = dict(damping_scale=args.damping_scale, lissa_iterations=args.lissa_iterations,
                 lissa_batch=args.lissa_batch, seed=sargs.resample_seed)
     gram = [e for e in names if ESTIMATORS[e].direct is None]

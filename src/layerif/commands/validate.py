@@ -11,6 +11,7 @@ import torch
 
 from .. import progress
 from ..compare import block_influence
+from ..data import pad_id
 from ..errors import UserError
 from ..io import output_folder, overwrite_field, prepare_out_dir, pyplot, write_figure, write_json, write_text
 from ..models import select_targets
@@ -18,7 +19,8 @@ from ..options import DataOptions, DataSource, EngineOptions, ModelOptions, opti
 from ..prune import METHODS, check_method
 from ..report import ESTIMATOR_LABEL, TRUTHS, spearman_rows, validation_reading, validation_truths, write_report
 from ..results import write_config
-from ..scores import default_max_memory_gb, load_checked, module_stats, prepare, validate
+from ..engine import memory_budget, module_stats
+from ..scores import load_checked, prepare, validate
 from ..stability import fmt
 from ..validate import ground_truth, validation_doc
 from .base import register
@@ -81,8 +83,8 @@ def compute(args: ValidateArgs, lm=None) -> dict:
     targets = select_targets(lm.model, args.target)
     t0 = time.perf_counter()
     progress.info(f"Gram statistics of {len(targets)} modules: {len(train)} train x {len(val)} validation records")
-    stats, _, passes = module_stats(lm.model, targets, train, val, lm.tokenizer.pad_token_id, False, args.batch_size,
-                                    args.max_memory or default_max_memory_gb(), args.layout)
+    stats, _, passes = module_stats(lm.model, targets, train, val, pad_id(lm.tokenizer), False, args.batch_size,
+                                    memory_budget(args.max_memory), args.layout)
     influence = {e: block_influence(stats, targets, e, args.damping_scale, args.lissa_iterations, args.lissa_batch,
                                     args.seed) for e in names}
     seconds = time.perf_counter() - t0
