@@ -13,19 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import make_tokenizer, tiny_model
 from layerif import distributed
 from layerif.cli import main
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny-llama")
-    tiny_model("llama", n_layers=3, seed=7).save_pretrained(d)
-    make_tokenizer().save_pretrained(d)
-    return d
 
 
 def _records(tmp_path: Path) -> tuple[Path, Path]:
@@ -46,9 +37,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_torchrun_two_gloo_ranks_through_the_cli_equal_one_process(model_dir, tmp_path, capsys):
+def test_torchrun_two_gloo_ranks_through_the_cli_equal_one_process(tiny_model_dir, tmp_path, capsys):
     train, val = _records(tmp_path)
-    common = ["--model", str(model_dir), "--train", str(train), "--val", str(val), "--device", "cpu",
+    common = ["--model", str(tiny_model_dir), "--train", str(train), "--val", str(val), "--device", "cpu",
               "--per-val", "--batch-size", "2", "--quiet"]
     env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
     run = subprocess.run(
