@@ -72,6 +72,15 @@ def test_compare_tasks_agrees_with_per_task_scores(main, model_dir, two_tasks, t
         assert not (out / doc["folders"][t] / ".layerif-cache").exists()
     rho = spearman(per_task["caps"]["score"], per_task["arith"]["score"])
     assert doc["spearman"][0] == pytest.approx([1.0, rho]) and doc["spearman"][1] == pytest.approx([rho, 1.0])
+    # recomputed split-half by default; the cross-task Spearman against the tasks' own reliabilities
+    r = {t: per_task[t]["stability"]["split_half"]["spearman_brown"] for t in doc["tasks"]}
+    assert per_task["caps"]["stability"]["split_half"]["method"] == "recomputed"
+    (c,) = doc["cross_vs_within"]
+    assert (c["a"], c["b"], c["within_a"], c["within_b"]) == ("caps", "arith", r["caps"], r["arith"])
+    assert c["spearman"] == pytest.approx(rho)
+    if r["caps"] > 0 and r["arith"] > 0:
+        assert c["ceiling"] == pytest.approx((r["caps"] * r["arith"]) ** 0.5)
+    assert "conditional on λ and the Hessian" in (out / "report.md").read_text()
     with open(out / "spearman.csv") as f:
         rows = list(csv.reader(f))
     assert rows[0] == ["task", "caps", "arith"] and float(rows[1][2]) == pytest.approx(rho)

@@ -212,3 +212,20 @@ def test_cross_vs_within_is_the_attenuation_bound():
     assert ab["ceiling"] == pytest.approx(0.72) and ab["disattenuated"] == pytest.approx(0.5 / 0.72)
     assert ab["below_ceiling"] is True and ab["within_a"] == 0.81
     assert rows[1]["ceiling"] is None and rows[1]["disattenuated"] is None and rows[1]["below_ceiling"] is None
+
+
+def test_compare_estimators_validate_writes_the_validation_beside_the_agreement(tiny_model_dir, tmp_path):
+    train = _jsonl(tmp_path / "train.jsonl", [{"prompt": p, "completion": c} for p, c in TRAIN])
+    val = _jsonl(tmp_path / "val.jsonl", [{"prompt": p, "completion": c} for p, c in VAL])
+    mc = _jsonl(tmp_path / "mc.jsonl", MC)
+    out = tmp_path / "est"
+    rc = main(["compare-estimators", "--model", str(tiny_model_dir), "--train", train, "--val", val, "--validate",
+               "--estimators", "datainf,grad-dot", "--accuracy-task", mc, "--steps", "2", "--ft-batch-size", "2",
+               "--method", "magnitude", "--bootstrap-blocks", "50", "--out", str(out), "--quiet"])
+    assert rc == 0
+    est = json.loads((out / "estimators.json").read_text())
+    doc = json.loads((out / "validation.json").read_text())
+    assert doc["estimators"] == ["datainf", "grad-dot"] and doc["scores"]["datainf"]["score"] == est["score"]["datainf"]
+    assert est["validation"]["grad-dot"] == doc["spearman"]["grad-dot"]["score"]
+    assert (out / "validation.png").exists() and (out / "spearman.csv").exists()
+    assert "predicts fine-tune gain at ρ =" in (out / "report.md").read_text()

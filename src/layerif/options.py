@@ -16,9 +16,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .influence import ESTIMATORS
 from . import models
+from .errors import UserError
+from .influence import ESTIMATORS, gram_estimators
 from .models import LoadedModel
+from .prune import METHODS, check_method
 
 
 def option(default, help: str, **metadata):
@@ -116,3 +118,66 @@ class StabilityOptions:
     split_half: bool = option(False, "score two disjoint halves of the train records separately and compare their "
                                      "rankings")
     bootstrap_seed: int | None = option(None, "seed of the bootstrap resamples and the split halves (default: --seed)")
+
+
+@dataclass
+class EstimatorsOptions:
+    """Several estimators on one set of Gram statistics (``compare-estimators``, ``validate``)."""
+
+    estimators: list[str] = option(gram_estimators(), f"at least two of {', '.join(gram_estimators())}, comma-separated")
+    lissa_iterations: int = option(100, "LiSSA recursion steps T")
+    lissa_batch: int = option(0, "train records per LiSSA step (0: all, deterministic; k: seeded random mini-batches "
+                                 "of k)")
+
+    def estimator_names(self, at_least: int = 1) -> list[str]:
+        """The estimators to run (deduplicated, in the given order); unknown ones, fewer than ``at_least``
+        or bad LiSSA options are a :class:`UserError`."""
+        names = list(dict.fromkeys(self.estimators))
+        unknown = [e for e in names if e not in gram_estimators()]
+        if unknown or not names:
+            raise UserError(f"unknown estimator {(unknown or [''])[0]!r} (use {', '.join(gram_estimators())})")
+        if len(names) < at_least:
+            raise UserError(f"--estimators needs at least {'two' if at_least == 2 else at_least} estimators to compare "
+                            f"(got {','.join(names)})")
+        if self.lissa_iterations < 1:
+            raise UserError(f"--lissa-iterations must be >= 1 (got {self.lissa_iterations})")
+        if self.lissa_batch < 0:
+            raise UserError(f"--lissa-batch must be >= 0 (got {self.lissa_batch})")
+        return names
+
+
+@dataclass
+class GroundTruthOptions:
+    """What ``validate`` (and ``compare-estimators --validate``) measure per block (:mod:`layerif.validate`)."""
+
+    steps: int = option(10, "fine-tuning steps K per block")
+    lr: float = option(1e-4, "Adam learning rate of the per-block fine-tuning (linear decay)")
+    ft_batch_size: int = option(4, "train records per fine-tuning step")
+    sparsity: float = option(0.5, "sparsity s of the single pruned block, in (0, 1)")
+    method: str = option("wanda", "pruner", choices=METHODS)
+    n_calib: int = option(16, "calibration windows (wanda, sparsegpt)")
+    seqlen: int = option(128, "tokens per calibration window")
+    text: str | None = option(None, "calibration text file (default: built-in English corpus)")
+    accuracy_task: str | None = option(None, "built-in task or JSONL of {prompt, options, answer} for the accuracy "
+                                             "change (default: --task unless --train/--val are given; none: no accuracy)")
+    task_items: int = option(100, "test items of the accuracy task")
+    eval_batch_size: int = option(16, "sequences per evaluation batch")
+    bootstrap_blocks: int = option(1000, "bootstrap resamples of the blocks for the Spearman intervals")
+
+    def check_ground_truth(self) -> None:
+        """Bad ground-truth options are a :class:`~layerif.errors.UserError`."""
+        if self.steps < 1 or self.ft_batch_size < 1 or self.eval_batch_size < 1:
+            raise UserError("--steps, --ft-batch-size and --eval-batch-size must be >= 1")
+        if not self.lr > 0:
+            raise UserError(f"--lr must be > 0 (got {self.lr})")
+        if not 0 < self.sparsity < 1:
+            raise UserError(f"--sparsity must be in (0, 1) (got {self.sparsity})")
+        check_method(self.method)
+        if self.n_calib < 1:
+            raise UserError(f"--n-calib must be ≥ 1 (got {self.n_calib})")
+        if self.seqlen < 2:
+            raise UserError(f"--seqlen must be ≥ 2 (got {self.seqlen})")
+        if self.task_items < 1:
+            raise UserError(f"--task-items must be >= 1 (got {self.task_items})")
+        if self.bootstrap_blocks < 2:
+            raise UserError(f"--bootstrap-blocks must be >= 2 (got {self.bootstrap_blocks})")

@@ -25,7 +25,7 @@ from .data import records_note
 from .errors import UserError
 from .io import write_text
 from .results import read_config, read_scores
-from .stability import fmt, top_k_blocks
+from .stability import CONDITIONAL, fmt, top_k_blocks
 
 REPORT_FILES = ("report.md", "report.html")
 
@@ -229,7 +229,7 @@ def score_reading(doc: dict) -> list[str]:
         sure = [l for l, p in zip(boot["layers"], boot["p_top_k"]) if p >= 0.9]
         unsure = [(l, p) for l, p in zip(boot["layers"], boot["p_top_k"]) if 0.1 <= p < 0.9]
         text = (f"The ranking is {stability_word(rho)} ({fmt(rho, 2)}: mean Spearman correlation of {boot['B']} "
-                f"bootstrap resamples of the train records with the full-data ranking).")
+                f"bootstrap resamples of the train records with the full-data ranking, {CONDITIONAL}).")
         if sure:
             text += f" Blocks {block_ranges(sure)} are in the top {k} in at least 90% of the resamples."
         if unsure:
@@ -283,7 +283,7 @@ def _score_blocks(folder: Path, config: dict | None) -> tuple[str, list[Block]]:
             blocks.append(_p(f"Bootstrap: B = {boot['B']} resamples of the train records"
                              f"{' and validation records' if boot['resample_val'] else ''} (seed {boot['seed']}); rank "
                              f"stability {fmt(boot['rank_stability'], 3)} (middle {100 * boot['level']:.0f}% of resamples "
-                             f"{fmt(lo, 3)} – {fmt(hi, 3)}); full-data top {boot['top_k']}: {boot['top_k_blocks']}."))
+                             f"{fmt(lo, 3)} – {fmt(hi, 3)}; {CONDITIONAL}); full-data top {boot['top_k']}: {boot['top_k_blocks']}."))
         if half:
             blocks += [_p(f"Split-half ({half['method']}): halves of {half['n_half']} train records, seed {half['seed']}; "
                           f"Spearman {fmt(half['spearman'], 3)}, Spearman–Brown {fmt(half['spearman_brown'], 3)}, "
@@ -326,14 +326,25 @@ def _compare_tasks_blocks(folder: Path, config: dict | None) -> tuple[str, list[
         reading.append("Blocks that differ most between tasks (share of each task's total S): " + "; ".join(
             f"block {d['block']} ({100 * d['share'][d['max_task']]:.0f}% in {d['max_task']} vs "
             f"{100 * d['share'][d['min_task']]:.0f}% in {d['min_task']})" for d in diff[:3]) + ".")
+    cvw = [c for c in doc.get("cross_vs_within", []) if c["ceiling"] is not None and c["spearman"] is not None]
+    if cvw:
+        below = [c for c in cvw if c["spearman"] < c["ceiling"] - 0.1]
+        reading.append("Against each task's own noise: two tasks with the same underlying profile would correlate at "
+                       "about √(r_a r_b), where r is a task's recomputed split-half Spearman, Spearman–Brown corrected "
+                       "to the full size. " + "; ".join(
+                           f"{c['a']}–{c['b']} {fmt(c['spearman'], 2)} vs {fmt(c['ceiling'], 2)}" for c in cvw) + ". "
+                       + (("Well below (by > 0.1), so a real task difference beyond sampling noise: "
+                           + ", ".join(f"{c['a']}–{c['b']}" for c in below) + ".") if below else
+                          "No pair is more than 0.1 below its bound: the profiles do not differ beyond sampling noise."))
+    else:
+        reading.append("No within-task split-half reliability was measured (it is on by default; `--no-split-half` "
+                       "turns it off): without it a low cross-task correlation may be sampling noise rather than a "
+                       "task difference.")
     stab = {t: s for t, s in doc.get("rank_stability", {}).items() if s is not None}
     if stab:
-        reading.append("Within-task rank stability (bootstrap): " + ", ".join(f"{t} {s:.2f}" for t, s in stab.items())
-                       + ". A cross-task correlation well below both tasks' own stability is a real task difference; "
-                         "one near it is within sampling noise.")
-    else:
-        reading.append("No within-task stability was measured (add `--bootstrap 200`): without it a low cross-task "
-                       "correlation may be sampling noise rather than a task difference.")
+        reading.append(f"Bootstrap rank stability ({CONDITIONAL}; it resamples only which samples are summed, so it "
+                       "is biased toward 1 and is not comparable with the cross-task Spearman): "
+                       + ", ".join(f"{t} {s:.2f}" for t, s in stab.items()) + ".")
     blocks = [_h(title, 1), _h("Reading"), *map(_p, reading), *_run_section(folder, config),
               _h("Share of S per block and task"),
               _p("Each task's S_l divided by its sum over blocks, so tasks with different loss scales compare."),
@@ -347,6 +358,14 @@ def _compare_tasks_blocks(folder: Path, config: dict | None) -> tuple[str, list[
         blocks += [_h("Blocks that differ most"),
                    _table(["block", "spread", "highest", "lowest"],
                           [[d["block"], f"{100 * d['spread']:.1f} pts", d["max_task"], d["min_task"]] for d in diff])]
+    if cvw:
+        blocks += [_h("Cross-task Spearman against within-task reliability"),
+                   _p("r: the task's recomputed split-half Spearman (each half scored with its own λ and Hessian "
+                      "approximation), Spearman–Brown corrected; bound √(r_a r_b): the correlation two tasks with the "
+                      "same profile would show; disattenuated: Spearman / bound."),
+                   _table(["task a", "task b", "Spearman", "r_a", "r_b", "bound", "disattenuated"],
+                          [[c["a"], c["b"], fmt(c["spearman"], 3), fmt(c["within_a"], 3), fmt(c["within_b"], 3),
+                            fmt(c["ceiling"], 3), fmt(c["disattenuated"], 3)] for c in cvw])]
     blocks += [_h("Per-task results"),
                _p(", ".join(f"{t}: `{doc['folders'][t]}/report.md`" for t in tasks))]
     return title, blocks
@@ -382,7 +401,7 @@ def _compare_estimators_blocks(folder: Path, config: dict | None) -> tuple[str, 
                           "only the measured agreement below tells how close they are."))
     stab = doc.get("rank_stability") or {}
     if any(v is not None for v in stab.values()):
-        reading.append("Own rank stability (bootstrap): " + ", ".join(f"{e} {fmt(v, 2)}" for e, v in stab.items())
+        reading.append(f"Own rank stability (bootstrap, {CONDITIONAL}): " + ", ".join(f"{e} {fmt(v, 2)}" for e, v in stab.items())
                        + ".")
     blocks = [_h(title, 1), _h("Reading"), *map(_p, reading), *_run_section(folder, config),
               _h("Scores per estimator"),
@@ -400,9 +419,12 @@ def _compare_estimators_blocks(folder: Path, config: dict | None) -> tuple[str, 
     half = doc.get("split_half") or {}
     if stab or half:
         blocks += [_h("Stability per estimator"),
-                   _table(["estimator", "bootstrap rank stability", "split-half Spearman", "split-half Spearman–Brown"],
+                   _table(["estimator", f"bootstrap rank stability ({CONDITIONAL})", "split-half Spearman", "split-half Spearman–Brown"],
                           [[e, fmt(stab.get(e), 3), fmt((half.get(e) or {}).get("spearman"), 3),
                             fmt((half.get(e) or {}).get("spearman_brown"), 3)] for e in names])]
+    if (folder / "validation.json").exists():
+        vdoc = _read_json(folder / "validation.json")
+        blocks += [_h("Ground truth (--validate)"), *map(_p, validation_reading(vdoc)), *_validation_table(folder, vdoc)]
     if doc.get("notes"):
         blocks += [_h("Notes"), *map(_p, doc["notes"])]
     return title, blocks
@@ -486,6 +508,17 @@ def validation_reading(doc: dict) -> list[str]:
     return out
 
 
+def _validation_table(folder: Path, doc: dict) -> list[Block]:
+    """The Spearman table of a validation.json and its figure (validate and compare-estimators --validate)."""
+    out = [_h("Spearman of scores with ground truth"),
+           _table(["estimator", "aggregation", "ground truth", "ρ", "interval", "claimed", "verdict"],
+                  [[ESTIMATOR_LABEL.get(e, e), a, TRUTH_LABEL[g], fmt(rho, 3), f"[{fmt(lo, 2)}, {fmt(hi, 2)}]",
+                    "+" if c > 0 else "−", v] for e, a, g, rho, lo, hi, c, v in spearman_rows(doc)])]
+    if (folder / "validation.png").exists():
+        out.append(_img("validation.png", "S_l per estimator and the measured ground truths per block"))
+    return out
+
+
 def _validate_blocks(folder: Path, config: dict | None) -> tuple[str, list[Block]]:
     """The report of a validate folder: reading, run, Spearman table, figure, per-block table."""
     doc = _read_json(folder / "validation.json")
@@ -507,12 +540,7 @@ def _validate_blocks(folder: Path, config: dict | None) -> tuple[str, list[Block
                  "vs accuracy change; the other way round for `sum` (negative = helpful); `mean_abs` as S_l. "
                  f"Intervals: {100 * doc['bootstrap']['level']:.0f}% percentile bootstrap over blocks "
                  f"(B = {doc['bootstrap']['B']})."),
-              _h("Spearman of scores with ground truth"),
-              _table(["estimator", "aggregation", "ground truth", "ρ", "interval", "claimed", "verdict"],
-                     [[ESTIMATOR_LABEL.get(e, e), a, TRUTH_LABEL[g], fmt(rho, 3), f"[{fmt(lo, 2)}, {fmt(hi, 2)}]",
-                       "+" if c > 0 else "−", v] for e, a, g, rho, lo, hi, c, v in spearman_rows(doc)])]
-    if (folder / "validation.png").exists():
-        blocks.append(_img("validation.png", "S_l per estimator and the measured ground truths per block"))
+              *_validation_table(folder, doc)]
     names = doc["estimators"]
     blocks += [_h("Per block"),
                _table(["block", "fine-tune gain", "pruning loss rise", "accuracy change",

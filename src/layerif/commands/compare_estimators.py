@@ -8,51 +8,41 @@ from .. import __version__, progress
 from ..compare import agreement, block_influence, estimators_figure, per_block_max
 from ..data import pad_id
 from ..errors import UserError
-from ..influence import ESTIMATORS, damping, datainf_bound, gram_estimators, lissa_residual, peer_estimators
+from ..influence import ESTIMATORS, damping, datainf_bound, lissa_residual, peer_estimators
 from ..io import write_safetensors
 from ..models import select_targets
-from ..options import DataOptions, DataSource, EngineOptions, ModelOptions, StabilityOptions, option
+from ..options import (
+    DataOptions,
+    DataSource,
+    EngineOptions,
+    EstimatorsOptions,
+    GroundTruthOptions,
+    ModelOptions,
+    StabilityOptions,
+    option,
+)
 from ..io import overwrite_field
 from ..engine import memory_budget, module_stats
+from ..report import validation_reading
 from ..scores import compute, load_checked, prepare, validate
+from ..validate import ground_truth, validation_doc
 from ..stability import bootstrap, fmt, layer_scores, split_half_from_stats, top_k_blocks
 from .base import register
 from .compare import Comparison
 from .compare_tasks import csv_text, score_args
+from .validate import validation_files
 
 
 @dataclass
-class EstimatorsOptions:
-    """Several estimators on one set of Gram statistics (``compare-estimators``, ``validate``)."""
-
-    estimators: list[str] = option(gram_estimators(), f"at least two of {', '.join(gram_estimators())}, comma-separated")
-    lissa_iterations: int = option(100, "LiSSA recursion steps T")
-    lissa_batch: int = option(0, "train records per LiSSA step (0: all, deterministic; k: seeded random mini-batches "
-                                 "of k)")
-
-    def estimator_names(self, at_least: int = 1) -> list[str]:
-        """The estimators to run (deduplicated, in the given order); unknown ones, fewer than ``at_least``
-        or bad LiSSA options are a :class:`UserError`."""
-        names = list(dict.fromkeys(self.estimators))
-        unknown = [e for e in names if e not in gram_estimators()]
-        if unknown or not names:
-            raise UserError(f"unknown estimator {(unknown or [''])[0]!r} (use {', '.join(gram_estimators())})")
-        if len(names) < at_least:
-            raise UserError(f"--estimators needs at least {'two' if at_least == 2 else at_least} estimators to compare "
-                            f"(got {','.join(names)})")
-        if self.lissa_iterations < 1:
-            raise UserError(f"--lissa-iterations must be >= 1 (got {self.lissa_iterations})")
-        if self.lissa_batch < 0:
-            raise UserError(f"--lissa-batch must be >= 0 (got {self.lissa_batch})")
-        return names
-
-
-@dataclass
-class CompareEstimatorsArgs(EstimatorsOptions, StabilityOptions, EngineOptions, DataOptions, DataSource, ModelOptions):
+class CompareEstimatorsArgs(GroundTruthOptions, EstimatorsOptions, StabilityOptions, EngineOptions, DataOptions,
+                            DataSource, ModelOptions):
     """Apply several influence estimators to the same gradients and compare their block rankings."""
 
     peers: list[str] = option(peer_estimators(), "estimators a peer library computes on the model itself, beside "
                               "the Gram ones (ekfac: Kronfluence EK-FAC, included when installed; empty: none)")
+    validate: bool = option(False, "also measure each block's fine-tune gain and pruning sensitivity and correlate "
+                                   "every estimator's scores with them (as `layerif validate`; the ground-truth "
+                                   "options apply)")
     out: str = option("out/compare-estimators", "output folder")
     overwrite: bool = overwrite_field()
 
@@ -60,7 +50,10 @@ class CompareEstimatorsArgs(EstimatorsOptions, StabilityOptions, EngineOptions, 
 def validate_estimators(args: CompareEstimatorsArgs) -> list[str]:
     """The estimators to run (deduplicated, in the given order); bad options are a :class:`UserError`."""
     validate(score_args(args), "compare-estimators")
-    return args.estimator_names(at_least=2)
+    names = args.estimator_names(at_least=2)
+    if args.validate:
+        args.check_ground_truth()
+    return names
 
 
 def run(args: CompareEstimatorsArgs) -> str:
@@ -126,6 +119,14 @@ def _estimate(args: CompareEstimatorsArgs, sargs, names: list[str], cmp: Compari
         doc["split_half"] = {e: split_half_from_stats(stats, lambda s, e=e: block_influence(s, targets, e, **opts),
                                                       args.top_k, sargs.resample_seed) for e in gram}
     doc |= {"notes": notes, "version": __version__}
+    validation = {}
+    if args.validate:
+        measured = ground_truth(lm, train, val, targets, args, args.seed)
+        head = {"model": lm.name, "task": label, "target": args.target, "damping_scale": args.damping_scale,
+                "n_train": len(train), "n_val": len(val), "passes": passes}
+        vdoc = validation_doc(head, influence, measured, args.bootstrap_blocks, args.seed)
+        validation = validation_files(vdoc)
+        doc["validation"] = {e: vdoc["spearman"][e]["score"] for e in names}
     write_safetensors(cmp.out / "influence.safetensors",
                       {f"{e}.layer.{l}": influence[e][l].float() for e in names for l in layers})
     cmp.write_config()
@@ -133,12 +134,14 @@ def _estimate(args: CompareEstimatorsArgs, sargs, names: list[str], cmp: Compari
     files = {"estimators.csv": csv_text([["layer", *names]] + [[l, *(scores[e][i] for e in names)]
                                                                 for i, l in enumerate(layers)]),
              "agreement.csv": csv_text([keys] + [[p[k] for k in keys] for p in pairs]),
-             "estimators.png": estimators_figure(names, layers, scores, pairs), "estimators.json": doc}
+             "estimators.png": estimators_figure(names, layers, scores, pairs), "estimators.json": doc, **validation}
     lines = [f"{lm.name} · task {label} · target {args.target} · {len(train)} train x {len(val)} validation · "
              f"{passes} pass(es), shared by {len(names)} estimators",
              f"{'a':>9} {'b':>9} {'Spearman':>9} {'Pearson':>8} {'top-k':>6}"]
     lines += [f"{p['a']:>9} {p['b']:>9} {fmt(p['spearman'], 3):>9} {fmt(p['pearson'], 3):>8} {p['top_k_overlap']:>6.2f}"
               for p in pairs]
+    if validation:
+        lines += validation_reading(validation["validation.json"])[:2]
     return cmp.finish(files, "\n".join(lines)) + ", influence.safetensors"
 
 

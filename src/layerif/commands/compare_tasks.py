@@ -15,6 +15,7 @@ from ..errors import UserError
 from ..options import DataOptions, EngineOptions, ModelOptions, RunOptions, StabilityOptions, option
 from ..io import overwrite_field
 from ..scores import ScoreArgs, load_checked, score, validate
+from ..stability import CONDITIONAL, cross_vs_within, fmt
 from .base import register
 from .compare import Comparison
 from .score import write
@@ -28,6 +29,9 @@ class CompareTasksArgs(StabilityOptions, RunOptions, EngineOptions, DataOptions,
                                   "optionally prefixed LABEL= (e.g. arith,capitals,mine=a.jsonl:b.jsonl)")
     out: str = option("out/compare-tasks", "output folder (one score subfolder per task)")
     overwrite: bool = overwrite_field()
+    split_half: bool = option(True, "score two disjoint halves of every task's train records separately (recomputed) "
+                                    "and compare the cross-task Spearman with each task's split-half reliability "
+                                    "(--no-split-half: skip)")
 
 
 def score_args(args, **changes) -> ScoreArgs:
@@ -93,7 +97,7 @@ def run(args: CompareTasksArgs) -> str:
 
 def _score_tasks(args: CompareTasksArgs, specs: list[tuple[str, ScoreArgs]], lm, cmp: Comparison) -> str:
     """Score every task into ``out/<label>``, then the comparison files; returns the summary."""
-    scores, meta, stab, layers = {}, {}, {}, []
+    scores, meta, stab, halves, layers = {}, {}, {}, {}, []
     for label, a in specs:
         progress.info(f"task {label}")
         result = score(a, lm=lm, cache=cmp.state / label)
@@ -102,18 +106,25 @@ def _score_tasks(args: CompareTasksArgs, specs: list[tuple[str, ScoreArgs]], lm,
         scores[label], meta[label], layers = result.score, result.meta, result.layers
         boot = result.meta.get("stability", {}).get("bootstrap")
         stab[label] = boot["rank_stability"] if boot else None
+        halves[label] = result.meta.get("stability", {}).get("split_half")
     labels = [label for label, _ in specs]
+    profiles = compare_profiles(labels, layers, scores, args.top_k)
+    within = {t: (halves[t] or {}).get("spearman_brown") for t in labels}
     doc = {"model": lm.name, "target": args.target, "estimator": args.estimator,
            "sources": dict(zip(labels, args.tasks)), "folders": {t: t for t in labels},
            "task_names": {t: meta[t]["task"] for t in labels}, "n_train": {t: meta[t]["n_train"] for t in labels},
-           **compare_profiles(labels, layers, scores, args.top_k), "rank_stability": stab, "version": __version__}
+           **profiles, "rank_stability": stab, "rank_stability_note": CONDITIONAL,
+           "split_half": halves, "cross_vs_within": cross_vs_within(labels, profiles["spearman"], within),
+           "version": __version__}
     cmp.write_config()
     summary = "\n".join([
         f"{lm.name} · {len(labels)} tasks · target {args.target} · estimator {args.estimator}",
         "Spearman of the block rankings:",
         csv_matrix(labels, [[None if x is None else round(x, 3) for x in r] for r in doc["spearman"]]).strip(),
         "blocks differing most: " + ", ".join(f"{d['block']} ({d['max_task']} > {d['min_task']})"
-                                               for d in doc["differing_blocks"])])
+                                               for d in doc["differing_blocks"]),
+        *([("within-task split-half reliability (Spearman-Brown): "
+            + ", ".join(f"{t} {fmt(within[t], 2)}" for t in labels))] if any(within.values()) else [])])
     files = {"spearman.csv": csv_matrix(labels, doc["spearman"]),
              "task_heatmap.png": heatmap_figure(labels, layers, doc["share"]), "comparison.json": doc}
     return cmp.finish(files, summary) + f" and {len(labels)} score folders"

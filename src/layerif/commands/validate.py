@@ -15,8 +15,7 @@ from ..data import pad_id
 from ..errors import UserError
 from ..io import output_folder, overwrite_field, prepare_out_dir, pyplot, write_figure, write_json, write_text
 from ..models import select_targets
-from ..options import DataOptions, DataSource, EngineOptions, ModelOptions, option
-from ..prune import METHODS, check_method
+from ..options import DataOptions, DataSource, EngineOptions, EstimatorsOptions, GroundTruthOptions, ModelOptions, option
 from ..report import ESTIMATOR_LABEL, TRUTHS, spearman_rows, validation_reading, validation_truths, write_report
 from ..results import write_config
 from ..engine import memory_budget, module_stats
@@ -24,29 +23,15 @@ from ..scores import load_checked, prepare, validate
 from ..stability import fmt
 from ..validate import ground_truth, validation_doc
 from .base import register
-from .compare_estimators import EstimatorsOptions
 from .compare_tasks import csv_text, score_args
 
 
 @dataclass
-class ValidateArgs(EstimatorsOptions, EngineOptions, DataOptions, DataSource, ModelOptions):
+class ValidateArgs(GroundTruthOptions, EstimatorsOptions, EngineOptions, DataOptions, DataSource, ModelOptions):
     """Measure each block's fine-tune gain and pruning sensitivity and test whether the layer scores predict them."""
 
     estimators: list[str] = option(["datainf", "exact", "grad-dot"],
                                    "estimators whose S_l are validated, comma-separated (those with a Gram form)")
-    steps: int = option(10, "fine-tuning steps K per block")
-    lr: float = option(1e-4, "Adam learning rate of the per-block fine-tuning (linear decay)")
-    ft_batch_size: int = option(4, "train records per fine-tuning step")
-    sparsity: float = option(0.5, "sparsity s of the single pruned block, in (0, 1)")
-    method: str = option("wanda", "pruner", choices=METHODS)
-    n_calib: int = option(16, "calibration windows (wanda, sparsegpt)")
-    seqlen: int = option(128, "tokens per calibration window")
-    text: str | None = option(None, "calibration text file (default: built-in English corpus)")
-    accuracy_task: str | None = option(None, "built-in task or JSONL of {prompt, options, answer} for the accuracy "
-                                             "change (default: --task unless --train/--val are given; none: no accuracy)")
-    task_items: int = option(100, "test items of the accuracy task")
-    eval_batch_size: int = option(16, "sequences per evaluation batch")
-    bootstrap_blocks: int = option(1000, "bootstrap resamples of the blocks for the Spearman intervals")
     out: str = option("out/validate", "output folder")
     overwrite: bool = overwrite_field()
 
@@ -57,21 +42,7 @@ def check_args(args: ValidateArgs) -> list[str]:
     names = args.estimator_names()
     if args.target == "lora":
         raise UserError("--target lora is not supported: validate trains and prunes the base projections (use attn, mlp, block or a regex)")
-    if args.steps < 1 or args.ft_batch_size < 1 or args.eval_batch_size < 1:
-        raise UserError("--steps, --ft-batch-size and --eval-batch-size must be >= 1")
-    if not args.lr > 0:
-        raise UserError(f"--lr must be > 0 (got {args.lr})")
-    if not 0 < args.sparsity < 1:
-        raise UserError(f"--sparsity must be in (0, 1) (got {args.sparsity})")
-    check_method(args.method)
-    if args.n_calib < 1:
-        raise UserError(f"--n-calib must be ≥ 1 (got {args.n_calib})")
-    if args.seqlen < 2:
-        raise UserError(f"--seqlen must be ≥ 2 (got {args.seqlen})")
-    if args.task_items < 1:
-        raise UserError(f"--task-items must be >= 1 (got {args.task_items})")
-    if args.bootstrap_blocks < 2:
-        raise UserError(f"--bootstrap-blocks must be >= 2 (got {args.bootstrap_blocks})")
+    args.check_ground_truth()
     return names
 
 
@@ -140,16 +111,25 @@ def figure(doc: dict):
     return fig
 
 
+def validation_files(doc: dict) -> dict:
+    """{file name: text, figure or JSON-ready dict}: validation.csv, spearman.csv, validation.png, validation.json."""
+    return {"validation.csv": blockscsv_text(doc),
+            "spearman.csv": csv_text([["estimator", "aggregation", "ground_truth", "rho", "ci_low", "ci_high",
+                                       "claimed_sign", "verdict"]] + spearman_rows(doc)),
+            "validation.png": figure(doc), "validation.json": doc}
+
+
 def write(doc: dict, args: ValidateArgs, folder: str | Path | None = None) -> Path:
-    """validation.json, validation.csv, spearman.csv, validation.png, config.json, report.md / report.html
-    into ``folder`` (default args.out)."""
+    """The :func:`validation_files`, config.json, report.md / report.html into ``folder`` (default args.out)."""
     out = prepare_out_dir(folder if folder is not None else args.out)
-    write_text(out / "validation.csv", blockscsv_text(doc))
-    write_text(out / "spearman.csv", csv_text([["estimator", "aggregation", "ground_truth", "rho", "ci_low", "ci_high",
-                                            "claimed_sign", "verdict"]] + spearman_rows(doc)))
-    write_figure(out / "validation.png", figure(doc))
+    for name, content in validation_files(doc).items():
+        if isinstance(content, str):
+            write_text(out / name, content)
+        elif isinstance(content, dict):
+            write_json(out / name, content)
+        else:
+            write_figure(out / name, content)
     write_config(out, "validate", args)
-    write_json(out / "validation.json", doc)
     write_report(out)
     return out
 
