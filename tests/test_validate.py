@@ -225,7 +225,7 @@ def test_compare_estimators_validate_writes_the_validation_beside_the_agreement(
     assert rc == 0
     est = json.loads((out / "estimators.json").read_text())
     doc = json.loads((out / "validation.json").read_text())
-    assert doc["estimators"] == ["datainf", "grad-dot"] and doc["scores"]["datainf"]["score"] == est["score"]["datainf"]
+    assert doc["estimators"][:2] == ["datainf", "grad-dot"] and doc["scores"]["datainf"]["score"] == est["score"]["datainf"]
     assert est["validation"]["grad-dot"] == doc["spearman"]["grad-dot"]["score"]
     assert (out / "validation.png").exists() and (out / "spearman.csv").exists()
     assert "predicts fine-tune gain at ρ =" in (out / "report.md").read_text()
