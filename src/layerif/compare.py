@@ -12,9 +12,9 @@ once (:func:`layerif.scores.module_stats`) and applies each estimator to the
 and LiSSA (:mod:`layerif.influence`, the estimator registry, with the DataInf
 bound beside them).
 
-EK-FAC (kronfluence) is not offered: kronfluence 1.0.1 requires torchvision,
-which pulls another torch build (2.14 with CUDA) into this environment, and
-EK-FAC needs its own covariance passes rather than the Gram statistics shared here.
+EK-FAC (Kronfluence) needs its own covariance passes rather than these shared Gram statistics: it is a
+*peer* estimator of the registry (``influence.peer_estimators``, ``--peers``), computed from the model
+and records themselves when Kronfluence is installed (``make peer``).
 """
 
 from __future__ import annotations
