@@ -7,7 +7,7 @@ block x task heatmap of each task's share of S, the pairwise Spearman matrix of
 the block rankings, and the blocks whose share differs most.
 
 ``layerif compare-estimators`` forms the Gram statistics (K, P) of every target
-once (:func:`layerif.scores.module_stats`) and applies each estimator to the
+once (:func:`layerif.engine.module_stats`) and applies each estimator to the
 *same* gradients: ``datainf``, ``exact``, ``grad-dot`` (:mod:`layerif.influence`)
 and LiSSA (:mod:`layerif.influence`, the estimator registry, with the DataInf
 bound beside them).
