@@ -24,7 +24,7 @@ from .commands.base import defaults as command_defaults
 from .data import records_note
 from .errors import UserError
 from .io import write_text
-from .results import read_config, read_scores
+from .results import read_config, read_json, read_scores
 from .stability import CONDITIONAL, fmt, top_k_blocks
 
 REPORT_FILES = ("report.md", "report.html")
@@ -143,15 +143,6 @@ def stability_word(rho: float | None) -> str:
     if rho >= 0.5:
         return "only moderately stable"
     return "unstable"
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"{path} not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"cannot read {path}: {exc}") from None
 
 
 def _read_config(path: Path) -> dict:
@@ -307,7 +298,7 @@ def _score_blocks(folder: Path, config: dict | None) -> tuple[str, list[Block]]:
 
 
 def _compare_tasks_blocks(folder: Path, config: dict | None) -> tuple[str, list[Block]]:
-    doc = _read_json(folder / "comparison.json")
+    doc = read_json(folder / "comparison.json")
     tasks, layers = doc["tasks"], doc["layers"]
     title = f"layerif compare-tasks: {doc.get('model')} on {', '.join(tasks)}"
     rho = doc["spearman"]
@@ -375,7 +366,7 @@ def _compare_tasks_blocks(folder: Path, config: dict | None) -> tuple[str, list[
 
 
 def _compare_estimators_blocks(folder: Path, config: dict | None) -> tuple[str, list[Block]]:
-    doc = _read_json(folder / "estimators.json")
+    doc = read_json(folder / "estimators.json")
     names, layers = doc["estimators"], doc["layers"]
     title = f"layerif compare-estimators: {doc.get('model')} on {doc.get('task')}"
     pairs = doc["pairs"]
@@ -423,7 +414,7 @@ def _compare_estimators_blocks(folder: Path, config: dict | None) -> tuple[str, 
                           [[e, fmt(stab.get(e), 3), fmt((half.get(e) or {}).get("spearman"), 3),
                             fmt((half.get(e) or {}).get("spearman_brown"), 3)] for e in names])]
     if (folder / "validation.json").exists():
-        vdoc = _read_json(folder / "validation.json")
+        vdoc = read_json(folder / "validation.json")
         blocks += [_h("Ground truth (--validate)"), *map(_p, validation_reading(vdoc)), *_validation_table(folder, vdoc)]
     if doc.get("notes"):
         blocks += [_h("Notes"), *map(_p, doc["notes"])]
@@ -521,7 +512,7 @@ def _validation_table(folder: Path, doc: dict) -> list[Block]:
 
 def _validate_blocks(folder: Path, config: dict | None) -> tuple[str, list[Block]]:
     """The report of a validate folder: reading, run, Spearman table, figure, per-block table."""
-    doc = _read_json(folder / "validation.json")
+    doc = read_json(folder / "validation.json")
     title = f"layerif validate: {doc.get('model')} on {doc.get('task')}"
     ft, pr, base = doc["fine_tune"], doc["pruning"], doc["base"]
     truths = validation_truths(doc)
