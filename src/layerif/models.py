@@ -306,7 +306,10 @@ class Target:
 
     @property
     def device(self) -> torch.device:
-        return next(self.module.parameters()).device
+        """Where the module computes: its accelerate hook's execution device under a device map (offloaded
+        weights sit on ``meta`` between calls), else its parameters' device."""
+        hooked = getattr(getattr(self.module, "_hf_hook", None), "execution_device", None)
+        return torch.device(hooked) if hooked is not None else next(self.module.parameters()).device
 
     @property
     def stat_dtype(self) -> torch.dtype:
