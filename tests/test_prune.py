@@ -494,11 +494,19 @@ def test_compare_pruning(stand_ins, model_dir, tmp_path, monkeypatch):
     assert (out / "comparison.png").stat().st_size > 0
     assert "comparison.csv" in summary and "## comparison.md" in (out / "report.md").read_text()
     # resume: nothing left to run
-    monkeypatch.setattr(P, "prune_model", lambda *a, **k: pytest.fail("resume re-ran a finished run"))
+    monkeypatch.setattr(CP, "prune_model", lambda *a, **k: pytest.fail("resume re-ran a finished run"))
     CP.run(compare_args(model_dir, tmp_path, resume=True))
     assert len(read_csv(out / "comparison.csv")) == len(rows)
     with pytest.raises(UserError, match="other options"):
         CP.run(compare_args(model_dir, tmp_path, resume=True, epsilon=0.3))
+    # resume with a larger grid: only the new runs are made, every earlier row is kept
+    made = []
+    monkeypatch.setattr(CP, "prune_model", lambda *a, **k: made.append(a[1]))
+    CP.run(compare_args(model_dir, tmp_path, resume=True, seeds=["0", "3"], methods=["wanda"]))
+    grown = read_csv(out / "comparison.csv")
+    assert len(made) == 5 and len(grown) == len(rows) + 5  # the 5 allocations of wanda, seed 3
+    assert {r["seed"] for r in grown} == {"-", "0", "1", "2", "3"}
+    assert "- seeds: 0, 1, 2, 3" in (out / "comparison.md").read_text()
 
 
 @pytest.mark.parametrize(

@@ -120,10 +120,13 @@ def plot(rows: list[dict], title: str):
     return fig
 
 
+GRID = ("allocations", "methods", "sparsities", "seeds")  # options --resume may change: the runs to add
+
+
 def _resumed(args: CompareArgs, dest: Path, state: Path) -> dict:
     """``--resume``: ``{"rows", "searches"}`` of an interrupted run (its cache ``state``) or of the finished
-    result at ``dest``, if that run used the same options; empty when neither exists. Rows keep their
-    per-item results (items.json)."""
+    result at ``dest``, if that run used the same options but for the grid (:data:`GRID`: the grid may
+    grow, every earlier row is kept); empty when neither exists. Rows keep their per-item results (items.json)."""
     for folder in (state, dest):
         if not (folder / "comparison.csv").exists():
             continue
@@ -131,7 +134,8 @@ def _resumed(args: CompareArgs, dest: Path, state: Path) -> dict:
             saved = read_config(folder)["args"]
         except UserError:
             raise UserError(f"--resume: {folder}/config.json is missing or unreadable") from None
-        differ = [k for k, v in asdict(args).items() if k not in ("resume", "overwrite") and saved.get(k) != v]
+        differ = [k for k, v in asdict(args).items()
+                  if k not in ("resume", "overwrite", *GRID) and saved.get(k) != v]
         if differ:
             raise UserError(f"--resume: the earlier run in {dest} used other options ({', '.join(differ)})")
         rows = read_rows(folder / "comparison.csv", ("sparsity", "achieved", "perplexity", "accuracy", "seconds"))
@@ -193,7 +197,7 @@ def _runs(args: CompareArgs, cmp: Comparison, rows: list[dict], searches: dict, 
     meta = {"model": lm.name, "task": f"{task} ({len(records)} test items, multiple choice)",
             "scores": f"{args.scores} (task {doc.get('task')}, target {doc.get('target')})" if args.scores else "none",
             "perplexity": f"held-out corpus, {args.seqlen}-token windows, at most {max_windows or 'all'}",
-            "calibration": f"{args.n_calib} windows of {args.seqlen} tokens per seed", "seeds": ", ".join(map(str, seeds)),
+            "calibration": f"{args.n_calib} windows of {args.seqlen} tokens per seed", "seeds": "",
             "epsilon": args.epsilon, "smooth": args.smooth}
 
     def evaluate() -> dict:
@@ -253,6 +257,8 @@ def _runs(args: CompareArgs, cmp: Comparison, rows: list[dict], searches: dict, 
             for name, w in dense.items():
                 mods[name][1].weight.copy_(w)
         cmp.save_rows(rows, state)
+    # every seed of the rows: with --resume they include the earlier runs' seeds
+    meta["seeds"] = ", ".join(sorted({str(r["seed"]) for r in rows if r["seed"] != "-"}, key=int))
     if searches:
         write_search(cmp.out, searches, f"{lm.name}: search fitness by evaluations")
     if (state / "levels").exists():  # the level databases belong to the result
