@@ -32,17 +32,24 @@ def reference_logprobs(model, tokenizer, record):
     for option in record["options"]:
         p = tokenizer(record["prompt"])["input_ids"]
         ids = p + tokenizer(option, add_special_tokens=False)["input_ids"]
+        if not ids:
+            out.append(0.0)
+            continue
         with torch.no_grad():
             logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), dim=-1)
-        out.append(sum(logp[t - 1, ids[t]].item() for t in range(len(p), len(ids))))
+        out.append(sum(logp[t - 1, ids[t]].item() for t in range(max(len(p), 1), len(ids))))
     return out
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen2", "opt", "gpt_neox", "mistral"])
 @pytest.mark.parametrize("batch_size", [1, 3, 16])
 def test_option_logprobs_match_one_at_a_time(tokenizer, family, batch_size):
+    """The shared-prompt cache path against whole sequences one at a time (prompts of different lengths, options of
+    1-3 tokens, records split across batches, an empty prompt, an empty option)."""
     model = tiny_model(family)
-    records = RECORDS + get_task("capitals").split("test", 3)
+    odd = [{"prompt": "", "options": [" dog house", " cat", " the cat is"], "answer": 0},
+           {"prompt": "the cat", "options": ["", " is"], "answer": 1}]
+    records = RECORDS + get_task("capitals").split("test", 3) + odd
     got = option_logprobs(model, tokenizer, records, batch_size=batch_size)
     want = [reference_logprobs(model, tokenizer, r) for r in records]
     assert [len(g) for g in got] == [len(r["options"]) for r in records]

@@ -16,24 +16,65 @@ option and an option is scored by the log-likelihood of its own tokens.
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
 from torch import nn
 
 from . import progress
-from .data import IGNORE, Encoded, batches, collate, encode_pair, pad_id
+from .data import IGNORE, encode_pair, pad_id
 from .errors import UserError
 from .models import input_device
 
 
-def _summed_logprobs(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sum over each sequence of ``log p(label_t | tokens < t)`` where the label is not -100: [B]."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
-    labels = batch["labels"][:, 1:].to(logits.device)
-    picked = logits.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    logp = picked - torch.logsumexp(logits, dim=-1)
-    return torch.where(labels != IGNORE, logp, 0.0).sum(dim=1)
+def _accepts(model: nn.Module, name: str) -> bool:
+    return name in inspect.signature(model.forward).parameters
+
+
+def _prefix_logprobs(model: nn.Module, prompts: list[list[int]], options: list[list[list[int]]], pad: int,
+                     device: torch.device) -> list[list[float]]:
+    """Summed ``log p(option tokens | prompt)`` of every option of a batch of records, the prompt run once.
+
+    ``prompts[r]``: record r's prompt ids (at least one); ``options[r][k]``: its option k's ids. The prompts
+    run left-padded (so the next-token logits of every prompt are in the last column) with the model's
+    key/value cache kept; each option continues its own prompt's cache (rows repeated per option), masked
+    over the padding, at positions ``len(prompt) + j``, so it sees exactly the tokens a whole (prompt,
+    option) sequence would. Returns one list per record.
+    """
+    kv = "cache" if _accepts(model, "cache") else "past_key_values"  # recent transformers renamed it
+    R, P = len(prompts), max(len(p) for p in prompts)
+    ids = torch.full((R, P), pad, dtype=torch.long)
+    mask = torch.zeros((R, P), dtype=torch.long)
+    for r, p in enumerate(prompts):
+        ids[r, P - len(p) :], mask[r, P - len(p) :] = torch.tensor(p), 1
+    lengths = mask.sum(dim=1)
+    keep = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+    out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=(mask.cumsum(1) - 1).clamp(min=0)
+                .to(device), use_cache=True, **keep)
+    last = out.logits[:, -1].float().log_softmax(dim=-1)  # [R, V]: the token after each prompt
+    owner = [r for r, opts in enumerate(options) for _ in opts]  # the record of each option row
+    flat = [o for opts in options for o in opts]
+    scores = [float(last[r, o[0]]) if o else 0.0 for r, o in zip(owner, flat)]
+    O = max(len(o) for o in flat) - 1  # option tokens fed to the model (the last one predicts nothing)
+    if O > 0:
+        rows = torch.tensor(owner)
+        cache = getattr(out, kv)
+        cache.reorder_cache(rows.to(device))  # batch rows R -> one per option
+        cont = torch.full((len(flat), O), pad, dtype=torch.long)
+        cont_mask = torch.zeros((len(flat), O), dtype=torch.long)
+        for n, o in enumerate(flat):
+            if len(o) > 1:
+                cont[n, : len(o) - 1], cont_mask[n, : len(o) - 1] = torch.tensor(o[:-1]), 1
+        positions = lengths[rows].unsqueeze(1) + torch.arange(O)
+        logp = model(input_ids=cont.to(device), attention_mask=torch.cat([mask[rows], cont_mask], dim=1).to(device),
+                     position_ids=positions.to(device), use_cache=True, **{kv: cache}
+                     ).logits.float().log_softmax(dim=-1)  # [N, O, V]: position j predicts option token j + 1
+        for n, o in enumerate(flat):
+            if len(o) > 1:
+                scores[n] += float(logp[n, torch.arange(len(o) - 1), torch.tensor(o[1:])].sum())
+    it = iter(scores)
+    return [[next(it) for _ in opts] for opts in options]
 
 
 @torch.no_grad()
@@ -41,18 +82,38 @@ def option_logprobs(model: nn.Module, tokenizer, records: list[dict], batch_size
     """Summed log-likelihood of each option's tokens after its record's prompt.
 
     Returns one list per record, one float per option, in the record's option
-    order. ``batch_size`` counts (prompt, option) sequences per forward pass;
-    batches are right-padded, which changes no score.
+    order. Each record's prompt runs once and its options continue from its
+    key/value cache (:func:`_prefix_logprobs`); ``batch_size`` counts
+    (prompt, option) sequences per batch (records are grouped to about that
+    many). A prompt of no tokens (a tokenizer without BOS and an empty prompt)
+    is scored with its option's first token as the prompt, whose own
+    likelihood is then not counted, as for a whole sequence.
     """
-    pairs: list[Encoded] = [encode_pair(tokenizer, r["prompt"], opt) for r in records for opt in r["options"]]
     device, pad = input_device(model), pad_id(tokenizer)
-    flat: list[float] = []
-    for chunk in progress.track(batches(pairs, batch_size), "scoring options"):
-        flat.extend(_summed_logprobs(model, collate(chunk, pad, device)).tolist())
-    out, i = [], 0
-    for r in records:
-        out.append(flat[i : i + len(r["options"])])
-        i += len(r["options"])
+    units: list[tuple[int, list[int], list[list[int]]]] = []  # (record, prompt ids, its options' ids)
+    for i, r in enumerate(records):
+        encoded = [encode_pair(tokenizer, r["prompt"], opt) for opt in r["options"]]
+        n = encoded[0].labels.count(IGNORE)  # the prompt's tokens, the same for every option
+        if n:
+            units.append((i, encoded[0].input_ids[:n], [e.input_ids[n:] for e in encoded]))
+        else:
+            units.extend((i, e.input_ids[:1], [e.input_ids[1:]]) for e in encoded)
+    groups: list[list[int]] = [[]]  # units of about batch_size options each
+    size = 0
+    for u, (_, _, opts) in enumerate(units):
+        if groups[-1] and size + len(opts) > batch_size:
+            groups.append([])
+            size = 0
+        groups[-1].append(u)
+        size += len(opts)
+    out: list[list[float]] = [[] for _ in records]
+    for g in progress.track(groups, "scoring options"):
+        live = [u for u in g if units[u][1]]  # an empty option after an empty prompt: no token to score
+        found = _prefix_logprobs(model, [units[u][1] for u in live], [units[u][2] for u in live], pad, device) \
+            if live else []
+        scored = dict(zip(live, found))
+        for u in g:
+            out[units[u][0]].extend(scored.get(u, [0.0]))
     return out
 
 
