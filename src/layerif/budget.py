@@ -5,8 +5,10 @@ statistics never exceed B at any moment.
 
 * Materialized: a module group's per-sample gradients (dense [n, d], or token
   factors over the records' real tokens) plus its Gram matrices K [n, n] and
-  P [n, k] (float64). Each group is reduced to its influences before the next
-  one starts, so the Gram matrices of earlier groups are not held.
+  P [n, k] (float64), plus the Gram products' float64 working copies of one
+  module at a time (:func:`gram_scratch` of the budget; the products chunk
+  their work to fit it). Each group is reduced to its influences before the
+  next one starts, so the Gram matrices of earlier groups are not held.
 * Streaming: per target, the gradient-sized buffers of one validation chunk of
   k columns -- V [k, d] and, for DataInf, W [k, d], at the statistics dtype --
   plus the per-sample scalars ||g_i||^2, P, R and C ([n] and 3 x [n, k],
@@ -71,6 +73,12 @@ def plan_groups(targets: list[Target], cost: dict[str, float], budget_bytes: flo
         groups[-1].append(t)
         used += cost[t.name]
     return groups
+
+
+def gram_scratch(budget_bytes: float) -> float:
+    """Bytes the materialized engine keeps aside for the Gram products' working copies
+    (:func:`layerif.grads.gram`): an eighth of the budget, at most 256 MiB."""
+    return min(budget_bytes / 8, 2.0**28)
 
 
 def gram_bytes(n: int, k: int) -> float:

@@ -49,7 +49,7 @@ from collections.abc import Callable
 import torch
 
 from . import progress
-from .budget import METER, gram_bytes, plan_groups, streaming_plan, too_small
+from .budget import METER, gram_bytes, gram_scratch, plan_groups, streaming_plan, too_small
 from .cache import PassCache
 from .data import Encoded, batches, collate
 from .distributed import all_gather_rows, all_reduce_sum, shard
@@ -213,10 +213,12 @@ def module_stats(
     cache = cache or PassCache(None)
     (layout_t, layout_v), cost = plan_layouts(targets, train, val, per_val, layout)
     budget = memory_budget() if budget_bytes is None else budget_bytes
+    scratch = gram_scratch(budget)  # the Gram products' float64 working copies, one module at a time
     big = max(targets, key=lambda t: cost[t.name])
-    if cost[big.name] > budget:
-        raise too_small(budget, cost[big.name], f"module {big.name} (its gradients and Gram matrices)")
-    groups = plan_groups(targets, cost, budget)
+    if cost[big.name] > budget - scratch:
+        raise too_small(budget, cost[big.name] + scratch,
+                        f"module {big.name} (its gradients and Gram matrices, and the products' working space)")
+    groups = plan_groups(targets, cost, budget - scratch)
     stats: dict[str, ModuleStats] = {}
     passes = 0
     train_loss = torch.zeros(0)
@@ -237,7 +239,8 @@ def module_stats(
         saved = {"train_loss": train_loss}
         for t in group:
             g, v = G.pop(t.name), V.pop(t.name)
-            s = ModuleStats(K=METER.track(gram(g, g).cpu()), P=METER.track(gram(g, v).cpu()), d=t.numel)
+            s = ModuleStats(K=METER.track(gram(g, g, scratch, METER.track).cpu()),
+                            P=METER.track(gram(g, v, scratch, METER.track).cpu()), d=t.numel)
             del g, v
             check_finite(torch.diagonal(s.K), "squared gradient norm", t.name)
             saved |= {f"{t.name}.K": s.K, f"{t.name}.P": s.P}

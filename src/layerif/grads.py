@@ -19,6 +19,7 @@ exactly ``torch.cat([p.flatten() for p in module.parameters(recurse=False)])``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -165,29 +166,62 @@ def _segment_sum(values: torch.Tensor, index: torch.Tensor, n: int) -> torch.Ten
     return out.index_add_(0, index, values)
 
 
-def gram(a: torch.Tensor | Factored, b: torch.Tensor | Factored, chunk: int = 4096) -> torch.Tensor:
-    """All dot products a_i . b_j as [n_a, n_b] float64; each side dense [n, d] or :class:`Factored`."""
+def gram_chunk(scratch_bytes: float, fixed: float, per: float, square: float = 0.0) -> int:
+    """The largest chunk c >= 1 with ``fixed + per * c + square * c**2 <= scratch_bytes`` (1 if none fits)."""
+    room = scratch_bytes - fixed
+    if square:
+        c = (-per + math.sqrt(per * per + 4 * square * max(room, 0.0))) / (2 * square)
+    else:
+        c = room / per
+    return max(1, int(c))
+
+
+def gram(a: torch.Tensor | Factored, b: torch.Tensor | Factored, scratch_bytes: float = 2.0**28,
+         track: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> torch.Tensor:
+    """All dot products a_i . b_j as [n_a, n_b] float64; each side dense [n, d] or :class:`Factored`.
+
+    The float64 working copies (chunks of a and b, their products) hold at most ``scratch_bytes`` at a
+    time besides the result (never less than one column or token per chunk); each is passed to
+    ``track`` (e.g. :meth:`layerif.budget.Meter.track`) when made.
+    """
     if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
-        out = torch.zeros(a.shape[0], b.shape[0], dtype=torch.float64, device=a.device)
-        for c in range(0, a.shape[1], 1 << 16):
-            out += a[:, c : c + (1 << 16)].double() @ b[:, c : c + (1 << 16)].double().T
+        n_a, n_b = a.shape[0], b.shape[0]
+        out = torch.zeros(n_a, n_b, dtype=torch.float64, device=a.device)
+        w = gram_chunk(scratch_bytes, 8.0 * n_a * n_b, 8.0 * (n_a + n_b))  # columns: both chunks + their product
+        for c in range(0, a.shape[1], w):
+            ac, bc = track(a[:, c : c + w].double()), track(b[:, c : c + w].double())
+            out += track(ac @ bc.T)
+            del ac, bc  # before the next chunk is made
         return out
     if isinstance(a, torch.Tensor):
-        return gram(b, a, chunk).T
+        return gram(b, a, scratch_bytes, track).T
     if isinstance(b, torch.Tensor):  # factored x dense: g_i . v_j = sum_t delta_t^T V_j x_t
         out = torch.zeros(a.n, b.shape[0], dtype=torch.float64, device=a.x.device)
+        n_out, n_in = a.delta.shape[1], a.x.shape[1]
+        # tokens per chunk: V_j as a matrix, the chunk's x and delta, delta @ V_j, its product with x, the sums
+        c = gram_chunk(scratch_bytes, 8.0 * (n_out * n_in + a.n), 8.0 * (n_out + 3 * n_in + 1))
         for j in range(b.shape[0]):
-            M = to_matrices(a.module, b[j : j + 1])[0].double()
-            per_token = ((a.delta.double() @ M) * a.x.double()).sum(dim=1)
-            out[:, j] = _segment_sum(per_token, a.sample, a.n)
+            M = track(to_matrices(a.module, b[j : j + 1])[0].double())
+            for i in range(0, a.x.shape[0], c):
+                xa, da = track(a.x[i : i + c].double()), track(a.delta[i : i + c].double())
+                per_token = track(track(track(da @ M) * xa).sum(dim=1))
+                out[:, j] += track(_segment_sum(per_token, a.sample[i : i + c], a.n))
+                del xa, da, per_token
+            del M
         return out
     out = torch.zeros(a.n, b.n, dtype=torch.float64, device=a.x.device)
-    for i in range(0, a.x.shape[0], chunk):
-        xa, da, sa = a.x[i : i + chunk].double(), a.delta[i : i + chunk].double(), a.sample[i : i + chunk]
-        for j in range(0, b.x.shape[0], chunk):
-            xb, db, sb = b.x[j : j + chunk].double(), b.delta[j : j + chunk].double(), b.sample[j : j + chunk]
-            tok = (xa @ xb.T) * (da @ db.T)  # [Na, Nb]
-            out += _segment_sum(_segment_sum(tok, sa, a.n).T, sb, b.n).T
+    width = a.x.shape[1] + a.delta.shape[1] + b.x.shape[1] + b.delta.shape[1]
+    # tokens per chunk on each side: both sides' factors, x_a x_b^T, delta_a delta_b^T and their product,
+    # and the two segment sums ([n_a, c] and [n_b, n_a])
+    c = gram_chunk(scratch_bytes, 8.0 * a.n * b.n, 8.0 * (width + a.n), 8.0 * 3)
+    for i in range(0, a.x.shape[0], c):
+        xa, da, sa = track(a.x[i : i + c].double()), track(a.delta[i : i + c].double()), a.sample[i : i + c]
+        for j in range(0, b.x.shape[0], c):
+            xb, db, sb = track(b.x[j : j + c].double()), track(b.delta[j : j + c].double()), b.sample[j : j + c]
+            tok = track(track(xa @ xb.T) * track(da @ db.T))  # [c_a, c_b]
+            out += track(_segment_sum(track(_segment_sum(tok, sa, a.n)).T, sb, b.n)).T
+            del xb, db, tok
+        del xa, da
     return out
 
 
