@@ -292,3 +292,6 @@ def test_compare_pruning_with_search_and_sensitivity(stand_ins, model_dir, tmp_p
     assert sorted(searches) == ["wanda 0.5 seed 0 from layerif", "wanda 0.5 seed 0 from uniform"]
     assert all(s["evaluations"] <= 8 for s in searches.values()) and (out / "search.png").exists()
     assert len(list((out / "levels").glob("wanda-*/b*.safetensors"))) > 3
+    md = (out / "comparison.md").read_text()  # each search against its start, the LayerIF start against uniform's
+    for pair in ("| search-layerif | search-uniform", "| search-uniform | uniform"):
+        assert md.count(pair) == 2, pair  # accuracy and perplexity

@@ -203,9 +203,10 @@ def _item_matrix(rs: list[dict], key: str, seeds: list[str]) -> np.ndarray | Non
 
 def paired_section(settings: dict[Any, dict[str, list[dict]]], metrics: Sequence[Metric], item_keys: dict[str, str],
                    baselines: Sequence[str], subjects: Sequence[str], label: Callable[[Any], str],
-                   seed: int = 0) -> list[str]:
+                   seed: int = 0, pairs: Sequence[tuple[str, str]] = ()) -> list[str]:
     """Markdown lines: Δ of each subject arm against ``uniform`` and against the best other baseline of each
-    setting, per metric, with paired bootstrap intervals over items and seeds (module docstring).
+    setting, and of each (arm, reference) of ``pairs`` present there, per metric, with paired bootstrap
+    intervals over items and seeds (module docstring).
 
     ``item_keys[metric key]`` names the per-item list a row holds for that metric
     in ``row["items"]`` (e.g. perplexity -> ``nll``: the difference is then in
@@ -220,23 +221,22 @@ def paired_section(settings: dict[Any, dict[str, list[dict]]], metrics: Sequence
             if ik is None:
                 continue
             others = [b for b in baselines if b in arms]
-            if not others:
-                continue
-            best_other = (max if m.higher else min)(others, key=lambda b: st[b][m.key][0])
+            best_other = (max if m.higher else min)(others, key=lambda b: st[b][m.key][0]) if others else None
             refs = list(dict.fromkeys(r for r in ("uniform", best_other) if r in arms))
-            for subject in [s for s in subjects if s in arms]:
-                for ref in refs:
-                    seeds = [r["seed"] for r in arms[subject]]
-                    a, b = _item_matrix(arms[subject], ik, seeds), _item_matrix(arms.get(ref, []), ik, seeds)
-                    if a is None or b is None or a.shape != b.shape:
-                        continue
-                    mean, lo, hi = paired_bootstrap(a - b, seed=seed)
-                    res = outcome(lo, hi, m.higher)
-                    wins[res] = wins.get(res, 0) + 1
-                    unit = " (mean NLL, nats)" if ik == "nll" else ""
-                    lines.append(f"| {label(key)} | {m.label}{unit} | {subject} | {ref}"
-                                 f"{' (best baseline)' if ref == best_other else ''} | {mean:+.4f} | "
-                                 f"[{lo:+.4f}, {hi:+.4f}] | {res} |")
+            todo = [(s, r) for s in subjects if s in arms for r in refs]
+            todo += [(s, r) for s, r in pairs if s in arms and r in arms and (s, r) not in todo]
+            for subject, ref in todo:
+                seeds = [r["seed"] for r in arms[subject]]
+                a, b = _item_matrix(arms[subject], ik, seeds), _item_matrix(arms.get(ref, []), ik, seeds)
+                if a is None or b is None or a.shape != b.shape:
+                    continue
+                mean, lo, hi = paired_bootstrap(a - b, seed=seed)
+                res = outcome(lo, hi, m.higher)
+                wins[res] = wins.get(res, 0) + 1
+                unit = " (mean NLL, nats)" if ik == "nll" else ""
+                lines.append(f"| {label(key)} | {m.label}{unit} | {subject} | {ref}"
+                             f"{' (best baseline)' if ref == best_other else ''} | {mean:+.4f} | "
+                             f"[{lo:+.4f}, {hi:+.4f}] | {res} |")
     if not lines:
         return []
     head = ["", "## Paired differences", "",

@@ -73,10 +73,13 @@ def markdown(rows: list[dict], meta: dict) -> str:
     lines += count_verdict(settings, METRICS)
     subjects = [a for a in dict.fromkeys(r["allocation"] for r in rows)
                 if a in allocate.ALLOCATIONS or allocate.parse_label(a)[0] in allocate.ALLOCATIONS]
+    searched = [a for a in subjects if a.startswith("search-")]
+    # each search against its own start, and every other start against the uniform start (equal evaluations)
+    pairs = [(a, search_start(a)) for a in searched] + [(a, "search-uniform") for a in searched if a != "search-uniform"]
     lines += paired_section(settings, METRICS, ITEMS,
                             baselines=[a for a in subjects if allocate.get(a, "sparsity")[0].metric != "scores"],
                             subjects=[a for a in subjects if allocate.get(a, "sparsity")[0].metric == "scores"],
-                            label=lambda k: f"{k[0]} {k[1]:g}")
+                            label=lambda k: f"{k[0]} {k[1]:g}", pairs=pairs)
     return "\n".join(lines) + "\n"
 
 
