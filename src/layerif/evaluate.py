@@ -16,6 +16,7 @@ option and an option is scored by the log-likelihood of its own tokens.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 
@@ -29,7 +30,13 @@ from .models import input_device
 
 
 def _accepts(model: nn.Module, name: str) -> bool:
-    return name in inspect.signature(model.forward).parameters
+    """Whether ``model``'s forward takes the keyword ``name`` (read once per model class)."""
+    return name in _forward_parameters(type(model))
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_parameters(cls: type) -> frozenset[str]:
+    return frozenset(inspect.signature(cls.forward).parameters)
 
 
 def _prefix_logprobs(model: nn.Module, prompts: list[list[int]], options: list[list[list[int]]], pad: int,
