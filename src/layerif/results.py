@@ -96,6 +96,36 @@ def block_scores(path: str | Path, n_blocks: int) -> tuple[np.ndarray, dict]:
     return s, doc
 
 
+VALIDATION_FILE = "validation.json"
+
+
+def block_gains(path: str | Path, n_blocks: int) -> tuple[np.ndarray, dict]:
+    """The measured per-block fine-tune gain g_l of a ``layerif validate`` result (validation.json or its folder).
+
+    g_l = L_val(before) − L_val(after) of fine-tuning block l alone (nats per token; > 0: training the
+    block helps). Returns (float64 [L] in block order, the whole document). A file that is not a
+    validation.json, one for another block count, one that did not measure every block, or non-finite
+    gains are a :class:`UserError`.
+    """
+    p = Path(path)
+    if p.is_dir():
+        p = p / VALIDATION_FILE
+    doc = read_json(p, "validation file")
+    if not isinstance(doc, dict) or not isinstance(doc.get("layers"), list) \
+            or not isinstance(doc.get("fine_tune_gain"), list) or len(doc["layers"]) != len(doc["fine_tune_gain"]):
+        raise UserError(f"{path} is not a layerif validation.json (needs 'layers' and 'fine_tune_gain' lists of equal length)")
+    if doc["layers"] != list(range(n_blocks)):
+        raise UserError(f"{path} measured blocks {doc['layers'][:8]}..., not 0-{n_blocks - 1} in order "
+                        f"(this model has {n_blocks} blocks); validate every block with --target attn, mlp or block")
+    try:
+        g = np.asarray(doc["fine_tune_gain"], dtype=np.float64)
+    except (TypeError, ValueError):
+        raise UserError(f"{path}: 'fine_tune_gain' must hold numbers") from None
+    if not np.all(np.isfinite(g)):
+        raise UserError(f"{path} has NaN or infinite fine-tune gains")
+    return g, doc
+
+
 def scores_document(result: Any, args: Any) -> dict:
     """The scores.json document of a :class:`~layerif.scores.ScoreResult` and its ScoreArgs."""
     return {
