@@ -409,3 +409,118 @@ def allocate_experts(label: str, metric, n_blocks: int, total: int | None = None
     rule, rev = get(label, "experts", reverse)
     total = EXPERTS_PER_BLOCK * n_blocks if total is None else total
     return rule.experts(metric, n_blocks, total, beta, rev)
+
+
+# ----------------------------------------------------------------------------- LoRA capacity (fine-tuning)
+#
+# Plain LoRA fine-tuning (``layerif finetune``) spends a budget of K blocks × rank r. A capacity rule turns it
+# into a LoRA rank per block (int64 [L], 0 = no LoRA on that block) with Σ r_l = K · r exactly, so every rule
+# of one comparison trains the same number of parameters (blocks of one model have the same projections).
+# Rules that rank blocks by a metric (``top``, ``bottom``, ``rank``) take it from ``--metric``: the LayerIF
+# score S_l (``layerif``), AlphaLoRA's heavy-tail α (``alpha``) or the measured per-block fine-tune gain of
+# ``layerif validate`` (``gain``, the upper reference among one-shot choices). A label is ``RULE`` or
+# ``RULE:METRIC`` (``top:layerif``).
+
+CAPACITY_METRICS = {"layerif": "scores", "alpha": "alpha", "gain": "gain"}
+"""Metric name of a capacity label -> the metric kind it reads (as :attr:`Allocation.metric`)."""
+
+
+def _check_budget(n_blocks: int, blocks: int, rank: int) -> None:
+    if rank < 1:
+        raise UserError(f"--rank must be ≥ 1 (got {rank})")
+    if not 1 <= blocks <= n_blocks:
+        raise UserError(f"--blocks {blocks} is outside 1..{n_blocks} (the model has {n_blocks} blocks)")
+
+
+def _on_blocks(chosen, n_blocks: int, rank: int) -> np.ndarray:
+    out = np.zeros(n_blocks, dtype=np.int64)
+    out[np.asarray(chosen, dtype=np.int64)] = rank
+    return out
+
+
+def ranked_blocks(metric, k: int, highest: bool = True) -> np.ndarray:
+    """The indices of the ``k`` blocks with the highest (or lowest) metric, ties to the lower index (int64 [k])."""
+    m = _metric(metric, "metric")
+    order = np.argsort(-m if highest else m, kind="stable")
+    return np.sort(order[:k])
+
+
+def spread_ranks(metric, n_blocks: int, blocks: int, rank: int, beta: float) -> np.ndarray:
+    """LoRA on every block, rank r_l ∝ (m_l − min m)^β with r_l ≥ 1 and Σ r_l = K · r (:func:`layerif_experts`'
+    rule with T = K · r); a constant metric or β = 0 gives the uniform spread. Needs K · r ≥ L."""
+    total = blocks * rank
+    if total < n_blocks:
+        raise UserError(f"--blocks {blocks} × --rank {rank} = {total} rank units cannot give each of the "
+                        f"{n_blocks} blocks rank ≥ 1; raise --blocks or --rank")
+    if metric is None:
+        return uniform_experts(n_blocks, total)
+    return layerif_experts(metric, total, beta)
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """A LoRA capacity rule: ``ranks(metric, n_blocks, blocks, rank, beta, draw_seed) -> int64 [L]``
+    (Σ = blocks · rank); ``uses_metric``: whether it needs ``--metric`` (else it takes none)."""
+
+    name: str
+    uses_metric: bool
+    ranks: Callable[..., np.ndarray]
+
+
+CAPACITIES: dict[str, Capacity] = {}
+
+
+def register_capacity(rule: Capacity) -> Capacity:
+    """Add (or replace) a capacity rule in :data:`CAPACITIES`."""
+    CAPACITIES[rule.name] = rule
+    return rule
+
+
+register_capacity(Capacity("top", True, lambda m, n, k, r, beta, draw: _on_blocks(ranked_blocks(m, k), n, r)))
+register_capacity(Capacity("bottom", True,
+                           lambda m, n, k, r, beta, draw: _on_blocks(ranked_blocks(m, k, highest=False), n, r)))
+register_capacity(Capacity("rank", True, lambda m, n, k, r, beta, draw: spread_ranks(m, n, k, r, beta)))
+register_capacity(Capacity("uniform", False, lambda m, n, k, r, beta, draw: spread_ranks(None, n, k, r, beta)))
+register_capacity(Capacity("first", False, lambda m, n, k, r, beta, draw: _on_blocks(np.arange(k), n, r)))
+register_capacity(Capacity("last", False, lambda m, n, k, r, beta, draw: _on_blocks(np.arange(n - k, n), n, r)))
+register_capacity(Capacity("random", False, lambda m, n, k, r, beta, draw: _on_blocks(
+    np.sort(np.random.default_rng(draw).choice(n, size=k, replace=False)), n, r)))
+
+
+def parse_capacity(label: str, metric: str | None = None) -> tuple[Capacity, str | None]:
+    """``RULE`` or ``RULE:METRIC`` (``metric`` is the default metric name) -> (rule, metric name or None).
+
+    An unknown rule or metric, a metric on a rule that takes none, or a ranking rule without one is a
+    :class:`UserError`.
+    """
+    name, _, named = label.partition(":")
+    rule = CAPACITIES.get(name)
+    if rule is None:
+        raise UserError(f"unknown allocation {label!r} (use {', '.join(CAPACITIES)}, e.g. top:layerif)")
+    if not rule.uses_metric:
+        if named:
+            raise UserError(f"allocation {name!r} takes no metric (got {label!r})")
+        return rule, None
+    chosen = named or metric
+    if chosen is None:
+        raise UserError(f"allocation {name!r} ranks blocks by a metric: use {name}:METRIC or --metric "
+                        f"({', '.join(CAPACITY_METRICS)})")
+    if chosen not in CAPACITY_METRICS:
+        raise UserError(f"unknown metric {chosen!r} (use {', '.join(CAPACITY_METRICS)})")
+    return rule, chosen
+
+
+def capacity_ranks(label: str, metric, n_blocks: int, blocks: int, rank: int, beta: float = 1.0,
+                   draw_seed: int = 0, default_metric: str | None = None) -> np.ndarray:
+    """LoRA rank per block (int64 [L], 0 = no LoRA) of a capacity label with budget ``blocks`` × ``rank``.
+
+    ``metric``: the per-block metric values (float [L]) the label's metric names, or None for rules that
+    take none; ``draw_seed`` fixes ``random``'s draw. Σ r_l = blocks · rank for every rule.
+    """
+    rule, named = parse_capacity(label, default_metric)
+    _check_budget(n_blocks, blocks, rank)
+    if named is not None:
+        metric = _metric(metric, named)
+        if metric.size != n_blocks:
+            raise UserError(f"{metric.size} {named} values for {n_blocks} blocks")
+    return rule.ranks(metric, n_blocks, blocks, rank, _check_beta(beta), draw_seed)

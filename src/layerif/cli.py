@@ -50,6 +50,7 @@ def load_commands() -> None:
         report,
         moe,
         compare_moe,
+        finetune,
     )
 
 

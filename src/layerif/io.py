@@ -360,3 +360,17 @@ def write_figure(path: str | os.PathLike, fig: Any) -> Path:
         return atomic_write(path, lambda tmp: fig.savefig(tmp, format=suffix, dpi=120, bbox_inches="tight"))
     finally:
         plt.close(fig)
+
+
+def write_files(folder: str | os.PathLike, files: dict[str, Any]) -> list[Path]:
+    """Write each ``name -> content`` into ``folder``: text (str), JSON (dict or list) or a matplotlib figure."""
+    out = []
+    for name, content in files.items():
+        path = Path(folder) / name
+        if isinstance(content, str):
+            out.append(write_text(path, content))
+        elif isinstance(content, (dict, list)):
+            out.append(write_json(path, content))
+        else:
+            out.append(write_figure(path, content))
+    return out

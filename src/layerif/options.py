@@ -21,6 +21,8 @@ from .errors import UserError
 from .influence import ESTIMATORS, gram_estimators
 from .models import LoadedModel
 from .prune import METHODS, check_method
+from .results import read_scores
+from .train import TrainConfig, check_train_config
 
 
 def option(default, help: str, **metadata):
@@ -181,3 +183,55 @@ class GroundTruthOptions:
             raise UserError(f"--task-items must be >= 1 (got {self.task_items})")
         if self.bootstrap_blocks < 2:
             raise UserError(f"--bootstrap-blocks must be >= 2 (got {self.bootstrap_blocks})")
+
+
+@dataclass
+class TrainingOptions:
+    """The task, its records and the training loop of the fine-tuning commands (moe, finetune, their comparisons)."""
+
+    task: str | None = option(None, "built-in task to train and test on (default: the task of --scores, else capitals)")
+    scores: str | None = option(None, "scores.json of `layerif score` (needed by the layerif allocations)")
+    n_train: int = option(256, "train items of the task")
+    n_test: int = option(100, "test items of the task")
+    allow_repeats: bool = option(False, "allow more task items than a built-in split holds (records repeat)")
+    data_seed: int = option(0, "seed of the task's item sampling (same items for every training seed)")
+    steps: int = option(100, "optimizer steps")
+    batch_size: int = option(8, "records per micro-batch")
+    grad_accum: int = option(1, "micro-batches per optimizer step")
+    lr: float = option(3e-4, "peak AdamW learning rate")
+    warmup: float = option(0.1, "fraction of the steps with linear warm-up (then linear decay to 0)")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    max_length: int | None = option(None, "truncate train records to this many tokens")
+    eval_batch_size: int = option(16, "sequences per evaluation batch")
+    max_new_tokens: int = option(8, "greedy tokens generated for exact match")
+
+    def train_config(self, seed: int) -> TrainConfig:
+        return TrainConfig(steps=self.steps, batch_size=self.batch_size, grad_accum=self.grad_accum, lr=self.lr,
+                           warmup=self.warmup, weight_decay=self.weight_decay, max_length=self.max_length, seed=seed)
+
+    def check_training(self) -> None:
+        """Checks that need no model: counts, the training loop's values, a readable --scores."""
+        if self.n_train < 1 or self.n_test < 1:
+            raise UserError("--n-train and --n-test must be ≥ 1")
+        if self.eval_batch_size < 1 or self.max_new_tokens < 1:
+            raise UserError("--eval-batch-size and --max-new-tokens must be ≥ 1")
+        check_train_config(self.train_config(0))
+        if self.scores:
+            read_scores(self.scores)  # so does a bad scores file
+
+
+@dataclass
+class LoraOptions:
+    """Where a LoRA adapter goes and how it is scaled (moe, finetune)."""
+
+    targets: str = option("qv", "adapted projections: qv, attn, mlp, all, names (q_proj,v_proj) or a regex")
+    lora_alpha: float = option(16.0, "LoRA alpha (scale alpha / r)")
+    dropout: float = option(0.05, "dropout on the adapter's input")
+
+
+@dataclass
+class ValidationSource:
+    """A measured per-block metric: the fine-tune gain of ``layerif validate`` (the ``gain`` metric)."""
+
+    validation: str | None = option(None, "validation.json of `layerif validate` (the measured fine-tune gain "
+                                          "per block; needed by the gain metric)")

@@ -99,31 +99,41 @@ def block_scores(path: str | Path, n_blocks: int) -> tuple[np.ndarray, dict]:
 VALIDATION_FILE = "validation.json"
 
 
-def block_gains(path: str | Path, n_blocks: int) -> tuple[np.ndarray, dict]:
-    """The measured per-block fine-tune gain g_l of a ``layerif validate`` result (validation.json or its folder).
-
-    g_l = L_val(before) − L_val(after) of fine-tuning block l alone (nats per token; > 0: training the
-    block helps). Returns (float64 [L] in block order, the whole document). A file that is not a
-    validation.json, one for another block count, one that did not measure every block, or non-finite
-    gains are a :class:`UserError`.
-    """
+def read_validation(path: str | Path) -> dict:
+    """A validation.json of ``layerif validate`` (or its folder) with ``layers`` and finite ``fine_tune_gain``
+    lists of equal length; anything else is a :class:`UserError`."""
     p = Path(path)
     if p.is_dir():
         p = p / VALIDATION_FILE
     doc = read_json(p, "validation file")
     if not isinstance(doc, dict) or not isinstance(doc.get("layers"), list) \
             or not isinstance(doc.get("fine_tune_gain"), list) or len(doc["layers"]) != len(doc["fine_tune_gain"]):
-        raise UserError(f"{path} is not a layerif validation.json (needs 'layers' and 'fine_tune_gain' lists of equal length)")
+        raise UserError(f"{path} is not a layerif validation.json (needs 'layers' and 'fine_tune_gain' lists of "
+                        "equal length)")
+    if not all(isinstance(g, (int, float)) and not isinstance(g, bool) and math.isfinite(g)
+               for g in doc["fine_tune_gain"]):
+        raise UserError(f"{path}: 'fine_tune_gain' must hold finite numbers")
+    return doc
+
+
+def block_gains(path: str | Path, n_blocks: int) -> tuple[np.ndarray, dict]:
+    """The measured per-block fine-tune gain g_l of a ``layerif validate`` result (validation.json or its folder).
+
+    g_l = L_val(before) − L_val(after) of fine-tuning block l alone (nats per token; > 0: training the
+    block helps). Returns (float64 [L] in block order, the whole document). A file that
+    :func:`read_validation` refuses, or one that did not measure every block of a model with ``n_blocks``
+    blocks in order, is a :class:`UserError`.
+    """
+    doc = read_validation(path)
     if doc["layers"] != list(range(n_blocks)):
-        raise UserError(f"{path} measured blocks {doc['layers'][:8]}..., not 0-{n_blocks - 1} in order "
-                        f"(this model has {n_blocks} blocks); validate every block with --target attn, mlp or block")
-    try:
-        g = np.asarray(doc["fine_tune_gain"], dtype=np.float64)
-    except (TypeError, ValueError):
-        raise UserError(f"{path}: 'fine_tune_gain' must hold numbers") from None
-    if not np.all(np.isfinite(g)):
-        raise UserError(f"{path} has NaN or infinite fine-tune gains")
-    return g, doc
+        raise UserError(f"{path} measured blocks {block_list(doc['layers'])}, not 0-{n_blocks - 1} in order "
+                        f"(this model has {n_blocks} blocks); validate every block (--target attn, mlp or block)")
+    return np.asarray(doc["fine_tune_gain"], dtype=np.float64), doc
+
+
+def block_list(blocks: list) -> str:
+    """At most 8 entries of a block list, for messages."""
+    return ", ".join(map(str, blocks[:8])) + (", …" if len(blocks) > 8 else "")
 
 
 def scores_document(result: Any, args: Any) -> dict:

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import UserError
-from ..io import CACHE_DIR, output_folder, write_figure, write_json, write_text
+from ..io import CACHE_DIR, output_folder, write_files, write_json, write_text
 from ..report import write_report
 from ..results import write_config
 from ..stability import mean_std, mean_std_cell
@@ -301,13 +301,7 @@ class Comparison:
 
         Returns ``summary`` followed by the list of files written (under the final ``--out``).
         """
-        for name, content in files.items():
-            if isinstance(content, str):
-                write_text(self.out / name, content)
-            elif isinstance(content, (dict, list)):
-                write_json(self.out / name, content)
-            else:
-                write_figure(self.out / name, content)
+        write_files(self.out, files)
         write_report(self.out)
         names = [*(["comparison.csv"] if (self.out / "comparison.csv").exists() else []), *files,
                  "config.json", "report.md", "report.html"]

@@ -12,77 +12,65 @@ from ..allocate import allocate_experts, top_k_for
 from ..errors import UserError
 from ..models import LoadedModel, find_blocks
 from ..moe import (ADAPTER_FILE, MoeConfig, apply_lora_moe, aux_loss, save_adapter, trainable_parameters)
-from ..options import ModelOptions, option
-from ..results import ALLOCATION_FILE, block_scores, check_save_dir, read_scores
+from ..options import LoraOptions, ModelOptions, TrainingOptions, option
+from ..results import ALLOCATION_FILE, block_gains, block_scores, check_save_dir
 from ..spectral import block_alphas
-from ..train import TrainConfig, check_train_config, evaluate_records, train
+from ..train import evaluate_records, train
 from .base import register
 
 NEEDS_SCORES = "the layerif allocation needs --scores scores.json (from `layerif score`)"
 
 
 @dataclass
-class MoeOptions(ModelOptions):
+class MoeOptions(LoraOptions, TrainingOptions, ModelOptions):
     """Options shared by ``layerif moe`` and ``layerif compare-moe``."""
 
-    task: str | None = option(None, "built-in task to train and test on (default: the task of --scores, else capitals)")
-    scores: str | None = option(None, "scores.json of `layerif score` (needed by the layerif allocations)")
     total_experts: int | None = option(None, "T, the experts over all blocks (default: 5 × blocks)")
     beta: float = option(2.5, "β, the sharpness of the allocation (layerif, alpha)")
-    targets: str = option("qv", "adapted projections: qv, attn, mlp, all, names (q_proj,v_proj) or a regex")
     rank: int = option(8, "LoRA rank r of every expert")
-    lora_alpha: float = option(16.0, "LoRA alpha (scale alpha / r)")
-    dropout: float = option(0.05, "dropout on the experts' input")
     aux_loss_coef: float = option(0.01, "weight of the load-balancing loss (0: off)")
-    n_train: int = option(256, "train items of the task")
-    n_test: int = option(100, "test items of the task")
-    allow_repeats: bool = option(False, "allow more task items than a built-in split holds (records repeat)")
-    data_seed: int = option(0, "seed of the task's item sampling (same items for every training seed)")
-    steps: int = option(100, "optimizer steps")
-    batch_size: int = option(8, "records per micro-batch")
-    grad_accum: int = option(1, "micro-batches per optimizer step")
-    lr: float = option(3e-4, "peak AdamW learning rate")
-    warmup: float = option(0.1, "fraction of the steps with linear warm-up (then linear decay to 0)")
-    weight_decay: float = option(0.0, "AdamW weight decay")
-    max_length: int | None = option(None, "truncate train records to this many tokens")
-    eval_batch_size: int = option(16, "sequences per evaluation batch")
-    max_new_tokens: int = option(8, "greedy tokens generated for exact match")
 
     def moe_config(self) -> MoeConfig:
         return MoeConfig(rank=self.rank, alpha=self.lora_alpha, dropout=self.dropout, targets=self.targets,
                          aux_loss_coef=self.aux_loss_coef)
-
-    def train_config(self, seed: int) -> TrainConfig:
-        return TrainConfig(steps=self.steps, batch_size=self.batch_size, grad_accum=self.grad_accum, lr=self.lr,
-                           warmup=self.warmup, weight_decay=self.weight_decay, max_length=self.max_length, seed=seed)
 
     def check(self, allocations: Sequence[str]) -> None:
         """Checks that need no model (the budget T and β are checked by the allocation)."""
         rules = [allocate.get(a, "experts", getattr(self, "reverse", False))[0] for a in allocations]
         if any(r.metric == "scores" for r in rules) and self.scores is None:
             raise UserError(NEEDS_SCORES)
-        if self.n_train < 1 or self.n_test < 1:
-            raise UserError("--n-train and --n-test must be ≥ 1")
-        if self.eval_batch_size < 1 or self.max_new_tokens < 1:
-            raise UserError("--eval-batch-size and --max-new-tokens must be ≥ 1")
         self.moe_config().check()
-        check_train_config(self.train_config(0))
-        if self.scores:
-            read_scores(self.scores)  # so does a bad scores file
+        self.check_training()
+
+
+NEEDS_VALIDATION = "the gain metric needs --validation validation.json (from `layerif validate`)"
+
+
+def block_metric(s: "Setting", kind: str | None) -> np.ndarray | None:
+    """The per-block metric of a kind (float64 [L]), measured or read once per setting: ``scores`` (S_l of
+    --scores), ``alpha`` (heavy-tail α of the base weights), ``gain`` (measured fine-tune gain of
+    --validation); ``None`` for none."""
+    if kind is None:
+        return None
+    if kind not in s.cache:
+        if kind == "scores":
+            if s.scores is None:
+                raise UserError(NEEDS_SCORES)
+            s.cache[kind] = s.scores
+        elif kind == "alpha":
+            s.cache[kind] = block_alphas(s.lm.model)
+        elif kind == "gain":
+            if s.validation is None:
+                raise UserError(NEEDS_VALIDATION)
+            s.cache[kind] = block_gains(s.validation, s.n_blocks)[0]
+        else:
+            raise UserError(f"unknown per-block metric {kind!r}")
+    return s.cache[kind]
 
 
 def metric_of(s: "Setting", allocation: str) -> np.ndarray | None:
-    """The per-block metric an allocation label maps to experts (its rule's ``metric``), measured once per setting."""
-    kind = allocate.get(allocation, "experts")[0].metric
-    if kind == "scores":
-        if s.scores is None:
-            raise UserError(NEEDS_SCORES)
-        return s.scores
-    if kind == "alpha":
-        if "alpha" not in s.cache:
-            s.cache["alpha"] = block_alphas(s.lm.model)
-        return s.cache["alpha"]
-    return None
+    """The per-block metric an allocation label maps to experts (its rule's ``metric``)."""
+    return block_metric(s, allocate.get(allocation, "experts")[0].metric)
 
 
 @dataclass
@@ -96,6 +84,7 @@ class Setting:
     task: str
     train_records: list[dict]
     test_records: list[dict]
+    validation: str | None = None  # validation.json of `layerif validate` (the gain metric)
     cache: dict = field(default_factory=dict)  # metrics measured on the base model
 
 
@@ -114,7 +103,8 @@ def setting(args: MoeOptions) -> Setting:
     task = get_task(task_name)
     return Setting(lm, len(blocks), scores, doc, task_name,
                    task.split("train", args.n_train, args.data_seed, args.allow_repeats),
-                   task.split("test", args.n_test, args.data_seed, args.allow_repeats))
+                   task.split("test", args.n_test, args.data_seed, args.allow_repeats),
+                   getattr(args, "validation", None))
 
 
 def fit(s: Setting, args: MoeOptions, experts: np.ndarray, seed: int) -> dict:
