@@ -21,6 +21,7 @@ from .errors import UserError
 from .influence import ESTIMATORS, gram_estimators
 from .models import LoadedModel
 from .prune import METHODS, check_method
+from .results import read_validation
 
 
 def option(default, help: str, **metadata):
@@ -47,6 +48,26 @@ class ModelOptions:
         before the weights load)."""
         return models.load_model(self.model, self.gguf_file, self.device, self.dtype, self.trust_remote_code,
                                  self.device_map, before_weights)
+
+
+NEEDS_VALIDATION = "the gain allocation needs --validation validation.json (from `layerif validate`)"
+
+
+@dataclass
+class ValidationSource:
+    """The measured per-block fine-tune gain of a ``layerif validate`` run (the ``gain`` allocations' metric)."""
+
+    validation: str | None = option(None, "validation.json of `layerif validate` (the measured fine-tune gain per "
+                                          "block; needed by the gain allocations)")
+
+    def check_validation(self, needed: bool) -> None:
+        """Before the model loads: ``needed`` without ``--validation``, or a ``--validation`` that is not a readable
+        validation.json, is a :class:`~layerif.errors.UserError` (its block count is checked against the model later,
+        by :func:`layerif.results.block_gains`)."""
+        if needed and self.validation is None:
+            raise UserError(NEEDS_VALIDATION)
+        if self.validation is not None:
+            read_validation(self.validation)
 
 
 @dataclass

@@ -99,6 +99,19 @@ def block_scores(path: str | Path, n_blocks: int) -> tuple[np.ndarray, dict]:
 VALIDATION_FILE = "validation.json"
 
 
+def read_validation(path: str | Path) -> dict:
+    """A ``layerif validate`` result (validation.json or its folder) with 'layers' and 'fine_tune_gain' lists of
+    equal length; a missing, unreadable or other file is a :class:`UserError` (checked before a model loads)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / VALIDATION_FILE
+    doc = read_json(p, "validation file")
+    if not isinstance(doc, dict) or not isinstance(doc.get("layers"), list) \
+            or not isinstance(doc.get("fine_tune_gain"), list) or len(doc["layers"]) != len(doc["fine_tune_gain"]):
+        raise UserError(f"{path} is not a layerif validation.json (needs 'layers' and 'fine_tune_gain' lists of equal length)")
+    return doc
+
+
 def block_gains(path: str | Path, n_blocks: int) -> tuple[np.ndarray, dict]:
     """The measured per-block fine-tune gain g_l of a ``layerif validate`` result (validation.json or its folder).
 
@@ -107,13 +120,7 @@ def block_gains(path: str | Path, n_blocks: int) -> tuple[np.ndarray, dict]:
     validation.json, one for another block count, one that did not measure every block, or non-finite
     gains are a :class:`UserError`.
     """
-    p = Path(path)
-    if p.is_dir():
-        p = p / VALIDATION_FILE
-    doc = read_json(p, "validation file")
-    if not isinstance(doc, dict) or not isinstance(doc.get("layers"), list) \
-            or not isinstance(doc.get("fine_tune_gain"), list) or len(doc["layers"]) != len(doc["fine_tune_gain"]):
-        raise UserError(f"{path} is not a layerif validation.json (needs 'layers' and 'fine_tune_gain' lists of equal length)")
+    doc = read_validation(path)
     if doc["layers"] != list(range(n_blocks)):
         raise UserError(f"{path} measured blocks {doc['layers'][:8]}..., not 0-{n_blocks - 1} in order "
                         f"(this model has {n_blocks} blocks); validate every block with --target attn, mlp or block")
