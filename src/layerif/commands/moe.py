@@ -12,8 +12,8 @@ from ..allocate import allocate_experts, top_k_for
 from ..errors import UserError
 from ..models import LoadedModel, find_blocks
 from ..moe import (ADAPTER_FILE, MoeConfig, apply_lora_moe, aux_loss, save_adapter, trainable_parameters)
-from ..options import ModelOptions, option
-from ..results import ALLOCATION_FILE, block_scores, check_save_dir, read_scores
+from ..options import NEEDS_VALIDATION, ModelOptions, ValidationSource, option
+from ..results import ALLOCATION_FILE, block_gains, block_scores, check_save_dir, read_scores
 from ..spectral import block_alphas
 from ..train import TrainConfig, check_train_config, evaluate_records, train
 from .base import register
@@ -22,13 +22,13 @@ NEEDS_SCORES = "the layerif allocation needs --scores scores.json (from `layerif
 
 
 @dataclass
-class MoeOptions(ModelOptions):
+class MoeOptions(ValidationSource, ModelOptions):
     """Options shared by ``layerif moe`` and ``layerif compare-moe``."""
 
     task: str | None = option(None, "built-in task to train and test on (default: the task of --scores, else capitals)")
     scores: str | None = option(None, "scores.json of `layerif score` (needed by the layerif allocations)")
     total_experts: int | None = option(None, "T, the experts over all blocks (default: 5 × blocks)")
-    beta: float = option(2.5, "β, the sharpness of the allocation (layerif, alpha)")
+    beta: float = option(2.5, "β, the sharpness of the allocation (layerif, alpha, gain)")
     targets: str = option("qv", "adapted projections: qv, attn, mlp, all, names (q_proj,v_proj) or a regex")
     rank: int = option(8, "LoRA rank r of every expert")
     lora_alpha: float = option(16.0, "LoRA alpha (scale alpha / r)")
@@ -61,6 +61,7 @@ class MoeOptions(ModelOptions):
         rules = [allocate.get(a, "experts", getattr(self, "reverse", False))[0] for a in allocations]
         if any(r.metric == "scores" for r in rules) and self.scores is None:
             raise UserError(NEEDS_SCORES)
+        self.check_validation(any(r.metric == "gain" for r in rules))
         if self.n_train < 1 or self.n_test < 1:
             raise UserError("--n-train and --n-test must be ≥ 1")
         if self.eval_batch_size < 1 or self.max_new_tokens < 1:
@@ -78,6 +79,10 @@ def metric_of(s: "Setting", allocation: str) -> np.ndarray | None:
         if s.scores is None:
             raise UserError(NEEDS_SCORES)
         return s.scores
+    if kind == "gain":
+        if s.gains is None:
+            raise UserError(NEEDS_VALIDATION)
+        return s.gains
     if kind == "alpha":
         if "alpha" not in s.cache:
             s.cache["alpha"] = block_alphas(s.lm.model)
@@ -87,7 +92,7 @@ def metric_of(s: "Setting", allocation: str) -> np.ndarray | None:
 
 @dataclass
 class Setting:
-    """What every run of a command shares: the model, the scores, the task's records."""
+    """What every run of a command shares: the model, the scores, the measured gains, the task's records."""
 
     lm: LoadedModel
     n_blocks: int
@@ -96,11 +101,13 @@ class Setting:
     task: str
     train_records: list[dict]
     test_records: list[dict]
+    gains: np.ndarray | None = None  # the measured fine-tune gain g_l of --validation
     cache: dict = field(default_factory=dict)  # metrics measured on the base model
 
 
 def setting(args: MoeOptions) -> Setting:
-    """The model, the scores and the task's records of a run (an unknown task fails before the model loads)."""
+    """The model, the scores, the measured gains and the task's records of a run (an unknown task fails before the
+    model loads; a --scores or --validation file for another block count after it)."""
     from ..tasks import get_task  # imported here so tests can stand in a small task module
 
     if args.task is not None:
@@ -110,11 +117,14 @@ def setting(args: MoeOptions) -> Setting:
     scores, doc = block_scores(args.scores, len(blocks)) if args.scores else (None, {})
     if doc.get("model") not in (None, lm.name):
         progress.info(f"note: {args.scores} was computed on {doc['model']}, adapting {lm.name}")
+    gains, vdoc = block_gains(args.validation, len(blocks)) if args.validation else (None, {})
+    if vdoc.get("model") not in (None, lm.name):
+        progress.info(f"note: {args.validation} was measured on {vdoc['model']}, adapting {lm.name}")
     task_name = args.task or doc.get("task") or "capitals"
     task = get_task(task_name)
     return Setting(lm, len(blocks), scores, doc, task_name,
                    task.split("train", args.n_train, args.data_seed, args.allow_repeats),
-                   task.split("test", args.n_test, args.data_seed, args.allow_repeats))
+                   task.split("test", args.n_test, args.data_seed, args.allow_repeats), gains)
 
 
 def fit(s: Setting, args: MoeOptions, experts: np.ndarray, seed: int) -> dict:
@@ -141,8 +151,9 @@ def experts_table(experts: np.ndarray, top_k: np.ndarray, metric: np.ndarray | N
 class MoeArgs(MoeOptions):
     """Fine-tune a LoRA mixture of experts whose per-block expert counts come from LayerIF scores (or a baseline)."""
 
-    allocation: str = option("layerif", "experts per block from: layerif, alpha or uniform")
-    reverse: bool = option(False, "layerif: more experts where S_l is low")
+    allocation: str = option("layerif", "experts per block from: layerif, alpha, gain (the measured fine-tune gain of "
+                                         "--validation) or uniform")
+    reverse: bool = option(False, "layerif, gain: more experts where the metric is low")
     seed: int = option(0, "seed of the adapter's initialisation, data order and dropout")
     save: str | None = option(None, "folder for adapter.safetensors and allocation.json")
 
@@ -156,7 +167,7 @@ def run(args: MoeArgs) -> str:
     metric = metric_of(s, args.allocation)
     experts = allocate_experts(args.allocation, metric, s.n_blocks, args.total_experts, args.beta, args.reverse)
     top_k = top_k_for(experts)
-    label = {"scores": "S_l", "alpha": "alpha"}.get(allocate.ALLOCATIONS[args.allocation].metric, "")
+    label = {"scores": "S_l", "alpha": "alpha", "gain": "g_l"}.get(allocate.ALLOCATIONS[args.allocation].metric, "")
     progress.info(f"{args.allocation} allocation of {int(experts.sum())} experts over {s.n_blocks} blocks; training")
     r = fit(s, args, experts, args.seed)
     lines = [
