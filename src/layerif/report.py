@@ -270,7 +270,7 @@ def profile_uses(score_args: dict) -> list[str]:
         "fine-tune gain (Spearman ρ 0.57–0.92 over estimators and two tasks).",
         "Not supported by evidence: pruning sparsity per block (`layerif prune --allocation layerif`). There S_l did "
         "not predict the cost of pruning a block (loss rise, accuracy change).",
-        f"Check both on this model and task: `{validate_command(score_args)}`.",
+        f"Check both on this model and task: `{validate_command(score_args)}`",
     ]
 
 
