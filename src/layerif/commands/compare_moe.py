@@ -5,7 +5,7 @@ An *arm* is an allocation at one β. With one β (``--beta``, or one value of
 sweep every allocation that maps a metric runs at each β and is labelled
 ``NAME@β=B`` (``layerif@β=2.5``; β = 0 is the uniform map), while ``uniform``
 runs once. Every arm has the same budget T. Arms whose expert counts coincide
-(β = 0 and ``uniform``) share their runs: the same adapter and seeds give the same run.
+(β = 0 and ``uniform``) share their runs: same adapter, data and seeds, so one run stands for both.
 """
 
 from __future__ import annotations
