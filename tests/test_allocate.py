@@ -9,6 +9,7 @@ from scipy.signal import savgol_filter
 from layerif.allocate import (
     MAX_SPARSITY,
     alpha_experts,
+    allocate_experts,
     fit_weighted_mean,
     layerif_experts,
     linear_sparsity,
@@ -145,6 +146,16 @@ def test_alpha_experts_hand_computed():
     np.testing.assert_array_equal(alpha_experts([1, 1, 1], 4, beta=1), [2, 1, 1])
     np.testing.assert_array_equal(uniform_experts(4, 10), [3, 3, 2, 2])
     np.testing.assert_array_equal(top_k_for([1, 2, 5]), [1, 2, 2])
+
+
+def test_beta_zero_is_the_uniform_map():
+    # 11 over 3 blocks: AlphaLoRA's rounding alone would give [3, 4, 4]; β = 0 (every share equal) is uniform
+    for total in (9, 10, 11, 31):
+        want = uniform_experts(3, total)
+        np.testing.assert_array_equal(alpha_experts([1.5, 3.0, 2.0], total, beta=0), want)
+        np.testing.assert_array_equal(alpha_experts([2.0, 2.0, 2.0], total, beta=1), want)
+        np.testing.assert_array_equal(layerif_experts([0.1, 2.0, 0.5], total, beta=0), want)
+        np.testing.assert_array_equal(allocate_experts("gain", [0.3, -0.1, 0.2], 3, total, beta=0), want)
 
 
 @pytest.mark.parametrize("seed", range(20))

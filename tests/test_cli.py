@@ -60,6 +60,8 @@ def test_score_writes_all_outputs(model_dir, data, tmp_path, capsys):
     assert config["args"]["per_val"] is True
     printed = capsys.readouterr().out
     assert "block" in printed and "wrote" in printed
+    assert "Supported use: choosing the blocks" in printed and "Not supported by evidence: pruning" in printed
+    assert f"layerif validate --model {model_dir} --train {train} --val {val} --target attn\n" in printed
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
 
 

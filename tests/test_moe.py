@@ -359,6 +359,14 @@ def write_scores(path: Path, score: list[float], model: str = "tiny") -> str:
     return str(path)
 
 
+def write_validation(folder: Path, gains: list[float], model: str = "tiny") -> str:
+    """A validation folder whose validation.json holds the measured fine-tune gain per block (the gain metric)."""
+    folder.mkdir()
+    (folder / "validation.json").write_text(json.dumps({"model": model, "task": "capitals", "target": "attn",
+                                                        "layers": list(range(len(gains))), "fine_tune_gain": gains}))
+    return str(folder)
+
+
 SMALL = dict(n_train=8, n_test=4, steps=3, batch_size=4, rank=2, eval_batch_size=8, max_new_tokens=2, device="cpu")
 
 
@@ -395,8 +403,9 @@ def test_compare_moe_writes_the_table_and_plot(tasks, model_dir, tmp_path):
     assert {p.name for p in out.iterdir()} >= {"comparison.csv", "comparison.md", "experts_per_layer.png",
                                                "allocations.json", "config.json", "report.md", "report.html"}
     rows = (out / "comparison.csv").read_text().splitlines()
-    assert rows[0] == "allocation,seed,accuracy,exact_match,final_loss,trainable_params,seconds"
+    assert rows[0] == "allocation,beta,seed,accuracy,exact_match,final_loss,trainable_params,seconds"
     assert len(rows) == 1 + 1 + 4 * 3  # header, base, 4 allocations × 3 seeds
+    assert rows[2].startswith("layerif,2.5,0,") and rows[5].startswith("uniform,-,0,")  # one β: labels unchanged
     for a in ("layerif", "layerif-reversed", "alpha", "uniform"):
         assert f"| {a} |" in md
     assert any(v in md for v in ("LayerIF has the best", "LayerIF ties", "LayerIF does not win", "No allocation wins"))
@@ -411,6 +420,8 @@ def test_compare_moe_writes_the_table_and_plot(tasks, model_dir, tmp_path):
      "LayerIF does not win: uniform has the best mean accuracy, 0.1000 above LayerIF"),
     ({"layerif": 0.8, "uniform": 0.8, "alpha": 0.5}, "LayerIF ties for the best mean accuracy with uniform"),
     ({"layerif": 0.8, "uniform": 0.8}, "No allocation wins"),
+    ({"layerif@β=1": 0.9, "layerif@β=0": 0.8, "uniform": 0.8},
+     "LayerIF@β=1 has the best mean accuracy, 0.1000 above the next best"),
 ])
 def test_comparison_verdict_is_honest(accuracy, verdict):
     import numpy as np
@@ -433,11 +444,15 @@ def test_comparison_verdict_is_honest(accuracy, verdict):
     (dict(reverse=True, allocation="uniform"), "--reverse"),
     (dict(steps=0), "--steps"),
     (dict(task="nope"), "unknown task"),
+    (dict(allocation="gain"), "needs --validation"),
+    (dict(allocation="gain", validation="four"), "measured blocks"),
 ])
 def test_moe_command_bad_input(tasks, model_dir, tmp_path, kw, message):
     scores = write_scores(tmp_path / "scores.json", [0.1, 2.0, 0.5])
     if kw.get("scores") == "four":
         kw["scores"] = write_scores(tmp_path / "four.json", [0.1, 2.0, 0.5, 1.0])
+    if kw.get("validation") == "four":
+        kw["validation"] = write_validation(tmp_path / "four", [0.1, 0.9, 0.3, 0.2])
     with pytest.raises(UserError, match=message):
         moe_cmd.run(moe_cmd.MoeArgs(model=model_dir, **{"scores": scores, **SMALL, **kw}))
 
@@ -455,3 +470,90 @@ def test_cli_one_line_error_and_exit_2(tasks, model_dir, tmp_path, monkeypatch, 
     ns = cli.make_parser().parse_args(["compare-moe", "--allocations", "uniform,alpha", "--seeds", "0,1,2"])
     args = cli.build_args(compare_moe.CompareMoeArgs, ns)
     assert args.allocations == ["uniform", "alpha"] and args.seeds == ["0", "1", "2"]
+
+
+# ----------------------------------------------------------------------------- gain allocation and β sweep
+
+
+def test_gain_allocation_by_hand(tasks, model_dir, tmp_path):
+    from layerif.allocate import allocate_experts
+
+    gains = [0.1, 0.9, 0.3]
+    # w = (g − min g)^1 = [0, 0.8, 0.2]; T − L = 6 units: quotas [0, 4.8, 1.2] → ⌊⌋ = [0, 4, 1], the missing unit to
+    # the largest fractional part (block 1) → [0, 5, 1]; plus the one expert every block has:
+    want = [1, 6, 2]
+    assert allocate_experts("gain", gains, 3, 9, beta=1.0).tolist() == want
+    folder = write_validation(tmp_path / "val", gains)
+    summary = moe_cmd.run(moe_cmd.MoeArgs(model=model_dir, task="capitals", allocation="gain", validation=folder,
+                                          total_experts=9, beta=1.0, save=str(tmp_path / "adapter"), **SMALL))
+    assert "allocation gain" in summary and "g_l" in summary
+    doc = read_allocation(tmp_path / "adapter")
+    assert doc["experts"] == want and doc["metric"] == pytest.approx(gains)
+    assert doc["args"]["validation"] == folder
+
+
+def test_arms_of_a_beta_sweep():
+    assert compare_moe.arms_of(["layerif", "uniform"], [2.5]) == {"layerif": ("layerif", 2.5), "uniform": ("uniform", None)}
+    arms = compare_moe.arms_of(["layerif-reversed", "uniform", "gain"], [0.0, 1.0, 0.125])
+    assert list(arms) == ["layerif-reversed@β=0", "layerif-reversed@β=1", "layerif-reversed@β=0.125", "uniform",
+                          "gain@β=0", "gain@β=1", "gain@β=0.125"]
+    assert all(compare_moe.allocation_of(a) == alloc for a, (alloc, _) in arms.items())
+    assert compare_moe.number(1 / 3) == repr(1 / 3)  # a label reads back as its β
+
+
+def test_compare_moe_beta_sweep(tasks, model_dir, tmp_path, monkeypatch):
+    calls = []
+
+    def counting_fit(s, args, experts, seed):
+        calls.append((tuple(experts.tolist()), seed))
+        return moe_cmd.fit(s, args, experts, seed)
+
+    monkeypatch.setattr(compare_moe, "fit", counting_fit)
+    scores = write_scores(tmp_path / "scores.json", [0.1, 2.0, 0.5])
+    out = tmp_path / "cmp"
+    args = compare_moe.CompareMoeArgs(model=model_dir, scores=scores, validation=write_validation(tmp_path / "val", [0.1, 0.3, 0.9]),
+                                      allocations=["layerif", "gain", "uniform"], betas=["0", "1"], seeds=["0"],
+                                      out=str(out), **{**SMALL, "steps": 2})
+    md = compare_moe.run(args)
+    allocs = json.loads((out / "allocations.json").read_text())
+    assert list(allocs) == ["layerif@β=0", "layerif@β=1", "gain@β=0", "gain@β=1", "uniform"]
+    assert allocs["layerif@β=0"]["experts"] == allocs["gain@β=0"]["experts"] == allocs["uniform"]["experts"] == [5, 5, 5]
+    assert allocs["layerif@β=1"]["experts"] == [1, 11, 3] and allocs["gain@β=1"]["experts"] == [1, 3, 11]
+    assert {sum(a["experts"]) for a in allocs.values()} == {15}  # equal budgets
+    assert allocs["layerif@β=1"]["beta"] == 1.0 and allocs["uniform"]["beta"] is None
+    assert sorted(calls) == sorted([((5, 5, 5), 0), ((1, 11, 3), 0), ((1, 3, 11), 0)])  # β = 0 runs are uniform's
+    import csv
+
+    rows = {r["allocation"]: r for r in csv.DictReader((out / "comparison.csv").open(encoding="utf-8"))}
+    assert [rows[a]["beta"] for a in allocs] == ["0", "1", "0", "1", "-"]
+    for a in ("layerif@β=0", "gain@β=0"):  # β = 0 is uniform
+        assert {k: rows[a][k] for k in ("accuracy", "exact_match", "final_loss")} == \
+            {k: rows["uniform"][k] for k in ("accuracy", "exact_match", "final_loss")}
+    items = json.loads((out / "items.json").read_text())
+    assert set(items) == {"base|-", *(f"{a}|0" for a in allocs)}
+    assert "β = 0, 1" in md and "layerif@β=0 has the expert counts of uniform" in md
+    for subject, ref in (("layerif@β=1", "uniform"), ("gain@β=1", "uniform"), ("layerif@β=1", "gain@β=1")):
+        assert f"| test items | accuracy | {subject} | {ref}" in md
+    assert "LayerIF@β=1 " in md or "No allocation wins" in md  # a verdict on each LayerIF arm
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["moe", "--allocation", "gain"], "the gain metric needs --validation"),
+    (["compare-moe", "--allocations", "gain,uniform"], "the gain metric needs --validation"),
+    (["moe", "--allocation", "gain", "--validation", "no/such/validation.json"], "not found"),
+    (["compare-moe", "--allocations", "uniform", "--validation", "SCORES"], "is not a layerif validation.json"),
+    (["compare-moe", "--allocations", "layerif,uniform", "--scores", "SCORES", "--betas", "0,-1"], "beta -1"),
+])
+def test_gain_and_beta_inputs_fail_in_one_line_before_the_model_loads(tasks, model_dir, tmp_path, monkeypatch, capsys,
+                                                                      argv, message):
+    from layerif import cli, models
+
+    monkeypatch.setattr(cli, "load_commands", lambda: None)
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model was loaded before the check"))
+    scores = write_scores(tmp_path / "scores.json", [0.1, 2.0, 0.5])
+    argv = [scores if a == "SCORES" else a for a in argv]
+    assert cli.main([*argv, "--model", model_dir, "--out" if argv[0] == "compare-moe" else "--seed",
+                     str(tmp_path / "out") if argv[0] == "compare-moe" else "0", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"layerif {argv[0]}: error:") and message in err[0], err
+    assert not (tmp_path / "out").exists()

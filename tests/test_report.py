@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import html
 import json
 import shlex
 from dataclasses import asdict
@@ -13,7 +14,7 @@ from conftest import make_tokenizer, tiny_model
 from layerif import cli
 from layerif.errors import UserError
 from layerif.commands.report import ReportArgs, run
-from layerif.report import block_ranges, command_line, render_report, score_reading
+from layerif.report import block_ranges, command_line, render_report, score_reading, validate_command
 from layerif.scores import ScoreArgs
 from layerif.commands.score import run as run_score
 from test_stability import random_texts
@@ -30,6 +31,19 @@ def score_dir(tmp_path_factory):
                      estimator="exact", target="mlp", batch_size=4, bootstrap=30, split_half=True, top_k=2)
     run_score(args)
     return d / "out"
+
+
+def test_score_report_names_the_supported_uses_and_the_validate_command(score_dir):
+    md, page = render_report(score_dir)
+    d = score_dir.parent
+    line = shlex.join(["layerif", "validate", "--model", str(d / "model"), "--train", str(d / "train.jsonl"),
+                       "--val", str(d / "val.jsonl"), "--target", "mlp"])
+    assert "## What this profile is evidence for" in md
+    assert "Supported use: choosing the blocks, and the LoRA capacity per block, to fine-tune (`layerif finetune`" in md
+    assert "Not supported by evidence: pruning sparsity per block" in md
+    assert f"`{line}`" in md and html.escape(line, quote=False) in page
+    assert validate_command({"task": "capitals", "target": "lora", "lora_modules": ["q_proj", "v_proj"]}) == \
+        "layerif validate --task capitals --target q_proj,v_proj"  # validate measures the base projections
 
 
 def test_block_ranges():

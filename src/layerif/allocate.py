@@ -14,15 +14,16 @@ contract "the mean sparsity equals the target" is about parameters, not blocks):
 
 Expert maps (an integer number of LoRA experts per block, summing to a budget T):
 
-* :func:`layerif_experts` -- w_l = (S_l − min S)^β, the LayerIF paper's rule.
+* :func:`layerif_experts` -- w_l = (S_l − min S)^β, the LayerIF paper's rule (also
+  applied to the measured fine-tune gain g_l: the ``gain`` allocation).
 * :func:`alpha_experts` -- AlphaLoRA: n_l ∝ α_l^β.
 * :func:`uniform_experts`, and :func:`top_k_for` (the router's k per block).
 
 Dispatch (:data:`ALLOCATIONS`, :func:`allocate_sparsity`, :func:`allocate_experts`):
 every allocation is one :class:`Allocation` in one registry -- the per-block
-metric it maps (LayerIF scores, heavy-tail α, OWL outlier ratios, the measured
-per-block sensitivity or searched sparsity of :mod:`layerif.search`, or none), its
-sparsity map and/or expert map, and whether ``reverse`` applies. A label
+metric it maps (LayerIF scores, heavy-tail α, OWL outlier ratios, the fine-tune
+gain measured by ``layerif validate``, the measured per-block sensitivity or
+searched sparsity of :mod:`layerif.search`, or none), its sparsity map and/or expert map, and whether ``reverse`` applies. A label
 ``NAME-reversed`` (the comparisons) is ``NAME`` with ``reverse``. Adding an
 allocation is one :func:`register` call; pruning, the LoRA-MoE adapter and
 their comparisons only ask this module.
@@ -99,7 +100,8 @@ def _check_total(total: int, n_layers: int) -> int:
     return total
 
 
-def _check_beta(beta: float) -> float:
+def check_beta(beta: float) -> float:
+    """``beta`` as a float; a negative or non-finite value is a :class:`UserError`."""
     beta = float(beta)
     if not np.isfinite(beta) or beta < 0:
         raise UserError(f"beta {beta:g} must be ≥ 0")
@@ -243,7 +245,7 @@ def layerif_experts(scores, total: int, beta: float = 2.5, reverse: bool = False
     """
     s = _metric(scores, "scores")
     total = _check_total(total, s.size)
-    beta = _check_beta(beta)
+    beta = check_beta(beta)
     if reverse:
         s = -s
     w = (s - s.min()) ** beta
@@ -257,14 +259,17 @@ def alpha_experts(alphas, total: int, beta: float = 2.5) -> np.ndarray:
 
     Each n_l is at least 1. The fix-up moves one unit at a time: while the sum
     exceeds T, from the block most above its real-valued share (among blocks with
-    n_l > 1); while it falls short, to the block most below it. Heavy-tail
-    exponents must be positive. Returns int64 [L].
+    n_l > 1); while it falls short, to the block most below it. All-equal α (or
+    β = 0) give :func:`uniform_experts`. Heavy-tail exponents must be positive.
+    Returns int64 [L].
     """
     a = _metric(alphas, "alphas")
     total = _check_total(total, a.size)
-    beta = _check_beta(beta)
+    beta = check_beta(beta)
     if np.any(a <= 0):
         raise UserError("heavy-tail exponents α must be positive")
+    if beta == 0 or a.min() == a.max():
+        return uniform_experts(a.size, total)  # every share equal: ties as in the uniform map
     share = total * a**beta / np.sum(a**beta)
     n = np.maximum(1, np.round(share)).astype(np.int64)
     while n.sum() > total:
@@ -305,7 +310,9 @@ class Allocation:
 
     ``metric``: the per-block quantity it maps -- ``"scores"`` (LayerIF S_l from a
     scores.json), ``"alpha"`` (heavy-tail exponent α of the weights), ``"outliers"``
-    (OWL's outlier ratios on calibration data) or ``None``.
+    (OWL's outlier ratios on calibration data), ``"gain"`` (the measured fine-tune
+    gain g_l of a validation.json), ``"sensitivity"`` / ``"search"``
+    (:mod:`layerif.search`) or ``None``.
     ``sparsity(metric, target, weights, options, reverse) -> float64 [L]`` and
     ``experts(metric, n_blocks, total, beta, reverse) -> int64 [L]``; either may be
     ``None`` when the rule has no such map. ``reversible``: the kinds of map
@@ -342,6 +349,11 @@ register(Allocation(
     "alpha", "alpha",
     sparsity=lambda m, target, w, o, rev: linear_sparsity(m, target, o.epsilon, w, reverse=rev, smooth=o.smooth),
     experts=lambda m, n, total, beta, rev: alpha_experts(m, total, beta), reversible=("sparsity",)))
+# The measured upper reference of the expert maps: LayerIF's rule applied to the per-block fine-tune gain g_l that
+# ``layerif validate`` measured (``--validation``), w_l = (g_l − min g)^β, instead of to the estimate S_l.
+register(Allocation(
+    "gain", "gain",
+    experts=lambda m, n, total, beta, rev: layerif_experts(m, total, beta, rev), reversible=("experts",)))
 
 # Measured allocations: their metric is measured on the model with the chosen pruner by the pruning
 # commands (layerif.search), then mapped here. ``sensitivity``: the KL rise of pruning each block alone

@@ -21,7 +21,7 @@ from .errors import UserError
 from .influence import ESTIMATORS, gram_estimators
 from .models import LoadedModel
 from .prune import METHODS, check_method
-from .results import read_scores
+from .results import read_scores, read_validation
 from .train import TrainConfig, check_train_config
 
 
@@ -49,6 +49,26 @@ class ModelOptions:
         before the weights load)."""
         return models.load_model(self.model, self.gguf_file, self.device, self.dtype, self.trust_remote_code,
                                  self.device_map, before_weights)
+
+
+NEEDS_VALIDATION = "the gain metric needs --validation validation.json (from `layerif validate`)"
+
+
+@dataclass
+class ValidationSource:
+    """The measured per-block fine-tune gain of a ``layerif validate`` run (the ``gain`` allocations' metric)."""
+
+    validation: str | None = option(None, "validation.json of `layerif validate` (the measured fine-tune gain per "
+                                          "block; needed by the gain allocations)")
+
+    def check_validation(self, needed: bool) -> None:
+        """Before the model loads: ``needed`` without ``--validation``, or a ``--validation`` that is not a readable
+        validation.json, is a :class:`~layerif.errors.UserError` (its block count is checked against the model later,
+        by :func:`layerif.results.block_gains`)."""
+        if needed and self.validation is None:
+            raise UserError(NEEDS_VALIDATION)
+        if self.validation is not None:
+            read_validation(self.validation)
 
 
 @dataclass
@@ -228,10 +248,3 @@ class LoraOptions:
     lora_alpha: float = option(16.0, "LoRA alpha (scale alpha / r)")
     dropout: float = option(0.05, "dropout on the adapter's input")
 
-
-@dataclass
-class ValidationSource:
-    """A measured per-block metric: the fine-tune gain of ``layerif validate`` (the ``gain`` metric)."""
-
-    validation: str | None = option(None, "validation.json of `layerif validate` (the measured fine-tune gain "
-                                          "per block; needed by the gain metric)")

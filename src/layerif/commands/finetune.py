@@ -13,10 +13,10 @@ from ..errors import UserError
 from ..finetune import apply_lora, ranks_summary, remove_lora, save, trainable_parameters
 from ..io import pyplot
 from ..options import LoraOptions, ModelOptions, TrainingOptions, ValidationSource, option
-from ..results import config_doc, read_validation
+from ..results import config_doc
 from ..train import evaluate_records, train
 from .base import register
-from .moe import NEEDS_SCORES, NEEDS_VALIDATION, Setting, block_metric, setting
+from .moe import NEEDS_SCORES, Setting, block_metric, setting
 
 
 @dataclass
@@ -36,16 +36,14 @@ class FinetuneOptions(ValidationSource, LoraOptions, TrainingOptions, ModelOptio
             kind = CAPACITY_METRICS.get(named) if named else None
             if kind == "scores" and self.scores is None:
                 raise UserError(NEEDS_SCORES)
-            if kind == "gain" and self.validation is None:
-                raise UserError(NEEDS_VALIDATION)
         if any(k < 1 for k in blocks):
             raise UserError("--blocks must be ≥ 1")
         if self.rank < 1:
             raise UserError(f"--rank must be ≥ 1 (got {self.rank})")
         if not self.beta >= 0:
             raise UserError(f"--beta must be ≥ 0 (got {self.beta})")
-        if self.validation is not None:
-            read_validation(self.validation)
+        self.check_validation(any(CAPACITY_METRICS.get(parse_capacity(a, self.metric)[1] or "") == "gain"
+                                  for a in labels))
         self.check_training()
 
     def ranks(self, s: Setting, label: str, blocks: int, draw_seed: int = 0) -> tuple[np.ndarray, np.ndarray | None]:

@@ -12,7 +12,7 @@ from ..allocate import allocate_experts, top_k_for
 from ..errors import UserError
 from ..models import LoadedModel, find_blocks
 from ..moe import (ADAPTER_FILE, MoeConfig, apply_lora_moe, aux_loss, save_adapter, trainable_parameters)
-from ..options import LoraOptions, ModelOptions, TrainingOptions, option
+from ..options import LoraOptions, ModelOptions, NEEDS_VALIDATION, TrainingOptions, ValidationSource, option
 from ..results import ALLOCATION_FILE, block_gains, block_scores, check_save_dir
 from ..spectral import block_alphas
 from ..train import evaluate_records, train
@@ -22,11 +22,11 @@ NEEDS_SCORES = "the layerif allocation needs --scores scores.json (from `layerif
 
 
 @dataclass
-class MoeOptions(LoraOptions, TrainingOptions, ModelOptions):
+class MoeOptions(ValidationSource, LoraOptions, TrainingOptions, ModelOptions):
     """Options shared by ``layerif moe`` and ``layerif compare-moe``."""
 
     total_experts: int | None = option(None, "T, the experts over all blocks (default: 5 × blocks)")
-    beta: float = option(2.5, "β, the sharpness of the allocation (layerif, alpha)")
+    beta: float = option(2.5, "β, the sharpness of the allocation (layerif, alpha, gain)")
     rank: int = option(8, "LoRA rank r of every expert")
     aux_loss_coef: float = option(0.01, "weight of the load-balancing loss (0: off)")
 
@@ -39,11 +39,9 @@ class MoeOptions(LoraOptions, TrainingOptions, ModelOptions):
         rules = [allocate.get(a, "experts", getattr(self, "reverse", False))[0] for a in allocations]
         if any(r.metric == "scores" for r in rules) and self.scores is None:
             raise UserError(NEEDS_SCORES)
+        self.check_validation(any(r.metric == "gain" for r in rules))
         self.moe_config().check()
         self.check_training()
-
-
-NEEDS_VALIDATION = "the gain metric needs --validation validation.json (from `layerif validate`)"
 
 
 def block_metric(s: "Setting", kind: str | None) -> np.ndarray | None:
@@ -60,9 +58,9 @@ def block_metric(s: "Setting", kind: str | None) -> np.ndarray | None:
         elif kind == "alpha":
             s.cache[kind] = block_alphas(s.lm.model)
         elif kind == "gain":
-            if s.validation is None:
+            if s.gains is None:
                 raise UserError(NEEDS_VALIDATION)
-            s.cache[kind] = block_gains(s.validation, s.n_blocks)[0]
+            s.cache[kind] = s.gains
         else:
             raise UserError(f"unknown per-block metric {kind!r}")
     return s.cache[kind]
@@ -75,7 +73,7 @@ def metric_of(s: "Setting", allocation: str) -> np.ndarray | None:
 
 @dataclass
 class Setting:
-    """What every run of a command shares: the model, the scores, the task's records."""
+    """What every run of a command shares: the model, the scores, the measured gains, the task's records."""
 
     lm: LoadedModel
     n_blocks: int
@@ -84,12 +82,13 @@ class Setting:
     task: str
     train_records: list[dict]
     test_records: list[dict]
-    validation: str | None = None  # validation.json of `layerif validate` (the gain metric)
+    gains: np.ndarray | None = None  # the measured fine-tune gain g_l of --validation
     cache: dict = field(default_factory=dict)  # metrics measured on the base model
 
 
 def setting(args: MoeOptions) -> Setting:
-    """The model, the scores and the task's records of a run (an unknown task fails before the model loads)."""
+    """The model, the scores, the measured gains and the task's records of a run (an unknown task fails before the
+    model loads; a --scores or --validation file for another block count after it)."""
     from ..tasks import get_task  # imported here so tests can stand in a small task module
 
     if args.task is not None:
@@ -99,12 +98,14 @@ def setting(args: MoeOptions) -> Setting:
     scores, doc = block_scores(args.scores, len(blocks)) if args.scores else (None, {})
     if doc.get("model") not in (None, lm.name):
         progress.info(f"note: {args.scores} was computed on {doc['model']}, adapting {lm.name}")
+    gains, vdoc = block_gains(args.validation, len(blocks)) if args.validation else (None, {})
+    if vdoc.get("model") not in (None, lm.name):
+        progress.info(f"note: {args.validation} was measured on {vdoc['model']}, adapting {lm.name}")
     task_name = args.task or doc.get("task") or "capitals"
     task = get_task(task_name)
     return Setting(lm, len(blocks), scores, doc, task_name,
                    task.split("train", args.n_train, args.data_seed, args.allow_repeats),
-                   task.split("test", args.n_test, args.data_seed, args.allow_repeats),
-                   getattr(args, "validation", None))
+                   task.split("test", args.n_test, args.data_seed, args.allow_repeats), gains)
 
 
 def fit(s: Setting, args: MoeOptions, experts: np.ndarray, seed: int) -> dict:
@@ -131,8 +132,9 @@ def experts_table(experts: np.ndarray, top_k: np.ndarray, metric: np.ndarray | N
 class MoeArgs(MoeOptions):
     """Fine-tune a LoRA mixture of experts whose per-block expert counts come from LayerIF scores (or a baseline)."""
 
-    allocation: str = option("layerif", "experts per block from: layerif, alpha or uniform")
-    reverse: bool = option(False, "layerif: more experts where S_l is low")
+    allocation: str = option("layerif", "experts per block from: layerif, alpha, gain (the measured fine-tune gain of "
+                                         "--validation) or uniform")
+    reverse: bool = option(False, "layerif, gain: more experts where the metric is low")
     seed: int = option(0, "seed of the adapter's initialisation, data order and dropout")
     save: str | None = option(None, "folder for adapter.safetensors and allocation.json")
 
@@ -146,7 +148,7 @@ def run(args: MoeArgs) -> str:
     metric = metric_of(s, args.allocation)
     experts = allocate_experts(args.allocation, metric, s.n_blocks, args.total_experts, args.beta, args.reverse)
     top_k = top_k_for(experts)
-    label = {"scores": "S_l", "alpha": "alpha"}.get(allocate.ALLOCATIONS[args.allocation].metric, "")
+    label = {"scores": "S_l", "alpha": "alpha", "gain": "g_l"}.get(allocate.ALLOCATIONS[args.allocation].metric, "")
     progress.info(f"{args.allocation} allocation of {int(experts.sum())} experts over {s.n_blocks} blocks; training")
     r = fit(s, args, experts, args.seed)
     lines = [

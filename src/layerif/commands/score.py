@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 from .. import progress, stability
@@ -12,7 +13,7 @@ from ..distributed import is_main, process_group
 from ..data import records_note
 from ..io import output_folder, prepare_out_dir, pyplot, write_figure, write_safetensors, write_text
 from ..models import resolve_device
-from ..report import write_report
+from ..report import profile_uses, write_report
 from ..results import scores_document, write_config, write_scores
 from ..scores import AGGREGATIONS, ScoreArgs, ScoreResult, score, validate
 from .base import register
@@ -99,7 +100,8 @@ def run(args: ScoreArgs) -> str:
     wrote = (f"wrote {out}/scores.json, scores.csv, influence.safetensors, layer_scores.png"
              f"{', stability.png' if stab else ''}, report.md, report.html")
     notes = "\n".join(f"note: {n}" for n in m.get("notes", []))
-    return "\n".join(line for line in (head, table(result), stab, notes, wrote) if line)
+    uses = "\n".join(u.replace("`", "") for u in profile_uses(asdict(args)))
+    return "\n".join(line for line in (head, table(result), stab, notes, uses, wrote) if line)
 
 
 register("score", ScoreArgs, run, "per-layer influence scores of a model on a task")
