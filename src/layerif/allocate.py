@@ -535,4 +535,4 @@ def capacity_ranks(label: str, metric, n_blocks: int, blocks: int, rank: int, be
         metric = _metric(metric, named)
         if metric.size != n_blocks:
             raise UserError(f"{metric.size} {named} values for {n_blocks} blocks")
-    return rule.ranks(metric, n_blocks, blocks, rank, _check_beta(beta), draw_seed)
+    return rule.ranks(metric, n_blocks, blocks, rank, check_beta(beta), draw_seed)

@@ -51,6 +51,7 @@ def load_commands() -> None:
         moe,
         compare_moe,
         finetune,
+        compare_finetune,
     )
 
 

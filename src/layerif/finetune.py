@@ -24,6 +24,7 @@ from torch import nn
 from . import __version__
 from .errors import UserError
 from .io import staged_folder, write_files
+from .models import is_conv1d
 from .moe import target_names
 from .results import check_save_dir, write_allocation
 
@@ -45,11 +46,13 @@ def lora_config(model: nn.Module, ranks: Sequence[int], targets: str = "qv", ran
     if any(int(r) != r or r < 0 for r in ranks) or not any(ranks):
         raise UserError("block ranks must be integers ≥ 0, at least one of them > 0")
     adapted = {name: int(r) for r, block in zip(ranks, names) if r > 0 for name in block}
+    modules = dict(model.named_modules())
     return LoraConfig(
         r=rank, lora_alpha=lora_alpha, lora_dropout=dropout, target_modules=list(adapted),
         layers_to_transform=[l for l, r in enumerate(ranks) if r > 0],
         rank_pattern={re.escape(n): r for n, r in adapted.items()},
         alpha_pattern={re.escape(n): lora_alpha * r / rank for n, r in adapted.items()},
+        fan_in_fan_out=any(is_conv1d(modules[n]) for n in adapted),
     )
 
 
