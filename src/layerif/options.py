@@ -155,7 +155,7 @@ class GroundTruthOptions:
     ft_batch_size: int = option(4, "train records per fine-tuning step")
     sparsity: float = option(0.5, "sparsity s of the single pruned block, in (0, 1)")
     method: str = option("wanda", "pruner", choices=PRUNERS)
-    n_calib: int = option(16, "calibration windows (wanda, sparsegpt)")
+    n_calib: int = option(16, "calibration windows (a pruner that calibrates: wanda, sparsegpt)")
     seqlen: int = option(128, "tokens per calibration window")
     text: str | None = option(None, "calibration text file (default: built-in English corpus)")
     accuracy_task: str | None = option(None, "built-in task or JSONL of {prompt, options, answer} for the accuracy "

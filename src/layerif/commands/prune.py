@@ -36,7 +36,7 @@ class PruningOptions(SearchOptions):
     smooth: bool = option(False, "Savitzky-Golay smoothing (window 7, order 3) of the metric first")
     owl_m: float = option(OWL_M, "OWL: a weight is an outlier above M × its block's mean Wanda score")
     owl_lambda: float = option(OWL_LAMBDA, "OWL: the block sparsities span 2λ around the target")
-    n_calib: int = option(128, "calibration windows (wanda, sparsegpt, owl)")
+    n_calib: int = option(128, "calibration windows (a pruner that calibrates: wanda, sparsegpt; owl)")
     seqlen: int = option(512, "tokens per calibration / evaluation window")
     text: str | None = option(None, "text file for calibration and evaluation (default: built-in English corpus)")
     damping: float = option(DAMPING, "SparseGPT damping, a fraction of the mean Hessian diagonal")
