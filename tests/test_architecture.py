@@ -1,4 +1,5 @@
-"""The package's shape: no import cycle between layerif modules, counting imports inside functions too."""
+"""The package's shape: no import cycle between layerif modules, and no library module importing the commands or
+the command line, counting imports inside functions too."""
 
 from __future__ import annotations
 
@@ -80,3 +81,31 @@ def test_no_import_cycles():
     graph = import_graph()
     assert "layerif.scores" in graph and graph["layerif.scores"]
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+
+
+ENTRY_POINTS = {"layerif.cli", "layerif.__main__"}
+"""The modules above the commands: the command line and ``python -m layerif``."""
+
+
+def layering_violations(graph: dict[str, set[str]]) -> dict[str, list[str]]:
+    """{library module: the command modules or entry points it imports}; a library module is one outside
+    ``layerif.commands`` and :data:`ENTRY_POINTS`."""
+    def above(name: str) -> bool:
+        return name in ENTRY_POINTS or name == "layerif.commands" or name.startswith("layerif.commands.")
+
+    out = {m: sorted(n for n in deps if above(n)) for m, deps in graph.items() if not above(m)}
+    return {m: names for m, names in out.items() if names}
+
+
+def test_the_checker_finds_a_library_module_importing_a_command():
+    graph = {"layerif.report": {"layerif.commands.base", "layerif.commands", "layerif.io"},
+             "layerif.commands.score": {"layerif.report"}, "layerif.cli": {"layerif.commands.score"},
+             "layerif.io": {"layerif.cli"}}
+    assert layering_violations(graph) == {"layerif.report": ["layerif.commands", "layerif.commands.base"],
+                                          "layerif.io": ["layerif.cli"]}
+
+
+def test_library_modules_do_not_import_the_commands():
+    graph = import_graph()
+    assert graph["layerif.cli"] and "layerif.command_registry" in graph
+    assert layering_violations(graph) == {}

@@ -14,8 +14,8 @@ from layerif import cli
 from layerif.compare import block_influence, heatmap_figure, shares
 from layerif.data import encode_split
 from layerif.engine import per_sample_grads
-from layerif.influence import (ModuleStats, damping, datainf_bound, lissa_influence, lissa_residual, lissa_scale,
-                               module_influence)
+from helpers import module_influence, stats_from_grads
+from layerif.influence import ModuleStats, damping, datainf_bound, lissa_influence, lissa_residual, lissa_scale
 from layerif.models import select_targets
 from layerif.stability import spearman
 from test_stability import random_texts
@@ -137,7 +137,7 @@ def _random_stats(n: int, d: int, seed: int = 0) -> tuple[torch.Tensor, torch.Te
     g = torch.Generator().manual_seed(seed)
     G = torch.randn(n, d, generator=g, dtype=torch.float64) * torch.rand(n, 1, generator=g, dtype=torch.float64)
     v = torch.randn(d, generator=g, dtype=torch.float64)
-    return G, v, ModuleStats.from_grads(G, v)
+    return G, v, stats_from_grads(G, v)
 
 
 def lissa_dense(G, v, lam, sigma, T, batch=0, seed=0):
@@ -210,7 +210,7 @@ def test_datainf_within_its_bound_of_exact_on_tiny_model_with_d_below_n():
     for t in targets:
         g, v = G[t.name].double(), V[t.name].double().sum(0)
         assert g.shape[1] == 32 < g.shape[0] == 40
-        s = ModuleStats.from_grads(g, v)
+        s = stats_from_grads(g, v)
         for c in (0.1, 300.0):
             lam = damping(s, c)
             di, ex, gd = (module_influence(s, e, lam)[:, 0] for e in ("datainf", "exact", "grad-dot"))

@@ -8,8 +8,8 @@ import torch
 from conftest import make_tokenizer, tiny_model
 from layerif.data import encode, encode_split
 from layerif.engine import per_sample_grads
-from layerif.grads import flat_params
-from layerif.influence import ModuleStats, damping, module_influence
+from helpers import factored_from_batches, flat_params, module_influence, stats_from_grads
+from layerif.influence import damping
 from layerif.models import LoadedModel, find_blocks, select_targets
 from layerif.engine import plan_layouts
 from layerif.scores import aggregate, compute
@@ -107,7 +107,7 @@ def test_estimators_equal_reference(n, d, k, seed, c):
     g = torch.Generator().manual_seed(seed)
     G = torch.randn(n, d, generator=g, dtype=torch.float64) * torch.rand(n, 1, generator=g, dtype=torch.float64)
     V = torch.randn(k, d, generator=g, dtype=torch.float64)
-    stats = ModuleStats.from_grads(G, V)
+    stats = stats_from_grads(G, V)
     lam = damping(stats, c)
     assert lam == pytest.approx(c * float((G * G).sum(1).mean()) / d, rel=1e-12)
     di = module_influence(stats, "datainf", lam)
@@ -123,7 +123,7 @@ def test_datainf_is_exact_for_one_sample():
     """With n = 1, DataInf's rank-one inverse is the exact Sherman-Morrison inverse."""
     G = torch.randn(1, 6, dtype=torch.float64)
     v = torch.randn(6, dtype=torch.float64)
-    s = ModuleStats.from_grads(G, v)
+    s = stats_from_grads(G, v)
     lam = damping(s, 0.3)
     torch.testing.assert_close(module_influence(s, "datainf", lam), module_influence(s, "exact", lam))
 
@@ -228,7 +228,7 @@ def test_layer_discovery(family):
 
 @pytest.mark.parametrize("family,bias", [("llama", True), ("gpt2", False), ("opt", False)])
 def test_factored_gram_equals_dense(tokenizer, family, bias):
-    from layerif.grads import Factored, capture, dense_from_activations, gram, losses_and_backward
+    from layerif.grads import capture, dense_from_activations, gram, losses_and_backward
     from layerif.data import collate
 
     model = tiny_model(family, bias=bias, seed=5)
@@ -247,7 +247,7 @@ def test_factored_gram_equals_dense(tokenizer, family, bias):
             losses_and_backward(model, batch)
     for t in targets:
         G = torch.cat(dense[t.name])
-        F = Factored.from_batches(t.module, parts[t.name], len(recs))
+        F = factored_from_batches(t.module, parts[t.name], len(recs))
         v = torch.randn(3, t.numel)
         for got, ref in ((gram(F, F), gram(G, G)), (gram(F, v), gram(G, v)), (gram(v, F), gram(v, G)),
                          (gram(F, F, scratch_bytes=0), gram(G, G)), (gram(F, v, scratch_bytes=0), gram(G, v)),

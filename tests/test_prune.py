@@ -36,7 +36,7 @@ def masks(model) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-@pytest.mark.parametrize("method", P.METHODS)
+@pytest.mark.parametrize("method", list(P.PRUNERS))
 def test_achieved_sparsity_is_the_allocation(family, method):
     model = tiny_model(family, n_layers=3)
     weights = P.prunable_params(model)
@@ -207,7 +207,7 @@ def test_sparsegpt_reconstructs_better_than_magnitude_and_wanda(seed):
     assert err(Ws) < err(W.masked_fill(P.nm_mask(W.abs(), 2, 4), 0))
 
 
-@pytest.mark.parametrize("method", P.METHODS)
+@pytest.mark.parametrize("method", list(P.PRUNERS))
 def test_nm_pruning_zeroes_n_of_every_m(method):
     model = tiny_model("llama", n_layers=2)
     P.prune_model(model, [0.5, 0.5], method, calib(), nm=(2, 4))
@@ -555,3 +555,35 @@ def test_a_new_allocation_is_one_registration(stand_ins, model_dir, tmp_path, mo
     assert np.average(doc["sparsity"], weights=doc["prunable_params"]) == pytest.approx(0.5)
     CP.run(compare_args(model_dir, tmp_path, allocations=["uniform", "random"], methods=["magnitude"], seeds=["0"]))
     assert {r["allocation"] for r in read_csv(tmp_path / "cmp" / "comparison.csv")} == {"dense", "uniform", "random"}
+
+
+def test_a_new_pruner_is_one_registration(stand_ins, model_dir, tmp_path, monkeypatch):
+    """A pruner added in one place (here: each row drops the inputs of least energy Σ x_j², as Wanda without |W|)
+    works in prune with the recipe export, the level database (the sensitivity allocation) and validate's pruning
+    sensitivity; its capabilities come from its record, not from its name."""
+    from layerif.data import encode_split
+    from layerif.validate import prune_sensitivity
+
+    monkeypatch.setattr(P, "PRUNERS", dict(P.PRUNERS))  # the registration ends with this test
+    P.register(P.Pruner("smallest-input", lambda W, ratio, stats, s: P.row_mask(stats.sq.expand_as(W), ratio),
+                        needs_calibration=True, modifier="SmallestInputModifier"))
+
+    out = tmp_path / "pruned"
+    PC.run(prune_args(model_dir, tmp_path, method="smallest-input", allocation="sensitivity", search_windows=2,
+                      search_dir=str(tmp_path / "s"), save=str(out)))
+    doc = json.loads((out / "allocation.json").read_text())
+    assert doc["method"] == "smallest-input" and doc["mean_achieved"] == pytest.approx(0.5, abs=1 / 32)
+    assert np.argmin(doc["sparsity"]) == np.argmax(doc["sensitivity"]["kl"])  # measured through the level database
+    assert list((tmp_path / "s" / "levels").glob("smallest-input-*/b*.safetensors"))
+    recipe = yaml.safe_load((out / "recipe.yaml").read_text())["sparsity_stage"]["sparsity_modifiers"]
+    assert recipe["SmallestInputModifier"]["sparsity"] == pytest.approx(doc["sparsity"], abs=1e-6)
+
+    model, tok = tiny_model("llama", n_layers=3), make_tokenizer()
+    val = encode_split(tok, [{"prompt": "the capital of spain is", "completion": " madrid"}], "val")[0]
+    sens = prune_sensitivity(model, tok, [0, 2], val, "smallest-input", 0.5, calib())
+    assert all(r != 0 for r in sens["loss_rise"])
+    with pytest.raises(ValueError, match="needs calibration"):  # the record says so: no silent fallback
+        P.prune_model(model, [0.5] * 3, "smallest-input")
+    mod = next(iter(P.prunable_modules(model).values()))[1]
+    with pytest.raises(UserError, match="^unknown pruning method 'pca' \\(use magnitude, wanda, sparsegpt, smallest"):
+        P.prune_module(mod, "pca", 0.5)  # once the else branch of SparseGPT

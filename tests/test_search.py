@@ -84,7 +84,7 @@ def test_grid_checks():
 # ----------------------------------------------------------------------------- database
 
 
-@pytest.mark.parametrize("method", P.METHODS)
+@pytest.mark.parametrize("method", list(P.PRUNERS))
 def test_database_swap_is_pruning_that_block_directly(method, tmp_path):
     model = tiny_model("llama", n_layers=3)
     windows = calib()

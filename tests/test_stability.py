@@ -13,7 +13,7 @@ from conftest import WORDS, make_tokenizer, tiny_model
 from layerif.cli import main
 from layerif.data import encode_split
 from layerif.errors import UserError
-from layerif.influence import ModuleStats
+from helpers import stats_from_grads
 from layerif.models import LoadedModel
 from layerif.scores import compute, split_half_recompute
 from layerif.stability import (bootstrap, layer_scores, spearman, split_half_from_influence, split_half_from_stats,
@@ -117,7 +117,7 @@ def test_split_half_from_stats_rescores_each_half_on_its_own():
     for l in range(5):
         G = torch.randn(1, 7, generator=g, dtype=torch.float64).expand(12, -1)
         v = (l + 1) * G[0] + 0.01 * torch.randn(7, generator=g, dtype=torch.float64)
-        stats[f"m{l}"] = ModuleStats.from_grads(G, v)
+        stats[f"m{l}"] = stats_from_grads(G, v)
         targets.append(Target(block=l, name=f"m{l}", module=torch.nn.Linear(1, 1)))
     for est in ("datainf", "exact", "lissa"):
         s = split_half_from_stats(stats, lambda st, est=est: block_influence(st, targets, est, 0.1), top_k=2, seed=1)

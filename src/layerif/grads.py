@@ -31,11 +31,6 @@ from .data import Encoded, batches, collate, per_sample_loss, upcast
 from .models import Target, input_device, is_conv1d, weight_out_in
 
 
-def flat_params(module: nn.Module) -> torch.Tensor:
-    """The module's own parameters flattened in the gradient contract's order, [d]."""
-    return torch.cat([p.detach().flatten() for p in module.parameters(recurse=False)])
-
-
 def _shaped(x: torch.Tensor, batch: int) -> torch.Tensor:
     """[B, T, f] float32 (float64 for a float64 model) view of an activation (OPT's MLP flattens to [B*T, f])."""
     return upcast(x).reshape(batch, -1, x.shape[-1])
@@ -147,17 +142,6 @@ class Factored:
         self.delta[at : at + m] = delta[keep]
         self.sample[at : at + m] = rows[keep] + offset
         return at + m
-
-    @classmethod
-    def from_batches(cls, module: nn.Module, parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], n: int) -> "Factored":
-        """From (x [B, T, in], delta [B, T, out], mask [B, T]) of consecutive batches covering n samples."""
-        x0 = parts[0][0]
-        f = cls.allocate(module, sum(int(m.sum()) for _, _, m in parts), n, x0.dtype, x0.device)
-        at = offset = 0
-        for x, delta, mask in parts:
-            at = f.fill(at, x, delta, mask, offset)
-            offset += x.shape[0]
-        return f
 
 
 def _segment_sum(values: torch.Tensor, index: torch.Tensor, n: int) -> torch.Tensor:

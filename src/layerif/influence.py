@@ -87,14 +87,6 @@ class ModuleStats:
     P: torch.Tensor
     d: int
 
-    @classmethod
-    def from_grads(cls, G: torch.Tensor, V: torch.Tensor) -> "ModuleStats":
-        """From train gradients G [n, d] and validation gradients V [k, d] (or [d])."""
-        if V.dim() == 1:
-            V = V[None]
-        G64, V64 = G.double(), V.double()
-        return cls(K=G64 @ G64.T, P=G64 @ V64.T, d=G.shape[1])
-
 
 @dataclass(frozen=True)
 class EstimatorOptions:
@@ -283,10 +275,3 @@ def estimate(stats: ModuleStats, name: str, lam: float, options: EstimatorOption
     if ESTIMATORS[name].gram is None:
         raise UserError(f"estimator {name} has no Gram form: it runs on the model itself (layerif score --estimator {name})")
     return ESTIMATORS[name].gram(stats, lam, options)
-
-
-def module_influence(stats: ModuleStats, estimator: str, lam: float) -> torch.Tensor:
-    """Influence I [n, k] (float64) of each train sample on each validation column for one module."""
-    if estimator not in ESTIMATORS:
-        raise ValueError(f"unknown estimator {estimator!r}")
-    return ESTIMATORS[estimator].gram(stats, lam, EstimatorOptions())

@@ -20,7 +20,7 @@ from . import models
 from .errors import UserError
 from .influence import ESTIMATORS, gram_estimators
 from .models import LoadedModel
-from .prune import METHODS, check_method
+from .prune import PRUNERS, get_pruner
 from .results import read_scores, read_validation
 from .train import TrainConfig, check_train_config
 
@@ -176,8 +176,8 @@ class GroundTruthOptions:
     lr: float = option(1e-4, "Adam learning rate of the per-block fine-tuning (linear decay)")
     ft_batch_size: int = option(4, "train records per fine-tuning step")
     sparsity: float = option(0.5, "sparsity s of the single pruned block, in (0, 1)")
-    method: str = option("wanda", "pruner", choices=METHODS)
-    n_calib: int = option(16, "calibration windows (wanda, sparsegpt)")
+    method: str = option("wanda", "pruner", choices=PRUNERS)
+    n_calib: int = option(16, "calibration windows (a pruner that calibrates: wanda, sparsegpt)")
     seqlen: int = option(128, "tokens per calibration window")
     text: str | None = option(None, "calibration text file (default: built-in English corpus)")
     accuracy_task: str | None = option(None, "built-in task or JSONL of {prompt, options, answer} for the accuracy "
@@ -194,7 +194,7 @@ class GroundTruthOptions:
             raise UserError(f"--lr must be > 0 (got {self.lr})")
         if not 0 < self.sparsity < 1:
             raise UserError(f"--sparsity must be in (0, 1) (got {self.sparsity})")
-        check_method(self.method)
+        get_pruner(self.method)
         if self.n_calib < 1:
             raise UserError(f"--n-calib must be ≥ 1 (got {self.n_calib})")
         if self.seqlen < 2:

@@ -1,7 +1,8 @@
 """Layer-wise unstructured pruning: pruners, calibration, the allocation metrics, saving.
 
 Pruners (every projection inside the decoder blocks: attention and MLP; the
-embeddings and the LM head are never pruned):
+embeddings and the LM head are never pruned) are :class:`Pruner` records in the
+registry :data:`PRUNERS`; adding one is one :func:`register` call:
 
 * ``magnitude`` -- the smallest |W| of each matrix (as the Wanda repository's
   magnitude baseline), no calibration data.
@@ -33,9 +34,9 @@ scores, measured with the dense model).
 
 from __future__ import annotations
 
-import copy
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +52,6 @@ from .results import check_save_dir, write_allocation
 from .search import LevelDatabase, SearchOptions, run_search, run_sensitivity, windows_hash
 from .spectral import block_alphas
 
-METHODS = ("magnitude", "wanda", "sparsegpt")
 OWL_M = 5.0
 OWL_LAMBDA = 0.08
 DAMPING = 0.01
@@ -104,12 +104,6 @@ def achieved_sparsity(model: nn.Module) -> tuple[np.ndarray, dict[str, float]]:
         zeros[idx] += z
         sizes[idx] += mod.weight.numel()
     return zeros / sizes, per_module
-
-
-def check_method(method: str) -> None:
-    """An unknown pruner is a :class:`UserError`."""
-    if method not in METHODS:
-        raise UserError(f"unknown pruning method {method!r} (use {', '.join(METHODS)})")
 
 
 def parse_nm(nm: str | None) -> tuple[int, int] | None:
@@ -214,10 +208,111 @@ def sparsegpt_weight(
     return W
 
 
-def _zero(module: nn.Module, mask: torch.Tensor) -> None:
-    """Zero the weights where the [out, in] ``mask`` is True."""
-    with torch.no_grad():
-        weight_out_in(module).masked_fill_(mask, 0)
+# ----------------------------------------------------------------------------- the pruner registry
+
+
+@dataclass(frozen=True)
+class PruneSettings:
+    """What a pruner is told besides the ratio: ``nm`` -- N:M sparsity (N pruned of every M inputs of a
+    row) instead of the ratio; SparseGPT's ``damping`` (a fraction of the mean Hessian diagonal) and column
+    ``block_size``."""
+
+    nm: tuple[int, int] | None = None
+    damping: float = DAMPING
+    block_size: int = BLOCK_SIZE
+
+
+SETTINGS = {"block_size": "block_size", "damping": "dampening_frac"}
+"""The :class:`PruneSettings` a pruner may declare it reads (:attr:`Pruner.settings`) -> llm-compressor's key."""
+
+
+@dataclass(frozen=True)
+class Pruner:
+    """A pruner: how it prunes one projection, what it needs, and its llm-compressor name.
+
+    ``prune(weight, ratio, stats, settings)`` gets a projection's detached [out,
+    in] weight, the sparsity ``ratio`` in [0, 1) (ignored when ``settings.nm``
+    is set), its inputs' calibration statistics (:class:`InputStats`; ``None``
+    unless ``needs_calibration``; with the Hessian Σ x xᵀ when ``needs_hessian``)
+    and the :class:`PruneSettings`; it must not change ``weight``. It returns
+    the bool [out, in] mask of the weights to zero when ``keeps_survivors`` (the
+    other weights keep their values), else the whole pruned float32 [out, in]
+    weight. ``modifier``: llm-compressor's one-shot modifier of the same
+    algorithm (the recipe export), ``None`` when it has none. ``settings``: the
+    :class:`PruneSettings` fields besides ``nm`` it reads (keys of
+    :data:`SETTINGS`); they enter the level database's fingerprint and the recipe.
+    """
+
+    name: str
+    prune: Callable[[torch.Tensor, float, InputStats | None, PruneSettings], torch.Tensor]
+    needs_calibration: bool
+    needs_hessian: bool = False
+    keeps_survivors: bool = True
+    modifier: str | None = None
+    settings: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.needs_hessian and not self.needs_calibration:
+            raise ValueError(f"pruner {self.name}: a Hessian is a calibration statistic (needs_calibration=True)")
+        unknown = sorted(set(self.settings) - set(SETTINGS))
+        if unknown:
+            raise ValueError(f"pruner {self.name}: unknown settings {unknown} (known: {', '.join(SETTINGS)})")
+
+
+PRUNERS: dict[str, Pruner] = {}
+"""Every pruner by name, in registration order."""
+
+
+def register(pruner: Pruner) -> Pruner:
+    """Add ``pruner`` to :data:`PRUNERS` (a name already taken is a ``ValueError``); returns it."""
+    if pruner.name in PRUNERS:
+        raise ValueError(f"a pruner named {pruner.name!r} is registered already")
+    PRUNERS[pruner.name] = pruner
+    return pruner
+
+
+def get_pruner(name: str) -> Pruner:
+    """The registered pruner ``name``; an unknown name is a :class:`UserError`."""
+    if name not in PRUNERS:
+        raise UserError(f"unknown pruning method {name!r} (use {', '.join(PRUNERS)})")
+    return PRUNERS[name]
+
+
+def _magnitude(W: torch.Tensor, ratio: float, stats: None, s: PruneSettings) -> torch.Tensor:
+    """The smallest |W| of the matrix (or N of every M inputs of a row)."""
+    return nm_mask(W.abs(), *s.nm) if s.nm else lowest_mask(W.abs(), ratio)
+
+
+def _wanda(W: torch.Tensor, ratio: float, stats: InputStats, s: PruneSettings) -> torch.Tensor:
+    """The lowest |W_ij| · ‖X_j‖₂ of each row (or N of every M inputs of a row)."""
+    score = wanda_score(W, stats.sq)
+    return nm_mask(score, *s.nm) if s.nm else row_mask(score, ratio)
+
+
+def _sparsegpt(W: torch.Tensor, ratio: float, stats: InputStats, s: PruneSettings) -> torch.Tensor:
+    """SparseGPT's pruned and reconstructed weight (:func:`sparsegpt_weight`)."""
+    return sparsegpt_weight(W, stats.hessian, ratio, s.nm, s.block_size, s.damping)
+
+
+register(Pruner("magnitude", _magnitude, needs_calibration=False))
+register(Pruner("wanda", _wanda, needs_calibration=True, modifier="WandaPruningModifier"))
+register(Pruner("sparsegpt", _sparsegpt, needs_calibration=True, needs_hessian=True, keeps_survivors=False,
+                modifier="SparseGPTModifier", settings=("block_size", "damping")))
+
+
+def pruned_weight(module: nn.Module, pruner: Pruner, ratio: float, stats: InputStats | None,
+                  settings: PruneSettings) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The projection pruned by ``pruner``, without changing it: (the zeros of its pruned [out, in] weight
+    (bool), the whole pruned [out, in] weight in the module's dtype when the pruner changes surviving weights,
+    else ``None``)."""
+    if pruner.needs_calibration and stats is None:
+        raise ValueError(f"{pruner.name} needs calibration statistics")
+    W = weight_out_in(module).detach()
+    out = pruner.prune(W, ratio, stats if pruner.needs_calibration else None, settings)
+    if pruner.keeps_survivors:
+        return out | (W == 0), None
+    new = out.to(W.dtype)
+    return new == 0, new
 
 
 # ----------------------------------------------------------------------------- calibration
@@ -343,22 +438,17 @@ def prune_module(
     damping: float = DAMPING,
     block_size: int = BLOCK_SIZE,
 ) -> None:
-    """Prune one projection in place at sparsity ``ratio`` (or N:M with ``nm``).
+    """Prune one projection in place with the pruner ``method`` at sparsity ``ratio`` (or N:M with ``nm``).
 
     ``stats``: its inputs' calibration statistics (:class:`InputStats`; with the
-    Hessian for ``sparsegpt``), unused by ``magnitude``.
+    Hessian for a pruner that needs it), unused by a pruner without calibration.
     """
-    W = weight_out_in(module)
-    if method == "magnitude":
-        score = W.detach().abs()
-        _zero(module, nm_mask(score, *nm) if nm else lowest_mask(score, ratio))
-    elif stats is None:
-        raise ValueError(f"{method} needs calibration statistics")
-    elif method == "wanda":
-        score = wanda_score(W, stats.sq)
-        _zero(module, nm_mask(score, *nm) if nm else row_mask(score, ratio))
+    mask, new = pruned_weight(module, get_pruner(method), ratio, stats, PruneSettings(nm, damping, block_size))
+    if new is None:
+        with torch.no_grad():
+            weight_out_in(module).masked_fill_(mask, 0)
     else:
-        set_weight_out_in(module, sparsegpt_weight(W, stats.hessian, ratio, nm, block_size, damping))
+        set_weight_out_in(module, new)
 
 
 def prune_model(
@@ -375,19 +465,19 @@ def prune_model(
 
     ``ratios``: sparsity per decoder block [L]; ``module_ratios`` overrides single
     modules by fully qualified name. ``windows`` (token ids [n, seqlen]) are the
-    calibration data of ``wanda`` and ``sparsegpt``. With ``nm`` every module gets
+    calibration data of a pruner that needs calibration. With ``nm`` every module gets
     N:M sparsity and the ratios are not used.
     """
-    check_method(method)
+    pruner = get_pruner(method)
     sparsity = module_sparsity(model, ratios, module_ratios)
-    if method == "magnitude":
-        for name, (_, mod) in progress.track(prunable_modules(model).items(), desc="magnitude pruning", unit="matrix"):
+    if not pruner.needs_calibration:
+        for name, (_, mod) in progress.track(prunable_modules(model).items(), desc=f"{method} pruning", unit="matrix"):
             prune_module(mod, method, sparsity[name], nm=nm)
         return sparsity
     if windows is None:
         raise ValueError(f"{method} needs calibration windows")
     prefix, _ = find_blocks(model)
-    for idx, block, stats in calibrate(model, windows, hessian=(method == "sparsegpt")):
+    for idx, block, stats in calibrate(model, windows, hessian=pruner.needs_hessian):
         for rel, mod in projections(block).items():
             prune_module(mod, method, sparsity[f"{prefix}.{idx}.{rel}"], stats[rel], nm, damping, block_size)
     return sparsity
@@ -447,27 +537,27 @@ def level_database(root: Path, model: nn.Module, method: str, windows: torch.Ten
     Calibration rule: every block is calibrated on the *dense* model's inputs
     (:func:`calibrate` without update, as EvoPress builds its database), so a
     block's level does not depend on the levels of the blocks before it.
-    Magnitude and Wanda store masks; SparseGPT also the reconstructed weights.
+    A pruner that keeps the surviving weights stores masks; one that changes them
+    (SparseGPT) also the pruned weights.
     """
-    check_method(method)
-    if method != "magnitude" and windows is None:
+    pruner = get_pruner(method)
+    if pruner.needs_calibration and windows is None:
         raise ValueError(f"{method} levels need calibration windows")
-    sparsegpt = method == "sparsegpt"
+    options = PruneSettings(None, float(damping), int(block_size))
     settings = {"model": model_name, "method": method, "calibration": "dense inputs of every block",
-                "windows": windows_hash(None if method == "magnitude" else windows),
-                "damping": float(damping) if sparsegpt else None, "block_size": int(block_size) if sparsegpt else None}
+                "windows": windows_hash(windows if pruner.needs_calibration else None),
+                **{k: (getattr(options, k) if k in pruner.settings else None) for k in SETTINGS}}
 
     def blocks():
-        if method == "magnitude":  # no calibration
+        if not pruner.needs_calibration:
             yield from ((idx, None) for idx in range(len(find_blocks(model)[1])))
         else:
-            yield from ((idx, stats) for idx, _, stats in calibrate(model, windows, hessian=sparsegpt, update=False))
+            yield from ((idx, stats) for idx, _, stats in calibrate(model, windows, hessian=pruner.needs_hessian,
+                                                                    update=False))
 
     def prune(module: nn.Module, stats: InputStats | None, ratio: float):
-        pruned = copy.deepcopy(module)  # the model itself stays dense
-        prune_module(pruned, method, ratio, stats, None, damping, block_size)
-        W = weight_out_in(pruned).detach()
-        return W == 0, (W.float() if sparsegpt else None)
+        mask, new = pruned_weight(module, pruner, ratio, stats, options)  # the model itself stays dense
+        return mask, (None if new is None else new.float())
 
     return LevelDatabase(root, model, settings, blocks, prune)
 
@@ -505,7 +595,7 @@ def measured_metric(rule: allocate.Allocation, model: nn.Module, method: str, ta
 
 def llmcompressor_recipe(method: str, ratios, blocks_prefix: str, nm: tuple[int, int] | None = None,
                          damping: float = DAMPING, block_size: int = BLOCK_SIZE) -> str | None:
-    """The allocation as an llm-compressor oneshot recipe (YAML), or ``None`` for ``magnitude``.
+    """The allocation as an llm-compressor oneshot recipe (YAML), or ``None`` for a pruner without a ``modifier``.
 
     Format (llm-compressor ≥ 0.5, ``SparsityModifierBase``; checked against 0.14)::
 
@@ -515,8 +605,8 @@ def llmcompressor_recipe(method: str, ratios, blocks_prefix: str, nm: tuple[int,
               sparsity: [0.55, 0.61, ...] # one per module matched by `targets`, in model order
               mask_structure: "0:0"       # "N:M" for semi-structured (N pruned of every M)
               targets: ["re:model\\.layers\\.\\d+$"]   # the decoder blocks
-              block_size: 128             # SparseGPT only
-              dampening_frac: 0.01        # SparseGPT only
+              block_size: 128             # the pruner's settings (SparseGPT)
+              dampening_frac: 0.01
 
     A list-valued ``sparsity`` is indexed by the modules ``targets`` matches, so
     targets name the decoder blocks and every Linear inside block l gets ratio l.
@@ -524,22 +614,22 @@ def llmcompressor_recipe(method: str, ratios, blocks_prefix: str, nm: tuple[int,
     num_calibration_samples=128, max_seq_length=...)``. llm-compressor has no
     one-shot magnitude modifier, hence ``None`` there.
     """
-    name = {"wanda": "WandaPruningModifier", "sparsegpt": "SparseGPTModifier"}.get(method)
-    if name is None:
+    pruner = get_pruner(method)
+    if pruner.modifier is None:
         return None
     mod: dict = {
         "sparsity": [round(float(r), 6) for r in np.asarray(ratios).reshape(-1)],
         "mask_structure": f"{nm[0]}:{nm[1]}" if nm else "0:0",
         "targets": [f"re:{re.escape(blocks_prefix)}\\.\\d+$"],
     }
-    if method == "sparsegpt":
-        mod.update(block_size=int(block_size), dampening_frac=float(damping))
+    options = PruneSettings(nm, float(damping), int(block_size))
+    mod.update({SETTINGS[k]: getattr(options, k) for k in pruner.settings})
     head = (
         "# llm-compressor recipe exported by layerif: one sparsity per decoder block.\n"
         "# from llmcompressor import oneshot\n"
         "# oneshot(model=MODEL, dataset=DATASET, recipe=\"recipe.yaml\", num_calibration_samples=128)\n"
     )
-    return head + yaml.safe_dump({"sparsity_stage": {"sparsity_modifiers": {name: mod}}}, sort_keys=False,
+    return head + yaml.safe_dump({"sparsity_stage": {"sparsity_modifiers": {pruner.modifier: mod}}}, sort_keys=False,
                                  default_flow_style=None, width=100)
 
 

@@ -19,8 +19,8 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .commands.base import COMMANDS, check_config_args
-from .commands.base import defaults as command_defaults
+from .command_registry import COMMANDS, check_config_args
+from .command_registry import defaults as command_defaults
 from .data import records_note
 from .errors import UserError
 from .io import write_text

@@ -20,10 +20,10 @@ the three pieces and the measured baseline:
   and stored as safetensors (one file per block and level, so a build that stops
   resumes where it stopped). Calibration rule: every block is calibrated on the
   *dense* model's inputs to that block (as EvoPress builds its database), so a
-  level does not depend on the levels of earlier blocks. Magnitude and Wanda keep
-  the surviving weights' original values, so only the pruning mask is stored
-  (bit-packed); SparseGPT changes the surviving weights, so their values are
-  stored too. The pruners themselves are :mod:`layerif.prune`'s
+  level does not depend on the levels of earlier blocks. A pruner that keeps
+  the surviving weights' original values (``Pruner.keeps_survivors``: magnitude,
+  Wanda) stores only the pruning mask (bit-packed); one that changes them
+  (SparseGPT) stores their values too. The pruners themselves are :mod:`layerif.prune`'s
   (:func:`layerif.prune.level_database`). Putting a block at a level is a copy from the database (or a
   masked copy of the dense weights), never a re-prune.
 * :func:`kl_to_reference` -- the fitness: mean over predicted tokens of

@@ -52,7 +52,7 @@ from .data import Encoded, pad_id
 from .evaluate import mc_accuracy
 from .grads import record_losses
 from .models import Target, find_blocks, projections, weight_out_in
-from .prune import BLOCK_SIZE, DAMPING, InputStats, calibrate, check_method, prune_module
+from .prune import BLOCK_SIZE, DAMPING, InputStats, calibrate, get_pruner, prune_module
 from .scores import aggregate
 from .stability import LEVEL, finite, spearman_interval
 from .tasks import TASKS, test_records
@@ -141,7 +141,7 @@ def prune_sensitivity(
 
     For each block in ``layers``, every projection of that block is pruned at
     ``sparsity`` with ``method`` (:func:`layerif.prune.prune_module`), measured,
-    and restored. Wanda and SparseGPT take their input statistics from the dense
+    and restored. A pruner that needs calibration takes its input statistics from the dense
     model's activations on ``windows`` (token ids [n, seqlen]; one calibration
     pass serves every block, since the blocks before l are dense). Returns
     ``loss_rise`` (L_val pruned − dense, > 0: hurt), ``accuracy_change``
@@ -149,7 +149,7 @@ def prune_sensitivity(
     ``val_loss`` / ``accuracy`` per block and the dense ``base_val_loss`` /
     ``base_accuracy``.
     """
-    check_method(method)
+    pruner = get_pruner(method)
     pad = pad_id(tokenizer)
     accuracy = (lambda: mc_accuracy(model, tokenizer, accuracy_records, eval_batch_size)) if accuracy_records else None
     base_loss = mean_loss(model, val, pad, eval_batch_size)
@@ -170,14 +170,14 @@ def prune_sensitivity(
             _restore(weights, saved)
 
     wanted = set(layers)
-    if method == "magnitude":
+    if not pruner.needs_calibration:
         _, blocks = find_blocks(model)
         for idx in progress.track(layers, desc="pruning blocks", unit="block"):
             measure(idx, blocks[idx], None)
     else:
         if windows is None:
             raise ValueError(f"{method} needs calibration windows")
-        for idx, block, stats in calibrate(model, windows, hessian=(method == "sparsegpt"), update=False):
+        for idx, block, stats in calibrate(model, windows, hessian=pruner.needs_hessian, update=False):
             if idx in wanted:
                 measure(idx, block, stats)
     return {
@@ -268,7 +268,7 @@ def ground_truth(lm, train: list[Encoded], val: list[Encoded], targets: list[Tar
     t1 = time.perf_counter()
     progress.info(f"pruning sensitivity: {opts.method} at sparsity {opts.sparsity:g}, one block at a time")
     windows = None
-    if opts.method != "magnitude":
+    if get_pruner(opts.method).needs_calibration:
         from .corpus import load_text, split_text, text_windows  # here, so tests can stand in a small corpus
 
         windows = text_windows(lm.tokenizer, split_text(load_text(opts.text))[0], opts.n_calib, opts.seqlen, seed)

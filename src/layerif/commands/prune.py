@@ -17,8 +17,8 @@ from ..evaluate import mc_accuracy, perplexity
 from ..models import find_blocks
 from ..options import ModelOptions, option
 from ..io import prepare_out_dir
-from ..prune import (BLOCK_SIZE, DAMPING, MEASURED, METHODS, OWL_LAMBDA, OWL_M, achieved_sparsity, allocation_metric,
-                     check_method, llmcompressor_recipe, measured_metric, parse_nm, prunable_params, prune_model,
+from ..prune import (BLOCK_SIZE, DAMPING, MEASURED, OWL_LAMBDA, OWL_M, PRUNERS, achieved_sparsity, allocation_metric,
+                     get_pruner, llmcompressor_recipe, measured_metric, parse_nm, prunable_params, prune_model,
                      save_pruned, search_start)
 from ..results import block_scores, block_sparsity, check_save_dir, read_scores
 from ..search import SearchOptions, write_search
@@ -36,7 +36,7 @@ class PruningOptions(SearchOptions):
     smooth: bool = option(False, "Savitzky-Golay smoothing (window 7, order 3) of the metric first")
     owl_m: float = option(OWL_M, "OWL: a weight is an outlier above M × its block's mean Wanda score")
     owl_lambda: float = option(OWL_LAMBDA, "OWL: the block sparsities span 2λ around the target")
-    n_calib: int = option(128, "calibration windows (wanda, sparsegpt, owl)")
+    n_calib: int = option(128, "calibration windows (a pruner that calibrates: wanda, sparsegpt; owl)")
     seqlen: int = option(512, "tokens per calibration / evaluation window")
     text: str | None = option(None, "text file for calibration and evaluation (default: built-in English corpus)")
     damping: float = option(DAMPING, "SparseGPT damping, a fraction of the mean Hessian diagonal")
@@ -51,7 +51,7 @@ class PruningOptions(SearchOptions):
     def check(self, methods: list[str], needs_scores: str = "") -> None:
         """Checks that need no model; ``needs_scores`` names what needs ``--scores`` (empty: nothing)."""
         for m in methods:
-            check_method(m)
+            get_pruner(m)
         if self.n_calib < 1:
             raise UserError(f"--n-calib must be ≥ 1 (got {self.n_calib})")
         if self.seqlen < 2:
@@ -98,7 +98,7 @@ class PruneArgs(PruningOptions, ModelOptions):
     """Prune a causal LM with per-layer sparsity from LayerIF scores (or a baseline allocation)."""
 
     sparsity: float = option(0.5, "target sparsity, the mean over prunable weights, in [0, 1)")
-    method: str = option("wanda", "pruner", choices=METHODS)
+    method: str = option("wanda", "pruner", choices=PRUNERS)
     allocation: str = option("layerif", "per-block sparsity map", choices=tuple(allocate.names("sparsity")))
     reverse: bool = option(False, "flip the map's direction: a higher metric gets less sparsity")
     nm: str | None = option(None, "N:M semi-structured pruning, e.g. 2:4 (N pruned of every M; needs --allocation uniform)")
@@ -148,7 +148,7 @@ def run(args: PruneArgs) -> str:
         if doc.get("model") not in (None, lm.name):
             progress.info(f"note: {args.scores} was computed on {doc.get('model')}, pruning {lm.name}")
     measured = allocation != "file" and rule.metric in MEASURED
-    needs_data = args.method != "magnitude" or measured or "owl" in (allocation, start)
+    needs_data = get_pruner(args.method).needs_calibration or measured or "owl" in (allocation, start)
     calib_text, eval_text = corpus(args.text) if needs_data or args.eval_windows > 0 else ("", "")
     calib = windows(lm.tokenizer, calib_text, args.n_calib, args.seqlen, args.seed) if needs_data else None
     t0 = time.time()
