@@ -115,6 +115,21 @@ def test_interrupted_run_keeps_only_its_cache(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["res"]
 
 
+def test_late_error_keeps_the_finished_work(tmp_path):
+    """A UserError after work was cached keeps the cache (--out untouched) and says how to resume."""
+    out = tmp_path / "res"
+    with pytest.raises(UserError, match=r"^bad; finished work kept in .*: rerun with --resume"):
+        with lio.output_folder(out, "score") as tmp:
+            (tmp / lio.CACHE_DIR).mkdir()
+            (tmp / lio.CACHE_DIR / "rows.csv").write_text("finished")
+            (tmp / "half.txt").write_text("x")
+            raise UserError("bad")
+    assert not out.exists()
+    staging = lio.sibling(out, "partial")
+    assert sorted(p.name for p in staging.iterdir()) == [lio.CACHE_DIR]
+    assert (staging / lio.CACHE_DIR / "rows.csv").read_text() == "finished"
+
+
 @pytest.mark.parametrize("crash_at", [1, 2])
 def test_kill_between_renames_is_finished_by_the_next_run(tmp_path, monkeypatch, crash_at):
     """A process killed inside the swap (simulated: the n-th rename raises) leaves old and new whole;

@@ -240,11 +240,13 @@ def staged_folder(dest: str | os.PathLike, option: str = "--out", check: Callabl
 
     ``check(dest)`` runs once the lock is held (the folder may have changed since
     an earlier check). The staging folder keeps only :data:`CACHE_DIR` from an
-    interrupted earlier run (resume); it is removed before the swap. On a
-    :class:`UserError` or :class:`FloatingPointError` (a run that would fail the
-    same way again) the staging folder is removed; on any other failure only its
-    cache survives, for the next run to resume from. ``dest`` is untouched until
-    the swap, which Ctrl-C and SIGTERM do not interrupt.
+    interrupted earlier run (resume); it is removed before the swap. On any
+    failure (an error, Ctrl-C, SIGTERM) only its cache survives, for the next run
+    to resume from: finished work is never deleted by a later error. A
+    :class:`UserError` that leaves a non-empty cache is re-raised with its
+    message extended by where the finished work is kept and how to resume; a
+    staging folder left empty is removed. ``dest`` is untouched until the swap,
+    which Ctrl-C and SIGTERM do not interrupt.
     """
     dest = Path(dest).resolve()  # `--out .` is the current folder by its name
     _check_no_file_on_path(dest, option)
@@ -261,13 +263,16 @@ def staged_folder(dest: str | os.PathLike, option: str = "--out", check: Callabl
         _keep_only_cache(staging)
         try:
             yield staging
-        except (UserError, FloatingPointError):
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        except BaseException:
+        except BaseException as exc:
             _keep_only_cache(staging)
+            cache = staging / CACHE_DIR
+            if cache.is_dir() and not any(cache.iterdir()):
+                cache.rmdir()
             if staging.exists() and not any(staging.iterdir()):
                 staging.rmdir()
+            if isinstance(exc, UserError) and cache.is_dir():
+                raise UserError(f"{exc}; finished work kept in {cache}: rerun with --resume "
+                                "(and the same options) to continue from it") from exc
             raise
         shutil.rmtree(staging / CACHE_DIR, ignore_errors=True)
         with signals_deferred():

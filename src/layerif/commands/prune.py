@@ -126,7 +126,7 @@ def run(args: PruneArgs) -> str:
     needs_scores = allocation != "file" and "scores" in (rule.metric, allocate.ALLOCATIONS.get(start, rule).metric)
     args.check([args.method], f"--allocation {args.allocation} needs" if needs_scores else "")
     if searching:
-        args.search_config(args.seed)
+        args.search_config(args.seed, [args.sparsity])
         if start not in allocate.SEARCH_STARTS and not Path(start).exists():
             raise UserError(f"--search-init {start!r} is neither {', '.join(allocate.SEARCH_STARTS)} nor a file")
     if nm is not None:
