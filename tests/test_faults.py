@@ -675,3 +675,65 @@ def test_every_command_refuses_a_foreign_out_before_the_model(work, capsys, no_m
     (work / "mine").mkdir()
     (work / "mine" / "notes.txt").write_text("keep me")
     fails(capsys, [*argv, "--out", str(work / "mine"), "--quiet"], "holds files that are not a layerif result", work)
+
+
+# ----------------------------------------------------------------------------- --save folders
+
+
+@pytest.fixture
+def pruned_dir(work, capsys):
+    """An earlier `prune --save` folder (a model folder of layerif's own)."""
+    from conftest import tiny_model
+    from layerif.prune import save_pruned
+
+    dest = save_pruned(tiny_model("llama", n_layers=3), make_tokenizer(), str(work / "pruned"), {"layers": [0, 1, 2]})
+    capsys.readouterr()  # the progress bars of saving
+    return dest
+
+
+def _prune(model, *extra):
+    return ["prune", "--model", str(model), "--allocation", "uniform", "--method", "magnitude", "--quiet", *extra]
+
+
+def test_save_over_an_earlier_result_needs_overwrite(tiny_model_dir, work, capsys, pruned_dir, no_model_load):
+    fails(capsys, _prune(tiny_model_dir, "--save", str(pruned_dir)), "holds an earlier pruned model; pass --overwrite",
+          work)
+
+
+def test_save_of_another_command_is_refused(tiny_model_dir, work, capsys, pruned_dir, no_model_load):
+    """`prune --save P` then `moe --save P`: P is a model folder, never replaced by an adapter."""
+    fails(capsys, ["moe", "--model", str(tiny_model_dir), "--allocation", "uniform", "--save", str(pruned_dir),
+                   "--overwrite", "--quiet"], "is a model folder", work)
+
+
+def test_save_never_overwrites_the_input_model(work, capsys, pruned_dir, no_model_load):
+    fails(capsys, _prune(pruned_dir, "--save", str(pruned_dir), "--overwrite"), "is the input model", work)
+
+
+def test_save_is_never_the_current_folder(tiny_model_dir, work, capsys, monkeypatch, no_model_load):
+    (work / "here").mkdir()
+    monkeypatch.chdir(work / "here")
+    for save in (".", ".."):
+        fails(capsys, _prune(tiny_model_dir, "--save", save), f"--save {save} is (or holds) the current folder", work)
+
+
+def test_search_dir_is_never_a_model_folder(tiny_model_dir, work, capsys, no_model_load):
+    fails(capsys, ["prune", "--model", str(tiny_model_dir), "--allocation", "sensitivity", "--method", "magnitude",
+                   "--search-dir", str(tiny_model_dir), "--quiet"], "--search-dir", work)
+    fails(capsys, ["prune", "--model", str(tiny_model_dir), "--allocation", "sensitivity", "--method", "magnitude",
+                   "--search-dir", str(tiny_model_dir / "levels"), "--quiet"], "is inside the model folder", work)
+
+
+def test_overwrite_never_deletes_files_it_did_not_write(work, pruned_dir):
+    from conftest import tiny_model
+    from layerif.prune import save_pruned
+
+    (pruned_dir / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match=r"also holds files layerif did not write \(notes.txt\)"):
+        save_pruned(tiny_model("llama", n_layers=3), make_tokenizer(), str(pruned_dir), {"layers": [0, 1, 2]},
+                    overwrite=True)
+    assert (pruned_dir / "notes.txt").read_text() == "mine"
+    (pruned_dir / "notes.txt").unlink()
+    save_pruned(tiny_model("llama", n_layers=3), make_tokenizer(), str(pruned_dir), {"layers": [0, 1, 2], "b": 1},
+                overwrite=True)
+    assert json.loads((pruned_dir / "allocation.json").read_text())["b"] == 1

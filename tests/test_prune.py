@@ -246,7 +246,9 @@ def test_saved_model_reloads_with_identical_logits(tmp_path, family):
         assert torch.equal(model(input_ids=x).logits, loaded(input_ids=x).logits)
     assert AutoTokenizer.from_pretrained(dest)("the cat")["input_ids"] == tok("the cat")["input_ids"]
     # an earlier pruned model is replaced; any other non-empty folder is refused
-    P.save_pruned(model, tok, str(dest), {"layers": [0, 1, 2], "again": True})
+    with pytest.raises(UserError, match="pass --overwrite"):
+        P.save_pruned(model, tok, str(dest), {"layers": [0, 1, 2], "again": True})
+    P.save_pruned(model, tok, str(dest), {"layers": [0, 1, 2], "again": True}, overwrite=True)
     assert json.loads((dest / "allocation.json").read_text())["again"] is True
     assert not (dest / "recipe.yaml").exists()
     other = tmp_path / "other"

@@ -87,6 +87,27 @@ def _check_no_file_on_path(path: Path, option: str) -> None:
                             else f"{option} {path}: {p} is a file, not a folder")
 
 
+def check_not_model_folder(path: str | os.PathLike, option: str, own: bool = False) -> None:
+    """Raise a :class:`UserError` when ``path`` is a model folder (unless ``own``: an earlier result of the
+    command itself, e.g. a pruned model) or lies inside one."""
+    path = Path(path)
+    for p in (path, *path.parents):
+        if is_model_folder(p) and not (own and p == path):
+            where = "is a model folder" if p == path else f"is inside the model folder {p}"
+            raise UserError(f"{option} {path} {where}; layerif never writes into a model folder")
+
+
+def check_place(path: str | os.PathLike, option: str, own: bool = False) -> None:
+    """Where a folder replaced as a whole may go: not under a file, not the current folder or one holding it,
+    not a model folder (:func:`check_not_model_folder`, ``own`` as there) nor inside one. Changes nothing."""
+    path = Path(path)
+    _check_no_file_on_path(path, option)
+    if path.resolve() in (Path.cwd(), *Path.cwd().parents):
+        raise UserError(f"{option} {path} is (or holds) the current folder; it is replaced as a whole, "
+                        "so choose a folder below it")
+    check_not_model_folder(path, option, own)
+
+
 def check_out_dir(out: str | os.PathLike, command: str, overwrite: bool = False, option: str = "--out") -> Path:
     """Check an output folder against the output-folder rule (module docstring); changes nothing.
 
@@ -95,14 +116,7 @@ def check_out_dir(out: str | os.PathLike, command: str, overwrite: bool = False,
     an earlier ``command`` result without ``overwrite``.
     """
     path = Path(out)
-    _check_no_file_on_path(path, option)
-    if path.resolve() in (Path.cwd(), *Path.cwd().parents):
-        raise UserError(f"{option} {out} is (or holds) the current folder; it is replaced as a whole, "
-                        "so choose a folder below it")
-    for p in (path, *path.parents):
-        if is_model_folder(p):
-            where = "is a model folder" if p == path else f"is inside the model folder {p}"
-            raise UserError(f"{option} {path} {where}; layerif never writes into a model folder")
+    check_place(path, option)
     if not path.is_dir() or not any(path.iterdir()):
         return path
     earlier = result_command(path)
@@ -117,10 +131,10 @@ def check_out_dir(out: str | os.PathLike, command: str, overwrite: bool = False,
     return path
 
 
-def overwrite_field() -> Any:
-    """The ``--overwrite`` option of a command with ``--out`` (command line only, never from ``--config``)."""
-    return field(default=False, metadata={"help": "replace an earlier result of this command in --out (kept until the "
-                                                  "new one is complete; command line only)", "from_config": False})
+def overwrite_field(option: str = "--out") -> Any:
+    """The ``--overwrite`` option of a command writing ``option`` (command line only, never from ``--config``)."""
+    return field(default=False, metadata={"help": f"replace an earlier result of this command in {option} (kept until "
+                                                  "the new one is complete; command line only)", "from_config": False})
 
 
 def sibling(dest: Path, kind: str) -> Path:

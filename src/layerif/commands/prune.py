@@ -16,7 +16,7 @@ from ..errors import UserError
 from ..evaluate import mc_accuracy, perplexity
 from ..models import find_blocks
 from ..options import ModelOptions, option
-from ..io import prepare_out_dir
+from ..io import check_not_model_folder, overwrite_field, prepare_out_dir
 from ..prune import (BLOCK_SIZE, DAMPING, MEASURED, METHODS, OWL_LAMBDA, OWL_M, achieved_sparsity, allocation_metric,
                      check_method, llmcompressor_recipe, measured_metric, parse_nm, prunable_params, prune_model,
                      save_pruned, search_start)
@@ -113,6 +113,7 @@ class PruneArgs(PruningOptions, ModelOptions):
                                          "allocation.json")
     search_dir: str = option("out/search", "folder of the level database and the search trajectory (search, "
                                            "sensitivity)")
+    overwrite: bool = overwrite_field("--save")
 
 
 def run(args: PruneArgs) -> str:
@@ -138,7 +139,9 @@ def run(args: PruneArgs) -> str:
     if args.scores is not None:
         read_scores(args.scores)  # a bad scores file fails before the model loads
     if args.save is not None:
-        check_save_dir(args.save, "pruned model")
+        check_save_dir(args.save, "pruned model", args.overwrite, args.model)
+    if allocation != "file" and rule.metric in MEASURED:
+        check_not_model_folder(args.search_dir, "--search-dir")
     lm = args.load()
     model = lm.model
     prefix, blocks = find_blocks(model)
@@ -217,7 +220,7 @@ def run(args: PruneArgs) -> str:
         lines.append(f"accuracy on {args.task} ({len(records)} items, multiple choice): {record['accuracy']:.3f}")
     if args.save is not None:
         recipe = llmcompressor_recipe(args.method, ratios, prefix, nm, args.damping, args.block_size)
-        dest = save_pruned(model, lm.tokenizer, args.save, record, recipe)
+        dest = save_pruned(model, lm.tokenizer, args.save, record, recipe, args.overwrite, args.model)
         lines.append(f"wrote {dest}/ (model.safetensors, tokenizer, allocation.json{', recipe.yaml' if recipe else ''})")
     return "\n".join(lines)
 
