@@ -60,6 +60,7 @@ from torch import nn
 
 from . import __version__, progress
 from .allocate import MAX_SPARSITY, check_sparsity
+from .cache import weight_fingerprint
 from .errors import UserError
 from .io import pyplot, write_figure, write_json, write_safetensors, write_text
 from .models import find_blocks, projections, set_weight_out_in, weight_out_in
@@ -207,8 +208,10 @@ class LevelDatabase:
     [out, in] weight (else ``None``: the survivors keep their dense values).
 
     Folder ``root/<method>-<fingerprint>/``: the fingerprint hashes ``settings``
-    (model, pruner and its options, calibration windows) and the block shapes, so
-    a different setting never reuses a level. Each file
+    (pruner and its options, calibration windows; its ``model`` name is only
+    recorded), the block shapes and the model's weights
+    (:func:`layerif.cache.weight_fingerprint`), so a different setting or other
+    weights under the same name never reuse a level. Each file
     ``b{block:03d}_s{ratio:.6f}.safetensors`` holds, per projection ``rel`` of
     the block, ``{rel}.mask`` (the zeros of the pruned weight, bit-packed,
     little bit order) and, when the pruner changes surviving weights, ``{rel}.values``
@@ -225,7 +228,9 @@ class LevelDatabase:
         _, block_list = find_blocks(model)
         self.modules = [projections(b) for b in block_list]
         shapes = [[rel, list(weight_out_in(m).shape)] for mods in self.modules for rel, m in mods.items()]
-        digest = hashlib.sha256(json.dumps({**settings, "shapes": shapes}, sort_keys=True).encode()).hexdigest()[:10]
+        key = {**{k: v for k, v in settings.items() if k != "model"}, "shapes": shapes,
+               "weights": weight_fingerprint(model)}
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
         self.path = Path(root) / f"{self.method}-{digest}"
         self.settings = dict(settings)
 
