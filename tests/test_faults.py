@@ -737,3 +737,11 @@ def test_overwrite_never_deletes_files_it_did_not_write(work, pruned_dir):
     save_pruned(tiny_model("llama", n_layers=3), make_tokenizer(), str(pruned_dir), {"layers": [0, 1, 2], "b": 1},
                 overwrite=True)
     assert json.loads((pruned_dir / "allocation.json").read_text())["b"] == 1
+
+
+@pytest.mark.parametrize("extra,named", [(["--sparsity", "0.3"], "--sparsity"), (["--allocation", "uniform"], "--allocation"),
+                                         (["--allocation", "owl", "--sparsity", "0.5"], "--allocation and --sparsity")])
+def test_allocation_file_with_allocation_or_sparsity_is_refused(tiny_model_dir, work, capsys, no_model_load, extra, named):
+    (work / "allocation.json").write_text(json.dumps({"layers": [0, 1, 2], "sparsity": [0.4, 0.5, 0.6]}))
+    fails(capsys, ["prune", "--model", str(tiny_model_dir), "--allocation-file", str(work / "allocation.json"),
+                   "--method", "magnitude", "--quiet", *extra], f"{named} cannot be combined with --allocation-file", work)

@@ -265,7 +265,7 @@ def test_prune_with_search_then_apply_the_saved_allocation(stand_ins, model_dir,
     assert yaml_sparsity(tmp_path / "pruned") == pytest.approx(saved["sparsity"], abs=1e-6)
     # the saved allocation applied again: the same per-block targets and the same pruned model
     PC.run(prune_args(model_dir, tmp_path, allocation_file=str(tmp_path / "pruned" / "allocation.json"),
-                     save=str(tmp_path / "again"), sparsity=0.3))
+                     save=str(tmp_path / "again"), sparsity=None))
     again = json.loads((tmp_path / "again" / "allocation.json").read_text())
     assert again["allocation"] == "file" and again["sparsity"] == saved["sparsity"]
     assert again["achieved"] == saved["achieved"] and again["target_sparsity"] == pytest.approx(0.5)

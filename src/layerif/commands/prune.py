@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -93,13 +93,18 @@ def block_table(blocks: list[int], target: np.ndarray, achieved: np.ndarray, met
     return "\n".join([head, *rows])
 
 
+DEFAULT_SPARSITY, DEFAULT_ALLOCATION = 0.5, "layerif"  # without --allocation-file
+
+
 @dataclass
 class PruneArgs(PruningOptions, ModelOptions):
     """Prune a causal LM with per-layer sparsity from LayerIF scores (or a baseline allocation)."""
 
-    sparsity: float = option(0.5, "target sparsity, the mean over prunable weights, in [0, 1)")
+    sparsity: float | None = option(None, f"target sparsity, the mean over prunable weights, in [0, 1) "
+                                          f"({DEFAULT_SPARSITY} unless --allocation-file)")
     method: str = option("wanda", "pruner", choices=METHODS)
-    allocation: str = option("layerif", "per-block sparsity map", choices=tuple(allocate.names("sparsity")))
+    allocation: str | None = option(None, f"per-block sparsity map ({DEFAULT_ALLOCATION} unless --allocation-file)",
+                                    choices=tuple(allocate.names("sparsity")))
     reverse: bool = option(False, "flip the map's direction: a higher metric gets less sparsity")
     nm: str | None = option(None, "N:M semi-structured pruning, e.g. 2:4 (N pruned of every M; needs --allocation uniform)")
     seed: int = option(0, "seed of the calibration windows")
@@ -116,11 +121,26 @@ class PruneArgs(PruningOptions, ModelOptions):
     overwrite: bool = overwrite_field("--save")
 
 
+def _with_defaults(args: PruneArgs) -> PruneArgs:
+    """``args`` with the default ``--allocation`` / ``--sparsity`` filled in; with ``--allocation-file`` (which sets
+    both) either of them given is a :class:`UserError`, not silently ignored."""
+    if args.allocation_file is not None:
+        given = [f"--{name}" for name in ("allocation", "sparsity") if getattr(args, name) is not None]
+        if given:
+            raise UserError(f"{' and '.join(given)} cannot be combined with --allocation-file, which sets the "
+                            "per-block sparsity; drop one of them")
+        return args
+    args = replace(args, allocation=args.allocation or DEFAULT_ALLOCATION,
+                   sparsity=DEFAULT_SPARSITY if args.sparsity is None else args.sparsity)
+    check_sparsity(args.sparsity)
+    return args
+
+
 def run(args: PruneArgs) -> str:
     """``layerif prune``: allocate, prune, measure, save; returns the terminal summary."""
+    args = _with_defaults(args)
     nm = parse_nm(args.nm)
-    check_sparsity(args.sparsity)
-    rule, _ = allocate.get(args.allocation, "sparsity", args.reverse, args.smooth)
+    rule, _ = allocate.get(args.allocation or DEFAULT_ALLOCATION, "sparsity", args.reverse, args.smooth)
     allocation, target = ("file", None) if args.allocation_file is not None else (args.allocation, args.sparsity)
     searching = allocation != "file" and rule.metric == "search"
     start = search_start(allocation, args.search_init) if searching else None
