@@ -745,3 +745,29 @@ def test_allocation_file_with_allocation_or_sparsity_is_refused(tiny_model_dir, 
     (work / "allocation.json").write_text(json.dumps({"layers": [0, 1, 2], "sparsity": [0.4, 0.5, 0.6]}))
     fails(capsys, ["prune", "--model", str(tiny_model_dir), "--allocation-file", str(work / "allocation.json"),
                    "--method", "magnitude", "--quiet", *extra], f"{named} cannot be combined with --allocation-file", work)
+
+
+# ----------------------------------------------------------------------------- non-finite results
+
+
+def test_prune_of_nan_weights_stops_and_writes_nothing(tiny_model_dir, work, capsys):
+    m = _poisoned(tiny_model_dir, work / "nan-model", "embed:rome")
+    fails(capsys, ["prune", "--model", str(m), "--allocation", "uniform", "--method", "magnitude", "--eval-windows", "2",
+                   "--save", str(work / "pruned"), "--quiet"],
+          "the pruned model's model.embed_tokens.weight holds non-finite values", work, status=1)
+
+
+def test_non_finite_training_loss_names_its_step(llama, tokenizer):
+    import torch
+
+    from layerif.train import TrainConfig, train
+
+    calls = []
+
+    def extra():
+        calls.append(1)
+        return torch.tensor(float("nan") if len(calls) == 2 else 0.0)
+
+    records = [{"prompt": "the capital of france is", "completion": " paris"}] * 4
+    with pytest.raises(FloatingPointError, match=r"^the training loss at step 2 is not finite \(nan\)$"):
+        train(llama, tokenizer, records, TrainConfig(steps=3, batch_size=4), extra_loss=extra)

@@ -12,7 +12,7 @@ import torch
 
 from .. import __version__, allocate, progress
 from ..allocate import SparsityOptions, allocate_sparsity, check_epsilon, check_sparsity
-from ..errors import UserError
+from ..errors import UserError, require_finite
 from ..evaluate import mc_accuracy, perplexity
 from ..models import find_blocks
 from ..options import ModelOptions, option
@@ -202,6 +202,8 @@ def run(args: PruneArgs) -> str:
             metric = allocation_metric(args.allocation, model, scores, calib, args.owl_m)
         ratios = allocate_sparsity(args.allocation, metric, target, weights, options, args.reverse)
     targets = prune_model(model, ratios, args.method, calib, nm=nm, damping=args.damping, block_size=args.block_size)
+    for name, param in model.named_parameters():  # nothing non-finite is measured or saved
+        require_finite(param, f"the pruned model's {name}")
     achieved, per_module = achieved_sparsity(model)
     record = {
         "model": lm.name,
@@ -232,8 +234,8 @@ def run(args: PruneArgs) -> str:
                      f"({s['database']['bytes'] / 1e6:.1f} MB, built in {s['database']['build_seconds']:.0f} s); "
                      f"trajectory in {args.search_dir}/search.png")
     if args.eval_windows > 0:
-        record["perplexity"] = perplexity(model, lm.tokenizer, eval_text, seqlen=args.seqlen,
-                                          max_windows=args.eval_windows)
+        record["perplexity"] = require_finite(perplexity(model, lm.tokenizer, eval_text, seqlen=args.seqlen,
+                                                         max_windows=args.eval_windows), "the perplexity")
         lines.append(f"perplexity on {args.eval_windows} held-out windows: {record['perplexity']:.3f}")
     if records is not None:
         record["accuracy"] = mc_accuracy(model, lm.tokenizer, records, batch_size=args.batch_size)
