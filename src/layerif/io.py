@@ -257,7 +257,7 @@ def staged_folder(dest: str | os.PathLike, option: str = "--out", check: Callabl
     interrupted earlier run (resume); it is removed before the swap. On any
     failure (an error, Ctrl-C, SIGTERM) only its cache survives, for the next run
     to resume from: finished work is never deleted by a later error. A
-    :class:`UserError` that leaves a non-empty cache is re-raised with its
+    :class:`UserError` or :class:`FloatingPointError` that leaves a non-empty cache is re-raised with its
     message extended by where the finished work is kept and how to resume; a
     staging folder left empty is removed. ``dest`` is untouched until the swap,
     which Ctrl-C and SIGTERM do not interrupt.
@@ -284,8 +284,8 @@ def staged_folder(dest: str | os.PathLike, option: str = "--out", check: Callabl
                 cache.rmdir()
             if staging.exists() and not any(staging.iterdir()):
                 staging.rmdir()
-            if isinstance(exc, UserError) and cache.is_dir():
-                raise UserError(f"{exc}; finished work kept in {cache}: rerun with --resume "
+            if isinstance(exc, (UserError, FloatingPointError)) and cache.is_dir():
+                raise type(exc)(f"{exc}; finished work kept in {cache}: rerun with --resume "
                                 "(and the same options) to continue from it") from exc
             raise
         shutil.rmtree(staging / CACHE_DIR, ignore_errors=True)
