@@ -115,15 +115,16 @@ def test_interrupted_run_keeps_only_its_cache(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["res"]
 
 
-def test_late_error_keeps_the_finished_work(tmp_path):
-    """A UserError after work was cached keeps the cache (--out untouched) and says how to resume."""
+@pytest.mark.parametrize("error", [UserError, FloatingPointError])
+def test_late_error_keeps_the_finished_work(tmp_path, error):
+    """An error after work was cached keeps the cache (--out untouched) and says how to resume."""
     out = tmp_path / "res"
-    with pytest.raises(UserError, match=r"^bad; finished work kept in .*: rerun with --resume"):
+    with pytest.raises(error, match=r"^bad; finished work kept in .*: rerun with --resume"):
         with lio.output_folder(out, "score") as tmp:
             (tmp / lio.CACHE_DIR).mkdir()
             (tmp / lio.CACHE_DIR / "rows.csv").write_text("finished")
             (tmp / "half.txt").write_text("x")
-            raise UserError("bad")
+            raise error("bad")
     assert not out.exists()
     staging = lio.sibling(out, "partial")
     assert sorted(p.name for p in staging.iterdir()) == [lio.CACHE_DIR]
