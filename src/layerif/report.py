@@ -467,11 +467,12 @@ def spearman_rows(doc: dict) -> list[list]:
     return rows
 
 
-GAIN_READING = {"as claimed": "predicts fine-tune gain",
-                "opposite": "predicts the opposite of fine-tune gain (high S_l, small loss drop)",
-                "inconclusive": "neither predicts nor contradicts fine-tune gain (the interval includes 0)",
-                "undefined": "has no defined correlation with fine-tune gain"}
-"""How the score/validate reading states each verdict of ρ(S_l, fine-tune gain) (:func:`layerif.validate.verdict`)."""
+GAIN_READING = {"as claimed": ("predicts fine-tune gain", ""),
+                "opposite": ("predicts the opposite of fine-tune gain", ", the interval on the other side of 0"),
+                "inconclusive": ("neither predicts nor contradicts fine-tune gain", ", the interval includes 0"),
+                "undefined": ("has no defined correlation with fine-tune gain", "")}
+"""How the score/validate reading states each verdict of ρ(S_l, fine-tune gain) (:func:`layerif.validate.verdict`):
+(the claim, a note after the interval)."""
 
 
 def validation_reading(doc: dict) -> list[str]:
@@ -485,8 +486,8 @@ def validation_reading(doc: dict) -> list[str]:
 
     def gain(e: str) -> str:
         r = sp[e]["score"].get("fine_tune_gain")
-        reading = GAIN_READING.get(r["verdict"] if r else "undefined", GAIN_READING["inconclusive"])
-        return f"{ESTIMATOR_LABEL.get(e, e)}'s S_l {reading} at {cell(e, 'fine_tune_gain')}"
+        claim, note = GAIN_READING.get(r["verdict"] if r else "undefined", GAIN_READING["inconclusive"])
+        return f"{ESTIMATOR_LABEL.get(e, e)}'s S_l {claim} at {cell(e, 'fine_tune_gain')}{note}"
 
     out = ["On this model and task, " + "; ".join(gain(e) for e in names)
            + f" (Spearman over {len(doc['layers'])} blocks, {100 * doc['bootstrap']['level']:.0f}% bootstrap "
