@@ -115,6 +115,22 @@ def test_interrupted_run_keeps_only_its_cache(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["res"]
 
 
+@pytest.mark.parametrize("error", [UserError, FloatingPointError])
+def test_late_error_keeps_the_finished_work(tmp_path, error):
+    """An error after work was cached keeps the cache (--out untouched) and says how to resume."""
+    out = tmp_path / "res"
+    with pytest.raises(error, match=r"^bad; finished work kept in .*: rerun with --resume"):
+        with lio.output_folder(out, "score") as tmp:
+            (tmp / lio.CACHE_DIR).mkdir()
+            (tmp / lio.CACHE_DIR / "rows.csv").write_text("finished")
+            (tmp / "half.txt").write_text("x")
+            raise error("bad")
+    assert not out.exists()
+    staging = lio.sibling(out, "partial")
+    assert sorted(p.name for p in staging.iterdir()) == [lio.CACHE_DIR]
+    assert (staging / lio.CACHE_DIR / "rows.csv").read_text() == "finished"
+
+
 @pytest.mark.parametrize("crash_at", [1, 2])
 def test_kill_between_renames_is_finished_by_the_next_run(tmp_path, monkeypatch, crash_at):
     """A process killed inside the swap (simulated: the n-th rename raises) leaves old and new whole;
@@ -660,3 +676,99 @@ def test_every_command_refuses_a_foreign_out_before_the_model(work, capsys, no_m
     (work / "mine").mkdir()
     (work / "mine" / "notes.txt").write_text("keep me")
     fails(capsys, [*argv, "--out", str(work / "mine"), "--quiet"], "holds files that are not a layerif result", work)
+
+
+# ----------------------------------------------------------------------------- --save folders
+
+
+@pytest.fixture
+def pruned_dir(work, capsys):
+    """An earlier `prune --save` folder (a model folder of layerif's own)."""
+    from conftest import tiny_model
+    from layerif.prune import save_pruned
+
+    dest = save_pruned(tiny_model("llama", n_layers=3), make_tokenizer(), str(work / "pruned"), {"layers": [0, 1, 2]})
+    capsys.readouterr()  # the progress bars of saving
+    return dest
+
+
+def _prune(model, *extra):
+    return ["prune", "--model", str(model), "--allocation", "uniform", "--method", "magnitude", "--quiet", *extra]
+
+
+def test_save_over_an_earlier_result_needs_overwrite(tiny_model_dir, work, capsys, pruned_dir, no_model_load):
+    fails(capsys, _prune(tiny_model_dir, "--save", str(pruned_dir)), "holds an earlier pruned model; pass --overwrite",
+          work)
+
+
+def test_save_of_another_command_is_refused(tiny_model_dir, work, capsys, pruned_dir, no_model_load):
+    """`prune --save P` then `moe --save P`: P is a model folder, never replaced by an adapter."""
+    fails(capsys, ["moe", "--model", str(tiny_model_dir), "--allocation", "uniform", "--save", str(pruned_dir),
+                   "--overwrite", "--quiet"], "is a model folder", work)
+
+
+def test_save_never_overwrites_the_input_model(work, capsys, pruned_dir, no_model_load):
+    fails(capsys, _prune(pruned_dir, "--save", str(pruned_dir), "--overwrite"), "is the input model", work)
+
+
+def test_save_is_never_the_current_folder(tiny_model_dir, work, capsys, monkeypatch, no_model_load):
+    (work / "here").mkdir()
+    monkeypatch.chdir(work / "here")
+    for save in (".", ".."):
+        fails(capsys, _prune(tiny_model_dir, "--save", save), f"--save {save} is (or holds) the current folder", work)
+
+
+def test_search_dir_is_never_a_model_folder(tiny_model_dir, work, capsys, no_model_load):
+    fails(capsys, ["prune", "--model", str(tiny_model_dir), "--allocation", "sensitivity", "--method", "magnitude",
+                   "--search-dir", str(tiny_model_dir), "--quiet"], "--search-dir", work)
+    fails(capsys, ["prune", "--model", str(tiny_model_dir), "--allocation", "sensitivity", "--method", "magnitude",
+                   "--search-dir", str(tiny_model_dir / "levels"), "--quiet"], "is inside the model folder", work)
+
+
+def test_overwrite_never_deletes_files_it_did_not_write(work, pruned_dir):
+    from conftest import tiny_model
+    from layerif.prune import save_pruned
+
+    (pruned_dir / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match=r"also holds files layerif did not write \(notes.txt\)"):
+        save_pruned(tiny_model("llama", n_layers=3), make_tokenizer(), str(pruned_dir), {"layers": [0, 1, 2]},
+                    overwrite=True)
+    assert (pruned_dir / "notes.txt").read_text() == "mine"
+    (pruned_dir / "notes.txt").unlink()
+    save_pruned(tiny_model("llama", n_layers=3), make_tokenizer(), str(pruned_dir), {"layers": [0, 1, 2], "b": 1},
+                overwrite=True)
+    assert json.loads((pruned_dir / "allocation.json").read_text())["b"] == 1
+
+
+@pytest.mark.parametrize("extra,named", [(["--sparsity", "0.3"], "--sparsity"), (["--allocation", "uniform"], "--allocation"),
+                                         (["--allocation", "owl", "--sparsity", "0.5"], "--allocation and --sparsity")])
+def test_allocation_file_with_allocation_or_sparsity_is_refused(tiny_model_dir, work, capsys, no_model_load, extra, named):
+    (work / "allocation.json").write_text(json.dumps({"layers": [0, 1, 2], "sparsity": [0.4, 0.5, 0.6]}))
+    fails(capsys, ["prune", "--model", str(tiny_model_dir), "--allocation-file", str(work / "allocation.json"),
+                   "--method", "magnitude", "--quiet", *extra], f"{named} cannot be combined with --allocation-file", work)
+
+
+# ----------------------------------------------------------------------------- non-finite results
+
+
+def test_prune_of_nan_weights_stops_and_writes_nothing(tiny_model_dir, work, capsys):
+    m = _poisoned(tiny_model_dir, work / "nan-model", "embed:rome")
+    fails(capsys, ["prune", "--model", str(m), "--allocation", "uniform", "--method", "magnitude", "--eval-windows", "2",
+                   "--save", str(work / "pruned"), "--quiet"],
+          "the pruned model's model.embed_tokens.weight holds non-finite values", work, status=1)
+
+
+def test_non_finite_training_loss_names_its_step(llama, tokenizer):
+    import torch
+
+    from layerif.train import TrainConfig, train
+
+    calls = []
+
+    def extra():
+        calls.append(1)
+        return torch.tensor(float("nan") if len(calls) == 2 else 0.0)
+
+    records = [{"prompt": "the capital of france is", "completion": " paris"}] * 4
+    with pytest.raises(FloatingPointError, match=r"^the training loss at step 2 is not finite \(nan\)$"):
+        train(llama, tokenizer, records, TrainConfig(steps=3, batch_size=4), extra_loss=extra)

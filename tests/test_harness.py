@@ -49,3 +49,15 @@ def test_paired_section_against_uniform_and_the_best_baseline():
     delta = float(vs["uniform"].split(" | ")[4])
     assert delta == pytest.approx((arms["layerif"] - arms["uniform"]).mean(), abs=1e-4)
     assert "owl (best baseline)" in vs and vs["owl (best baseline)"].endswith("| level |")
+
+
+def test_a_comparison_that_cannot_be_made_is_listed_with_its_reason():
+    """The reference lacks one of the allocation's seeds: the pair is listed as not made, never dropped silently."""
+    rng = np.random.default_rng(1)
+    rows = [{"allocation": a, "seed": str(s), "accuracy": 0.5, "items": {"correct": list(rng.random(10) < 0.5)}}
+            for a, seeds in (("uniform", (0, 1)), ("layerif", (0, 1, 2))) for s in seeds]
+    lines = paired_section(group(rows, lambda r: "all"), [Metric("accuracy", True, 3, "accuracy")],
+                           {"accuracy": "correct"}, baselines=["uniform"], subjects=["layerif"], label=lambda k: k)
+    assert "1 paired comparison could not be made:" in lines
+    assert "- all, accuracy: layerif against uniform: the reference has no run with seed 2" in lines
+    assert "Of 0 paired comparisons: 0 wins, 0 losses, 0 level (interval includes 0)." in lines

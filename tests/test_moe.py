@@ -223,7 +223,7 @@ def test_save_load_reproduces_logits(tmp_path, family):
     assert doc["args"] == {"allocation": "test"} and doc["adapter"]["targets"] == "all"
     loaded = load_adapter(tiny_model(family), folder)
     assert torch.equal(logits(loaded, x), want)
-    save_adapter(loaded, folder)  # overwriting an earlier adapter folder is allowed
+    save_adapter(loaded, folder, overwrite=True)  # overwriting an earlier adapter folder is allowed
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
 
 

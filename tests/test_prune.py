@@ -246,7 +246,9 @@ def test_saved_model_reloads_with_identical_logits(tmp_path, family):
         assert torch.equal(model(input_ids=x).logits, loaded(input_ids=x).logits)
     assert AutoTokenizer.from_pretrained(dest)("the cat")["input_ids"] == tok("the cat")["input_ids"]
     # an earlier pruned model is replaced; any other non-empty folder is refused
-    P.save_pruned(model, tok, str(dest), {"layers": [0, 1, 2], "again": True})
+    with pytest.raises(UserError, match="pass --overwrite"):
+        P.save_pruned(model, tok, str(dest), {"layers": [0, 1, 2], "again": True})
+    P.save_pruned(model, tok, str(dest), {"layers": [0, 1, 2], "again": True}, overwrite=True)
     assert json.loads((dest / "allocation.json").read_text())["again"] is True
     assert not (dest / "recipe.yaml").exists()
     other = tmp_path / "other"
@@ -507,6 +509,53 @@ def test_compare_pruning(stand_ins, model_dir, tmp_path, monkeypatch):
     assert len(made) == 5 and len(grown) == len(rows) + 5  # the 5 allocations of wanda, seed 3
     assert {r["seed"] for r in grown} == {"-", "0", "1", "2", "3"}
     assert "- seeds: 0, 1, 2, 3" in (out / "comparison.md").read_text()
+
+
+def test_late_error_keeps_the_finished_rows_for_resume(stand_ins, model_dir, tmp_path, monkeypatch):
+    """An error after the first pruned row keeps the rows in the staging cache (--out untouched, the message
+    says how to resume); a --resume run, with --out spelled ./X, makes only the runs left."""
+    from layerif import io as lio
+
+    real, made = CP.prune_model, []
+
+    def failing(*a, **k):
+        if made:
+            raise UserError("injected late failure")
+        made.append(a[1])
+        return real(*a, **k)
+
+    monkeypatch.setattr(CP, "prune_model", failing)
+    args = compare_args(model_dir, tmp_path, methods=["magnitude"], seeds=["0"], allocations=["uniform", "owl"])
+    with pytest.raises(UserError, match="injected late failure; finished work kept in .*rerun with --resume"):
+        CP.run(args)
+    out = Path(args.out)
+    assert not out.exists()
+    cache = lio.sibling(out, "partial") / lio.CACHE_DIR
+    assert [r["allocation"] for r in read_csv(cache / "comparison.csv")] == ["dense", "uniform"]
+    # a refused resume (other options) keeps the cache too
+    with pytest.raises(UserError, match="other options"):
+        CP.run(compare_args(model_dir, tmp_path, methods=["magnitude"], seeds=["0"], allocations=["uniform", "owl"],
+                            resume=True, epsilon=0.3))
+    assert len(read_csv(cache / "comparison.csv")) == 2
+    made.clear()
+    monkeypatch.setattr(CP, "prune_model", lambda *a, **k: made.append(a[1]) or real(*a, **k))
+    monkeypatch.chdir(tmp_path)
+    CP.run(compare_args(model_dir, tmp_path, methods=["magnitude"], seeds=["0"], allocations=["uniform", "owl"],
+                        resume=True, out="./cmp"))
+    assert len(made) == 1  # only owl was left
+    assert [r["allocation"] for r in read_csv(out / "comparison.csv")] == ["dense", "uniform", "owl"]
+    assert not lio.sibling(out, "partial").exists()
+
+
+def test_search_bounds_are_checked_against_every_sparsity_before_the_model(stand_ins, model_dir, tmp_path,
+                                                                          monkeypatch):
+    from layerif import models
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model was loaded before the check"))
+    with pytest.raises(UserError, match=r"low \(0.65\) ≤ target \(0.6\)"):
+        CP.run(compare_args(model_dir, tmp_path, sparsities=["0.7", "0.6"], search_low=0.65,
+                            allocations=["uniform", "search-uniform"]))
+    assert not (tmp_path / "cmp").exists()
 
 
 @pytest.mark.parametrize(

@@ -121,6 +121,18 @@ def test_database_resumes_and_keys_its_settings(tmp_path):
     assert other.path != db.path
 
 
+def test_database_is_keyed_by_the_weights_not_the_model_name(tmp_path):
+    """Two models under the same name and shapes but with other weights share no level; the same weights
+    under another name share them all."""
+    a, b = tiny_model("llama", n_layers=2, seed=0), tiny_model("llama", n_layers=2, seed=1)
+    db = P.level_database(tmp_path, a, "magnitude", model_name="models/x")
+    db.ensure([[0.5], [0.5]])
+    other = P.level_database(tmp_path, b, "magnitude", model_name="models/x")
+    assert other.path != db.path and not other.file(0, 0.5).exists()
+    same = P.level_database(tmp_path, tiny_model("llama", n_layers=2, seed=0), "magnitude", model_name="./models/x")
+    assert same.path == db.path and same.file(0, 0.5).exists()
+
+
 # ----------------------------------------------------------------------------- fitness
 
 
@@ -253,7 +265,7 @@ def test_prune_with_search_then_apply_the_saved_allocation(stand_ins, model_dir,
     assert yaml_sparsity(tmp_path / "pruned") == pytest.approx(saved["sparsity"], abs=1e-6)
     # the saved allocation applied again: the same per-block targets and the same pruned model
     PC.run(prune_args(model_dir, tmp_path, allocation_file=str(tmp_path / "pruned" / "allocation.json"),
-                     save=str(tmp_path / "again"), sparsity=0.3))
+                     save=str(tmp_path / "again"), sparsity=None))
     again = json.loads((tmp_path / "again" / "allocation.json").read_text())
     assert again["allocation"] == "file" and again["sparsity"] == saved["sparsity"]
     assert again["achieved"] == saved["achieved"] and again["target_sparsity"] == pytest.approx(0.5)

@@ -188,7 +188,7 @@ def test_validate_command_writes_its_outputs(tiny_model_dir, tmp_path, capsys):
                 assert {"rho", "ci_low", "ci_high", "claimed_sign", "verdict"} <= r.keys()
     assert (out / "validation.png").stat().st_size > 1000
     report = (out / "report.md").read_text()
-    assert "predicts fine-tune gain at ρ =" in report and "layerif validate" in report
+    assert "fine-tune gain at ρ =" in report and "layerif validate" in report
     assert "predicts fine-tune gain" in capsys.readouterr().out
 
 
@@ -228,4 +228,20 @@ def test_compare_estimators_validate_writes_the_validation_beside_the_agreement(
     assert doc["estimators"][:2] == ["datainf", "grad-dot"] and doc["scores"]["datainf"]["score"] == est["score"]["datainf"]
     assert est["validation"]["grad-dot"] == doc["spearman"]["grad-dot"]["score"]
     assert (out / "validation.png").exists() and (out / "spearman.csv").exists()
-    assert "predicts fine-tune gain at ρ =" in (out / "report.md").read_text()
+    assert "fine-tune gain at ρ =" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("verdict,expect", [("as claimed", "'s S_l predicts fine-tune gain at ρ"),
+                                            ("opposite", "'s S_l predicts the opposite of fine-tune gain"),
+                                            ("inconclusive", "'s S_l neither predicts nor contradicts fine-tune gain")])
+def test_the_reading_of_fine_tune_gain_follows_the_verdict(verdict, expect):
+    from layerif.report import validation_reading
+
+    r = {"rho": 0.5, "ci_low": -0.2 if verdict == "inconclusive" else 0.1, "ci_high": 0.9, "claimed_sign": 1,
+         "verdict": verdict}
+    doc = {"estimators": ["datainf"], "layers": [0, 1, 2], "bootstrap": {"level": 0.95},
+           "prune_sensitivity": {"accuracy_change": None},
+           "spearman": {"datainf": {"score": {"fine_tune_gain": r, "prune_loss_rise": r}}}}
+    first = validation_reading(doc)[0]
+    assert expect in first
+    assert verdict == "as claimed" or "S_l predicts fine-tune gain at" not in first

@@ -22,16 +22,26 @@ from .data import Encoded
 from .io import write_safetensors
 
 
-def fingerprint(model: torch.nn.Module, model_name: str, train: list[Encoded], val: list[Encoded], options: dict) -> str:
-    """sha256 of the model (name, config, a checksum of every parameter), the token ids and the options."""
+def weight_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 of a model's content: its config and a checksum (name, shape, sum, L1 norm) of every parameter.
+
+    Two models with the same weights have the same fingerprint whatever they are
+    called; models with other weights (almost surely) differ."""
     h = hashlib.sha256()
-    h.update(model_name.encode())
     config = getattr(model, "config", None)
     h.update((config.to_json_string() if config is not None else type(model).__name__).encode())
     with torch.no_grad():
         for name, p in model.named_parameters():
             total, l1 = p.sum(dtype=torch.float64), torch.linalg.vector_norm(p, 1, dtype=torch.float64)
             h.update(f"{name}:{tuple(p.shape)}:{float(total):.17g}:{float(l1):.17g}".encode())
+    return h.hexdigest()
+
+
+def fingerprint(model: torch.nn.Module, model_name: str, train: list[Encoded], val: list[Encoded], options: dict) -> str:
+    """sha256 of the model (name, :func:`weight_fingerprint`), the token ids and the options."""
+    h = hashlib.sha256()
+    h.update(model_name.encode())
+    h.update(weight_fingerprint(model).encode())
     for recs in (train, val):
         h.update(json.dumps([[e.input_ids, e.labels] for e in recs]).encode())
     h.update(json.dumps(options, sort_keys=True, default=str).encode())

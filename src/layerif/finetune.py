@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -26,9 +27,10 @@ from .errors import UserError
 from .io import staged_folder, write_files
 from .models import is_conv1d
 from .moe import target_names
-from .results import check_save_dir, write_allocation
+from .results import check_save_dir, write_saved
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+SAVED_KIND = "LoRA adapter"  # allocation.json's "saved": what a later --save --overwrite may replace
 
 
 def lora_config(model: nn.Module, ranks: Sequence[int], targets: str = "qv", rank: int = 8,
@@ -77,21 +79,24 @@ def trainable_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def save(peft_model: nn.Module, folder: str | Path, allocation: dict, files: dict | None = None) -> Path:
-    """Write the PEFT adapter (``adapter_config.json``, :data:`ADAPTER_WEIGHTS`), ``allocation.json``
-    (``allocation``, which holds ``ranks``, plus ``layers`` and ``version``) and ``files`` (name -> text,
-    JSON-ready dict or figure; with a ``config.json`` among them the folder gets report.md / report.html)
-    into ``folder``, built under a temporary name and then renamed over it; returns the folder."""
-    dest = check_save_dir(folder, "adapter folder")
+def save(peft_model: nn.Module, folder: str | Path, allocation: dict, files: dict | None = None,
+         overwrite: bool = False, source: str | None = None) -> Path:
+    """Write the PEFT adapter (``adapter_config.json``, :data:`ADAPTER_WEIGHTS`), ``files`` (name -> text,
+    JSON-ready dict or figure; with a ``config.json`` among them the folder gets report.md / report.html) and,
+    last, ``allocation.json`` (``allocation``, which holds ``ranks``, plus ``layers`` and ``version``) into
+    ``folder``, built under a temporary name and then renamed over it; returns the folder. ``folder`` follows
+    :func:`layerif.results.check_save_dir` (``overwrite``; never the base model ``source``)."""
+    check = partial(check_save_dir, what=SAVED_KIND, overwrite=overwrite, model=source)
+    dest = check(folder)
     doc = {**allocation, "layers": list(range(len(allocation["ranks"]))), "version": __version__}
-    with staged_folder(dest, "--save", lambda d: check_save_dir(d, "adapter folder")) as tmp:
+    with staged_folder(dest, "--save", check) as tmp:
         peft_model.save_pretrained(tmp)
-        write_allocation(tmp, doc)
         write_files(tmp, files or {})
         if "config.json" in (files or {}):
             from .report import write_report  # the report reads the folder's files
 
             write_report(tmp)
+        write_saved(tmp, doc, SAVED_KIND)
     return dest
 
 

@@ -87,6 +87,27 @@ def _check_no_file_on_path(path: Path, option: str) -> None:
                             else f"{option} {path}: {p} is a file, not a folder")
 
 
+def check_not_model_folder(path: str | os.PathLike, option: str, own: bool = False) -> None:
+    """Raise a :class:`UserError` when ``path`` is a model folder (unless ``own``: an earlier result of the
+    command itself, e.g. a pruned model) or lies inside one."""
+    path = Path(path)
+    for p in (path, *path.parents):
+        if is_model_folder(p) and not (own and p == path):
+            where = "is a model folder" if p == path else f"is inside the model folder {p}"
+            raise UserError(f"{option} {path} {where}; layerif never writes into a model folder")
+
+
+def check_place(path: str | os.PathLike, option: str, own: bool = False) -> None:
+    """Where a folder replaced as a whole may go: not under a file, not the current folder or one holding it,
+    not a model folder (:func:`check_not_model_folder`, ``own`` as there) nor inside one. Changes nothing."""
+    path = Path(path)
+    _check_no_file_on_path(path, option)
+    if path.resolve() in (Path.cwd(), *Path.cwd().parents):
+        raise UserError(f"{option} {path} is (or holds) the current folder; it is replaced as a whole, "
+                        "so choose a folder below it")
+    check_not_model_folder(path, option, own)
+
+
 def check_out_dir(out: str | os.PathLike, command: str, overwrite: bool = False, option: str = "--out") -> Path:
     """Check an output folder against the output-folder rule (module docstring); changes nothing.
 
@@ -95,14 +116,7 @@ def check_out_dir(out: str | os.PathLike, command: str, overwrite: bool = False,
     an earlier ``command`` result without ``overwrite``.
     """
     path = Path(out)
-    _check_no_file_on_path(path, option)
-    if path.resolve() in (Path.cwd(), *Path.cwd().parents):
-        raise UserError(f"{option} {out} is (or holds) the current folder; it is replaced as a whole, "
-                        "so choose a folder below it")
-    for p in (path, *path.parents):
-        if is_model_folder(p):
-            where = "is a model folder" if p == path else f"is inside the model folder {p}"
-            raise UserError(f"{option} {path} {where}; layerif never writes into a model folder")
+    check_place(path, option)
     if not path.is_dir() or not any(path.iterdir()):
         return path
     earlier = result_command(path)
@@ -117,10 +131,10 @@ def check_out_dir(out: str | os.PathLike, command: str, overwrite: bool = False,
     return path
 
 
-def overwrite_field() -> Any:
-    """The ``--overwrite`` option of a command with ``--out`` (command line only, never from ``--config``)."""
-    return field(default=False, metadata={"help": "replace an earlier result of this command in --out (kept until the "
-                                                  "new one is complete; command line only)", "from_config": False})
+def overwrite_field(option: str = "--out") -> Any:
+    """The ``--overwrite`` option of a command writing ``option`` (command line only, never from ``--config``)."""
+    return field(default=False, metadata={"help": f"replace an earlier result of this command in {option} (kept until "
+                                                  "the new one is complete; command line only)", "from_config": False})
 
 
 def sibling(dest: Path, kind: str) -> Path:
@@ -240,11 +254,13 @@ def staged_folder(dest: str | os.PathLike, option: str = "--out", check: Callabl
 
     ``check(dest)`` runs once the lock is held (the folder may have changed since
     an earlier check). The staging folder keeps only :data:`CACHE_DIR` from an
-    interrupted earlier run (resume); it is removed before the swap. On a
-    :class:`UserError` or :class:`FloatingPointError` (a run that would fail the
-    same way again) the staging folder is removed; on any other failure only its
-    cache survives, for the next run to resume from. ``dest`` is untouched until
-    the swap, which Ctrl-C and SIGTERM do not interrupt.
+    interrupted earlier run (resume); it is removed before the swap. On any
+    failure (an error, Ctrl-C, SIGTERM) only its cache survives, for the next run
+    to resume from: finished work is never deleted by a later error. A
+    :class:`UserError` or :class:`FloatingPointError` that leaves a non-empty cache is re-raised with its
+    message extended by where the finished work is kept and how to resume; a
+    staging folder left empty is removed. ``dest`` is untouched until the swap,
+    which Ctrl-C and SIGTERM do not interrupt.
     """
     dest = Path(dest).resolve()  # `--out .` is the current folder by its name
     _check_no_file_on_path(dest, option)
@@ -261,13 +277,16 @@ def staged_folder(dest: str | os.PathLike, option: str = "--out", check: Callabl
         _keep_only_cache(staging)
         try:
             yield staging
-        except (UserError, FloatingPointError):
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        except BaseException:
+        except BaseException as exc:
             _keep_only_cache(staging)
+            cache = staging / CACHE_DIR
+            if cache.is_dir() and not any(cache.iterdir()):
+                cache.rmdir()
             if staging.exists() and not any(staging.iterdir()):
                 staging.rmdir()
+            if isinstance(exc, (UserError, FloatingPointError)) and cache.is_dir():
+                raise type(exc)(f"{exc}; finished work kept in {cache}: rerun with --resume "
+                                "(and the same options) to continue from it") from exc
             raise
         shutil.rmtree(staging / CACHE_DIR, ignore_errors=True)
         with signals_deferred():

@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -41,7 +42,7 @@ from . import __version__, results
 from .errors import UserError
 from .io import staged_folder, write_safetensors
 from .models import find_blocks, is_conv1d, select_targets, weight_out_in
-from .results import ALLOCATION_FILE, check_save_dir, write_allocation
+from .results import ALLOCATION_FILE, check_save_dir, write_saved
 
 ADAPTER_FILE = "adapter.safetensors"
 NEEDS_SCORES = "the layerif allocation needs --scores scores.json (from `layerif score`)"
@@ -320,7 +321,8 @@ def peft_lora_kwargs(model: nn.Module) -> dict:
 # ----------------------------------------------------------------------------- save / load
 
 
-def save_adapter(model: nn.Module, folder: str | Path, allocation: dict | None = None) -> Path:
+def save_adapter(model: nn.Module, folder: str | Path, allocation: dict | None = None, overwrite: bool = False,
+                 source: str | None = None) -> Path:
     """Write ``adapter.safetensors`` and ``allocation.json`` into ``folder``; returns it.
 
     allocation.json holds ``layers``, ``experts`` and ``top_k`` per block, the
@@ -328,10 +330,12 @@ def save_adapter(model: nn.Module, folder: str | Path, allocation: dict | None =
     (``peft``: :func:`peft_lora_kwargs`) and every key of ``allocation`` (the
     arguments and metric that made it, results). The folder is built under a
     temporary name and then renamed over ``folder`` (a failed save leaves the old
-    folder, or none).
+    folder, or none). ``folder`` follows :func:`layerif.results.check_save_dir`
+    (``overwrite``; never the base model ``source``).
     """
     adapter = _adapter(model)
-    dest = check_save_dir(folder, "adapter folder")
+    check = partial(check_save_dir, what="adapter folder", overwrite=overwrite, model=source)
+    dest = check(folder)
     doc = {
         **(allocation or {}),
         "layers": list(range(len(adapter.experts))),
@@ -342,9 +346,9 @@ def save_adapter(model: nn.Module, folder: str | Path, allocation: dict | None =
         "peft": peft_lora_kwargs(model),
         "version": __version__,
     }
-    with staged_folder(dest, "--save", lambda d: check_save_dir(d, "adapter folder")) as tmp:
+    with staged_folder(dest, "--save", check) as tmp:
         write_safetensors(tmp / ADAPTER_FILE, adapter_state(model), metadata={"format": "layerif-lora-moe"})
-        write_allocation(tmp, doc)
+        write_saved(tmp, doc, "adapter folder")
     return dest
 
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +49,7 @@ from . import allocate, progress
 from .errors import UserError
 from .io import staged_folder, write_text
 from .models import find_blocks, iter_projections, projections, set_weight_out_in, weight_out_in
-from .results import check_save_dir, write_allocation
+from .results import check_save_dir, write_saved
 from .search import LevelDatabase, SearchOptions, run_search, run_sensitivity, windows_hash
 from .spectral import block_alphas
 
@@ -633,18 +634,21 @@ def llmcompressor_recipe(method: str, ratios, blocks_prefix: str, nm: tuple[int,
                                  default_flow_style=None, width=100)
 
 
-def save_pruned(model: nn.Module, tokenizer, path: str, allocation: dict, recipe: str | None = None) -> Path:
+def save_pruned(model: nn.Module, tokenizer, path: str, allocation: dict, recipe: str | None = None,
+                overwrite: bool = False, source: str | None = None) -> Path:
     """Write the pruned model (safetensors), tokenizer, allocation.json and recipe.yaml to ``path``.
 
-    Built in a temporary sibling folder that then replaces ``path`` (a failed save
-    leaves the old folder, or none).
+    ``path`` follows :func:`layerif.results.check_save_dir` (``overwrite``; never
+    the input model ``source``). Built in a temporary sibling folder that then
+    replaces ``path`` (a failed save leaves the old folder, or none).
     """
-    dest = check_save_dir(path, "pruned model")
-    with staged_folder(dest, "--save", lambda d: check_save_dir(d, "pruned model")) as tmp:
+    check = partial(check_save_dir, what="pruned model", overwrite=overwrite, model=source)
+    dest = check(path)
+    with staged_folder(dest, "--save", check) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        write_allocation(tmp, allocation)
         if recipe is not None:
             write_text(tmp / "recipe.yaml", recipe)
+        write_saved(tmp, allocation, "pruned model")
     return dest

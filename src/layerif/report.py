@@ -502,6 +502,14 @@ def spearman_rows(doc: dict) -> list[list]:
     return rows
 
 
+GAIN_READING = {"as claimed": ("predicts fine-tune gain", ""),
+                "opposite": ("predicts the opposite of fine-tune gain", ", the interval on the other side of 0"),
+                "inconclusive": ("neither predicts nor contradicts fine-tune gain", ", the interval includes 0"),
+                "undefined": ("has no defined correlation with fine-tune gain", "")}
+"""How the score/validate reading states each verdict of ρ(S_l, fine-tune gain) (:func:`layerif.validate.verdict`):
+(the claim, a note after the interval)."""
+
+
 def validation_reading(doc: dict) -> list[str]:
     """Plain-language verdicts of a validation.json, for the report and the terminal."""
     sp = doc["spearman"]
@@ -511,10 +519,12 @@ def validation_reading(doc: dict) -> list[str]:
         r = sp[e][a].get(g)
         return "n/a" if r is None else f"ρ = {fmt(r['rho'], 2)} [{fmt(r['ci_low'], 2)}, {fmt(r['ci_high'], 2)}]"
 
-    first, *rest = names
-    out = [f"On this model and task, {ESTIMATOR_LABEL.get(first, first)}'s S_l predicts fine-tune gain at "
-           f"{cell(first, 'fine_tune_gain')}"
-           + "".join(f"; {ESTIMATOR_LABEL.get(e, e)} at {cell(e, 'fine_tune_gain')}" for e in rest)
+    def gain(e: str) -> str:
+        r = sp[e]["score"].get("fine_tune_gain")
+        claim, note = GAIN_READING.get(r["verdict"] if r else "undefined", GAIN_READING["inconclusive"])
+        return f"{ESTIMATOR_LABEL.get(e, e)}'s S_l {claim} at {cell(e, 'fine_tune_gain')}{note}"
+
+    out = ["On this model and task, " + "; ".join(gain(e) for e in names)
            + f" (Spearman over {len(doc['layers'])} blocks, {100 * doc['bootstrap']['level']:.0f}% bootstrap "
            "interval over blocks; a profile that predicts fine-tune gain has ρ > 0: high S_l, large loss drop)."]
     out.append("Pruning sensitivity: LayerIF's sparsity allocation prunes blocks with high S_l more, which assumes "

@@ -31,7 +31,7 @@ import numpy as np
 
 from . import __version__
 from .errors import UserError
-from .io import write_json
+from .io import check_place, write_json
 
 SCORES_FILE = "scores.json"
 ALLOCATION_FILE = "allocation.json"
@@ -172,15 +172,52 @@ def write_scores(out: Path, doc: dict) -> Path:
 # ----------------------------------------------------------------------------- allocation.json
 
 
-def check_save_dir(path: str | Path, what: str) -> Path:
-    """A ``--save`` folder must be new, empty, or an earlier one of the same kind (holding allocation.json).
+def check_save_dir(path: str | Path, what: str, overwrite: bool = False, model: str | None = None) -> Path:
+    """Check a ``--save`` folder against the output-folder rule (:func:`layerif.io.check_out_dir`); changes nothing.
 
-    ``what`` names the kind in the error ("pruned model", "adapter folder").
+    ``what`` is the kind ("pruned model", "adapter folder"). The folder must be
+    new, empty, or an earlier ``what`` (its allocation.json says ``"saved": what``,
+    :func:`write_saved`), which is replaced only with ``overwrite`` and only when
+    it holds nothing but the files that save wrote (allocation.json ``files``,
+    :func:`write_saved`). Never the current folder or one holding it, the input
+    model ``model``, another model folder, or a folder inside one: a
+    :class:`UserError` otherwise.
     """
     p = Path(path)
-    if p.exists() and (not p.is_dir() or (any(p.iterdir()) and not (p / ALLOCATION_FILE).exists())):
-        raise UserError(f"--save {path} exists and is not an earlier {what}; choose a new folder")
+    if model is not None and Path(model).exists() and p.resolve() == Path(model).resolve():
+        raise UserError(f"--save {path} is the input model (--model); layerif never writes into a model folder")
+    try:
+        doc = json.loads((p / ALLOCATION_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        doc = None
+    own = isinstance(doc, dict) and doc.get("saved") == what
+    check_place(p, "--save", own)
+    if not p.is_dir() or not any(p.iterdir()):
+        return p
+    if not own:
+        raise UserError(f"--save {path} holds files that are not an earlier {what}; choose a new or empty folder")
+    if not overwrite:
+        raise UserError(f"--save {path} holds an earlier {what}; pass --overwrite to replace it (it is kept until "
+                        "the new one is complete)")
+    written = doc.get("files")
+    if not isinstance(written, list):
+        raise UserError(f"--save {path}: its {ALLOCATION_FILE} does not list the files layerif wrote, so --overwrite "
+                        "cannot tell them from others; choose a new folder")
+    others = sorted(set(_files(p)) - set(written))
+    if others:
+        raise UserError(f"--save {path} also holds files layerif did not write ({', '.join(others[:3])}"
+                        f"{', …' if len(others) > 3 else ''}); move them or choose a new folder")
     return p
+
+
+def _files(folder: Path) -> list[str]:
+    return sorted(str(f.relative_to(folder)) for f in folder.rglob("*") if f.is_file() or f.is_symlink())
+
+
+def write_saved(folder: Path, doc: dict, what: str) -> Path:
+    """Write allocation.json of a ``--save`` folder of kind ``what``, last: ``doc`` plus ``saved`` (the kind)
+    and ``files``, every file the folder holds then (what a later ``--overwrite`` may replace, :func:`check_save_dir`)."""
+    return write_allocation(folder, {**doc, "saved": what, "files": sorted({*_files(folder), ALLOCATION_FILE})})
 
 
 def read_allocation(folder: str | Path, required: set[str], what: str) -> dict:

@@ -50,7 +50,7 @@ import hashlib
 import io
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -60,6 +60,7 @@ from torch import nn
 
 from . import __version__, progress
 from .allocate import MAX_SPARSITY, check_sparsity
+from .cache import weight_fingerprint
 from .errors import UserError
 from .io import pyplot, write_figure, write_json, write_safetensors, write_text
 from .models import find_blocks, projections, set_weight_out_in, weight_out_in
@@ -71,6 +72,17 @@ MAX_SWITCHES = 3
 
 
 # ----------------------------------------------------------------------------- level grid
+
+
+def check_levels(step: float, low: float, high: float, targets: Sequence[float]) -> None:
+    """Raise a :class:`UserError` unless 0 < ``step`` < 1 and 0 ≤ ``low`` ≤ target ≤ ``high`` ≤ MAX_SPARSITY
+    for every target sparsity of ``targets``."""
+    if not 0 < step < 1:
+        raise UserError(f"--search-step {step:g} must be in (0, 1)")
+    for target in targets:
+        if not 0 <= low <= target <= high <= MAX_SPARSITY:
+            raise UserError(f"search levels need 0 ≤ low ({low:g}) ≤ target ({target:g}) ≤ high "
+                            f"({high:g}) ≤ {MAX_SPARSITY}")
 
 
 @dataclass(frozen=True)
@@ -96,11 +108,7 @@ class LevelGrid:
         if w.size == 0 or np.any(w <= 0) or not np.all(np.isfinite(w)):
             raise UserError("search: block weights (prunable parameters) must be positive")
         object.__setattr__(self, "weights", w)
-        if not 0 < self.step < 1:
-            raise UserError(f"--search-step {self.step:g} must be in (0, 1)")
-        if not 0 <= self.low <= self.target <= self.high <= MAX_SPARSITY:
-            raise UserError(f"search levels need 0 ≤ low ({self.low:g}) ≤ target ({self.target:g}) ≤ high "
-                            f"({self.high:g}) ≤ {MAX_SPARSITY}")
+        check_levels(self.step, self.low, self.high, [self.target])
 
     @property
     def unit(self) -> np.ndarray:
@@ -200,8 +208,10 @@ class LevelDatabase:
     [out, in] weight (else ``None``: the survivors keep their dense values).
 
     Folder ``root/<method>-<fingerprint>/``: the fingerprint hashes ``settings``
-    (model, pruner and its options, calibration windows) and the block shapes, so
-    a different setting never reuses a level. Each file
+    (pruner and its options, calibration windows; its ``model`` name is only
+    recorded), the block shapes and the model's weights
+    (:func:`layerif.cache.weight_fingerprint`), so a different setting or other
+    weights under the same name never reuse a level. Each file
     ``b{block:03d}_s{ratio:.6f}.safetensors`` holds, per projection ``rel`` of
     the block, ``{rel}.mask`` (the zeros of the pruned weight, bit-packed,
     little bit order) and, when the pruner changes surviving weights, ``{rel}.values``
@@ -218,7 +228,9 @@ class LevelDatabase:
         _, block_list = find_blocks(model)
         self.modules = [projections(b) for b in block_list]
         shapes = [[rel, list(weight_out_in(m).shape)] for mods in self.modules for rel, m in mods.items()]
-        digest = hashlib.sha256(json.dumps({**settings, "shapes": shapes}, sort_keys=True).encode()).hexdigest()[:10]
+        key = {**{k: v for k, v in settings.items() if k != "model"}, "shapes": shapes,
+               "weights": weight_fingerprint(model)}
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
         self.path = Path(root) / f"{self.method}-{digest}"
         self.settings = dict(settings)
 
@@ -369,7 +381,10 @@ class SearchConfig:
     high: float = HIGH
     seed: int = 0
 
-    def check(self) -> None:
+    def check(self, targets: Sequence[float] = ()) -> None:
+        """Raise a :class:`UserError` for a setting out of range, and for level bounds (``low``, ``high``,
+        ``step``) that do not fit each target sparsity of ``targets`` (:func:`check_levels`)."""
+        check_levels(self.step, self.low, self.high, targets)
         if self.evals < 1:
             raise UserError(f"--search-evals must be ≥ 1 (got {self.evals})")
         if self.offspring < 1:
@@ -553,10 +568,11 @@ class SearchOptions:
     search_low: float = field(default=LOW, metadata={"help": "search: lowest sparsity level a block may take"})
     search_high: float = field(default=HIGH, metadata={"help": "search: highest sparsity level a block may take"})
 
-    def search_config(self, seed: int) -> SearchConfig:
+    def search_config(self, seed: int, targets: Sequence[float] = ()) -> SearchConfig:
+        """The checked :class:`SearchConfig` of these options (level bounds checked against each of ``targets``)."""
         config = SearchConfig(self.search_evals, self.search_offspring, self.search_survivors,
                               self.search_screen_windows, self.search_step, self.search_low, self.search_high, seed)
-        config.check()
+        config.check(targets)
         if self.search_windows < 1:
             raise UserError(f"--search-windows must be ≥ 1 (got {self.search_windows})")
         return config

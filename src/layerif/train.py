@@ -28,7 +28,7 @@ from torch import nn
 
 from . import progress
 from .data import IGNORE, Encoded, collate, encode_split, pad_id, per_sample_loss
-from .errors import UserError
+from .errors import UserError, require_finite
 from .evaluate import exact_match_correct, mc_correct
 
 LOG_POINTS = 10  # loss messages per run
@@ -79,7 +79,9 @@ def train(model: nn.Module, tokenizer, records: list[dict], config: TrainConfig 
     ``extra_loss``, called after each micro-batch's forward, may return a scalar
     added to that micro-batch's loss with the micro-batch's share of the step's
     tokens as weight (e.g. :func:`layerif.moe.aux_loss`). The model is left in
-    eval mode. A model with nothing to train, or bad records, is a :class:`UserError`.
+    eval mode. A model with nothing to train, or bad records, is a :class:`UserError`;
+    a non-finite loss (with ``extra_loss``) stops training before its update with a
+    :class:`FloatingPointError` naming the step (:func:`layerif.errors.require_finite`).
     """
     check_train_config(config)
     encoded, _ = encode_split(tokenizer, records, "train", max_length=config.max_length)
@@ -126,6 +128,7 @@ def train_encoded(model: nn.Module, pad: int, encoded: list[Encoded], config: Tr
                 extra = extra_loss() if extra_loss is not None else None
                 if extra is not None:
                     loss = loss + extra * (counts.sum() / n_tokens)
+                require_finite(float(loss.detach()), f"the training loss at step {step + 1}")
                 loss.backward()
             if config.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)

@@ -194,11 +194,31 @@ def outcome(lo: float, hi: float, higher: bool) -> str:
     return "win" if good else "loss" if bad else "level"
 
 
-def _item_matrix(rs: list[dict], key: str, seeds: list[str]) -> np.ndarray | None:
+def _item_matrix(rs: list[dict], key: str, seeds: list[str]) -> np.ndarray | str:
+    """The per-item results ``key`` of the rows ``rs`` for ``seeds`` [seeds, items], or why there is none."""
     by_seed = {r["seed"]: r.get("items", {}).get(key) for r in rs}
-    if any(by_seed.get(s) is None for s in seeds):
-        return None
+    missing = [s for s in seeds if s not in by_seed]
+    if missing:
+        return f"no run with seed {', '.join(map(str, missing))}"
+    if any(by_seed[s] is None for s in seeds):
+        return "no per-item results"
+    lengths = {len(by_seed[s]) for s in seeds}
+    if len(lengths) > 1:
+        return f"runs over different item counts ({', '.join(map(str, sorted(lengths)))})"
     return np.asarray([by_seed[s] for s in seeds], dtype=np.float64)
+
+
+def _pair(a: list[dict], b: list[dict], key: str) -> np.ndarray | str:
+    """Paired differences (a − b) [seeds, items] over the seeds of ``a``, or why they cannot be made."""
+    seeds = [r["seed"] for r in a]
+    x, y = _item_matrix(a, key, seeds), _item_matrix(b, key, seeds)
+    if isinstance(x, str):
+        return f"the allocation has {x}"
+    if isinstance(y, str):
+        return f"the reference has {y}"
+    if x.shape != y.shape:
+        return f"different test items ({x.shape[1]} against {y.shape[1]})"
+    return x - y
 
 
 def paired_section(settings: dict[Any, dict[str, list[dict]]], metrics: Sequence[Metric], item_keys: dict[str, str],
@@ -210,15 +230,19 @@ def paired_section(settings: dict[Any, dict[str, list[dict]]], metrics: Sequence
 
     ``item_keys[metric key]`` names the per-item list a row holds for that metric
     in ``row["items"]`` (e.g. perplexity -> ``nll``: the difference is then in
-    mean NLL per window, nats). Settings without per-item results are skipped.
+    mean NLL per window, nats). Settings where no row has per-item results are
+    skipped; any other comparison that cannot be made (the reference lacks one of
+    the allocation's seeds, a row without per-item results, other items) is
+    listed under the table with the reason, never dropped silently.
     """
     lines: list[str] = []
+    not_made: list[str] = []
     wins: dict[str, int] = {}
     for key, arms in settings.items():
         st = stats(arms, [m.key for m in metrics])
         for m in metrics:
             ik = item_keys.get(m.key)
-            if ik is None:
+            if ik is None or all(r.get("items", {}).get(ik) is None for rs in arms.values() for r in rs):
                 continue
             others = [b for b in baselines if b in arms]
             best_other = (max if m.higher else min)(others, key=lambda b: st[b][m.key][0]) if others else None
@@ -226,18 +250,18 @@ def paired_section(settings: dict[Any, dict[str, list[dict]]], metrics: Sequence
             todo = [(s, r) for s in subjects if s in arms for r in refs]
             todo += [(s, r) for s, r in pairs if s in arms and r in arms and (s, r) not in todo]
             for subject, ref in todo:
-                seeds = [r["seed"] for r in arms[subject]]
-                a, b = _item_matrix(arms[subject], ik, seeds), _item_matrix(arms.get(ref, []), ik, seeds)
-                if a is None or b is None or a.shape != b.shape:
+                diff = _pair(arms[subject], arms.get(ref, []), ik)
+                if isinstance(diff, str):
+                    not_made.append(f"- {label(key)}, {m.label}: {subject} against {ref}: {diff}")
                     continue
-                mean, lo, hi = paired_bootstrap(a - b, seed=seed)
+                mean, lo, hi = paired_bootstrap(diff, seed=seed)
                 res = outcome(lo, hi, m.higher)
                 wins[res] = wins.get(res, 0) + 1
                 unit = " (mean NLL, nats)" if ik == "nll" else ""
                 lines.append(f"| {label(key)} | {m.label}{unit} | {subject} | {ref}"
                              f"{' (best baseline)' if ref == best_other else ''} | {mean:+.4f} | "
                              f"[{lo:+.4f}, {hi:+.4f}] | {res} |")
-    if not lines:
+    if not lines and not not_made:
         return []
     head = ["", "## Paired differences", "",
             f"Δ = mean over seeds and test items of (allocation − reference) on the same items; "
@@ -247,6 +271,9 @@ def paired_section(settings: dict[Any, dict[str, list[dict]]], metrics: Sequence
     total = sum(wins.values())
     tail = ["", f"Of {total} paired comparisons: {wins.get('win', 0)} wins, {wins.get('loss', 0)} losses, "
                 f"{wins.get('level', 0)} level (interval includes 0)."]
+    if not_made:
+        tail += ["", f"{len(not_made)} paired comparison{'s' if len(not_made) > 1 else ''} could not be made:", "",
+                 *not_made]
     return head + lines + tail
 
 

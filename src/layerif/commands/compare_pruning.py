@@ -8,6 +8,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -126,6 +127,20 @@ def plot(rows: list[dict], title: str):
 GRID = ("allocations", "methods", "sparsities", "seeds")  # options --resume may change: the runs to add
 
 
+PATHS = ("out", "model", "scores", "task", "text")  # options that may name a file or folder
+
+
+def _same_option(name: str, saved: Any, given: Any) -> bool:
+    """Whether an option's value of the earlier run equals this run's: paths (:data:`PATHS`) by the file they
+    name (``./X`` is ``X``; ``--out`` also when it does not exist yet), everything else as given."""
+    if saved == given:
+        return True
+    if name not in PATHS or not isinstance(saved, str) or not isinstance(given, str):
+        return False
+    a, b = Path(saved), Path(given)
+    return (name == "out" or (a.exists() and b.exists())) and a.resolve() == b.resolve()
+
+
 def _resumed(args: CompareArgs, dest: Path, state: Path) -> dict:
     """``--resume``: ``{"rows", "searches"}`` of an interrupted run (its cache ``state``) or of the finished
     result at ``dest``, if that run used the same options but for the grid (:data:`GRID`: the grid may
@@ -138,7 +153,7 @@ def _resumed(args: CompareArgs, dest: Path, state: Path) -> dict:
         except UserError:
             raise UserError(f"--resume: {folder}/config.json is missing or unreadable") from None
         differ = [k for k, v in asdict(args).items()
-                  if k not in ("resume", "overwrite", *GRID) and saved.get(k) != v]
+                  if k not in ("resume", "overwrite", *GRID) and not _same_option(k, saved.get(k), v)]
         if differ:
             raise UserError(f"--resume: the earlier run in {dest} used other options ({', '.join(differ)})")
         rows = read_rows(folder / "comparison.csv", ("sparsity", "achieved", "perplexity", "accuracy", "seconds"))
@@ -164,7 +179,7 @@ def run(args: CompareArgs) -> str:
     needs_scores = any(allocate.get(a.removeprefix("search-"), "sparsity")[0].metric == "scores" for a in allocations)
     args.check(methods, "the layerif allocations need" if needs_scores else "")
     if any(r.metric == "search" for r in rules.values()):
-        args.search_config(0)
+        args.search_config(0, sparsities)  # the level bounds against every target, before the model loads
         if "search" in allocations:
             raise UserError("compare-pruning runs searches as search-START (e.g. search-uniform, search-layerif)")
     records = task_records(args.task, args.task_items, args.allow_repeats)  # a bad --task fails before any output

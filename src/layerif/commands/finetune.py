@@ -10,10 +10,10 @@ import numpy as np
 from .. import progress
 from ..allocate import CAPACITY_METRICS, capacity_ranks, parse_capacity
 from ..errors import UserError
-from ..finetune import apply_lora, ranks_summary, remove_lora, save, trainable_parameters
-from ..io import pyplot
+from ..finetune import SAVED_KIND, apply_lora, ranks_summary, remove_lora, save, trainable_parameters
+from ..io import overwrite_field, pyplot
 from ..options import LoraOptions, ModelOptions, TrainingOptions, ValidationSource, option
-from ..results import config_doc
+from ..results import check_save_dir, config_doc
 from ..train import evaluate_records, train
 from .base import register
 from .moe import NEEDS_SCORES, Setting, block_metric, setting
@@ -92,11 +92,14 @@ class FinetuneArgs(FinetuneOptions):
     draw_seed: int = option(0, "seed of the random allocation's draw of blocks")
     seed: int = option(0, "seed of the adapter's initialisation, data order and dropout")
     save: str | None = option(None, "folder for the PEFT adapter, allocation.json, loss.png, config.json and the report")
+    overwrite: bool = overwrite_field("--save")
 
 
 def run(args: FinetuneArgs) -> str:
     """``layerif finetune``: allocate, fine-tune, evaluate, save; returns the terminal summary."""
     args.check([args.allocation], [args.blocks])
+    if args.save is not None:
+        check_save_dir(args.save, SAVED_KIND, args.overwrite, args.model)
     s = setting(args)
     ranks, metric = args.ranks(s, args.allocation, args.blocks, args.draw_seed)
     label = args.allocation if ":" in args.allocation or metric is None else f"{args.allocation}:{args.metric}"
@@ -121,7 +124,7 @@ def run(args: FinetuneArgs) -> str:
                "n_train": len(s.train_records), "n_test": len(s.test_records)}
         files = {"config.json": config_doc("finetune", args),
                  "loss.png": loss_figure(r["losses"], f"{s.lm.name} · {s.task} · {label}")}
-        dest = save(model, args.save, doc, files)
+        dest = save(model, args.save, doc, files, args.overwrite, args.model)
         lines.append(f"wrote {dest}/ (adapter_config.json, adapter_model.safetensors, allocation.json, loss.png, "
                      "config.json, report.md, report.html)")
     remove_lora(model)

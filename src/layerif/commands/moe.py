@@ -10,6 +10,7 @@ import numpy as np
 from .. import allocate, progress
 from ..allocate import allocate_experts, top_k_for
 from ..errors import UserError
+from ..io import overwrite_field
 from ..models import LoadedModel, find_blocks
 from ..moe import (ADAPTER_FILE, MoeConfig, apply_lora_moe, aux_loss, save_adapter, trainable_parameters)
 from ..options import LoraOptions, ModelOptions, NEEDS_VALIDATION, TrainingOptions, ValidationSource, option
@@ -137,13 +138,14 @@ class MoeArgs(MoeOptions):
     reverse: bool = option(False, "layerif, gain: more experts where the metric is low")
     seed: int = option(0, "seed of the adapter's initialisation, data order and dropout")
     save: str | None = option(None, "folder for adapter.safetensors and allocation.json")
+    overwrite: bool = overwrite_field("--save")
 
 
 def run(args: MoeArgs) -> str:
     """``layerif moe``: allocate, fine-tune, evaluate, save; returns the terminal summary."""
     args.check([args.allocation])
     if args.save is not None:
-        check_save_dir(args.save, "adapter folder")
+        check_save_dir(args.save, "adapter folder", args.overwrite, args.model)
     s = setting(args)
     metric = metric_of(s, args.allocation)
     experts = allocate_experts(args.allocation, metric, s.n_blocks, args.total_experts, args.beta, args.reverse)
@@ -168,7 +170,7 @@ def run(args: MoeArgs) -> str:
             "result": {k: r[k] for k in ("accuracy", "exact_match", "trainable_params", "seconds", "losses")},
             "args": asdict(args),
         }
-        dest = save_adapter(s.lm.model, args.save, record)
+        dest = save_adapter(s.lm.model, args.save, record, args.overwrite, args.model)
         lines.append(f"wrote {dest}/ ({ADAPTER_FILE}, {ALLOCATION_FILE})")
     return "\n".join(lines)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -12,11 +12,11 @@ import torch
 
 from .. import __version__, allocate, progress
 from ..allocate import SparsityOptions, allocate_sparsity, check_epsilon, check_sparsity
-from ..errors import UserError
+from ..errors import UserError, require_finite
 from ..evaluate import mc_accuracy, perplexity
 from ..models import find_blocks
 from ..options import ModelOptions, option
-from ..io import prepare_out_dir
+from ..io import check_not_model_folder, overwrite_field, prepare_out_dir
 from ..prune import (BLOCK_SIZE, DAMPING, MEASURED, OWL_LAMBDA, OWL_M, PRUNERS, achieved_sparsity, allocation_metric,
                      get_pruner, llmcompressor_recipe, measured_metric, parse_nm, prunable_params, prune_model,
                      save_pruned, search_start)
@@ -93,13 +93,18 @@ def block_table(blocks: list[int], target: np.ndarray, achieved: np.ndarray, met
     return "\n".join([head, *rows])
 
 
+DEFAULT_SPARSITY, DEFAULT_ALLOCATION = 0.5, "layerif"  # without --allocation-file
+
+
 @dataclass
 class PruneArgs(PruningOptions, ModelOptions):
     """Prune a causal LM with per-layer sparsity from LayerIF scores (or a baseline allocation)."""
 
-    sparsity: float = option(0.5, "target sparsity, the mean over prunable weights, in [0, 1)")
+    sparsity: float | None = option(None, f"target sparsity, the mean over prunable weights, in [0, 1) "
+                                          f"({DEFAULT_SPARSITY} unless --allocation-file)")
     method: str = option("wanda", "pruner", choices=PRUNERS)
-    allocation: str = option("layerif", "per-block sparsity map", choices=tuple(allocate.names("sparsity")))
+    allocation: str | None = option(None, f"per-block sparsity map ({DEFAULT_ALLOCATION} unless --allocation-file)",
+                                    choices=tuple(allocate.names("sparsity")))
     reverse: bool = option(False, "flip the map's direction: a higher metric gets less sparsity")
     nm: str | None = option(None, "N:M semi-structured pruning, e.g. 2:4 (N pruned of every M; needs --allocation uniform)")
     seed: int = option(0, "seed of the calibration windows")
@@ -113,20 +118,36 @@ class PruneArgs(PruningOptions, ModelOptions):
                                          "allocation.json")
     search_dir: str = option("out/search", "folder of the level database and the search trajectory (search, "
                                            "sensitivity)")
+    overwrite: bool = overwrite_field("--save")
+
+
+def _with_defaults(args: PruneArgs) -> PruneArgs:
+    """``args`` with the default ``--allocation`` / ``--sparsity`` filled in; with ``--allocation-file`` (which sets
+    both) either of them given is a :class:`UserError`, not silently ignored."""
+    if args.allocation_file is not None:
+        given = [f"--{name}" for name in ("allocation", "sparsity") if getattr(args, name) is not None]
+        if given:
+            raise UserError(f"{' and '.join(given)} cannot be combined with --allocation-file, which sets the "
+                            "per-block sparsity; drop one of them")
+        return args
+    args = replace(args, allocation=args.allocation or DEFAULT_ALLOCATION,
+                   sparsity=DEFAULT_SPARSITY if args.sparsity is None else args.sparsity)
+    check_sparsity(args.sparsity)
+    return args
 
 
 def run(args: PruneArgs) -> str:
     """``layerif prune``: allocate, prune, measure, save; returns the terminal summary."""
+    args = _with_defaults(args)
     nm = parse_nm(args.nm)
-    check_sparsity(args.sparsity)
-    rule, _ = allocate.get(args.allocation, "sparsity", args.reverse, args.smooth)
+    rule, _ = allocate.get(args.allocation or DEFAULT_ALLOCATION, "sparsity", args.reverse, args.smooth)
     allocation, target = ("file", None) if args.allocation_file is not None else (args.allocation, args.sparsity)
     searching = allocation != "file" and rule.metric == "search"
     start = search_start(allocation, args.search_init) if searching else None
     needs_scores = allocation != "file" and "scores" in (rule.metric, allocate.ALLOCATIONS.get(start, rule).metric)
     args.check([args.method], f"--allocation {args.allocation} needs" if needs_scores else "")
     if searching:
-        args.search_config(args.seed)
+        args.search_config(args.seed, [args.sparsity])
         if start not in allocate.SEARCH_STARTS and not Path(start).exists():
             raise UserError(f"--search-init {start!r} is neither {', '.join(allocate.SEARCH_STARTS)} nor a file")
     if nm is not None:
@@ -138,7 +159,9 @@ def run(args: PruneArgs) -> str:
     if args.scores is not None:
         read_scores(args.scores)  # a bad scores file fails before the model loads
     if args.save is not None:
-        check_save_dir(args.save, "pruned model")
+        check_save_dir(args.save, "pruned model", args.overwrite, args.model)
+    if allocation != "file" and rule.metric in MEASURED:
+        check_not_model_folder(args.search_dir, "--search-dir")
     lm = args.load()
     model = lm.model
     prefix, blocks = find_blocks(model)
@@ -179,6 +202,8 @@ def run(args: PruneArgs) -> str:
             metric = allocation_metric(args.allocation, model, scores, calib, args.owl_m)
         ratios = allocate_sparsity(args.allocation, metric, target, weights, options, args.reverse)
     targets = prune_model(model, ratios, args.method, calib, nm=nm, damping=args.damping, block_size=args.block_size)
+    for name, param in model.named_parameters():  # nothing non-finite is measured or saved
+        require_finite(param, f"the pruned model's {name}")
     achieved, per_module = achieved_sparsity(model)
     record = {
         "model": lm.name,
@@ -209,15 +234,15 @@ def run(args: PruneArgs) -> str:
                      f"({s['database']['bytes'] / 1e6:.1f} MB, built in {s['database']['build_seconds']:.0f} s); "
                      f"trajectory in {args.search_dir}/search.png")
     if args.eval_windows > 0:
-        record["perplexity"] = perplexity(model, lm.tokenizer, eval_text, seqlen=args.seqlen,
-                                          max_windows=args.eval_windows)
+        record["perplexity"] = require_finite(perplexity(model, lm.tokenizer, eval_text, seqlen=args.seqlen,
+                                                         max_windows=args.eval_windows), "the perplexity")
         lines.append(f"perplexity on {args.eval_windows} held-out windows: {record['perplexity']:.3f}")
     if records is not None:
         record["accuracy"] = mc_accuracy(model, lm.tokenizer, records, batch_size=args.batch_size)
         lines.append(f"accuracy on {args.task} ({len(records)} items, multiple choice): {record['accuracy']:.3f}")
     if args.save is not None:
         recipe = llmcompressor_recipe(args.method, ratios, prefix, nm, args.damping, args.block_size)
-        dest = save_pruned(model, lm.tokenizer, args.save, record, recipe)
+        dest = save_pruned(model, lm.tokenizer, args.save, record, recipe, args.overwrite, args.model)
         lines.append(f"wrote {dest}/ (model.safetensors, tokenizer, allocation.json{', recipe.yaml' if recipe else ''})")
     return "\n".join(lines)
 
