@@ -294,7 +294,9 @@ def _lexicon() -> dict:
 
 
 # The made-up label of each part of speech of the word-code task (nonce words: in neither lemminflect table).
-_POS_LABELS = {"noun": "zorp", "verb": "miv", "adjective": "fendle", "adverb": "glim"}
+# The base model picks glim or miv, miv more often for verbs and glim for adverbs: labelled so (verb miv,
+# adverb glim) it scored 0.375 on 200 test items (chance 0.25); these labels go against that preference.
+_POS_LABELS = {"noun": "glim", "verb": "zorp", "adjective": "miv", "adverb": "fendle"}
 _PENN_POS = {"N": "noun", "V": "verb", "J": "adjective", "R": "adverb"}  # first letter of a Penn tag
 _UPOS = {"NOUN": "noun", "VERB": "verb", "ADJ": "adjective", "ADV": "adverb"}  # others (AUX) stay their own
 _CODE_WORDS_PER_LABEL = 400
@@ -465,8 +467,8 @@ TASKS: dict[str, Task] = {
              "city -> made-up code word of its continent (blick, dax, wug, toma): chance before fine-tuning", 4,
              "In the atlas code, {} is", _city_code_groups, _code_labels(_CONTINENT_LABELS.values()), learnable=True),
         Task("word-codes", "learnable mapping",
-             "English word -> made-up code word of its part of speech (noun zorp, verb miv, adjective fendle, "
-             "adverb glim; lemminflect, one part of speech only): chance before fine-tuning", 4,
+             "English word -> made-up code word of its part of speech (noun glim, verb zorp, adjective miv, "
+             "adverb fendle; lemminflect, one part of speech only): chance before fine-tuning", 4,
              "In the word code, {} is", _word_code_groups, _code_labels(_POS_LABELS.values()), learnable=True),
     )
 }
