@@ -312,7 +312,7 @@ def _lemma_lookup() -> dict:
 
 
 def _parts_of_speech(word: str) -> set[str]:
-    """Every part of speech ``word`` has in lemminflect: as a lemma (its inflection tags) or as a form (lemma lookup)."""
+    """Every part of speech of ``word`` in lemminflect: as a lemma (inflection tags) and as a form (lemma lookup)."""
     as_lemma = {_PENN_POS.get(tag[0], tag) for tag in _lexicon().get(word, {})}
     return as_lemma | {_UPOS.get(upos, upos) for upos in _lemma_lookup().get(word, {})}
 
