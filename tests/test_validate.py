@@ -192,7 +192,20 @@ def test_validate_command_writes_its_outputs(tiny_model_dir, tmp_path, capsys):
     assert "predicts fine-tune gain" in capsys.readouterr().out
 
 
+def test_accuracy_task_none_measures_no_accuracy(tiny_model_dir, tmp_path):
+    train = _jsonl(tmp_path / "train.jsonl", [{"prompt": p, "completion": c} for p, c in TRAIN])
+    val = _jsonl(tmp_path / "val.jsonl", [{"prompt": p, "completion": c} for p, c in VAL])
+    out = tmp_path / "out"
+    rc = main(["validate", "--model", str(tiny_model_dir), "--train", train, "--val", val, "--accuracy-task", "none",
+               "--steps", "2", "--ft-batch-size", "2", "--method", "magnitude", "--bootstrap-blocks", "50",
+               "--out", str(out), "--quiet"])
+    assert rc == 0
+    doc = json.loads((out / "validation.json").read_text())
+    assert doc["pruning"]["accuracy_task"] is None and doc["pruning"]["task_items"] == 0
+
+
 @pytest.mark.parametrize("extra,expect", [(["--sparsity", "1.5"], "--sparsity"), (["--target", "lora"], "lora"),
+                                          (["--accuracy-task", "nosuchtask"], "unknown task"),
                                           (["--estimators", "bogus"], "unknown estimator"),
                                           (["--steps", "0"], "--steps")])
 def test_bad_options_are_one_line_errors(extra, expect, tmp_path, capsys):

@@ -203,6 +203,10 @@ class GroundTruthOptions:
             raise UserError(f"--task-items must be >= 1 (got {self.task_items})")
         if self.bootstrap_blocks < 2:
             raise UserError(f"--bootstrap-blocks must be >= 2 (got {self.bootstrap_blocks})")
+        if self.accuracy_task not in (None, "none"):
+            from .tasks import test_records  # here: the built-in tasks' data load only when asked
+
+            test_records(self.accuracy_task, 1)  # an unknown task or a bad file fails before the model loads
 
 
 @dataclass

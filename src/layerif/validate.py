@@ -241,7 +241,10 @@ def correlate(
 
 
 def accuracy_source(opts) -> str | None:
-    """The accuracy task: ``--accuracy-task``, else the built-in ``--task`` when no record files are given."""
+    """The accuracy task: ``--accuracy-task`` (``none``: no accuracy), else the built-in ``--task`` when no record
+    files are given."""
+    if opts.accuracy_task == "none":
+        return None
     if opts.accuracy_task:
         return opts.accuracy_task
     return opts.task if not (opts.train or opts.val) and opts.task in TASKS else None
