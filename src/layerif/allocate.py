@@ -23,7 +23,7 @@ Expert maps (an integer number of LoRA experts per block, summing to a budget T)
 
 Dispatch (:data:`ALLOCATIONS`, :func:`allocate_sparsity`, :func:`allocate_experts`):
 every allocation is one :class:`Allocation` in one registry -- the per-block
-metric it maps (LayerIF scores, heavy-tail α, OWL outlier ratios, the fine-tune
+metric it maps (LayerIF scores, heavy-tail α, OWL outlier ratios, DLP median Wanda scores, the fine-tune
 gain measured by ``layerif validate``, the measured per-block sensitivity or
 searched sparsity of :mod:`layerif.search`, or none), its sparsity map and/or expert map, and whether ``reverse`` applies. A label
 ``NAME-reversed`` (the comparisons) is ``NAME`` with ``reverse``. Adding an
@@ -380,7 +380,8 @@ class Allocation:
 
     ``metric``: the per-block quantity it maps -- ``"scores"`` (LayerIF S_l from a
     scores.json), ``"alpha"`` (heavy-tail exponent α of the weights), ``"outliers"``
-    (OWL's outlier ratios on calibration data), ``"gain"`` (the measured fine-tune
+    (OWL's outlier ratios on calibration data), ``"dlp"`` (DLP's median Wanda score per block, on
+    calibration data), ``"gain"`` (the measured fine-tune
     gain g_l of a validation.json), ``"sensitivity"`` / ``"search"``
     (:mod:`layerif.search`) or ``None``.
     ``sparsity(metric, target, weights, options, reverse) -> float64 [L]`` and

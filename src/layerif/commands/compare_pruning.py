@@ -20,8 +20,8 @@ from ..evaluate import mc_correct, window_nll
 from ..io import overwrite_field, pyplot
 from ..models import find_blocks
 from ..options import ModelOptions, option
-from ..prune import (CALIBRATED_METRICS, MEASURED, achieved_sparsity, allocation_metric, measured_metric, prunable_modules, prunable_params,
-                     prune_model, search_start)
+from ..prune import (CALIBRATED_METRICS, MEASURED, achieved_sparsity, allocation_metric, measured_metric,
+                     prunable_modules, prunable_params, prune_model, search_start)
 from ..search import write_search
 from ..results import block_scores, read_config, read_json, read_scores
 from ..tasks import test_records

@@ -17,9 +17,9 @@ from ..evaluate import mc_accuracy, perplexity
 from ..models import find_blocks
 from ..options import ModelOptions, option
 from ..io import check_not_model_folder, overwrite_field, prepare_out_dir
-from ..prune import (BLOCK_SIZE, CALIBRATED_METRICS, DAMPING, MEASURED, OWL_LAMBDA, OWL_M, PRUNERS, achieved_sparsity, allocation_metric,
-                     get_pruner, llmcompressor_recipe, measured_metric, parse_nm, prunable_params, prune_model,
-                     save_pruned, search_start)
+from ..prune import (BLOCK_SIZE, CALIBRATED_METRICS, DAMPING, MEASURED, OWL_LAMBDA, OWL_M, PRUNERS, achieved_sparsity,
+                     allocation_metric, get_pruner, llmcompressor_recipe, measured_metric, parse_nm, prunable_params,
+                     prune_model, save_pruned, search_start)
 from ..results import block_scores, block_sparsity, check_save_dir, read_scores
 from ..search import SearchOptions, write_search
 from ..tasks import test_records
