@@ -8,8 +8,13 @@ from scipy.signal import savgol_filter
 
 from layerif.allocate import (
     MAX_SPARSITY,
+    SparsityOptions,
     alpha_experts,
     allocate_experts,
+    allocate_sparsity,
+    atp_sparsity,
+    dlp_sparsity,
+    get,
     fit_weighted_mean,
     layerif_experts,
     linear_sparsity,
@@ -122,6 +127,69 @@ def test_owl_clips_at_zero():
     assert s.mean() == pytest.approx(0.05)
 
 
+# ----------------------------------------------------------------------------- ATP and DLP
+
+
+def test_atp_hand_computed():
+    # s_l = s_0 + l·β with s_0 = S − β(L − 1)/2 for equal blocks (the ATP code's first term)
+    np.testing.assert_allclose(atp_sparsity(4, 0.5, 0.1), [0.35, 0.45, 0.55, 0.65])
+    # weighted: mean depth (0 + 1 + 2 + 3·3)/6 = 2, so s_0 = 0.5 − 2·0.1
+    np.testing.assert_allclose(atp_sparsity(4, 0.5, 0.1, weights=[1, 1, 1, 3]), [0.3, 0.4, 0.5, 0.6])
+    # default step: a spread of 0.2 from the first block to the last
+    np.testing.assert_allclose(atp_sparsity(5, 0.5), [0.4, 0.45, 0.5, 0.55, 0.6])
+    np.testing.assert_allclose(atp_sparsity(4, 0.5, 0.0), [0.5] * 4)
+    np.testing.assert_allclose(atp_sparsity(1, 0.5), [0.5])
+
+
+def test_atp_clips_keeping_the_mean_and_the_step():
+    # [0.6, 0.8, 1.0, 1.2] → the last two held at 0.99, the others shifted by 0.11: 2·0.7 + 2c + 1.98 = 3.6
+    np.testing.assert_allclose(atp_sparsity(4, 0.9, 0.2), [0.71, 0.91, 0.99, 0.99])
+    # [−0.3, −0.1, 0.1, 0.3] → the first two held at 0; the others already have mean 0.1 over four blocks
+    np.testing.assert_allclose(atp_sparsity(4, 0.1, 0.2), [0.0, 0.0, 0.1, 0.3], atol=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_atp_invariants(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(2, 40))
+    w, target, step = rng.uniform(1, 5, n), float(rng.uniform(0.05, 0.9)), float(rng.uniform(0, 0.05))
+    s = atp_sparsity(n, target, step, w)
+    assert np.average(s, weights=w) == pytest.approx(target)
+    assert np.all(np.diff(s) >= -1e-12) and s.min() >= 0 and s.max() <= MAX_SPARSITY
+    inside = (s > 1e-9) & (s < MAX_SPARSITY - 1e-9)
+    np.testing.assert_allclose(np.diff(s)[inside[:-1] & inside[1:]], step, atol=1e-9)
+
+
+def test_dlp_hand_computed():
+    # I = 1 − M/ΣM = [7/8, 7/8, 3/4, 1/2]; (I − min)/(max − min) = [1, 1, 2/3, 0] (mean 2/3);
+    # s = 0.5 − 2α·([1, 1, 2/3, 0] − 2/3) with α = 0.1
+    np.testing.assert_allclose(dlp_sparsity([1, 1, 2, 4], 0.5, 0.1), [13 / 30, 13 / 30, 0.5, 19 / 30])
+    # the same importance as OWL's map of I, weighted
+    np.testing.assert_allclose(dlp_sparsity([1, 1, 2, 4], 0.5, 0.1, [1, 2, 3, 4]),
+                               owl_sparsity([7 / 8, 7 / 8, 3 / 4, 1 / 2], 0.5, 0.1, [1, 2, 3, 4]))
+    np.testing.assert_allclose(dlp_sparsity([3, 3, 3], 0.6), [0.6] * 3)
+    assert np.average(dlp_sparsity([1, 5, 2, 9], 0.7, 0.2, [1, 2, 1, 2]), weights=[1, 2, 1, 2]) == pytest.approx(0.7)
+
+
+def test_atp_and_dlp_are_registered():
+    opts = SparsityOptions(atp_step=0.1, dlp_alpha=0.1)
+    np.testing.assert_allclose(allocate_sparsity("atp", None, 0.5, [1] * 4, opts), [0.35, 0.45, 0.55, 0.65])
+    np.testing.assert_allclose(allocate_sparsity("dlp", [1, 1, 2, 4], 0.5, [1] * 4, opts),
+                               [13 / 30, 13 / 30, 0.5, 19 / 30])
+
+
+def test_smooth_applies_to_every_rule_with_a_metric():
+    m = np.array([0.1, 0.5, 0.2, 0.9, 0.3, 0.4, 0.8, 0.2])
+    w, on = np.ones(m.size), SparsityOptions(smooth=True)
+    smoothed = savgol_filter(m, 7, 3)
+    np.testing.assert_allclose(allocate_sparsity("owl", m, 0.5, w, on), owl_sparsity(smoothed, 0.5, 0.08, w))
+    np.testing.assert_allclose(allocate_sparsity("layerif", m, 0.5, w, on), linear_sparsity(m, 0.5, smooth=True))
+    np.testing.assert_allclose(allocate_sparsity("dlp", m, 0.5, w, on), dlp_sparsity(smoothed, 0.5, 0.15, w))
+    for name in ("uniform", "atp", "search"):
+        with pytest.raises(UserError, match="--smooth applies to the allocations with a per-block metric"):
+            get(name, "sparsity", smooth=True)
+
+
 # ----------------------------------------------------------------------------- experts
 
 
@@ -199,6 +267,15 @@ def test_expert_invariants(seed):
         lambda: uniform_sparsity(0, 0.5),
         lambda: owl_sparsity([0, 1], 1.0),
         lambda: owl_sparsity([0, 1], 0.5, lam=0.6),
+        lambda: atp_sparsity(4, 0.5, -0.01),
+        lambda: atp_sparsity(4, 0.5, float("nan")),
+        lambda: atp_sparsity(0, 0.5),
+        lambda: atp_sparsity(4, 1.0),
+        lambda: atp_sparsity(2, 0.5, 0.1, weights=[1, 0]),
+        lambda: dlp_sparsity([1, -1, 2], 0.5),
+        lambda: dlp_sparsity([0, 0], 0.5),
+        lambda: dlp_sparsity([1, 2], 0.5, alpha=0.5),
+        lambda: dlp_sparsity([1, float("inf")], 0.5),
         lambda: layerif_experts([0, 1, 2], 2),
         lambda: layerif_experts([0, 1, 2], 6, beta=-1),
         lambda: layerif_experts([0, 1, 2], 6.5),

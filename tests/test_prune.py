@@ -128,6 +128,10 @@ def test_owl_outlier_ratios_equal_direct_computation():
         want.append(float((scores > 5 * scores.mean()).float().mean()))
     np.testing.assert_allclose(P.outlier_ratios(model, windows), want, rtol=1e-6)
     assert all(m.weight.ne(0).all() for _, m in mods)  # measuring does not prune
+    medians = [float(torch.cat([(weight_out_in(m).detach().abs() * sq[i].sqrt()).flatten()
+                                for i, (b, m) in enumerate(mods) if b == l]).median()) for l in range(len(blocks))]
+    np.testing.assert_allclose(P.dlp_medians(model, windows), medians, rtol=1e-6)  # DLP: the same statistics
+    np.testing.assert_allclose(P.allocation_metric("dlp", model, windows=windows), medians, rtol=1e-6)
 
 
 def layer_inputs(seed: int = 0, n: int = 2048, d: int = 96) -> torch.Tensor:
@@ -366,6 +370,26 @@ def test_prune_command(stand_ins, model_dir, tmp_path):
     assert np.argmin(json.loads((rev / "allocation.json").read_text())["sparsity"]) == 1
 
 
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+@pytest.mark.parametrize("allocation", ["atp", "dlp"])
+def test_prune_command_atp_and_dlp(stand_ins, model_dir, tmp_path, allocation, method):
+    """ATP (depth only) and DLP (median Wanda scores, calibrated) with every pruner: the map of the library."""
+    from layerif.allocate import atp_sparsity, dlp_sparsity
+
+    out = tmp_path / allocation
+    PC.run(prune_args(model_dir, tmp_path, scores=None, allocation=allocation, method=method, save=str(out),
+                      atp_step=0.1, dlp_alpha=0.1))
+    doc = json.loads((out / "allocation.json").read_text())
+    w = doc["prunable_params"]
+    assert np.average(doc["sparsity"], weights=w) == pytest.approx(0.5)
+    assert np.average(doc["achieved"], weights=w) == pytest.approx(0.5, abs=1 / 32)
+    if allocation == "atp":
+        assert doc["metric"] is None
+        np.testing.assert_allclose(doc["sparsity"], [0.4, 0.5, 0.6])
+    else:
+        np.testing.assert_allclose(doc["sparsity"], dlp_sparsity(doc["metric"], 0.5, 0.1, w))
+
+
 @pytest.mark.parametrize("allocation", ["uniform", "owl", "alpha"])
 def test_prune_command_baseline_allocations(stand_ins, model_dir, tmp_path, allocation):
     out = tmp_path / allocation
@@ -409,6 +433,11 @@ def test_prune_command_nm(stand_ins, model_dir, tmp_path):
         (dict(allocation="random"), "unknown allocation"),
         (dict(scores=None), "needs --scores"),
         (dict(nm="2:4"), "use --allocation uniform"),
+        (dict(nm="2:4", allocation="atp"), "use --allocation uniform"),
+        (dict(nm="2:4", allocation="dlp"), "use --allocation uniform"),
+        (dict(allocation="atp", atp_step=-0.1), "--atp-step"),
+        (dict(allocation="dlp", dlp_alpha=0.5), "--dlp-alpha"),
+        (dict(allocation="atp", smooth=True), "--smooth applies"),
         (dict(nm="2:4", allocation="uniform", sparsity=0.6), "means sparsity 0.5"),
         (dict(nm="4:2", allocation="uniform"), "not N:M"),
         (dict(allocation="uniform", reverse=True), "--reverse"),
@@ -459,6 +488,9 @@ def test_cli_options_build_the_args():
     args = build_args(PC.PruneArgs, parser.parse_args(["--sparsity", "0.6", "--method", "sparsegpt", "--reverse",
                                                      "--nm", "2:4", "--n-calib", "8"]))
     assert (args.sparsity, args.method, args.reverse, args.nm, args.n_calib) == (0.6, "sparsegpt", True, "2:4", 8)
+    args = build_args(PC.PruneArgs, parser.parse_args(["--allocation", "atp", "--atp-step", "0.01",
+                                                     "--dlp-alpha", "0.2"]))
+    assert (args.allocation, args.atp_step, args.dlp_alpha) == ("atp", 0.01, 0.2)
     parser = argparse.ArgumentParser()
     add_dataclass_arguments(parser, CP.CompareArgs)
     args = build_args(CP.CompareArgs, parser.parse_args(["--sparsities", "0.5,0.7", "--seeds", "1,2,3",
@@ -509,6 +541,25 @@ def test_compare_pruning(stand_ins, model_dir, tmp_path, monkeypatch):
     assert len(made) == 5 and len(grown) == len(rows) + 5  # the 5 allocations of wanda, seed 3
     assert {r["seed"] for r in grown} == {"-", "0", "1", "2", "3"}
     assert "- seeds: 0, 1, 2, 3" in (out / "comparison.md").read_text()
+
+
+def test_compare_pruning_smooths_every_allocation_with_a_metric(stand_ins, model_dir, tmp_path, monkeypatch):
+    """--smooth reaches the map of every allocation with a per-block metric, none without one, and the notes say so."""
+    seen: dict[str, bool] = {}
+    real = CP.allocate_sparsity
+
+    def spy(label, metric, target, weights, options, *a, **k):
+        seen[label] = options.smooth
+        return real(label, metric, target, weights, options, *a, **k)
+
+    monkeypatch.setattr(CP, "allocate_sparsity", spy)
+    labels = ["uniform", "atp", "owl", "dlp", "alpha", "layerif", "layerif-reversed"]
+    CP.run(compare_args(model_dir, tmp_path, allocations=labels, methods=["magnitude"], seeds=["0"], smooth=True))
+    assert seen == {"uniform": False, "atp": False, "owl": True, "dlp": True, "alpha": True, "layerif": True,
+                    "layerif-reversed": True}
+    md = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert "- smooth: Savitzky-Golay (7, 3) on the metric of every allocation" in md
+    assert "uniform, atp have none" in md
 
 
 def test_late_error_keeps_the_finished_rows_for_resume(stand_ins, model_dir, tmp_path, monkeypatch):

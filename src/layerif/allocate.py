@@ -11,6 +11,8 @@ contract "the mean sparsity equals the target" is about parameters, not blocks):
   exponent α (AlphaPruning) or the LayerIF score S_l (LayerIF).
 * :func:`uniform_sparsity` -- the same ratio everywhere.
 * :func:`owl_sparsity` -- OWL: more outliers, less sparsity.
+* :func:`atp_sparsity` -- ATP: sparsity rising with depth as an arithmetic progression (no metric).
+* :func:`dlp_sparsity` -- DLP: a larger median Wanda score, a less important block, more sparsity.
 
 Expert maps (an integer number of LoRA experts per block, summing to a budget T):
 
@@ -21,7 +23,7 @@ Expert maps (an integer number of LoRA experts per block, summing to a budget T)
 
 Dispatch (:data:`ALLOCATIONS`, :func:`allocate_sparsity`, :func:`allocate_experts`):
 every allocation is one :class:`Allocation` in one registry -- the per-block
-metric it maps (LayerIF scores, heavy-tail α, OWL outlier ratios, the fine-tune
+metric it maps (LayerIF scores, heavy-tail α, OWL outlier ratios, DLP median Wanda scores, the fine-tune
 gain measured by ``layerif validate``, the measured per-block sensitivity or
 searched sparsity of :mod:`layerif.search`, or none), its sparsity map and/or expert map, and whether ``reverse`` applies. A label
 ``NAME-reversed`` (the comparisons) is ``NAME`` with ``reverse``. Adding an
@@ -213,6 +215,72 @@ def owl_sparsity(outlier_ratios, target: float, lam: float = 0.08, weights=None)
     return fit_weighted_mean(sparsity, target, w)
 
 
+ATP_SPAN = 0.2
+"""Default ATP spread: the last block's sparsity minus the first's, β = ATP_SPAN / (L − 1)."""
+
+
+def _shift_to_mean(base: np.ndarray, target: float, w: np.ndarray, cap: float = MAX_SPARSITY) -> np.ndarray:
+    """clip(base + c, 0, cap) with the one shift c whose ``w``-weighted mean is ``target`` (bisection).
+
+    The weighted mean of the clipped values rises monotonically and continuously with c from 0 to ``cap``,
+    so for a target in [0, cap] such a c exists; the differences between unclipped blocks are kept.
+    """
+    lo, hi = -base.max() - 1.0, cap - base.min() + 1.0
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if np.average(np.clip(base + mid, 0.0, cap), weights=w) < target:
+            lo = mid
+        else:
+            hi = mid
+    return np.clip(base + (lo + hi) / 2, 0.0, cap)
+
+
+def atp_sparsity(n_layers: int, target: float, step: float | None = None, weights=None) -> np.ndarray:
+    """ATP (Huang et al., ICML 2025, arXiv 2502.14770): sparsity rising with depth as an arithmetic progression.
+
+    s_l = s_0 + l · β for l = 0..L−1 (the paper's monotonically increasing, arithmetic-progression layer-wise
+    sparsity; its code sets s_0 = S − β(L − 1)/2, the unweighted mean). Here s_0 is solved so that the
+    ``weights``-weighted mean is ``target`` exactly (equal weights: the code's s_0). The paper searches β on a
+    small grid and rejects β > min(2S, 2(1 − S))/(L − 1); here a block that would fall outside [0, 0.99] is
+    clipped and the progression shifted by one common amount to keep the mean (:func:`_shift_to_mean`).
+    ``step`` None means β = :data:`ATP_SPAN` / (L − 1) (first-to-last spread 0.2, β ≈ 0.0065 for 32 blocks:
+    our default, not a value taken from the paper); β = 0 (or one block) gives the uniform map. A negative or
+    non-finite β is a :class:`UserError`. Returns float64 [L].
+    """
+    target = check_sparsity(target)
+    if target > MAX_SPARSITY:
+        raise UserError(f"sparsity {target:g} is above {MAX_SPARSITY:g}, the most a block may be pruned")
+    if n_layers < 1:
+        raise UserError("no blocks to allocate sparsity to")
+    if step is None:
+        step = ATP_SPAN / (n_layers - 1) if n_layers > 1 else 0.0
+    step = float(step)
+    if not np.isfinite(step) or step < 0:
+        raise UserError(f"ATP step β {step:g} must be ≥ 0")
+    w = _weights(weights, n_layers)
+    depth = step * np.arange(n_layers, dtype=np.float64)
+    return _shift_to_mean(depth - np.average(depth, weights=w), target, w)
+
+
+def dlp_sparsity(medians, target: float, alpha: float = 0.15, weights=None) -> np.ndarray:
+    """DLP (Chen et al., ICML 2025, arXiv 2505.23807): per-block sparsity from the median Wanda score M_l.
+
+    Our reading of the paper and its code (``get_dlp_ratios``; the exact constants are our reading): the
+    block importance I_l = 1 − M_l / Σ_k M_k (a block whose |W|·‖X‖ scores have a larger median is *less*
+    important), min-max scaled onto densities spanning 2α, d_l = 2α (I_l − min I)/(max I − min I), shifted
+    so the mean density is 1 − ``target``; s_l = 1 − d_l. This is :func:`owl_sparsity` applied to I with
+    λ = α (a ``weights``-weighted mean here, the code's plain mean; equal for equal blocks), so the largest
+    median gets the most sparsity and the blocks span 2α. Medians must be ≥ 0 with a positive sum. The
+    default α = 0.15 is our choice (OWL's λ scale), not verified against DLP's scripts. Returns float64 [L].
+    """
+    if not 0.0 <= float(alpha) < 0.5:
+        raise UserError(f"DLP alpha {float(alpha):g} is outside [0, 0.5)")
+    m = _metric(medians, "DLP medians")
+    if np.any(m < 0) or m.sum() <= 0:
+        raise UserError("DLP medians (of |W|·‖X‖ scores) must be ≥ 0 with a positive sum")
+    return owl_sparsity(1.0 - m / m.sum(), target, alpha, weights)
+
+
 # ----------------------------------------------------------------------------- experts
 
 
@@ -300,8 +368,10 @@ class SparsityOptions:
     """Options of the sparsity maps (``layerif prune`` / ``compare-pruning``)."""
 
     epsilon: float = 0.2  # spread of the linear map
-    smooth: bool = False  # Savitzky–Golay smoothing of the metric first (linear map only)
+    smooth: bool = False  # Savitzky–Golay smoothing of the metric first (allocations with a per-block metric)
     owl_lambda: float = 0.08  # OWL: the block sparsities span 2λ around the target
+    atp_step: float | None = None  # ATP: sparsity step β per block of depth (None: ATP_SPAN / (L − 1))
+    dlp_alpha: float = 0.15  # DLP: the block sparsities span 2α around the target
 
 
 @dataclass(frozen=True)
@@ -310,13 +380,16 @@ class Allocation:
 
     ``metric``: the per-block quantity it maps -- ``"scores"`` (LayerIF S_l from a
     scores.json), ``"alpha"`` (heavy-tail exponent α of the weights), ``"outliers"``
-    (OWL's outlier ratios on calibration data), ``"gain"`` (the measured fine-tune
+    (OWL's outlier ratios on calibration data), ``"dlp"`` (DLP's median Wanda score per block, on
+    calibration data), ``"gain"`` (the measured fine-tune
     gain g_l of a validation.json), ``"sensitivity"`` / ``"search"``
     (:mod:`layerif.search`) or ``None``.
     ``sparsity(metric, target, weights, options, reverse) -> float64 [L]`` and
     ``experts(metric, n_blocks, total, beta, reverse) -> int64 [L]``; either may be
     ``None`` when the rule has no such map. ``reversible``: the kinds of map
-    (``"sparsity"``, ``"experts"``) where ``reverse`` (and, for sparsity, ``smooth``) applies.
+    (``"sparsity"``, ``"experts"``) where ``reverse`` applies. ``smooth`` applies to every sparsity
+    rule with a per-block metric (:attr:`smoothable`): :func:`allocate_sparsity` smooths the metric
+    before the rule maps it.
     """
 
     name: str
@@ -324,6 +397,12 @@ class Allocation:
     sparsity: Callable[..., np.ndarray] | None = None
     experts: Callable[..., np.ndarray] | None = None
     reversible: tuple[str, ...] = ()
+
+    @property
+    def smoothable(self) -> bool:
+        """Whether ``smooth`` has a meaning: the rule maps a measured per-block metric (not none, not a
+        searched sparsity, which is already the allocation)."""
+        return self.metric not in (None, "search")
 
 
 ALLOCATIONS: dict[str, Allocation] = {}
@@ -337,7 +416,7 @@ def register(allocation: Allocation) -> Allocation:
 
 register(Allocation(
     "layerif", "scores",
-    sparsity=lambda m, target, w, o, rev: linear_sparsity(m, target, o.epsilon, w, reverse=rev, smooth=o.smooth),
+    sparsity=lambda m, target, w, o, rev: linear_sparsity(m, target, o.epsilon, w, reverse=rev),
     experts=lambda m, n, total, beta, rev: layerif_experts(m, total, beta, rev), reversible=("sparsity", "experts")))
 register(Allocation(
     "uniform", None,
@@ -347,8 +426,11 @@ register(Allocation(
     "owl", "outliers", sparsity=lambda m, target, w, o, rev: owl_sparsity(m, target, o.owl_lambda, w)))
 register(Allocation(
     "alpha", "alpha",
-    sparsity=lambda m, target, w, o, rev: linear_sparsity(m, target, o.epsilon, w, reverse=rev, smooth=o.smooth),
+    sparsity=lambda m, target, w, o, rev: linear_sparsity(m, target, o.epsilon, w, reverse=rev),
     experts=lambda m, n, total, beta, rev: alpha_experts(m, total, beta), reversible=("sparsity",)))
+# ATP: depth only; DLP: the median Wanda score per block (metric kind "dlp", measured by prune.allocation_metric).
+register(Allocation("atp", None, sparsity=lambda m, target, w, o, rev: atp_sparsity(len(w), target, o.atp_step, w)))
+register(Allocation("dlp", "dlp", sparsity=lambda m, target, w, o, rev: dlp_sparsity(m, target, o.dlp_alpha, w)))
 # The measured upper reference of the expert maps: LayerIF's rule applied to the per-block fine-tune gain g_l that
 # ``layerif validate`` measured (``--validation``), w_l = (g_l − min g)^β, instead of to the estimate S_l.
 register(Allocation(
@@ -363,7 +445,7 @@ register(Allocation(
 SEARCH_STARTS = ("uniform", "layerif", "owl", "alpha")
 register(Allocation(
     "sensitivity", "sensitivity",
-    sparsity=lambda m, target, w, o, rev: linear_sparsity(m, target, o.epsilon, w, reverse=not rev, smooth=o.smooth)))
+    sparsity=lambda m, target, w, o, rev: linear_sparsity(m, target, o.epsilon, w, reverse=not rev)))
 for _name in ("search", *(f"search-{s}" for s in SEARCH_STARTS)):
     register(Allocation(_name, "search", sparsity=lambda m, target, w, o, rev: fit_weighted_mean(m, target, w)))
 
@@ -386,8 +468,9 @@ def parse_label(label: str) -> tuple[str, bool]:
 def get(label: str, kind: str, reverse: bool = False, smooth: bool = False) -> tuple[Allocation, bool]:
     """The rule of an allocation label for a ``kind`` map, and whether it is reversed.
 
-    An unknown label, or ``reverse`` / ``smooth`` with a rule that has no metric
-    direction, is a :class:`UserError`.
+    An unknown label, ``reverse`` with a rule that has no metric direction, or
+    ``smooth`` with a rule that has no per-block metric to smooth
+    (:attr:`Allocation.smoothable`), is a :class:`UserError`.
     """
     name, rev = parse_label(label)
     rule = ALLOCATIONS.get(name)
@@ -395,10 +478,13 @@ def get(label: str, kind: str, reverse: bool = False, smooth: bool = False) -> t
         known = [n + suffix for n in names(kind) for suffix in ("", REVERSED)
                  if not suffix or kind in ALLOCATIONS[n].reversible]
         raise UserError(f"unknown allocation {label!r} (use {', '.join(known)})")
-    if (reverse or smooth) and kind not in rule.reversible:
-        flags = "--reverse and --smooth apply" if kind == "sparsity" else "--reverse applies"
+    if reverse and kind not in rule.reversible:
         allowed = " or ".join(n for n in names(kind) if kind in ALLOCATIONS[n].reversible)
-        raise UserError(f"{flags} to --allocation {allowed}")
+        raise UserError(f"--reverse applies to --allocation {allowed}")
+    if smooth and (kind != "sparsity" or not rule.smoothable):
+        allowed = ", ".join(n for n in names("sparsity") if ALLOCATIONS[n].smoothable)
+        raise UserError(f"--smooth applies to the allocations with a per-block metric ({allowed}), "
+                        f"not to {name}")
     return rule, rev or reverse
 
 
@@ -406,9 +492,13 @@ def allocate_sparsity(label: str, metric, target: float, weights, options: Spars
                       reverse: bool = False) -> np.ndarray:
     """Per-block sparsity [L] of an allocation label from its metric (``None`` when it has none).
 
-    The ``weights`` (prunable parameters per block) weighted mean is ``target``.
+    The ``weights`` (prunable parameters per block) weighted mean is ``target``. With ``options.smooth`` the
+    metric is smoothed (:func:`smooth_metric`) before the rule maps it, the same for every rule that has a
+    per-block metric; smoothing a rule without one is a :class:`UserError` (:func:`get`).
     """
     rule, rev = get(label, "sparsity", reverse, options.smooth)
+    if options.smooth:
+        metric = smooth_metric(metric)
     return rule.sparsity(metric, target, np.asarray(weights, dtype=np.float64), options, rev)
 
 

@@ -29,7 +29,8 @@ of sparse tensor cores, while "1:4" prunes one weight in four.
 Allocations (:mod:`layerif.allocate`): ``uniform``; ``layerif`` (the linear map of
 the LayerIF scores S_l); ``alpha`` (AlphaPruning: the same map of the heavy-tail
 exponent α, :mod:`layerif.spectral`); ``owl`` (OWL: outlier ratios of the Wanda
-scores, measured with the dense model).
+scores, measured with the dense model); ``dlp`` (DLP: the median Wanda score per
+block, measured as OWL's ratios); ``atp`` (ATP: sparsity rising with depth, no metric).
 """
 
 from __future__ import annotations
@@ -484,6 +485,13 @@ def prune_model(
     return sparsity
 
 
+def _block_wanda_scores(model: nn.Module, windows: torch.Tensor) -> Iterator[list[torch.Tensor]]:
+    """Per block, the Wanda scores |W|·‖X‖ of each of its projections, from the dense model (sequential
+    calibration without pruning): the statistics OWL's outlier ratios and DLP's medians share."""
+    for _, block, stats in calibrate(model, windows, update=False):
+        yield [wanda_score(weight_out_in(mod), stats[rel].sq) for rel, mod in projections(block).items()]
+
+
 def outlier_ratios(model: nn.Module, windows: torch.Tensor, m: float = OWL_M) -> np.ndarray:
     """OWL's layer-wise outlier ratio: per block, the share of Wanda scores above ``m`` × the block's mean.
 
@@ -491,11 +499,22 @@ def outlier_ratios(model: nn.Module, windows: torch.Tensor, m: float = OWL_M) ->
     from the dense model (sequential calibration without pruning). float64 [L].
     """
     out = []
-    for _, block, stats in calibrate(model, windows, update=False):
-        scores = [wanda_score(weight_out_in(mod), stats[rel].sq) for rel, mod in projections(block).items()]
+    for scores in _block_wanda_scores(model, windows):
         mean = sum(float(s.sum()) for s in scores) / sum(s.numel() for s in scores)
         out.append(sum(int((s > m * mean).sum()) for s in scores) / sum(s.numel() for s in scores))
     return np.asarray(out, dtype=np.float64)
+
+
+def dlp_medians(model: nn.Module, windows: torch.Tensor) -> np.ndarray:
+    """DLP's layer statistic: per block, the median of the pooled Wanda scores |W|·‖X‖ of all its projections
+    (dense model, the calibration of :func:`outlier_ratios`); ``torch.median``, the lower middle value for an
+    even count. float64 [L]; :func:`layerif.allocate.dlp_sparsity` maps it to sparsity."""
+    return np.asarray([float(torch.cat([s.reshape(-1).float() for s in scores]).median())
+                       for scores in _block_wanda_scores(model, windows)], dtype=np.float64)
+
+
+CALIBRATED_METRICS = {"outliers": outlier_ratios, "dlp": dlp_medians}
+"""Metric kinds measured on calibration windows with the dense model -> their measurement."""
 
 
 # ----------------------------------------------------------------------------- allocation
@@ -512,8 +531,8 @@ def allocation_metric(
 
     By the rule's ``metric`` (:mod:`layerif.allocate`): ``scores`` -- the scores S_l
     (``scores``); ``alpha`` -- the heavy-tail exponent α of the model's weights;
-    ``outliers`` -- OWL's outlier ratios on calibration ``windows``. Measure it on
-    the dense model, before pruning.
+    ``outliers`` -- OWL's outlier ratios, ``dlp`` -- DLP's median Wanda scores, both on
+    calibration ``windows`` (:data:`CALIBRATED_METRICS`). Measure it on the dense model, before pruning.
     """
     rule, _ = allocate.get(allocation, "sparsity")
     if rule.metric is None:
@@ -527,8 +546,10 @@ def allocation_metric(
     if rule.metric in MEASURED:
         raise ValueError(f"the {allocation} allocation is measured with a pruner: use measured_metric")
     if windows is None:
-        raise ValueError("the owl allocation needs calibration windows")
-    return outlier_ratios(model, windows, owl_m)
+        raise ValueError(f"the {allocation} allocation needs calibration windows")
+    if rule.metric == "outliers":
+        return outlier_ratios(model, windows, owl_m)
+    return CALIBRATED_METRICS[rule.metric](model, windows)
 
 
 def level_database(root: Path, model: nn.Module, method: str, windows: torch.Tensor | None = None,

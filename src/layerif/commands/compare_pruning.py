@@ -20,8 +20,8 @@ from ..evaluate import mc_correct, window_nll
 from ..io import overwrite_field, pyplot
 from ..models import find_blocks
 from ..options import ModelOptions, option
-from ..prune import (MEASURED, achieved_sparsity, allocation_metric, measured_metric, prunable_modules, prunable_params,
-                     prune_model, search_start)
+from ..prune import (CALIBRATED_METRICS, MEASURED, achieved_sparsity, allocation_metric, measured_metric,
+                     prunable_modules, prunable_params, prune_model, search_start)
 from ..search import write_search
 from ..results import block_scores, read_config, read_json, read_scores
 from ..tasks import test_records
@@ -124,6 +124,18 @@ def plot(rows: list[dict], title: str):
     return fig
 
 
+def smooth_note(smooth: bool, allocations: list[str]) -> str:
+    """The --smooth line of comparison.md: smoothing applies to every allocation with a per-block metric
+    (:attr:`layerif.allocate.Allocation.smoothable`; a search to its start), and which allocations have none."""
+    if not smooth:
+        return "no (no allocation's metric is smoothed)"
+    rules = {a: allocate.get(a, "sparsity")[0] for a in allocations}
+    starts = {a: allocate.ALLOCATIONS[search_start(a)] for a, r in rules.items() if r.metric == "search"}
+    without = [a for a, r in rules.items() if not starts.get(a, r).smoothable]
+    return ("Savitzky-Golay (7, 3) on the metric of every allocation that has a per-block metric (a search: its start)"
+            + (f"; {', '.join(without)} have none, so nothing to smooth" if without else ""))
+
+
 GRID = ("allocations", "methods", "sparsities", "seeds")  # options --resume may change: the runs to add
 
 
@@ -216,7 +228,7 @@ def _runs(args: CompareArgs, cmp: Comparison, rows: list[dict], searches: dict, 
             "scores": f"{args.scores} (task {doc.get('task')}, target {doc.get('target')})" if args.scores else "none",
             "perplexity": f"held-out corpus, {args.seqlen}-token windows, at most {max_windows or 'all'}",
             "calibration": f"{args.n_calib} windows of {args.seqlen} tokens per seed", "seeds": "",
-            "epsilon": args.epsilon, "smooth": args.smooth}
+            "epsilon": args.epsilon, "smooth": smooth_note(args.smooth, allocations)}
 
     def evaluate() -> dict:
         nll = window_nll(model, tok, eval_text, seqlen=args.seqlen, max_windows=max_windows, batch_size=args.batch_size)
@@ -243,18 +255,18 @@ def _runs(args: CompareArgs, cmp: Comparison, rows: list[dict], searches: dict, 
         rule = rules[label]
         if seed not in calib:
             calib[seed] = windows(tok, calib_text, args.n_calib, args.seqlen, seed)
-        options = args.sparsity_options(args.smooth and rule.metric == "scores")
+        options = args.sparsity_options(args.smooth and rule.smoothable)
 
         def map_metric(name: str):
-            key = (name, seed if allocate.ALLOCATIONS[name].metric == "outliers" else None)
+            key = (name, seed if allocate.ALLOCATIONS[name].metric in CALIBRATED_METRICS else None)
             if key not in metrics:
                 metrics[key] = allocation_metric(name, model, scores, calib[seed], args.owl_m)
             return metrics[key]
 
         if rule.metric in MEASURED:
             start = search_start(label)
-            start_ratios = allocate_sparsity(start, map_metric(start), sp, weights, options) \
-                if rule.metric == "search" else None
+            start_ratios = allocate_sparsity(start, map_metric(start), sp, weights, args.sparsity_options(
+                args.smooth and allocate.ALLOCATIONS[start].smoothable)) if rule.metric == "search" else None
             if seed not in fitness:
                 fitness[seed] = windows(tok, calib_text, args.search_windows, args.seqlen, seed)
             metric, rec = measured_metric(rule, model, method, sp, weights, calib[seed], fitness[seed], args,

@@ -17,9 +17,9 @@ from ..evaluate import mc_accuracy, perplexity
 from ..models import find_blocks
 from ..options import ModelOptions, option
 from ..io import check_not_model_folder, overwrite_field, prepare_out_dir
-from ..prune import (BLOCK_SIZE, DAMPING, MEASURED, OWL_LAMBDA, OWL_M, PRUNERS, achieved_sparsity, allocation_metric,
-                     get_pruner, llmcompressor_recipe, measured_metric, parse_nm, prunable_params, prune_model,
-                     save_pruned, search_start)
+from ..prune import (BLOCK_SIZE, CALIBRATED_METRICS, DAMPING, MEASURED, OWL_LAMBDA, OWL_M, PRUNERS, achieved_sparsity,
+                     allocation_metric, get_pruner, llmcompressor_recipe, measured_metric, parse_nm, prunable_params,
+                     prune_model, save_pruned, search_start)
 from ..results import block_scores, block_sparsity, check_save_dir, read_scores
 from ..search import SearchOptions, write_search
 from ..tasks import test_records
@@ -36,6 +36,9 @@ class PruningOptions(SearchOptions):
     smooth: bool = option(False, "Savitzky-Golay smoothing (window 7, order 3) of the metric first")
     owl_m: float = option(OWL_M, "OWL: a weight is an outlier above M × its block's mean Wanda score")
     owl_lambda: float = option(OWL_LAMBDA, "OWL: the block sparsities span 2λ around the target")
+    atp_step: float | None = option(None, "ATP: sparsity step β from one block to the next, s_l = s_0 + l·β "
+                                          "(default: 0.2 / (blocks − 1))")
+    dlp_alpha: float = option(0.15, "DLP: the block sparsities span 2α around the target")
     n_calib: int = option(128, "calibration windows (a pruner that calibrates: wanda, sparsegpt; owl)")
     seqlen: int = option(512, "tokens per calibration / evaluation window")
     text: str | None = option(None, "text file for calibration and evaluation (default: built-in English corpus)")
@@ -46,7 +49,8 @@ class PruningOptions(SearchOptions):
     batch_size: int = option(4, "windows / records per evaluation batch")
 
     def sparsity_options(self, smooth: bool | None = None) -> SparsityOptions:
-        return SparsityOptions(self.epsilon, self.smooth if smooth is None else smooth, self.owl_lambda)
+        return SparsityOptions(self.epsilon, self.smooth if smooth is None else smooth, self.owl_lambda,
+                               self.atp_step, self.dlp_alpha)
 
     def check(self, methods: list[str], needs_scores: str = "") -> None:
         """Checks that need no model; ``needs_scores`` names what needs ``--scores`` (empty: nothing)."""
@@ -61,6 +65,10 @@ class PruningOptions(SearchOptions):
         if self.block_size < 1:
             raise UserError(f"--block-size must be ≥ 1 (got {self.block_size})")
         check_epsilon(self.epsilon)
+        if self.atp_step is not None and not (math.isfinite(self.atp_step) and self.atp_step >= 0):
+            raise UserError(f"--atp-step must be ≥ 0 (got {self.atp_step:g})")
+        if not 0 <= self.dlp_alpha < 0.5:
+            raise UserError(f"--dlp-alpha {self.dlp_alpha:g} is outside [0, 0.5)")
         if self.task_items < 1:
             raise UserError(f"--task-items must be ≥ 1 (got {self.task_items})")
         if needs_scores and self.scores is None:
@@ -171,7 +179,9 @@ def run(args: PruneArgs) -> str:
         if doc.get("model") not in (None, lm.name):
             progress.info(f"note: {args.scores} was computed on {doc.get('model')}, pruning {lm.name}")
     measured = allocation != "file" and rule.metric in MEASURED
-    needs_data = get_pruner(args.method).needs_calibration or measured or "owl" in (allocation, start)
+    calibrated = allocation != "file" and any(allocate.ALLOCATIONS[a].metric in CALIBRATED_METRICS
+                                              for a in (args.allocation, start) if a in allocate.ALLOCATIONS)
+    needs_data = get_pruner(args.method).needs_calibration or measured or calibrated
     calib_text, eval_text = corpus(args.text) if needs_data or args.eval_windows > 0 else ("", "")
     calib = windows(lm.tokenizer, calib_text, args.n_calib, args.seqlen, args.seed) if needs_data else None
     t0 = time.time()
