@@ -416,7 +416,7 @@ def test_prune_command_nm(stand_ins, model_dir, tmp_path):
         (dict(seqlen=1), "--seqlen"),
         (dict(damping=0.0), "--damping"),
         (dict(block_size=0), "--block-size"),
-        (dict(text="SHORT"), "fewer than one window"),
+        (dict(calib="SHORT"), "fewer than one window"),
         (dict(scores="FIVE"), "5 blocks"),
         (dict(save="FOREIGN"), "not an earlier pruned model"),
         (dict(task="no-such-task"), "unknown task"),
@@ -425,9 +425,9 @@ def test_prune_command_nm(stand_ins, model_dir, tmp_path):
     ],
 )
 def test_prune_bad_input(stand_ins, model_dir, tmp_path, kw, message):
-    if kw.get("text") == "SHORT":
-        kw["text"] = str(tmp_path / "short.txt")
-        Path(kw["text"]).write_text("the cat " * 4)
+    if kw.get("calib") == "SHORT":
+        kw["calib"] = str(tmp_path / "short.txt")
+        Path(kw["calib"]).write_text("the cat " * 4)
     if kw.get("scores") == "FIVE":
         kw["scores"] = write_scores(tmp_path / "five.json", [1.0, 2.0, 3.0, 4.0, 5.0])
     if kw.get("save") == "FOREIGN":
@@ -446,7 +446,7 @@ def test_short_text_with_the_real_corpus(model_dir, tmp_path):
     short = tmp_path / "short.txt"
     short.write_text("the cat is in the house . " * 4)
     with pytest.raises(UserError):
-        PC.run(prune_args(model_dir, tmp_path, text=str(short), seqlen=64))
+        PC.run(prune_args(model_dir, tmp_path, calib=str(short), seqlen=64))
 
 
 def test_cli_options_build_the_args():
