@@ -25,6 +25,11 @@ from .results import read_scores, read_validation
 from .train import TrainConfig, check_train_config
 
 
+# one field, one meaning: where a command reads both train records and a local --calib data set (validate),
+# the same --text-field names the text of both
+TEXT_FIELD_HELP = "record field with plain text (of records files and of local --calib / --eval data sets)"
+
+
 def option(default, help: str, **metadata):
     """A dataclass field with its help text (and e.g. ``choices``); list defaults are copied per instance."""
     if isinstance(default, list):
@@ -91,7 +96,7 @@ class DataOptions:
     seed: int = option(0, "seed of the built-in task's sampling (and, unless set apart, of the bootstrap, "
                           "the split halves and the LoRA initialisation)")
     allow_repeats: bool = option(False, "allow --n-train / --n-val beyond a built-in task's distinct items")
-    text_field: str = option("text", "record field with plain text")
+    text_field: str = option("text", TEXT_FIELD_HELP)
     prompt_field: str = option("prompt", "record field with the prompt")
     completion_field: str = option("completion", "record field with the completion")
     max_length: int | None = option(None, "keep the first N tokens of longer records (default: a record longer than "
@@ -177,7 +182,7 @@ class CalibrationData:
     """Where calibration windows come from (:mod:`layerif.datasets_io`)."""
 
     calib: str = option("builtin", f"calibration data: {SOURCES_HELP}")
-    text_field: str = option("text", "the field holding the text in a local data set's records (--calib, --eval)")
+    text_field: str = option("text", TEXT_FIELD_HELP)
 
     def check_calibration_data(self) -> None:
         """An unknown source, or a missing ``data`` extra it needs, is a :class:`UserError` (no model needed)."""
