@@ -636,3 +636,41 @@ def test_a_new_pruner_is_one_registration(stand_ins, model_dir, tmp_path, monkey
     mod = next(iter(P.prunable_modules(model).values()))[1]
     with pytest.raises(UserError, match="^unknown pruning method 'pca' \\(use magnitude, wanda, sparsegpt, smallest"):
         P.prune_module(mod, "pca", 0.5)  # once the else branch of SparseGPT
+
+
+def test_prune_with_calib_c4_and_a_local_eval_file(stand_ins, model_dir, tmp_path, monkeypatch):
+    """--calib c4 (the hub call answered by a local stand-in of C4's layout) and --eval a JSONL file with another
+    text field; allocation.json records the data and the calibration size (given here, so 'given')."""
+    datasets = pytest.importorskip("datasets")
+    rng = np.random.default_rng(1)
+    docs = [" ".join(rng.choice(WORDS, size=int(rng.integers(5, 60)))) for _ in range(30)]
+    calls = []
+
+    def load_dataset(path, *args, **kwargs):
+        if path != "allenai/c4":  # the local JSONL builder is the real one
+            return real(path, *args, **kwargs)
+        calls.append(kwargs["data_files"])
+        return datasets.Dataset.from_dict({"text": docs, "url": ["u"] * len(docs)})
+
+    real = datasets.load_dataset
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    held_out = tmp_path / "eval.jsonl"
+    held_out.write_text("".join(json.dumps({"body": " ".join(rng.choice(WORDS, size=200))}) + "\n" for _ in range(4)))
+    out = tmp_path / "pruned"
+    PC.run(prune_args(model_dir, tmp_path, calib="c4", eval=str(held_out), text_field="body", eval_windows=2,
+                      save=str(out)))
+    assert calls and all(c == {"train": "en/c4-train.00000-of-01024.json.gz"} for c in calls)
+    doc = json.loads((out / "allocation.json").read_text())
+    assert doc["calibration"] == {"calib": "c4", "eval": str(held_out), "n_calib": 4, "seqlen": 16, "size": "given"}
+    assert np.isfinite(doc["perplexity"])
+    with pytest.raises(UserError, match="has no field 'text'"):  # before the model loads
+        PC.run(prune_args(tmp_path / "no-model", tmp_path, eval=str(held_out), eval_windows=2))
+
+
+def test_prune_default_calibration_size_is_recorded(stand_ins, model_dir, tmp_path, monkeypatch):
+    out = tmp_path / "pruned"
+    monkeypatch.setattr(PC.PruningOptions, "CPU_CALIBRATION", (3, 16))
+    PC.run(prune_args(model_dir, tmp_path, n_calib=None, seqlen=None, save=str(out)))
+    doc = json.loads((out / "allocation.json").read_text())
+    assert (doc["calibration"]["n_calib"], doc["calibration"]["seqlen"], doc["calibration"]["size"]) == \
+        (3, 16, "cpu default")

@@ -246,6 +246,10 @@ class GroundTruthOptions(CalibrationData):
             raise UserError(f"--sparsity must be in (0, 1) (got {self.sparsity})")
         get_pruner(self.method)
         self.check_calibration_data()
+        if get_pruner(self.method).needs_calibration:
+            from .datasets_io import preload
+
+            preload(self.calib, "calib", self.text_field)  # a failed download fails before the model loads
         if self.n_calib is not None and self.n_calib < 1:
             raise UserError(f"--n-calib must be ≥ 1 (got {self.n_calib})")
         if self.seqlen is not None and self.seqlen < 2:
