@@ -70,7 +70,8 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if f.metadata.get("positional"):
-            parser.add_argument(f.name, nargs="?", default=argparse.SUPPRESS, help=with_default(f.metadata.get("help", ""), f.default))
+            parser.add_argument(f.name, nargs="?", default=argparse.SUPPRESS,
+                                help=with_default(f.metadata.get("help", ""), f.default))
             continue
         flag = "--" + f.name.replace("_", "-")
         tp, _ = field_type(hints[f.name])

@@ -87,8 +87,13 @@ def hub_dataset(name: str, use: str) -> Any:
     try:
         return datasets_module().load_dataset(*args, **kwargs)
     except (OSError, ConnectionError) as exc:  # requests' and huggingface_hub's errors are OSErrors
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"cannot load {name} ({args[0]}): {first}") from None
+        raise UserError(f"cannot load {name} ({args[0]}): {first_line(exc)}") from None
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none): a one-line error."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def column(data: Any, text_field: str, where: str) -> list[str]:
@@ -119,7 +124,7 @@ def local_text(path: str, text_field: str = "text") -> str:
     except UserError:
         raise
     except Exception as exc:  # datasets raises many kinds for a malformed file
-        raise UserError(f"cannot read {path} as a data set: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from None
+        raise UserError(f"cannot read {path} as a data set: {first_line(exc)}") from None
     text = "\n\n".join(t for t in column(data, text_field, path) if t.strip())
     if not text.strip():
         raise UserError(f"{path} holds no text in field {text_field!r}")
