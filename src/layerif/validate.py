@@ -254,7 +254,8 @@ def ground_truth(lm, train: list[Encoded], val: list[Encoded], targets: list[Tar
     """Measure every targeted block's fine-tune gain and pruning sensitivity (the model is left as it was).
 
     ``opts``: the ground-truth options (:class:`layerif.commands.validate.ValidateArgs`' ``steps``, ``lr``,
-    ``ft_batch_size``, ``sparsity``, ``method``, ``n_calib``, ``seqlen``, ``text``,
+    ``ft_batch_size``, ``sparsity``, ``method``, ``n_calib``, ``seqlen`` (None: the default of the
+    model's device, ``opts.CPU_CALIBRATION`` on a CPU), ``calib``, ``text_field``,
     ``accuracy_task`` (see :func:`accuracy_source`), ``task_items``,
     ``eval_batch_size``). Returns the
     measurement part of validation.json: ``layers``, ``fine_tune``, ``pruning``,
@@ -270,11 +271,13 @@ def ground_truth(lm, train: list[Encoded], val: list[Encoded], targets: list[Tar
     layers, gains, base_loss = fine_tune_gain(model, targets, train, val, pad, config, opts.eval_batch_size)
     t1 = time.perf_counter()
     progress.info(f"pruning sensitivity: {opts.method} at sparsity {opts.sparsity:g}, one block at a time")
+    from .datasets_io import calibration_size, calibration_windows
+
+    device = next(model.parameters()).device.type
+    n_calib, seqlen, which = calibration_size(opts.n_calib, opts.seqlen, device, opts.CPU_CALIBRATION)
     windows = None
     if get_pruner(opts.method).needs_calibration:
-        from .corpus import load_text, split_text, text_windows  # here, so tests can stand in a small corpus
-
-        windows = text_windows(lm.tokenizer, split_text(load_text(opts.text))[0], opts.n_calib, opts.seqlen, seed)
+        windows = calibration_windows(lm.tokenizer, opts.calib, n_calib, seqlen, seed, opts.text_field)
     pruned = prune_sensitivity(model, lm.tokenizer, layers, val, opts.method, opts.sparsity, windows, acc_records,
                                opts.eval_batch_size)
     t2 = time.perf_counter()
@@ -282,7 +285,8 @@ def ground_truth(lm, train: list[Encoded], val: list[Encoded], targets: list[Tar
         "layers": layers,
         "fine_tune": {"steps": opts.steps, "lr": opts.lr, "batch_size": opts.ft_batch_size, "optimizer": "adam",
                       "seed": seed},
-        "pruning": {"method": opts.method, "sparsity": opts.sparsity, "n_calib": opts.n_calib, "seqlen": opts.seqlen,
+        "pruning": {"method": opts.method, "sparsity": opts.sparsity, "n_calib": n_calib, "seqlen": seqlen,
+                    "calibration_size": which, "calib": opts.calib,
                     "accuracy_task": acc_source, "task_items": len(acc_records) if acc_records else 0},
         "base": {"val_loss": base_loss, "accuracy": pruned["base_accuracy"]},
         "fine_tune_gain": gains,

@@ -19,7 +19,8 @@ from ..errors import UserError
 from ..evaluate import mc_correct, window_nll
 from ..io import overwrite_field, pyplot
 from ..models import find_blocks
-from ..options import ModelOptions, option
+from ..datasets_io import preload
+from ..options import ModelOptions, fill_calibration_size, option
 from ..prune import (CALIBRATED_METRICS, MEASURED, achieved_sparsity, allocation_metric, measured_metric,
                      prunable_modules, prunable_params, prune_model, search_start)
 from ..search import write_search
@@ -27,7 +28,7 @@ from ..results import block_scores, read_config, read_json, read_scores
 from ..tasks import test_records
 from .base import register
 from .compare import Comparison, Metric, cell, count_verdict, group, paired_section, parse_list, read_rows, stats
-from .prune import PruningOptions, corpus, task_records, windows
+from .prune import PruningOptions, eval_text, task_records, windows
 
 FIELDS = ("method", "sparsity", "allocation", "seed", "achieved", "perplexity", "accuracy", "seconds")
 METRICS = (Metric("accuracy", True, 3, "accuracy"), Metric("perplexity", False, 3, "perplexity"))
@@ -185,6 +186,7 @@ def run(args: CompareArgs) -> str:
     methods = parse_list(args.methods, str, "methods")
     sparsities = parse_list(args.sparsities, float, "sparsities")
     seeds = parse_list(args.seeds, int, "seeds")
+    args, size = fill_calibration_size(args, args.CPU_CALIBRATION)  # config.json keeps the values used
     rules = {a: allocate.get(a, "sparsity")[0] for a in allocations}
     for sp in sparsities:
         check_sparsity(sp)
@@ -197,6 +199,8 @@ def run(args: CompareArgs) -> str:
     records = task_records(args.task, args.task_items, args.allow_repeats)  # a bad --task fails before any output
     if args.scores is not None:
         read_scores(args.scores)  # a bad scores file too
+    preload(args.calib, "calib", args.text_field)  # a failed download or a file without --text-field too
+    held_out = eval_text(args, args.eval_windows or None)
     with Comparison("compare-pruning", args, FIELDS, FIELDS[:4], args.overwrite or args.resume) as cmp:
         state = cmp.state  # rows, searches and level databases of finished runs, for --resume
         resumed = _resumed(args, cmp.dest, state) if args.resume else {"rows": [], "searches": {}}
@@ -205,15 +209,17 @@ def run(args: CompareArgs) -> str:
         if args.resume and (cmp.dest / "levels").is_dir() and not (state / "levels").exists():
             shutil.copytree(cmp.dest / "levels", state / "levels")  # the finished run's level databases
         cmp.write_config(state)
-        md, lm, task = _runs(args, cmp, rows, resumed["searches"], records, allocations, methods, sparsities, seeds)
+        md, lm, task = _runs(args, cmp, rows, resumed["searches"], records, allocations, methods, sparsities, seeds,
+                               held_out, size)
         cmp.save_rows(rows)
         return cmp.finish({"comparison.md": md, "comparison.png": plot(rows, f"{lm.name} · task {task}")}, md)
 
 
 def _runs(args: CompareArgs, cmp: Comparison, rows: list[dict], searches: dict, records, allocations: list[str],
-          methods: list[str], sparsities: list[float], seeds: list[int]):
-    """Every run not in ``rows`` yet (rows, items and searches saved into the cache after each);
-    returns (comparison.md, the model, the task)."""
+          methods: list[str], sparsities: list[float], seeds: list[int], held_out: tuple[str, int | None], size: str):
+    """Every run not in ``rows`` yet (rows, items and searches saved into the cache after each); ``held_out``:
+    the perplexity text and its window cap, ``size``: which calibration size defaults applied.
+    Returns (comparison.md, the model, the task)."""
     state = cmp.state
     rules = {a: allocate.get(a, "sparsity")[0] for a in allocations}
     lm = args.load()
@@ -222,12 +228,12 @@ def _runs(args: CompareArgs, cmp: Comparison, rows: list[dict], searches: dict, 
     scores, doc = block_scores(args.scores, len(blocks)) if args.scores else (None, {})
     task = args.task or doc.get("task") or "capitals"
     records = records or test_records(task, args.task_items, allow_repeats=args.allow_repeats)
-    calib_text, eval_text = corpus(args.text)
-    max_windows = args.eval_windows or None
+    eval_text, max_windows = held_out
     meta = {"model": lm.name, "task": f"{task} ({len(records)} test items, multiple choice)",
             "scores": f"{args.scores} (task {doc.get('task')}, target {doc.get('target')})" if args.scores else "none",
-            "perplexity": f"held-out corpus, {args.seqlen}-token windows, at most {max_windows or 'all'}",
-            "calibration": f"{args.n_calib} windows of {args.seqlen} tokens per seed", "seeds": "",
+            "perplexity": f"{args.eval}, {args.seqlen}-token windows, at most {max_windows or 'all'}",
+            "calibration": f"{args.calib}, {args.n_calib} windows of {args.seqlen} tokens per seed ({size})",
+            "seeds": "",
             "epsilon": args.epsilon, "smooth": smooth_note(args.smooth, allocations)}
 
     def evaluate() -> dict:
@@ -254,7 +260,7 @@ def _runs(args: CompareArgs, cmp: Comparison, rows: list[dict], searches: dict, 
         t0 = time.time()
         rule = rules[label]
         if seed not in calib:
-            calib[seed] = windows(tok, calib_text, args.n_calib, args.seqlen, seed)
+            calib[seed] = windows(tok, args, args.n_calib, seed)
         options = args.sparsity_options(args.smooth and rule.smoothable)
 
         def map_metric(name: str):
@@ -268,7 +274,7 @@ def _runs(args: CompareArgs, cmp: Comparison, rows: list[dict], searches: dict, 
             start_ratios = allocate_sparsity(start, map_metric(start), sp, weights, args.sparsity_options(
                 args.smooth and allocate.ALLOCATIONS[start].smoothable)) if rule.metric == "search" else None
             if seed not in fitness:
-                fitness[seed] = windows(tok, calib_text, args.search_windows, args.seqlen, seed)
+                fitness[seed] = windows(tok, args, args.search_windows, seed)
             metric, rec = measured_metric(rule, model, method, sp, weights, calib[seed], fitness[seed], args,
                                           state / "levels", seed, start_ratios, start, args.damping,
                                           args.block_size, args.batch_size, lm.name)

@@ -15,7 +15,8 @@ from ..allocate import SparsityOptions, allocate_sparsity, check_epsilon, check_
 from ..errors import UserError, require_finite
 from ..evaluate import mc_accuracy, perplexity
 from ..models import find_blocks
-from ..options import ModelOptions, option
+from ..options import CalibrationData, EvaluationData, ModelOptions, fill_calibration_size, option
+from ..datasets_io import preload
 from ..io import check_not_model_folder, overwrite_field, prepare_out_dir
 from ..prune import (BLOCK_SIZE, CALIBRATED_METRICS, DAMPING, MEASURED, OWL_LAMBDA, OWL_M, PRUNERS, achieved_sparsity,
                      allocation_metric, get_pruner, llmcompressor_recipe, measured_metric, parse_nm, prunable_params,
@@ -27,9 +28,11 @@ from .base import register
 
 
 @dataclass
-class PruningOptions(SearchOptions):
+class PruningOptions(SearchOptions, EvaluationData, CalibrationData):
     """Options shared by ``prune`` and ``compare-pruning``: the scores, the maps, calibration, evaluation and the
     search / sensitivity allocations (:class:`layerif.search.SearchOptions`)."""
+
+    CPU_CALIBRATION = (128, 512)  # n_calib × seqlen without --n-calib / --seqlen on a CPU
 
     scores: str | None = option(None, "scores.json of `layerif score` (needed by the layerif allocations)")
     epsilon: float = option(0.2, "spread of the linear map: ratios in [1-ε, 1+ε] × target (layerif, alpha)")
@@ -39,9 +42,9 @@ class PruningOptions(SearchOptions):
     atp_step: float | None = option(None, "ATP: sparsity step β from one block to the next, s_l = s_0 + l·β "
                                           "(default: 0.2 / (blocks − 1))")
     dlp_alpha: float = option(0.15, "DLP: the block sparsities span 2α around the target")
-    n_calib: int = option(128, "calibration windows (a pruner that calibrates: wanda, sparsegpt; owl)")
-    seqlen: int = option(512, "tokens per calibration / evaluation window")
-    text: str | None = option(None, "text file for calibration and evaluation (default: built-in English corpus)")
+    n_calib: int | None = option(None, "calibration windows (a pruner that calibrates: wanda, sparsegpt; owl; "
+                                       "default: 128)")
+    seqlen: int | None = option(None, "tokens per calibration / evaluation window (default: 512 on CPU, 2048 on cuda)")
     damping: float = option(DAMPING, "SparseGPT damping, a fraction of the mean Hessian diagonal")
     block_size: int = option(BLOCK_SIZE, "SparseGPT column block size")
     task_items: int = option(200, "test items of a built-in --task (a file: its first N)")
@@ -56,9 +59,11 @@ class PruningOptions(SearchOptions):
         """Checks that need no model; ``needs_scores`` names what needs ``--scores`` (empty: nothing)."""
         for m in methods:
             get_pruner(m)
-        if self.n_calib < 1:
+        self.check_calibration_data()
+        self.check_evaluation_data()
+        if self.n_calib is not None and self.n_calib < 1:
             raise UserError(f"--n-calib must be ≥ 1 (got {self.n_calib})")
-        if self.seqlen < 2:
+        if self.seqlen is not None and self.seqlen < 2:
             raise UserError(f"--seqlen must be ≥ 2 (got {self.seqlen})")
         if not self.damping > 0:
             raise UserError(f"--damping must be > 0 (got {self.damping:g})")
@@ -80,18 +85,20 @@ def task_records(task: str | None, task_items: int, allow_repeats: bool = False)
     return None if task is None else test_records(task, task_items, allow_repeats=allow_repeats)
 
 
-def corpus(text: str | None) -> tuple[str, str]:
-    """(calibration part, evaluation part) of ``--text`` or the built-in corpus."""
-    from ..corpus import load_text, split_text  # imported here so tests can stand in a small corpus
+def windows(tokenizer, args: PruningOptions, n: int, seed: int) -> torch.Tensor:
+    """``n`` calibration windows of ``args.seqlen`` tokens of ``--calib``, drawn with ``seed``."""
+    from ..datasets_io import calibration_windows
 
-    return split_text(load_text(text))
+    return calibration_windows(tokenizer, args.calib, n, args.seqlen, seed, args.text_field)
 
 
-def windows(tokenizer, calib_text: str, n: int, seqlen: int, seed: int) -> torch.Tensor:
-    """``n`` calibration windows of ``seqlen`` tokens, drawn with ``seed``."""
-    from ..corpus import text_windows
+def eval_text(args: PruningOptions, max_windows: int | None) -> tuple[str, int | None]:
+    """(text, most windows) of the perplexity on ``--eval``: ``max_windows`` capped by the data set's own rule
+    (C4: 256)."""
+    from ..datasets_io import evaluation_text, fewest
 
-    return text_windows(tokenizer, calib_text, n, seqlen, seed)
+    text, cap = evaluation_text(args.eval, args.text_field)
+    return text, fewest(max_windows, cap)
 
 
 def block_table(blocks: list[int], target: np.ndarray, achieved: np.ndarray, metric: np.ndarray | None) -> str:
@@ -147,6 +154,7 @@ def _with_defaults(args: PruneArgs) -> PruneArgs:
 def run(args: PruneArgs) -> str:
     """``layerif prune``: allocate, prune, measure, save; returns the terminal summary."""
     args = _with_defaults(args)
+    args, calibration_size = fill_calibration_size(args, args.CPU_CALIBRATION)
     nm = parse_nm(args.nm)
     rule, _ = allocate.get(args.allocation or DEFAULT_ALLOCATION, "sparsity", args.reverse, args.smooth)
     allocation, target = ("file", None) if args.allocation_file is not None else (args.allocation, args.sparsity)
@@ -170,6 +178,13 @@ def run(args: PruneArgs) -> str:
         check_save_dir(args.save, "pruned model", args.overwrite, args.model)
     if allocation != "file" and rule.metric in MEASURED:
         check_not_model_folder(args.search_dir, "--search-dir")
+    measured = allocation != "file" and rule.metric in MEASURED
+    calibrated = allocation != "file" and any(allocate.ALLOCATIONS[a].metric in CALIBRATED_METRICS
+                                              for a in (args.allocation, start) if a in allocate.ALLOCATIONS)
+    needs_data = get_pruner(args.method).needs_calibration or measured or calibrated
+    if needs_data:
+        preload(args.calib, "calib", args.text_field)
+    held_out = eval_text(args, args.eval_windows) if args.eval_windows > 0 else None
     lm = args.load()
     model = lm.model
     prefix, blocks = find_blocks(model)
@@ -178,12 +193,7 @@ def run(args: PruneArgs) -> str:
         scores, doc = block_scores(args.scores, len(blocks))
         if doc.get("model") not in (None, lm.name):
             progress.info(f"note: {args.scores} was computed on {doc.get('model')}, pruning {lm.name}")
-    measured = allocation != "file" and rule.metric in MEASURED
-    calibrated = allocation != "file" and any(allocate.ALLOCATIONS[a].metric in CALIBRATED_METRICS
-                                              for a in (args.allocation, start) if a in allocate.ALLOCATIONS)
-    needs_data = get_pruner(args.method).needs_calibration or measured or calibrated
-    calib_text, eval_text = corpus(args.text) if needs_data or args.eval_windows > 0 else ("", "")
-    calib = windows(lm.tokenizer, calib_text, args.n_calib, args.seqlen, args.seed) if needs_data else None
+    calib = windows(lm.tokenizer, args, args.n_calib, args.seed) if needs_data else None
     t0 = time.time()
     weights = prunable_params(model)
     options = args.sparsity_options()
@@ -199,7 +209,7 @@ def run(args: PruneArgs) -> str:
                 start_ratios = (allocate_sparsity(start, allocation_metric(start, model, scores, calib, args.owl_m),
                                                   target, weights, options)
                                 if start in allocate.SEARCH_STARTS else block_sparsity(start, len(blocks))[0])
-            fitness_windows = windows(lm.tokenizer, calib_text, args.search_windows, args.seqlen, args.seed)
+            fitness_windows = windows(lm.tokenizer, args, args.search_windows, args.seed)
             out = prepare_out_dir(args.search_dir)
             metric, rec = measured_metric(rule, model, args.method, target, weights, calib, fitness_windows, args,
                                           out / "levels", args.seed, start_ratios, start, args.damping,
@@ -228,6 +238,8 @@ def run(args: PruneArgs) -> str:
         "prunable_params": [int(w) for w in weights],
         "modules": {name: {"target": targets[name], "achieved": per_module[name]} for name in targets},
         "seconds": round(time.time() - t0, 2),
+        "calibration": {"calib": args.calib, "eval": args.eval, "n_calib": args.n_calib, "seqlen": args.seqlen,
+                        "size": calibration_size},
         **extra,
         "args": asdict(args),
         "version": __version__,
@@ -243,10 +255,11 @@ def run(args: PruneArgs) -> str:
                      f"{s['evaluations']} evaluations ({s['seconds']:.0f} s); level database {s['database']['path']} "
                      f"({s['database']['bytes'] / 1e6:.1f} MB, built in {s['database']['build_seconds']:.0f} s); "
                      f"trajectory in {args.search_dir}/search.png")
-    if args.eval_windows > 0:
-        record["perplexity"] = require_finite(perplexity(model, lm.tokenizer, eval_text, seqlen=args.seqlen,
-                                                         max_windows=args.eval_windows), "the perplexity")
-        lines.append(f"perplexity on {args.eval_windows} held-out windows: {record['perplexity']:.3f}")
+    if held_out is not None:
+        text, most = held_out
+        record["perplexity"] = require_finite(perplexity(model, lm.tokenizer, text, seqlen=args.seqlen,
+                                                         max_windows=most), "the perplexity")
+        lines.append(f"perplexity on at most {most} windows of {args.eval}: {record['perplexity']:.3f}")
     if records is not None:
         record["accuracy"] = mc_accuracy(model, lm.tokenizer, records, batch_size=args.batch_size)
         lines.append(f"accuracy on {args.task} ({len(records)} items, multiple choice): {record['accuracy']:.3f}")
