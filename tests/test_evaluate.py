@@ -79,6 +79,24 @@ def reference_greedy(model, tokenizer, prompt, steps):
     return tokenizer.decode(new, skip_special_tokens=True)
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen2", "opt", "gpt_neox", "mistral"])
+def test_batched_generation_equals_one_prompt_at_a_time(tokenizer, family):
+    from layerif.evaluate import exact_match_correct
+
+    model = tiny_model(family, seed=2)
+    prompts = ["the capital of", "one two three four five six", "cat", "is it the", "yes no yes no",
+               "which number is the answer to this question ?", "dog"]
+    records = []
+    for p in prompts:  # one record right and one wrong per prompt, by the unbatched uncached reference
+        first = reference_greedy(model, tokenizer, p, 3).split()
+        word = first[0] if first and first[0].isalnum() else "house"
+        records += [{"prompt": p, "completion": f" {word}"}, {"prompt": p, "completion": " zebra"}]
+    one = exact_match_correct(model, tokenizer, records, max_new_tokens=3, batch_size=1)
+    for batch_size in (3, 16):
+        assert exact_match_correct(model, tokenizer, records, max_new_tokens=3, batch_size=batch_size) == one
+    assert one[1::2] == [False] * len(prompts)
+
+
 def test_greedy_exact_match_against_uncached_decoding(tokenizer):
     model = tiny_model("llama", seed=1)
     right, wrong = [], []

@@ -157,7 +157,8 @@ def greedy_exact_match(model: nn.Module, tokenizer, records: list[dict], max_new
 
 
 @torch.no_grad()
-def exact_match_correct(model: nn.Module, tokenizer, records: list[dict], max_new_tokens: int = 8) -> list[bool]:
+def exact_match_correct(model: nn.Module, tokenizer, records: list[dict], max_new_tokens: int = 8,
+                        batch_size: int = 16) -> list[bool]:
     """Per record: whether the greedy continuation of its prompt gives the correct answer.
 
     For each record the prompt is tokenized as in :func:`layerif.data.encode_pair`
@@ -168,19 +169,37 @@ def exact_match_correct(model: nn.Module, tokenizer, records: list[dict], max_ne
     starts with ``record["completion"].strip()`` and the next character, if
     any, is not a letter or digit (so " 5" does not match a generated "50",
     but matches "5." or "5 apples", and " went" matches ' "went" and').
+
+    Prompts run ``batch_size`` at a time, left-padded with an attention mask and
+    sorted by length (so a batch pads little); each continuation is cut at its
+    first EOS token, as a generation of that prompt alone stops there.
     """
     if not records:
         raise UserError("no records to evaluate")
+    if batch_size < 1:
+        raise UserError(f"the generation batch size must be ≥ 1 (got {batch_size})")
     from transformers import GenerationConfig
 
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tokenizer.eos_token_id,
-                              pad_token_id=pad_id(tokenizer))
-    device, hits = input_device(model), []
-    for r in progress.track(records, "generating"):
-        ids = torch.tensor([tokenizer(r["prompt"])["input_ids"]], device=device)
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
-        hits.append(_matches(tokenizer.decode(out[0, ids.shape[1] :].tolist(), skip_special_tokens=True),
-                             r["completion"]))
+    pad, eos = pad_id(tokenizer), tokenizer.eos_token_id
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad)
+    device = input_device(model)
+    prompts = [tokenizer(r["prompt"])["input_ids"] for r in records]
+    order = sorted(range(len(records)), key=lambda i: len(prompts[i]))
+    hits = [False] * len(records)
+    for start in progress.track(range(0, len(order), batch_size), "generating", unit="batch"):
+        chunk = order[start : start + batch_size]
+        width = max(len(prompts[i]) for i in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, i in enumerate(chunk):
+            ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
+            mask[row, width - len(prompts[i]) :] = 1
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
+        for row, i in enumerate(chunk):
+            new = out[row, width:].tolist()
+            if eos is not None and eos in new:
+                new = new[: new.index(eos)]
+            hits[i] = _matches(tokenizer.decode(new, skip_special_tokens=True), records[i]["completion"])
     return hits
 
 

@@ -155,5 +155,6 @@ def evaluate_records(model: nn.Module, tokenizer, records: list[dict], batch_siz
     """
     model.eval()
     items = {"accuracy": [float(x) for x in mc_correct(model, tokenizer, records, batch_size)],
-             "exact_match": [float(x) for x in exact_match_correct(model, tokenizer, records, max_new_tokens)]}
+             "exact_match": [float(x) for x in exact_match_correct(model, tokenizer, records, max_new_tokens,
+                                                                      batch_size)]}
     return {k: sum(v) / len(v) for k, v in items.items()} | {"items": items}
