@@ -266,7 +266,8 @@ def _shape(t: Target) -> str:
     return f"{t.name.split('.')[-1]} {out_f}x{in_f}"
 
 
-def machine(device: str = "auto", gpu_memory_gb: float | None = None, world_size: int = 1, gpu: str = "H100") -> Machine:
+def machine(device: str = "auto", gpu_memory_gb: float | None = None, world_size: int = 1,
+            gpu: str = "H100") -> Machine:
     """The :class:`Machine` of the ``--device``, ``--gpu-memory``, ``--world-size`` and ``--gpu`` options
     (``auto``: this machine's kind; a GPU's memory defaults to this machine's first GPU, a CPU's to its RAM)."""
     if device == "auto":
@@ -321,7 +322,10 @@ def fit_check(args, where: Machine) -> PlanCheck:
     def check(config, train: list[Encoded], val: list[Encoded]) -> None:
         if args.target == "lora" or args.device_map:  # adapters exist only with the weights; a map offloads
             return
-        model = meta_model(config, resolve_dtype(args.dtype, torch.device(where.device)), args.trust_remote_code)
+        try:
+            model = meta_model(config, resolve_dtype(args.dtype, torch.device(where.device)), args.trust_remote_code)
+        except UserError:  # a config the meta device cannot build: the run itself will say what is wrong
+            return
         doc = make_plan(model, train, val, where, target=args.target, estimator=args.estimator,
                         per_val=args.per_val, batch_size=args.batch_size, max_memory_gb=args.max_memory,
                         layout=args.layout, mode=args.mode, val_chunk=args.val_chunk)
