@@ -148,3 +148,30 @@ def test_an_impossible_budget_is_refused_in_one_line_before_any_weight(capsys, t
 @pytest.mark.embedded
 def test_an_impossible_budget_on_the_embedded_model_is_refused(capsys, tmp_path, monkeypatch):
     _refused_before_any_weight(capsys, tmp_path, monkeypatch, [], "0.001")
+
+
+def test_calibration_is_kept_in_the_user_cache_and_times_the_cpu_stages(tmp_path, monkeypatch):
+    from layerif.plan import calibrate, calibration_path, throughput
+
+    monkeypatch.setenv("LAYERIF_CACHE", str(tmp_path / "cache"))
+    assert throughput("cpu", "H100")[0] is None
+    lm, train, val = _setup("llama", seed=8)
+    assert make_plan(lm.model, train, val, BIG)["seconds"] is None
+    cal = calibrate(size=64, repeats=1)
+    assert calibration_path() == tmp_path / "cache" / "calibration.json" and calibration_path().exists()
+    rates, source = throughput("cpu", "H100")
+    assert rates == (cal["cpu_flops"], cal["cpu_flops_float64"]) and "estimate" in source
+    doc = make_plan(lm.model, train, val, BIG)
+    assert doc["seconds"] == pytest.approx(sum(s["flops"] / (rates[1] if n == "Gram products" else rates[0])
+                                               for n, s in doc["stages"].items()))
+
+
+def test_score_dry_run_is_plan(capsys, tmp_path):
+    folder = _llama_folder(tmp_path / "tiny")
+    make_tokenizer().save_pretrained(folder)
+    code, out, err = _cli(capsys, "score", "--dry-run", "--model", folder, "--out", str(tmp_path / "s"),
+                          "--n-train", "8", "--n-val", "4", "--max-memory", "1")
+    assert code == 0, err
+    doc = json.loads((tmp_path / "s" / "plan.json").read_text())
+    assert doc["budget_bytes"] == 1e9 and doc["fits"]
+    assert not (tmp_path / "s" / "scores.json").exists()

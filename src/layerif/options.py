@@ -139,7 +139,7 @@ class MachineOptions:
                                             " needed with --device cuda where there is none)")
     world_size: int = option(1, "processes of the planned run (torchrun; streaming, records sharded)")
     gpu: str = option("H100", "GPU kind whose stated peak rate the time estimate uses",
-                      choices=("H200", "H100", "A100", "L40S", "A10G"))
+                      choices=("H200", "H100", "A100"))
     calibrate: bool = option(False, "measure this CPU's matmul rate first and keep it in the user cache "
                                     "(~/.cache/layerif/calibration.json)")
 

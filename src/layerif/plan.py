@@ -12,10 +12,12 @@ Time model (an **estimate**): FLOPs per stage divided by a throughput.
 
 * a forward+backward pass over T tokens: 6 x (model parameters) x T FLOPs;
 * the Gram products and the streaming dot products: by their shapes;
-* throughput: on the CPU, a float32 matmul rate measured once by
-  :func:`calibrate` (``layerif plan --calibrate``, kept in
+* throughput: on the CPU, the float32 and float64 matmul rates measured once
+  by :func:`calibrate` (``layerif plan --calibrate``, kept in
   ``$LAYERIF_CACHE/calibration.json``); on a GPU, :data:`GPU_PEAK_FLOPS` (the
-  vendors' stated dense bf16 tensor rates) x :data:`GPU_EFFICIENCY`.
+  vendors' stated dense bf16 and FP64 tensor rates) x :data:`GPU_EFFICIENCY`.
+  The passes and the streaming products run at the first rate, the Gram
+  products (float64) at the second.
 
 Under ``world_size`` N processes (streaming, records sharded) a pass costs 1/N
 of its FLOPs per process. Peak memory per process = the model's bytes + the
@@ -44,11 +46,13 @@ from .models import (Target, cache_dir, context_length, find_blocks, load_config
                      select_targets, weight_out_in)
 from .scores import PlanCheck, choose_mode, load_splits
 
-GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
-"""Stated peak dense bf16 tensor-core rates, FLOP/s (vendor datasheets, SXM parts, no sparsity)."""
+GPU_PEAK_FLOPS = {"H200": (989e12, 67e12), "H100": (989e12, 67e12), "A100": (312e12, 19.5e12)}
+"""Stated peak dense (bf16, FP64) tensor-core rates, FLOP/s (vendor datasheets, SXM parts, no sparsity)."""
 GPU_EFFICIENCY = 0.4
 """Share of the stated peak a scoring run is assumed to reach (an estimate, not a measurement)."""
 CALIBRATION_FILE = "calibration.json"
+FLOAT64_STAGES = ("Gram products",)
+"""Stages timed at the float64 rate (the Gram products' working copies are float64)."""
 
 
 # ----------------------------------------------------------------------------- throughput
@@ -59,18 +63,24 @@ def calibration_path():
     return cache_dir() / CALIBRATION_FILE
 
 
-def calibrate(size: int = 1024, repeats: int = 5) -> dict:
-    """Measure this CPU's float32 matmul rate (FLOP/s; the best of ``repeats`` products of two
-    ``size`` x ``size`` matrices, at torch's current thread count), store it and return the record."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def _matmul_rate(dtype: torch.dtype, size: int, repeats: int) -> float:
+    """FLOP/s of the best of ``repeats`` products of two ``size`` x ``size`` matrices of ``dtype`` on the CPU."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     a @ b  # warm-up
     best = math.inf
     for _ in range(repeats):
         start = time.perf_counter()
         a @ b
         best = min(best, time.perf_counter() - start)
-    doc = {"cpu_flops": 2.0 * size**3 / best, "size": size, "threads": torch.get_num_threads(),
-           "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    return 2.0 * size**3 / best
+
+
+def calibrate(size: int = 1024, repeats: int = 5) -> dict:
+    """Measure this CPU's float32 and float64 matmul rates (FLOP/s, ``cpu_flops`` and ``cpu_flops_float64``; at
+    torch's current thread count), store them in :func:`calibration_path` and return the record."""
+    doc = {"cpu_flops": _matmul_rate(torch.float32, size, repeats),
+           "cpu_flops_float64": _matmul_rate(torch.float64, size, repeats), "size": size,
+           "threads": torch.get_num_threads(), "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     path = calibration_path()
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, doc)
@@ -81,24 +91,28 @@ def cpu_calibration() -> dict | None:
     """The stored :func:`calibrate` record, or None when none was made (or it is unreadable)."""
     try:
         doc = json.loads(calibration_path().read_text(encoding="utf-8"))
-        return doc if isinstance(doc, dict) and float(doc["cpu_flops"]) > 0 else None
+        ok = isinstance(doc, dict) and float(doc["cpu_flops"]) > 0 and float(doc["cpu_flops_float64"]) > 0
+        return doc if ok else None
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
-def throughput(device: str, gpu: str) -> tuple[float | None, str]:
-    """(FLOP/s of one process, where the number comes from); None when the CPU is not calibrated."""
+def throughput(device: str, gpu: str) -> tuple[tuple[float, float] | None, str]:
+    """((FLOP/s of one process for the passes, for the float64 Gram products), where the numbers come from);
+    None when the CPU is not calibrated."""
     if device == "cuda":
         if gpu not in GPU_PEAK_FLOPS:
             raise UserError(f"unknown --gpu {gpu!r} (use {', '.join(GPU_PEAK_FLOPS)})")
-        rate = GPU_PEAK_FLOPS[gpu] * GPU_EFFICIENCY
-        return rate, (f"estimate: {gpu} stated peak {GPU_PEAK_FLOPS[gpu] / 1e12:.0f} TFLOP/s bf16 x "
-                      f"{GPU_EFFICIENCY:.0%} efficiency")
+        low, high = GPU_PEAK_FLOPS[gpu]
+        return (low * GPU_EFFICIENCY, high * GPU_EFFICIENCY), (
+            f"estimate: {gpu} stated peaks {low / 1e12:.0f} TFLOP/s bf16, {high / 1e12:.1f} FP64, "
+            f"x {GPU_EFFICIENCY:.0%} efficiency")
     cal = cpu_calibration()
     if cal is None:
         return None, "CPU not calibrated: run `layerif plan --calibrate` once"
-    return float(cal["cpu_flops"]), (f"estimate: measured float32 matmul {cal['cpu_flops'] / 1e9:.1f} GFLOP/s "
-                                     f"({cal['threads']} threads, {cal['measured']})")
+    return (float(cal["cpu_flops"]), float(cal["cpu_flops_float64"])), (
+        f"estimate: measured matmul {cal['cpu_flops'] / 1e9:.1f} GFLOP/s float32, "
+        f"{cal['cpu_flops_float64'] / 1e9:.1f} float64 ({cal['threads']} threads, {cal['measured']})")
 
 
 # ----------------------------------------------------------------------------- shapes and bytes
@@ -244,17 +258,21 @@ def make_plan(model: nn.Module, train: list[Encoded], val: list[Encoded], machin
         "machine": {"device": machine.device, "memory_bytes": machine.memory_bytes, "world_size": machine.world_size,
                     **({"gpu": machine.gpu} if machine.device == "cuda" else {})},
         "budget_bytes": budget, "mode": mode, "engine": chosen, "engines": engines,
-        "activation_bytes_estimate": activations, "throughput_flops": rate, "throughput_source": source,
+        "activation_bytes_estimate": activations,
+        "throughput_flops": ({"passes": rate[0], "float64": rate[1]} if rate else None), "throughput_source": source,
     }
     if not section["fits"]:
         return doc | {"fits": False, "reason": section["reason"], "peak_bytes": None, "stages": {}, "seconds": None}
     held = sum(weights.values()) + section["peak_buffer_bytes"]  # known exactly; the activations are an estimate
     peak = held + activations
-    stages = {name: {"flops": f, "seconds": (f / rate if rate else None)} for name, f in section["flops"].items()}
+    stages = {name: {"flops": f, "seconds": (f / (rate[1] if name in FLOAT64_STAGES else rate[0]) if rate else None)}
+              for name, f in section["flops"].items()}
     fits = held <= machine.memory_bytes
     what = (f"(model {sum(weights.values()) / 1e9:.3g} GB, buffers {section['peak_buffer_bytes'] / 1e9:.3g} GB, "
             f"activations {activations / 1e9:.3g} GB estimated)")
     reason = "" if fits else f"the model and the buffers alone exceed the {machine.memory_bytes / 1e9:.3g} GB {what}"
+    if sum(weights.values()) > machine.memory_bytes:
+        reason += " (the model alone does not fit: a smaller --dtype, or a machine with more memory)"
     if fits and peak > machine.memory_bytes:
         doc["notes_memory"] = f"the estimated peak {peak / 1e9:.3g} GB {what} exceeds the {machine.device}'s memory"
     return doc | {"fits": fits, "reason": reason, "peak_bytes": peak, "stages": stages,

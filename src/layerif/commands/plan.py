@@ -74,7 +74,8 @@ def run(args: PlanArgs) -> str:
     head = ""
     if args.calibrate:
         cal = calibrate()
-        head = f"calibrated: float32 matmul {cal['cpu_flops'] / 1e9:.1f} GFLOP/s on {cal['threads']} thread(s)\n"
+        head = (f"calibrated: matmul {cal['cpu_flops'] / 1e9:.1f} GFLOP/s float32, "
+                f"{cal['cpu_flops_float64'] / 1e9:.1f} float64, on {cal['threads']} thread(s)\n")
     doc = plan_of(args, where)
     if not doc["fits"]:
         raise UserError(refusal(doc))
