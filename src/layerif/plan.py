@@ -223,10 +223,13 @@ def streaming_section(targets, train, val, per_val, estimator, val_chunk, budget
 
 def make_plan(model: nn.Module, train: list[Encoded], val: list[Encoded], machine: Machine, *, target: str = "attn",
               estimator: str = "datainf", per_val: bool = False, batch_size: int = 8,
-              max_memory_gb: float | None = None, layout: str = "auto", mode: str = "auto", val_chunk: int = 8) -> dict:
+              max_memory_gb: float | None = None, layout: str = "auto", mode: str = "auto", val_chunk: int = 8,
+              budget_bytes: float | None = None) -> dict:
     """The plan of a scoring run (the plan.json document; bytes, FLOPs, seconds), for a model on any device.
     It fits when the chosen engine's buffers fit the budget and the model and the buffers fit the machine's
     memory (the activations are an estimate: exceeding it with them is a note, ``notes_memory``).
+    ``budget_bytes``: the buffer budget when the caller has it already (a run on this machine), else
+    :func:`layerif.engine.memory_budget` of ``max_memory_gb`` on ``machine``.
 
     Keys: ``model`` (parameters, bytes by dtype, blocks), ``targets`` (modules and their shapes),
     ``records``, ``machine``, ``budget_bytes``, ``engines`` (both engines' plans), ``engine`` (the one
@@ -235,7 +238,8 @@ def make_plan(model: nn.Module, train: list[Encoded], val: list[Encoded], machin
     """
     targets = select_targets(model, target)
     params = sum(p.numel() for p in model.parameters())
-    budget = memory_budget(max_memory_gb, machine.device, machine.memory_bytes)
+    budget = budget_bytes if budget_bytes is not None else memory_budget(max_memory_gb, machine.device,
+                                                                         machine.memory_bytes)
     engines = {"materialized": materialized_section(targets, train, val, per_val, layout, budget, params),
                "streaming": streaming_section(targets, train, val, per_val, estimator, val_chunk, budget, params,
                                               machine.world_size)}
@@ -346,7 +350,8 @@ def fit_check(args, where: Machine) -> PlanCheck:
             return
         doc = make_plan(model, train, val, where, target=args.target, estimator=args.estimator,
                         per_val=args.per_val, batch_size=args.batch_size, max_memory_gb=args.max_memory,
-                        layout=args.layout, mode=args.mode, val_chunk=args.val_chunk)
+                        layout=args.layout, mode=args.mode, val_chunk=args.val_chunk,
+                        budget_bytes=memory_budget(args.max_memory))  # the run's own budget on this machine
         if not doc["fits"]:
             raise UserError(refusal(doc))
     return check
