@@ -19,8 +19,10 @@ Outside the rule: the model, one batch's activations inside the forward and
 backward pass, and the results (the per-block influences, L x k x n float64).
 
 :data:`METER` counts the bytes of every buffer the engines allocate through it
-while they are alive (``peak`` since the last ``reset``); the tests hold the
-plans to the budget with it.
+while they are alive (``peak`` since the last ``reset``), and the bytes
+allocated in all by kind (``allocated``: ``buffer`` for the planned buffers,
+``scratch`` for the Gram products' working copies); the tests hold the plans
+to the budget with it, and ``layerif plan``'s buffer bytes to the engines'.
 """
 
 from __future__ import annotations
@@ -40,15 +42,20 @@ class Meter:
     def __init__(self) -> None:
         self.live = 0
         self.peak = 0
+        self.allocated: dict[str, int] = {}
 
     def reset(self) -> None:
+        """Peak back to the live bytes; the allocation totals back to zero."""
         self.peak = self.live
+        self.allocated = {}
 
     def _free(self, nbytes: int) -> None:
         self.live -= nbytes
 
-    def track(self, t: torch.Tensor) -> torch.Tensor:
+    def track(self, t: torch.Tensor, kind: str = "buffer") -> torch.Tensor:
+        """Count ``t``'s bytes as live until it is collected, and in ``allocated[kind]``; returns ``t``."""
         nbytes = t.numel() * t.element_size()
+        self.allocated[kind] = self.allocated.get(kind, 0) + nbytes
         self.live += nbytes
         self.peak = max(self.peak, self.live)
         weakref.finalize(t, self._free, nbytes)
@@ -56,6 +63,10 @@ class Meter:
 
     def zeros(self, *shape, **kwargs) -> torch.Tensor:
         return self.track(torch.zeros(*shape, **kwargs))
+
+    def scratch(self, t: torch.Tensor) -> torch.Tensor:
+        """:meth:`track` of a working copy (kind ``scratch``), outside the planned buffers."""
+        return self.track(t, "scratch")
 
 
 METER = Meter()
@@ -87,13 +98,21 @@ def gram_bytes(n: int, k: int) -> float:
 
 
 def streaming_bytes(t: Target, n: int, k: int, weighted: bool) -> float:
-    """One target's streaming buffers for a chunk of k validation columns (module docstring)."""
-    return (2 if weighted else 1) * k * t.numel * t.stat_dtype.itemsize + 8.0 * n * (3 * k + 1)
+    """One target's streaming buffers for a chunk of k validation columns (module docstring), in bytes:
+    V (and W when ``weighted``) [k, d]; ||g||^2 [n] and P [n, k] (and R, C [n, k] when ``weighted``), float64."""
+    if weighted:
+        return 2 * k * t.numel * t.stat_dtype.itemsize + 8.0 * n * (3 * k + 1)
+    return k * t.numel * t.stat_dtype.itemsize + 8.0 * n * (k + 1)
 
 
 def too_small(budget_bytes: float, need: float, what: str) -> UserError:
     return UserError(f"--max-memory {budget_bytes / 1e9:.3g} GB is below the {need / 1e9:.3g} GB that {what} "
                      f"needs at the least; raise it")
+
+
+def chunk_columns(n_columns: int, chunk: int) -> list[int]:
+    """Validation columns of each chunk when ``n_columns`` go in chunks of at most ``chunk``."""
+    return [min(chunk, n_columns - s) for s in range(0, n_columns, chunk)]
 
 
 def streaming_plan(targets: list[Target], n_train: int, n_columns: int, val_chunk: int, weighted: bool,

@@ -41,6 +41,7 @@ def load_commands() -> None:
     """
     from .commands import (  # noqa: F401
         score,
+        plan,
         tasks,
         prune,
         compare_pruning,

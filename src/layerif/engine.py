@@ -45,11 +45,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from . import progress
-from .budget import METER, gram_bytes, gram_scratch, plan_groups, streaming_plan, too_small
+from .budget import METER, chunk_columns, gram_bytes, gram_scratch, plan_groups, streaming_plan, too_small
 from .cache import PassCache
 from .data import Encoded, batches, collate
 from .distributed import all_gather_rows, all_reduce_sum, shard
@@ -106,15 +107,25 @@ def per_sample_grads(
     return {k: torch.cat(v) for k, v in out.items()}, losses
 
 
-def memory_budget(max_memory_gb: float | None = None) -> float:
+def ram_bytes() -> float:
+    """This machine's physical memory, bytes."""
+    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def memory_budget(max_memory_gb: float | None = None, device: str | None = None,
+                  device_bytes: float | None = None) -> float:
     """Bytes of buffers a run may hold (computed once per run): ``max_memory_gb`` (GB = 1e9 bytes), else the
-    machine's default -- half the free GPU memory, or a fifth of the RAM."""
+    default -- half the GPU memory (``device`` ``cuda``), or a fifth of the RAM (``cpu``).
+
+    ``device`` defaults to this machine's (``cuda`` when available) and ``device_bytes`` to its free GPU
+    memory or its RAM; ``layerif plan`` passes both to plan for another machine."""
     if max_memory_gb is not None:
         return max_memory_gb * 1e9
-    if torch.cuda.is_available():
-        free, _ = torch.cuda.mem_get_info()
-        return free / 2
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 5
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device_bytes is None:
+        device_bytes = float(torch.cuda.mem_get_info()[0]) if device == "cuda" else ram_bytes()
+    return device_bytes / 2 if device == "cuda" else device_bytes / 5
 
 
 # ----------------------------------------------------------------------------- materialized engine
@@ -125,7 +136,8 @@ def _layout(t: Target, n: int, n_tokens: int, prefer: str = "auto") -> tuple[str
 
     ``factored`` (token factors, :class:`~layerif.grads.Factored`) when its Gram
     costs fewer flops than forming dense gradients and their Gram, else
-    ``dense``; ``prefer`` forces one. Returns (layout, bytes it needs at the module's statistics dtype).
+    ``dense``; ``prefer`` forces one. Returns (layout, bytes it needs: the gradients at the module's
+    statistics dtype, and a factored layout's int64 sample index per token).
     """
     size = t.stat_dtype.itemsize
     out_f, in_f = weight_out_in(t.module).shape
@@ -133,7 +145,7 @@ def _layout(t: Target, n: int, n_tokens: int, prefer: str = "auto") -> tuple[str
     factored_flops = n_tokens**2 * (in_f + out_f)
     dense_flops = (n_tokens + n * n) * in_f * out_f
     if prefer == "factored" or (prefer == "auto" and factored_flops <= dense_flops):
-        return "factored", float(size * n_tokens * (in_f + out_f))
+        return "factored", float(size * n_tokens * (in_f + out_f) + 8 * n_tokens)
     return "dense", float(size * n * t.numel)
 
 
@@ -149,6 +161,39 @@ def plan_layouts(
     k = len(val) if per_val else 1
     cost = {t.name: layout_t[t.name][1] + layout_v[t.name][1] + gram_bytes(len(train), k) for t in targets}
     return (layout_t, layout_v), cost
+
+
+@dataclass(frozen=True)
+class MaterializedPlan:
+    """The materialized engine's memory plan (bytes), computed once per run (:func:`materialized_plan`)."""
+
+    layout_train: dict[str, tuple[str, float]]  # module -> (layout, bytes of its train gradients)
+    layout_val: dict[str, tuple[str, float]]  # module -> (layout or ``summed``, bytes of its validation gradients)
+    cost: dict[str, float]  # module -> bytes it holds: both gradients and its Gram matrices K, P
+    scratch: float  # bytes kept aside for the Gram products' working copies (:func:`layerif.budget.gram_scratch`)
+    groups: list[list[Target]]  # module groups, each one validation and one train pass
+
+    @property
+    def passes(self) -> int:
+        return 2 * len(self.groups)
+
+    def group_bytes(self) -> list[float]:
+        """Planned buffer bytes of each group (without the scratch)."""
+        return [sum(self.cost[t.name] for t in g) for g in self.groups]
+
+
+def materialized_plan(targets: list[Target], train: list[Encoded], val: list[Encoded], per_val: bool,
+                      layout: str, budget_bytes: float) -> MaterializedPlan:
+    """Layouts, bytes per module and module groups that fit ``budget_bytes`` with the scratch aside: the
+    pure arithmetic of :func:`module_stats` (needs the records' lengths and the targets' shapes only, so a
+    model on the ``meta`` device plans too). A module that alone does not fit is a :class:`UserError`."""
+    (layout_t, layout_v), cost = plan_layouts(targets, train, val, per_val, layout)
+    scratch = gram_scratch(budget_bytes)
+    big = max(targets, key=lambda t: cost[t.name])
+    if cost[big.name] > budget_bytes - scratch:
+        raise too_small(budget_bytes, cost[big.name] + scratch,
+                        f"module {big.name} (its gradients and Gram matrices, and the products' working space)")
+    return MaterializedPlan(layout_t, layout_v, cost, scratch, plan_groups(targets, cost, budget_bytes - scratch))
 
 
 def gradient_pass(
@@ -201,6 +246,7 @@ def module_stats(
     layout: str = "auto",
     cache: PassCache | None = None,
     reduce: Callable[[Target, ModuleStats], None] | None = None,
+    plan: MaterializedPlan | None = None,
 ) -> tuple[dict[str, ModuleStats], torch.Tensor, int]:
     """Gram statistics of every target. Returns ({name: stats}, train losses [n], passes run).
 
@@ -209,16 +255,13 @@ def module_stats(
     ``reduce``, each module's statistics are handed to it as soon as its group is
     done and not kept (the returned dict is empty), so no more than one group's
     are ever held. Each completed module group is recorded in ``cache`` and skipped on a re-run.
+    ``plan``: the run's :func:`materialized_plan` when the caller made it already (it is made here otherwise).
     """
     cache = cache or PassCache(None)
-    (layout_t, layout_v), cost = plan_layouts(targets, train, val, per_val, layout)
-    budget = memory_budget() if budget_bytes is None else budget_bytes
-    scratch = gram_scratch(budget)  # the Gram products' float64 working copies, one module at a time
-    big = max(targets, key=lambda t: cost[t.name])
-    if cost[big.name] > budget - scratch:
-        raise too_small(budget, cost[big.name] + scratch,
-                        f"module {big.name} (its gradients and Gram matrices, and the products' working space)")
-    groups = plan_groups(targets, cost, budget - scratch)
+    if plan is None:
+        plan = materialized_plan(targets, train, val, per_val, layout,
+                                 memory_budget() if budget_bytes is None else budget_bytes)
+    layout_t, layout_v, scratch, groups = plan.layout_train, plan.layout_val, plan.scratch, plan.groups
     stats: dict[str, ModuleStats] = {}
     passes = 0
     train_loss = torch.zeros(0)
@@ -239,8 +282,8 @@ def module_stats(
         saved = {"train_loss": train_loss}
         for t in group:
             g, v = G.pop(t.name), V.pop(t.name)
-            s = ModuleStats(K=METER.track(gram(g, g, scratch, METER.track).cpu()),
-                            P=METER.track(gram(g, v, scratch, METER.track).cpu()), d=t.numel)
+            s = ModuleStats(K=METER.track(gram(g, g, scratch, METER.scratch).cpu()),
+                            P=METER.track(gram(g, v, scratch, METER.scratch).cpu()), d=t.numel)
             del g, v
             check_finite(torch.diagonal(s.K), "squared gradient norm", t.name)
             saved |= {f"{t.name}.K": s.K, f"{t.name}.P": s.P}
@@ -292,7 +335,7 @@ def streaming_influence(
     weighted = rule.stream_weights is not None
     groups, chunk = streaming_plan(targets, n, len(val) if per_val else 1, val_chunk, weighted, budget_bytes)
     if per_val:
-        columns = [list(range(s, min(s + chunk, len(val)))) for s in range(0, len(val), chunk)]
+        columns = [list(range(s, s + c)) for s, c in zip(range(0, len(val), chunk), chunk_columns(len(val), chunk))]
     else:
         columns = [list(range(len(val)))]
     influence: dict[str, list[torch.Tensor]] = {t.name: [] for t in targets}

@@ -138,23 +138,8 @@ def load_model(
 
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
-    kwargs: dict = {"trust_remote_code": trust_remote_code}
+    source, kwargs, label = model_source(name, gguf_file, trust_remote_code)
     model_kwargs: dict = {"device_map": device_map} if device_map else {}
-    if name is None and gguf_file is None:
-        source, label = str(_dequantized_cache(default_gguf_path())), DEFAULT_MODEL
-    elif gguf_file is not None:
-        gpath = Path(gguf_file)
-        if name is None:
-            if not gpath.is_file():
-                raise UserError(f"GGUF file not found: {gguf_file}")
-            source, kwargs["gguf_file"] = str(gpath.parent), gpath.name
-        else:
-            source, kwargs["gguf_file"] = name, gguf_file
-        label = f"{name or ''}{'/' if name else ''}{gpath.name}" if name else gpath.name
-    else:
-        source, label = name, name
-    if name is not None and looks_like_path(name) and not Path(name).exists():
-        raise UserError(f"model folder not found: {name}")
     progress.info(f"loading {label}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
@@ -173,6 +158,66 @@ def load_model(
         model.to(dev)
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, name=label)
+
+
+def model_source(name: str | None, gguf_file: str | None, trust_remote_code: bool = False,
+                 dequantize: bool = True) -> tuple[str, dict, str]:
+    """(where transformers reads the model from, its keyword arguments, the label a result records).
+
+    ``name`` / ``gguf_file`` as :func:`load_model`. With neither, the embedded default: its de-quantized
+    cache folder, made first when ``dequantize``; without ``dequantize`` the GGUF file itself until the
+    cache exists (its config and tokenizer are read from the GGUF header, no weight is de-quantized).
+    """
+    kwargs: dict = {"trust_remote_code": trust_remote_code}
+    if name is None and gguf_file is None:
+        gguf = default_gguf_path()
+        cached = cache_dir() / "gguf" / f"{gguf.stem}-{_file_hash(gguf)}"
+        if dequantize or (cached / "config.json").exists():
+            return str(_dequantized_cache(gguf)), kwargs, DEFAULT_MODEL
+        return str(gguf.parent), kwargs | {"gguf_file": gguf.name}, DEFAULT_MODEL
+    if gguf_file is not None:
+        gpath = Path(gguf_file)
+        if name is None:
+            if not gpath.is_file():
+                raise UserError(f"GGUF file not found: {gguf_file}")
+            source, kwargs["gguf_file"] = str(gpath.parent), gpath.name
+        else:
+            source, kwargs["gguf_file"] = name, gguf_file
+        return source, kwargs, (f"{name}/{gpath.name}" if name else gpath.name)
+    if looks_like_path(name) and not Path(name).exists():
+        raise UserError(f"model folder not found: {name}")
+    return name, kwargs, name
+
+
+def load_config(name: str | None = None, gguf_file: str | None = None, trust_remote_code: bool = False
+                ) -> tuple[object, object | None, str]:
+    """(config, tokenizer or None, label) of a model without its weights: a local folder's config.json (a
+    folder without a tokenizer gives None), a GGUF header, the embedded default (:func:`model_source`
+    without de-quantizing), or a hub name's config (when the hub is reachable). Unreadable is a UserError."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    source, kwargs, label = model_source(name, gguf_file, trust_remote_code, dequantize=False)
+    try:
+        config = AutoConfig.from_pretrained(source, **kwargs)
+    except Exception as exc:  # third-party readers raise many types; every one is one line
+        raise UserError(load_error(label, exc, "gguf_file" in kwargs)) from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    except Exception:  # a config-only folder: the records are measured by another tokenizer (layerif.plan)
+        tokenizer = None
+    return config, tokenizer, label
+
+
+def meta_model(config: object, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
+    """The causal LM of ``config`` on the ``meta`` device in ``dtype``: shapes and dtypes, no memory, no weights."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        try:
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+        except Exception as exc:
+            raise UserError(f"cannot build the model of its config: {str(exc).strip().splitlines()[0]}") from None
+    return model.to(dtype).eval()
 
 
 def looks_like_path(name: str) -> bool:

@@ -136,6 +136,20 @@ class RunOptions:
 
 
 @dataclass
+class MachineOptions:
+    """The machine a plan is for (``layerif plan``): its memory, its processes, its GPU kind; and the CPU's
+    calibration."""
+
+    gpu_memory: float | None = option(None, "GB of memory per GPU of the planned machine (default: this machine's GPU;"
+                                            " needed with --device cuda where there is none)")
+    world_size: int = option(1, "processes of the planned run (torchrun; streaming, records sharded)")
+    gpu: str = option("H100", "GPU kind whose stated peak rate the time estimate uses",
+                      choices=("H200", "H100", "A100"))
+    calibrate: bool = option(False, "measure this CPU's matmul rate first and keep it in the user cache "
+                                    "(~/.cache/layerif/calibration.json)")
+
+
+@dataclass
 class StabilityOptions:
     """How stable the block ranking is (bootstrap and split-half, :mod:`layerif.stability`)."""
 

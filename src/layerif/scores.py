@@ -23,17 +23,17 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from . import progress, stability
-from .budget import plan_groups
 from .cache import PassCache, fingerprint
 from .data import Encoded, Fields, check_records, encode_split, load_records, n_distinct, pad_id, records_note
 from .distributed import world
-from .engine import memory_budget, module_stats, plan_layouts, streaming_influence
+from .engine import MaterializedPlan, materialized_plan, memory_budget, module_stats, streaming_influence
 from .errors import UserError
 from .grads import check_pass_memory, record_losses
 from .influence import ESTIMATORS, EstimatorOptions, ModuleStats, damping, estimate, get_estimator
@@ -50,6 +50,7 @@ class ScoreArgs(StabilityOptions, RunOptions, EngineOptions, DataOptions, DataSo
 
     out: str = option("out/score", "output folder (see README: output folders)")
     overwrite: bool = overwrite_field()
+    dry_run: bool = option(False, "plan the run and stop: `layerif plan` with these options (nothing is computed)")
 
     @property
     def lora_init_seed(self) -> int:
@@ -132,6 +133,19 @@ def choose_mode(mode: str, estimator: str, groups: int, world_size: int) -> str:
     return "materialized" if not streams or groups <= 3 else "streaming"
 
 
+def planned_materialized(targets: list[Target], train: list[Encoded], val: list[Encoded], per_val: bool,
+                         layout: str, budget_bytes: float, mode: str) -> MaterializedPlan | None:
+    """The materialized engine's plan (:func:`layerif.engine.materialized_plan`), made once and used both to
+    choose the mode and to run it; None when not even one module fits and ``mode`` is not ``materialized``
+    (with ``materialized`` that is the :class:`UserError` saying how much memory it needs)."""
+    try:
+        return materialized_plan(targets, train, val, per_val, layout, budget_bytes)
+    except UserError:
+        if mode == "materialized":
+            raise
+        return None
+
+
 def compute(
     lm: LoadedModel,
     train: list[Encoded],
@@ -165,9 +179,8 @@ def compute(
     targets = select_targets(lm.model, target)
     pad = pad_id(lm.tokenizer)
     budget = memory_budget(max_memory_gb)  # bytes, once for the run
-    layouts, cost = plan_layouts(targets, train, val, per_val, layout)
-    fits = max(cost.values()) <= budget  # else the materialized engine cannot hold even one module
-    chosen = choose_mode(mode, estimator, len(plan_groups(targets, cost, budget)) if fits else 10**9, world()[1])
+    plan = planned_materialized(targets, train, val, per_val, layout, budget, mode)
+    chosen = choose_mode(mode, estimator, len(plan.groups) if plan else 10**9, world()[1])
     cache = PassCache(None)
     if cache_dir is not None and world()[1] == 1:
         options = {"target": target, "estimator": estimator, "damping_scale": damping_scale, "per_val": per_val,
@@ -200,7 +213,7 @@ def compute(
     else:  # each module reduced to its influence as soon as its group is done (module_stats' reduce)
         _, train_loss, passes = module_stats(
             lm.model, targets, train, val, pad, per_val, batch_size, budget, layout, cache,
-            reduce=lambda t, s: add(*gram_influence({t.name: s}, [t], estimator, damping_scale)))
+            reduce=lambda t, s: add(*gram_influence({t.name: s}, [t], estimator, damping_scale)), plan=plan)
     layers = sorted(blocks)
     influence = {l: (blocks[l] if per_val else blocks[l][0]) for l in layers}
     return ScoreResult(layers=layers, influence=influence, lambdas=lambdas, train_loss=train_loss,
@@ -348,14 +361,22 @@ def cache_dir(args: ScoreArgs) -> Path:
     return sibling(Path(args.out), "partial") / CACHE_DIR
 
 
-def load_checked(args: ScoreArgs, *more: ScoreArgs) -> tuple[LoadedModel, tuple]:
+PlanCheck = Callable[[object, list[Encoded], list[Encoded]], None]
+"""``check(config, train, val)``: raises a :class:`UserError` when the run's plan does not fit (before the weights
+load; :mod:`layerif.plan`)."""
+
+
+def load_checked(args: ScoreArgs, *more: ScoreArgs, check_plan: PlanCheck | None = None) -> tuple[LoadedModel, tuple]:
     """The model of ``args`` and the :func:`load_splits` of ``args``: the records are tokenized and
     checked (lengths, loss tokens) once the tokenizer and config are read, before the weights load.
-    The records of ``more`` (other tasks on the same model) are checked there too."""
+    The records of ``more`` (other tasks on the same model) are checked there too, and ``check_plan``
+    of ``args``'s records."""
     splits: list = []
 
     def check(tokenizer, config) -> None:
         splits.extend(load_splits(a, tokenizer, context_length(config)) for a in (args, *more))
+        if check_plan is not None:
+            check_plan(config, splits[0][0], splits[0][1])
 
     return args.load(check), splits[0]
 
@@ -374,12 +395,15 @@ def prepare(args: ScoreArgs, lm: LoadedModel, splits: tuple | None = None
     return lm, train, val, label, counts
 
 
-def score(args: ScoreArgs, lm: LoadedModel | None = None, cache: Path | None = None) -> ScoreResult:
+def score(args: ScoreArgs, lm: LoadedModel | None = None, cache: Path | None = None,
+          check_plan: PlanCheck | None = None) -> ScoreResult:
     """The Python API behind ``layerif score``: load, tokenize, compute (no files written).
 
-    Completed passes are kept in ``cache`` (default :func:`cache_dir`) with ``--resume``."""
+    Completed passes are kept in ``cache`` (default :func:`cache_dir`) with ``--resume``. ``check_plan``
+    runs before the weights load (:func:`load_checked`)."""
     validate(args, None)
-    lm, train, val, label, counts = prepare(args, *((lm, None) if lm is not None else load_checked(args)))
+    lm, train, val, label, counts = prepare(
+        args, *((lm, None) if lm is not None else load_checked(args, check_plan=check_plan)))
     progress.info(f"scoring {len(find_blocks(lm.model)[1])} blocks: {len(train)} train x {len(val)} validation records, "
                   f"target {args.target}, estimator {args.estimator}")
     result = compute(lm, train, val, args.target, args.estimator, args.damping_scale, args.per_val,

@@ -5,17 +5,19 @@ from __future__ import annotations
 import csv
 import io
 import json
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 from .. import progress, stability
-from ..distributed import is_main, process_group
+from ..distributed import is_main, process_group, world
 from ..data import records_note
 from ..io import output_folder, prepare_out_dir, pyplot, write_figure, write_safetensors, write_text
 from ..models import resolve_device
+from ..plan import fit_check, machine
 from ..report import profile_uses, write_report
 from ..results import scores_document, write_config, write_scores
 from ..scores import AGGREGATIONS, ScoreArgs, ScoreResult, score, validate
+from . import plan
 from .base import register
 
 
@@ -81,16 +83,21 @@ def write(result: ScoreResult, args: ScoreArgs, folder: str | Path | None = None
 def run(args: ScoreArgs) -> str:
     """``layerif score``: compute, write the files, return the terminal summary.
 
-    Under ``torchrun`` every rank computes its shard and rank 0 writes the files.
+    Under ``torchrun`` every rank computes its shard and rank 0 writes the files. ``--dry-run`` is
+    ``layerif plan`` with these options; a run whose plan does not fit stops before the weights load.
     """
+    if args.dry_run:
+        names = {f.name for f in fields(plan.PlanArgs)}
+        return plan.run(plan.PlanArgs(**{k: v for k, v in asdict(args).items() if k in names}))
     validate(args)
     with process_group(resolve_device(args.device)):
+        check = fit_check(args, machine(args.device, None, world()[1]))
         if not is_main():
             progress.enable(False)
-            score(args)
+            score(args, check_plan=check)
             return ""
         with output_folder(args.out, "score", args.overwrite) as tmp:
-            result = score(args)
+            result = score(args, check_plan=check)
             write(result, args, tmp)
         out = Path(args.out)
     m = result.meta
