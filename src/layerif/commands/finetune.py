@@ -60,11 +60,11 @@ def fit(s: Setting, args: FinetuneOptions, ranks: np.ndarray, seed: int) -> tupl
     trainable_params, seconds of training).
     """
     model = apply_lora(s.lm.model, ranks.tolist(), args.targets, args.rank, args.lora_alpha, args.dropout, seed)
-    result = train(model, s.lm.tokenizer, s.train_records, args.train_config(seed))
-    if not all(np.isfinite(result.losses)):
+    try:
+        result = train(model, s.lm.tokenizer, s.train_records, args.train_config(seed))  # stops on a non-finite loss
+    except BaseException:
         remove_lora(model)
-        raise FloatingPointError(f"training loss went non-finite at step {int(np.argmin(np.isfinite(result.losses)))} "
-                                 f"(lower --lr)")
+        raise
     scores = evaluate_records(model, s.lm.tokenizer, s.test_records, args.eval_batch_size, args.max_new_tokens)
     return model, {"losses": result.losses, **scores, "trainable_params": trainable_parameters(model),
                    "seconds": round(result.seconds, 2)}
