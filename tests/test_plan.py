@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import time
 
 import pytest
@@ -157,13 +158,31 @@ def test_calibration_is_kept_in_the_user_cache_and_times_the_cpu_stages(tmp_path
     assert throughput("cpu", "H100")[0] is None
     lm, train, val = _setup("llama", seed=8)
     assert make_plan(lm.model, train, val, BIG)["seconds"] is None
-    cal = calibrate(size=64, repeats=1)
+    cal = calibrate(hidden=(64,), tokens=(4,))
     assert calibration_path() == tmp_path / "cache" / "calibration.json" and calibration_path().exists()
-    rates, source = throughput("cpu", "H100")
-    assert rates == (cal["cpu_flops"], cal["cpu_flops_float64"]) and "estimate" in source
+    (point,) = cal["engine"]
+    assert point["hidden"] == 64 and point["tokens_per_batch"] == 32 and point["pass"] > 0 and point["algebra"] > 0
+    rates, source = throughput("cpu", "H100", 999, 7.0)  # one point: every shape takes its rates
+    assert rates == (point["pass"], point["algebra"]) and "estimate" in source
     doc = make_plan(lm.model, train, val, BIG)
     assert doc["seconds"] == pytest.approx(sum(s["flops"] / (rates[1] if n == "Gram products" else rates[0])
                                                for n, s in doc["stages"].items()))
+
+
+def test_rates_between_calibrated_shapes_are_weighted_geometric_means():
+    """At a calibrated shape its own rates; between two widths, the geometric mean weighted by inverse squared
+    log-distance (by hand); outside the grid, the edge's rates."""
+    from layerif.plan import interpolate_rates
+
+    pts = [{"hidden": 256, "tokens_per_batch": 64, "pass": 1e9, "algebra": 4e9},
+           {"hidden": 1024, "tokens_per_batch": 64, "pass": 16e9, "algebra": 1e9}]
+    assert interpolate_rates(pts, 256, 64) == (1e9, 4e9)
+    mid = interpolate_rates(pts, 512, 64)  # log-midpoint: equal weights
+    assert mid == pytest.approx((4e9, 2e9))
+    w1, w2 = 1 / math.log(384 / 256) ** 2, 1 / math.log(1024 / 384) ** 2
+    expect = math.exp((w1 * math.log(1e9) + w2 * math.log(16e9)) / (w1 + w2))
+    assert interpolate_rates(pts, 384, 64)[0] == pytest.approx(expect)
+    assert interpolate_rates(pts, 8192, 10_000) == (16e9, 1e9)  # clamped to the corner point
 
 
 def test_score_dry_run_is_plan(capsys, tmp_path):

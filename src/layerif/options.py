@@ -145,7 +145,8 @@ class MachineOptions:
     world_size: int = option(1, "processes of the planned run (torchrun; streaming, records sharded)")
     gpu: str = option("H100", "GPU kind whose stated peak rate the time estimate uses",
                       choices=("H200", "H100", "A100"))
-    calibrate: bool = option(False, "measure this CPU's matmul rate first and keep it in the user cache "
+    calibrate: bool = option(False, "time the engine on this CPU first (small random models, about a minute) and keep the "
+                                    "rates in the user cache "
                                     "(~/.cache/layerif/calibration.json)")
 
 

@@ -12,12 +12,16 @@ Time model (an **estimate**): FLOPs per stage divided by a throughput.
 
 * a forward+backward pass over T tokens: 6 x (model parameters) x T FLOPs;
 * the Gram products and the streaming dot products: by their shapes;
-* throughput: on the CPU, the float32 and float64 matmul rates measured once
-  by :func:`calibrate` (``layerif plan --calibrate``, kept in
-  ``$LAYERIF_CACHE/calibration.json``); on a GPU, :data:`GPU_PEAK_FLOPS` (the
-  vendors' stated dense bf16 and FP64 tensor rates) x :data:`GPU_EFFICIENCY`.
-  The passes and the streaming products run at the first rate, the Gram
-  products (float64) at the second.
+* throughput: on the CPU, the rates the engine itself reached when
+  :func:`calibrate` timed it (``layerif plan --calibrate``, kept in
+  ``$LAYERIF_CACHE/calibration.json``): its gradient passes and its Gram
+  products on small random Llama-shaped models over a grid of widths and batch
+  sizes, interpolated at the planned model's width and batch
+  (:func:`interpolate_rates`), so the small, hooked matrix products of a real
+  pass are in the rate; on a GPU, :data:`GPU_PEAK_FLOPS` (the vendors' stated
+  dense bf16 and FP64 tensor rates) x :data:`GPU_EFFICIENCY`. The passes and
+  the streaming products run at the first rate, the Gram products at the second.
+* not in the estimate: imports, loading and fingerprinting the weights, writing.
 
 Under ``world_size`` N processes (streaming, records sharded) a pass costs 1/N
 of its FLOPs per process. Peak memory per process = the model's bytes + the
@@ -39,6 +43,7 @@ from torch import nn
 from .budget import chunk_columns, gram_bytes, streaming_bytes, streaming_plan
 from .data import Encoded
 from .engine import MaterializedPlan, materialized_plan, memory_budget, ram_bytes
+from .grads import gram
 from .errors import UserError
 from .influence import get_estimator
 from .io import write_json
@@ -51,8 +56,9 @@ GPU_PEAK_FLOPS = {"H200": (989e12, 67e12), "H100": (989e12, 67e12), "A100": (312
 GPU_EFFICIENCY = 0.4
 """Share of the stated peak a scoring run is assumed to reach (an estimate, not a measurement)."""
 CALIBRATION_FILE = "calibration.json"
-FLOAT64_STAGES = ("Gram products",)
-"""Stages timed at the float64 rate (the Gram products' working copies are float64)."""
+ALGEBRA_STAGES = ("Gram products",)
+"""Stages timed at the second rate of :func:`throughput` (the CPU's calibrated Gram rate; a GPU's FP64 peak: the
+Gram products' working copies are float64)."""
 
 
 # ----------------------------------------------------------------------------- throughput
@@ -63,24 +69,59 @@ def calibration_path():
     return cache_dir() / CALIBRATION_FILE
 
 
-def _matmul_rate(dtype: torch.dtype, size: int, repeats: int) -> float:
-    """FLOP/s of the best of ``repeats`` products of two ``size`` x ``size`` matrices of ``dtype`` on the CPU."""
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    a @ b  # warm-up
-    best = math.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2.0 * size**3 / best
+CALIBRATION_HIDDEN = (256, 1024, 2048)
+"""Hidden sizes of the Llama-shaped models :func:`calibrate` times the engine on (2 blocks, vocabulary 4096)."""
+CALIBRATION_TOKENS = (12, 48)
+"""Tokens per record of the records :func:`calibrate` times the engine on (24 train, 8 validation, batches of 8)."""
 
 
-def calibrate(size: int = 1024, repeats: int = 5) -> dict:
-    """Measure this CPU's float32 and float64 matmul rates (FLOP/s, ``cpu_flops`` and ``cpu_flops_float64``; at
-    torch's current thread count), store them in :func:`calibration_path` and return the record."""
-    doc = {"cpu_flops": _matmul_rate(torch.float32, size, repeats),
-           "cpu_flops_float64": _matmul_rate(torch.float64, size, repeats), "size": size,
-           "threads": torch.get_num_threads(), "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+def _engine_rates(hidden: int, tokens: int, seed: int = 0) -> dict:
+    """The materialized engine's achieved rates on this CPU, FLOP/s by this module's own FLOP formulas: a random
+    2-block Llama-shaped model of width ``hidden`` (float32), 24 train and 8 validation records of ``tokens``
+    tokens, the attention projections in the factored layout; ``pass`` = :func:`pass_flops` of the train
+    gradient pass over its seconds (one validation pass first warms up), ``algebra`` = :func:`gram_flops` of
+    the Gram products K and P over theirs. ``tokens_per_batch`` is the batch's tokens (8 records)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from .engine import gradient_pass
+
+    heads = max(1, hidden // 64)
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=(8 * hidden // 3) // 64 * 64, num_hidden_layers=2,
+                         num_attention_heads=heads, num_key_value_heads=heads // 4 if heads % 4 == 0 else heads,
+                         vocab_size=4096,
+                         max_position_embeddings=max(64, 2 * tokens), tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).float().eval()
+    gen = torch.Generator().manual_seed(seed)
+
+    def records(n: int) -> list[Encoded]:
+        ids = torch.randint(0, config.vocab_size, (n, tokens), generator=gen).tolist()
+        return [Encoded(r, r) for r in ids]
+
+    train, val = records(24), records(8)
+    targets = select_targets(model, "attn")
+    plan = materialized_plan(targets, train, val, False, "factored", 1e12)
+    V, _ = gradient_pass(model, targets, val, 0, 8, "calibration", {t.name: "factored" for t in targets})
+    start = time.perf_counter()
+    G, _ = gradient_pass(model, targets, train, 0, 8, "calibration", {t.name: "factored" for t in targets})
+    pass_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    for t in targets:
+        gram(G[t.name], G[t.name])
+        gram(G[t.name], V[t.name])
+    algebra_seconds = time.perf_counter() - start
+    params = sum(p.numel() for p in model.parameters())
+    flops = sum(gram_flops(t, plan, len(train), 1, _tokens(train), _tokens(val)) for t in targets)
+    return {"hidden": hidden, "tokens_per_batch": 8 * tokens,
+            "pass": pass_flops(params, _tokens(train)) / pass_seconds, "algebra": flops / algebra_seconds}
+
+
+def calibrate(hidden: tuple[int, ...] = CALIBRATION_HIDDEN, tokens: tuple[int, ...] = CALIBRATION_TOKENS) -> dict:
+    """Time the engine on this CPU (:func:`_engine_rates` on every ``hidden`` x ``tokens`` shape, at torch's
+    current thread count), store the record in :func:`calibration_path` and return it:
+    ``{"engine": [{"hidden", "tokens_per_batch", "pass", "algebra"}, ...], "threads", "measured"}``."""
+    doc = {"engine": [_engine_rates(h, t) for h in hidden for t in tokens], "threads": torch.get_num_threads(),
+           "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     path = calibration_path()
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, doc)
@@ -88,18 +129,43 @@ def calibrate(size: int = 1024, repeats: int = 5) -> dict:
 
 
 def cpu_calibration() -> dict | None:
-    """The stored :func:`calibrate` record, or None when none was made (or it is unreadable)."""
+    """The stored :func:`calibrate` record, or None when none was made (or it is unreadable, or of an older kind)."""
     try:
         doc = json.loads(calibration_path().read_text(encoding="utf-8"))
-        ok = isinstance(doc, dict) and float(doc["cpu_flops"]) > 0 and float(doc["cpu_flops_float64"]) > 0
-        return doc if ok else None
+        ok = all(float(p[k]) > 0 for p in doc["engine"] for k in ("hidden", "tokens_per_batch", "pass", "algebra"))
+        return doc if ok and doc["engine"] else None
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
-def throughput(device: str, gpu: str) -> tuple[tuple[float, float] | None, str]:
-    """((FLOP/s of one process for the passes, for the float64 Gram products), where the numbers come from);
-    None when the CPU is not calibrated."""
+def interpolate_rates(points: list[dict], hidden: float, tokens_per_batch: float) -> tuple[float, float]:
+    """(pass, algebra) FLOP/s at a model width and batch size from the calibrated ``points``: inverse-distance
+    weighting in (log hidden, log tokens per batch) of the nearest point on each side, clamped to the grid
+    (a shape outside it takes the rate of its edge)."""
+    def coord(p: dict) -> tuple[float, float]:
+        return math.log(p["hidden"]), math.log(p["tokens_per_batch"])
+
+    hs = sorted({p["hidden"] for p in points})
+    ts = sorted({p["tokens_per_batch"] for p in points})
+    x = math.log(min(max(hidden, hs[0]), hs[-1]))
+    y = math.log(min(max(tokens_per_batch, ts[0]), ts[-1]))
+    weights = []
+    for p in points:
+        px, py = coord(p)
+        d = math.hypot(x - px, y - py)
+        if d < 1e-12:
+            return p["pass"], p["algebra"]
+        weights.append((1.0 / d**2, p))
+    total = sum(w for w, _ in weights)
+    # geometric weighted means: rates vary by orders of magnitude with the shape
+    return tuple(math.exp(sum(w * math.log(p[k]) for w, p in weights) / total) for k in ("pass", "algebra"))
+
+
+def throughput(device: str, gpu: str, hidden: int = 1024, tokens_per_batch: float = 128.0
+               ) -> tuple[tuple[float, float] | None, str]:
+    """((FLOP/s of one process for the passes, for the per-sample algebra: Gram and streaming products), where
+    the numbers come from); None when the CPU is not calibrated. On the CPU the rates are the calibrated
+    engine's at the model's width ``hidden`` and the run's ``tokens_per_batch`` (:func:`interpolate_rates`)."""
     if device == "cuda":
         if gpu not in GPU_PEAK_FLOPS:
             raise UserError(f"unknown --gpu {gpu!r} (use {', '.join(GPU_PEAK_FLOPS)})")
@@ -110,9 +176,10 @@ def throughput(device: str, gpu: str) -> tuple[tuple[float, float] | None, str]:
     cal = cpu_calibration()
     if cal is None:
         return None, "CPU not calibrated: run `layerif plan --calibrate` once"
-    return (float(cal["cpu_flops"]), float(cal["cpu_flops_float64"])), (
-        f"estimate: measured matmul {cal['cpu_flops'] / 1e9:.1f} GFLOP/s float32, "
-        f"{cal['cpu_flops_float64'] / 1e9:.1f} float64 ({cal['threads']} threads, {cal['measured']})")
+    rates = interpolate_rates(cal["engine"], hidden, tokens_per_batch)
+    return rates, (f"estimate: the engine timed on this CPU, {rates[0] / 1e9:.1f} GFLOP/s passes, "
+                   f"{rates[1] / 1e9:.1f} algebra at width {hidden}, {tokens_per_batch:.0f} tokens a batch "
+                   f"({cal['threads']} threads, {cal['measured']})")
 
 
 # ----------------------------------------------------------------------------- shapes and bytes
@@ -251,7 +318,8 @@ def make_plan(model: nn.Module, train: list[Encoded], val: list[Encoded], machin
     max_tokens = max(len(e.input_ids) for e in (*train, *val))
     weights = model_bytes(model)
     activations = activation_bytes(model, batch_size, max_tokens)
-    rate, source = throughput(machine.device, machine.gpu)
+    hidden = model.get_input_embeddings().weight.shape[1]
+    rate, source = throughput(machine.device, machine.gpu, hidden, batch_size * _tokens(train) / len(train))
     doc: dict = {
         "model": {"parameters": params, "bytes_by_dtype": weights, "bytes": sum(weights.values()),
                   "blocks": len(find_blocks(model)[1])},
@@ -263,13 +331,13 @@ def make_plan(model: nn.Module, train: list[Encoded], val: list[Encoded], machin
                     **({"gpu": machine.gpu} if machine.device == "cuda" else {})},
         "budget_bytes": budget, "mode": mode, "engine": chosen, "engines": engines,
         "activation_bytes_estimate": activations,
-        "throughput_flops": ({"passes": rate[0], "float64": rate[1]} if rate else None), "throughput_source": source,
+        "throughput_flops": ({"passes": rate[0], "algebra": rate[1]} if rate else None), "throughput_source": source,
     }
     if not section["fits"]:
         return doc | {"fits": False, "reason": section["reason"], "peak_bytes": None, "stages": {}, "seconds": None}
     held = sum(weights.values()) + section["peak_buffer_bytes"]  # known exactly; the activations are an estimate
     peak = held + activations
-    stages = {name: {"flops": f, "seconds": (f / (rate[1] if name in FLOAT64_STAGES else rate[0]) if rate else None)}
+    stages = {name: {"flops": f, "seconds": (f / (rate[1] if name in ALGEBRA_STAGES else rate[0]) if rate else None)}
               for name, f in section["flops"].items()}
     fits = held <= machine.memory_bytes
     what = (f"(model {sum(weights.values()) / 1e9:.3g} GB, buffers {section['peak_buffer_bytes'] / 1e9:.3g} GB, "

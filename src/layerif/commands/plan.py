@@ -74,8 +74,9 @@ def run(args: PlanArgs) -> str:
     head = ""
     if args.calibrate:
         cal = calibrate()
-        head = (f"calibrated: matmul {cal['cpu_flops'] / 1e9:.1f} GFLOP/s float32, "
-                f"{cal['cpu_flops_float64'] / 1e9:.1f} float64, on {cal['threads']} thread(s)\n")
+        head = "".join(f"calibrated: width {p['hidden']}, {p['tokens_per_batch']} tokens a batch: passes "
+                       f"{p['pass'] / 1e9:.1f} GFLOP/s, Gram products {p['algebra'] / 1e9:.1f}\n"
+                       for p in cal["engine"]) + f"(on {cal['threads']} thread(s))\n"
     doc = plan_of(args, where)
     if not doc["fits"]:
         raise UserError(refusal(doc))
