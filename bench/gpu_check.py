@@ -7,8 +7,11 @@ On --records records (an eighth of them validation), it times
 * streaming DataInf on target attn (2.1B targeted weights) under --max-memory GB, and
 * one plain batched forward+backward over the same records with gradients only on the attn weights,
 
-and prints one line: the ratio, the engine's tracked buffer peak against the budget, and the
-GPU's peak allocated memory against model + budget (activations of one batch come on top).
+and prints one line: the ratio, the engine's tracked buffer peak against the budget, the
+GPU's peak allocated memory against model + budget (activations of one batch come on top), and
+``layerif plan``'s prediction of the engine's seconds and the peak above the model for the same
+run (:func:`layerif.plan.make_plan`, the GPU's stated peak x efficiency), so the first GPU run
+checks the plan too.
 Usage: python bench/gpu_check.py [--records 256 --length 64 --batch-size 16 --max-memory 24]
 """
 
@@ -40,6 +43,7 @@ def main() -> None:
     from layerif.budget import METER
     from layerif.data import Encoded
     from layerif.models import LoadedModel, select_targets
+    from layerif.plan import GPU_PEAK_FLOPS, machine, make_plan
     from layerif.scores import compute
 
     heads = max(1, a.hidden // 128)
@@ -62,6 +66,12 @@ def main() -> None:
         recs.append(Encoded(input_ids=ids, labels=ids))
     n_val = max(1, a.records // 8)
     train, val = recs[n_val:], recs[:n_val]
+    name = torch.cuda.get_device_name() if cuda else ""
+    kind = next((g for g in GPU_PEAK_FLOPS if g in name), "H100")
+    plan = make_plan(model, train, val, machine("cuda" if cuda else "cpu", gpu=kind), target="attn", mode="streaming",
+                     max_memory_gb=a.max_memory, batch_size=a.batch_size)
+    planned_s = "-" if plan["seconds"] is None else f"{plan['seconds']:.1f} s"
+    planned_gb = (plan["peak_bytes"] - sum(plan["model"]["bytes_by_dtype"].values())) / 1e9
     lm = LoadedModel(model, SimpleNamespace(pad_token_id=0), "random 7B-shaped Llama (bfloat16)")
     targets = select_targets(model, "attn")
     floor_pass(model, targets, train[:a.batch_size], 0, a.batch_size)  # warm-up (kernels, allocator)
@@ -85,7 +95,7 @@ def main() -> None:
           f"{len(train)}+{len(val)} records x {a.length} tokens: {wall:.1f} s vs one batched fwd+bwd {floor:.1f} s "
           f"= {wall / floor:.2f}x ({res.passes} passes); engine buffers peak {METER.peak / 1e9:.2f} GB <= budget "
           f"{a.max_memory:.0f} GB; GPU peak above the model {peak:.2f} GB (budget + one batch's activations); "
-          f"influences finite: {finite}")
+          f"influences finite: {finite}; plan ({kind}): {planned_s}, peak above the model {planned_gb:.2f} GB")
 
 
 if __name__ == "__main__":
