@@ -250,11 +250,20 @@ class GroundTruthOptions(CalibrationData):
     task_items: int = option(100, "test items of the accuracy task")
     eval_batch_size: int = option(16, "sequences per evaluation batch")
     bootstrap_blocks: int = option(1000, "bootstrap resamples of the blocks for the Spearman intervals")
+    gt_n_train: int | None = option(None, "train records of the out-of-sample ground truth, disjoint from the scoring "
+                                          "records (default: a built-in task's next items, as many as scoring uses; "
+                                          "half of --train's distinct records, scoring the rest)")
+    gt_n_val: int | None = option(None, "validation records of the out-of-sample ground truth (default: a built-in "
+                                        "task's next items, as many as scoring uses; half of --val's distinct records)")
+    in_sample: bool = option(False, "also measure the in-sample ground truth (trained and measured on the scoring "
+                                    "records) and report it beside the out-of-sample one")
 
     def check_ground_truth(self) -> None:
         """Bad ground-truth options are a :class:`~layerif.errors.UserError`."""
         if self.steps < 1 or self.ft_batch_size < 1 or self.eval_batch_size < 1:
             raise UserError("--steps, --ft-batch-size and --eval-batch-size must be >= 1")
+        if (self.gt_n_train is not None and self.gt_n_train < 1) or (self.gt_n_val is not None and self.gt_n_val < 1):
+            raise UserError("--gt-n-train and --gt-n-val must be >= 1")
         if not self.lr > 0:
             raise UserError(f"--lr must be > 0 (got {self.lr})")
         if not 0 < self.sparsity < 1:

@@ -480,16 +480,36 @@ def _generic_blocks(folder: Path, config: dict | None) -> tuple[str, list[Block]
 # ----------------------------------------------------------------------------- validate
 
 TRUTHS = ("fine_tune_gain", "prune_loss_rise", "prune_accuracy_change")
+IN_SAMPLE_TRUTHS = ("fine_tune_gain_in_sample", "prune_loss_rise_in_sample")  # validate --in-sample
 TRUTH_LABEL = {"fine_tune_gain": "fine-tune gain", "prune_loss_rise": "pruning loss rise",
-               "prune_accuracy_change": "pruning accuracy change"}
+               "prune_accuracy_change": "pruning accuracy change",
+               "fine_tune_gain_in_sample": "fine-tune gain (in sample)",
+               "prune_loss_rise_in_sample": "pruning loss rise (in sample)"}
 ESTIMATOR_LABEL = {"datainf": "DataInf", "exact": "exact", "grad-dot": "grad-dot", "lissa": "LiSSA"}
 
 
 def validation_truths(doc: dict) -> dict[str, list[float] | None]:
-    """The ground truths of a validation.json by name (``prune_accuracy_change`` None without an accuracy task)."""
+    """The ground truths of a validation.json by name: :data:`TRUTHS` (``prune_accuracy_change`` None without an
+    accuracy task), then :data:`IN_SAMPLE_TRUTHS` when the in-sample reading was measured."""
     ps = doc["prune_sensitivity"]
-    return {"fine_tune_gain": doc["fine_tune_gain"], "prune_loss_rise": ps["loss_rise"],
-            "prune_accuracy_change": ps["accuracy_change"]}
+    out = {"fine_tune_gain": doc["fine_tune_gain"], "prune_loss_rise": ps["loss_rise"],
+           "prune_accuracy_change": ps["accuracy_change"]}
+    inside = doc.get("in_sample")
+    if inside:
+        out |= {"fine_tune_gain_in_sample": inside["fine_tune_gain"],
+                "prune_loss_rise_in_sample": inside["prune_sensitivity"]["loss_rise"]}
+    return out
+
+
+def sample_note(doc: dict) -> str:
+    """Which records the ground truth of a validation.json was measured on, in words ('' for a file written before
+    the out-of-sample reading, which was in sample)."""
+    if "records" not in doc:
+        return ""
+    return (f"Ground truth out of sample: fine-tuned on {doc['gt_n_train']} train and measured on {doc['gt_n_val']} "
+            f"validation records disjoint from the {doc['n_train']} × {doc['n_val']} scoring records"
+            + ("; in sample (trained and measured on the scoring records) beside it" if doc.get("in_sample") else "")
+            + ".")
 
 
 def spearman_rows(doc: dict) -> list[list]:
@@ -524,9 +544,14 @@ def validation_reading(doc: dict) -> list[str]:
         claim, note = GAIN_READING.get(r["verdict"] if r else "undefined", GAIN_READING["inconclusive"])
         return f"{ESTIMATOR_LABEL.get(e, e)}'s S_l {claim} at {cell(e, 'fine_tune_gain')}{note}"
 
-    out = ["On this model and task, " + "; ".join(gain(e) for e in names)
+    inside = (" In sample (trained and measured on the scoring records): "
+              + "; ".join(f"{ESTIMATOR_LABEL.get(e, e)} {cell(e, 'fine_tune_gain_in_sample')}" for e in names) + "."
+              if doc.get("in_sample") else "")
+    out = [("On this model and task, out of sample, " if "records" in doc else "On this model and task, ")
+           + "; ".join(gain(e) for e in names)
            + f" (Spearman over {len(doc['layers'])} blocks, {100 * doc['bootstrap']['level']:.0f}% bootstrap "
-           "interval over blocks; a profile that predicts fine-tune gain has ρ > 0: high S_l, large loss drop)."]
+           "interval over blocks; a profile that predicts fine-tune gain has ρ > 0: high S_l, large loss drop)."
+           + inside]
     out.append("Pruning sensitivity: LayerIF's sparsity allocation prunes blocks with high S_l more, which assumes "
                "ρ(S_l, loss rise) < 0; measured "
                + "; ".join(f"{ESTIMATOR_LABEL.get(e, e)} {cell(e, 'prune_loss_rise')}" for e in names)
@@ -563,10 +588,12 @@ def _validate_blocks(folder: Path, config: dict | None) -> tuple[str, list[Block
     truths = validation_truths(doc)
     blocks = [_h(title, 1), _h("Reading"), *map(_p, validation_reading(doc)), *_run_section(folder, config),
               _h("What was measured"),
+              *([_p(sample_note(doc) + f" {doc['records']['rule']}.")] if "records" in doc else []),
               _p(f"Fine-tune gain: only block l's `{doc['target']}` projections train, {ft['steps']} Adam steps of "
-                 f"{ft['batch_size']} of the {doc['n_train']} train records (seed {ft['seed']}, lr {ft['lr']:g} "
-                 f"decaying linearly); gain = validation loss before − after (base {fmt(base['val_loss'])}, mean "
-                 f"over {doc['n_val']} records). Pruning sensitivity: every projection of block l alone pruned with "
+                 f"{ft['batch_size']} of the {doc.get('gt_n_train', doc['n_train'])} train records (seed {ft['seed']}, "
+                 f"lr {ft['lr']:g} decaying linearly); gain = validation loss before − after (base "
+                 f"{fmt(base['val_loss'])}, mean over {doc.get('gt_n_val', doc['n_val'])} records). Pruning "
+                 f"sensitivity: every projection of block l alone pruned with "
                  f"{pr['method']} at {pr['sparsity']:g} (calibration {pr['n_calib']} × {pr['seqlen']} tokens of the "
                  "built-in corpus, dense activations), the rest dense; loss rise = pruned − dense"
                  + (f"; accuracy change on {pr['task_items']} multiple-choice items of {pr['accuracy_task']} (dense "
@@ -578,10 +605,10 @@ def _validate_blocks(folder: Path, config: dict | None) -> tuple[str, list[Block
                  f"(B = {doc['bootstrap']['B']})."),
               *_validation_table(folder, doc)]
     names = doc["estimators"]
+    shown = [g for g in truths if g in TRUTHS or truths[g] is not None]
     blocks += [_h("Per block"),
-               _table(["block", "fine-tune gain", "pruning loss rise", "accuracy change",
-                       *(f"S_l {ESTIMATOR_LABEL.get(e, e)}" for e in names)],
-                      [[l, *(fmt((truths[g] or [None] * len(doc["layers"]))[i], 3) for g in TRUTHS),
+               _table(["block", *(TRUTH_LABEL[g] for g in shown), *(f"S_l {ESTIMATOR_LABEL.get(e, e)}" for e in names)],
+                      [[l, *(fmt((truths[g] or [None] * len(doc["layers"]))[i], 3) for g in shown),
                         *(fmt(doc["scores"][e]["score"][i], 3) for e in names)] for i, l in enumerate(doc["layers"])]),
                _p(f"Time: scores {doc['seconds']['scores']:.0f} s, fine-tuning {doc['seconds']['fine_tune']:.0f} s, "
                   f"pruning {doc['seconds']['prune']:.0f} s.")]

@@ -260,9 +260,10 @@ def raw_splits(args: ScoreArgs) -> tuple[list[dict], list[dict], str, dict]:
     return splits["train"], splits["validation"], label, counts
 
 
-def load_splits(args: ScoreArgs, tokenizer, context: int | None = None) -> tuple[list[Encoded], list[Encoded], str, dict]:
-    """Tokenized train and validation records, the task label, and the record counts (:func:`raw_splits`)
-    with ``truncated`` per split and the ``max_length`` applied.
+def load_splits(args: ScoreArgs, tokenizer, context: int | None = None, raw: tuple | None = None
+                ) -> tuple[list[Encoded], list[Encoded], str, dict]:
+    """Tokenized train and validation records, the task label, and the record counts (:func:`raw_splits`, or
+    ``raw`` in its form: validate's scoring part) with ``truncated`` per split and the ``max_length`` applied.
 
     Truncation rule (:func:`layerif.data.encode_split`): with ``--max-length N``
     records keep their first N tokens; without it a record longer than the
@@ -271,7 +272,7 @@ def load_splits(args: ScoreArgs, tokenizer, context: int | None = None) -> tuple
     if args.max_length is not None and context is not None and args.max_length > context:
         raise UserError(f"--max-length {args.max_length} exceeds the model's context of {context} tokens")
     fields = Fields(args.text_field, args.prompt_field, args.completion_field)
-    train_rec, val_rec, label, counts = raw_splits(args)
+    train_rec, val_rec, label, counts = raw or raw_splits(args)
     train, counts["train"]["truncated"] = encode_split(tokenizer, train_rec, "train", fields, args.max_length, context)
     val, counts["validation"]["truncated"] = encode_split(tokenizer, val_rec, "validation", fields, args.max_length,
                                                           context)

@@ -1,11 +1,11 @@
 r"""Ground truth for block profiles: does S_l predict what it is used for? (``layerif validate``)
 
-On the model, records and targets of a ``layerif score`` run, two quantities are
+On the model and targets of a ``layerif score`` run, two quantities are
 *measured* for every decoder block l that has targeted modules:
 
 * **fine-tune gain** g_l = L_val(before) − L_val(after) (> 0: training block l
   helped): only block l's targeted projections are trained, for ``steps`` steps
-  of ``ft_batch_size`` train records (the score run's records, seeded order),
+  of ``ft_batch_size`` ground-truth train records (seeded order),
   Adam (:func:`layerif.train.train_encoded`: AdamW without weight decay, no
   clipping, learning rate decaying linearly from ``lr``), starting from the same
   weights every time (they are restored after each block);
@@ -17,8 +17,20 @@ On the model, records and targets of a ``layerif score`` run, two quantities are
   a_l = accuracy(pruned) − accuracy(dense) (multiple choice on test items; < 0:
   pruning hurt) are recorded.
 
-L_val is the mean over the validation records of the per-sample loss the
-influences are computed for (:func:`layerif.data.per_sample_loss`).
+L_val is the mean over the ground-truth validation records of the per-sample
+loss the influences are computed for (:func:`layerif.data.per_sample_loss`).
+
+Records (:func:`draw_records`). The ground truth is read **out of sample**: its
+train and validation records are disjoint (by record text, :func:`record_text`)
+from the scoring records and from each other. A built-in task's come from the
+items its scoring run leaves unused (the same seeded order of the split, after
+the scoring records); a user's ``--train`` / ``--val`` files are split (seeded,
+by distinct record text) into a ground-truth part and a scoring part. The
+in-sample reading (trained on the scoring train records, measured on the
+scoring validation records, as before out-of-sample was the default) can be
+measured beside it. The accuracy items are a task's test split (disjoint from
+its train and validation splits) or the user's file; calibration windows are
+text of ``--calib``, not records.
 
 Then the Spearman correlation across blocks of each estimator's aggregation
 (``score`` = S_l, ``sum`` = Σ_i I_l(i), ``mean_abs``) with each ground truth,
@@ -42,26 +54,209 @@ like ``score``. Every correlation is reported raw, with the claimed sign beside 
 
 from __future__ import annotations
 
+import hashlib
+import random
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from . import __version__, progress
-from .data import Encoded, pad_id
+from .data import Encoded, Fields, check_records, encode_split, load_records, pad_id, record_kind
+from .errors import UserError
 from .evaluate import mc_accuracy
 from .grads import record_losses
-from .models import Target, find_blocks, projections, weight_out_in
+from .models import LoadedModel, Target, context_length, find_blocks, projections, weight_out_in
 from .prune import BLOCK_SIZE, DAMPING, InputStats, calibrate, get_pruner, prune_module
-from .scores import aggregate
+from .scores import ScoreArgs, aggregate, load_splits, prepare, raw_splits
 from .stability import LEVEL, finite, spearman_interval
-from .tasks import TASKS, test_records
+from .tasks import TASKS, get_task, test_records
 from .train import TrainConfig, train_encoded
 
 AGGREGATIONS = ("score", "sum", "mean_abs")  # score = S_l (scores.py's "helpful")
+IN_SAMPLE = "_in_sample"  # suffix of the in-sample ground truths (measured on the scoring records)
 # sign of the correlation a profile claims: aggregation orientation x ground truth direction (module docstring)
 ORIENTATION = {"score": 1, "sum": -1, "mean_abs": 1}
-CLAIM = {"fine_tune_gain": 1, "prune_loss_rise": -1, "prune_accuracy_change": 1}
+CLAIM = {"fine_tune_gain": 1, "prune_loss_rise": -1, "prune_accuracy_change": 1,
+         "fine_tune_gain" + IN_SAMPLE: 1, "prune_loss_rise" + IN_SAMPLE: -1}
+
+
+# ----------------------------------------------------------------------------- records
+
+
+def record_text(record: dict, fields: Fields = Fields()) -> str:
+    """The text a train or validation record puts before the model: its text field, or prompt + completion.
+    The identity of a record: two record sets are disjoint when no text is in both."""
+    if record_kind(record, fields) == "text":
+        return record[fields.text]
+    return record[fields.prompt] + record[fields.completion]
+
+
+def item_text(item: dict) -> str:
+    """A multiple-choice item's text: its prompt + its correct option (what a record of it would hold)."""
+    return item["prompt"] + item["options"][item["answer"]]
+
+
+def text_hash(text: str) -> str:
+    """The first 12 hex digits of the SHA-256 of ``text`` (UTF-8): a record's short, stable identity."""
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+
+
+@dataclass
+class RecordSet:
+    """Records of one use: ``records`` and each one's position ``index`` (0-based) in ``source`` (a records file,
+    or a built-in split in its seeded order)."""
+
+    source: str
+    records: list[dict]
+    index: list[int]
+
+    def texts(self, fields: Fields = Fields()) -> set[str]:
+        return {record_text(r, fields) for r in self.records}
+
+    def describe(self, fields: Fields = Fields()) -> dict:
+        """validation.json's entry: ``source``, ``count``, ``index`` and ``hash`` (:func:`text_hash`) per record."""
+        return {"source": self.source, "count": len(self.records), "index": self.index,
+                "hash": [text_hash(record_text(r, fields)) for r in self.records]}
+
+
+@dataclass
+class Draw:
+    """The record sets of a ground-truth run (:func:`draw_records`): the scoring records (``train``, ``val``,
+    their ``label`` and :func:`layerif.scores.raw_splits`-style ``counts``) and the ground truth's
+    (``truth_train``, ``truth_val``); ``rule`` says in words how they were drawn."""
+
+    train: RecordSet
+    val: RecordSet
+    truth_train: RecordSet
+    truth_val: RecordSet
+    label: str
+    counts: dict
+    rule: str
+
+    def scoring(self) -> tuple[list[dict], list[dict], str, dict]:
+        """The scoring part as :func:`layerif.scores.raw_splits` gives it (for :func:`layerif.scores.load_splits`)."""
+        return self.train.records, self.val.records, self.label, self.counts
+
+
+def draw_records(args: ScoreArgs, gt_n_train: int | None = None, gt_n_val: int | None = None) -> Draw:
+    """The scoring and ground-truth record sets of ``args`` (a score run's data options), all checked, no model.
+
+    Built-in task: the scoring records are exactly :func:`layerif.scores.raw_splits`' (the first ``n`` of each
+    split in its seeded order); the ground truth takes the next ``gt_n_train`` train and ``gt_n_val``
+    validation items of the same orders (default: as many as scoring uses), so each of the four sets is
+    disjoint from the others and from the test split. Record files: the distinct record texts of ``--val``
+    are shuffled (seed ``--seed``) and the first ``gt_n_val`` (default: half) become the ground-truth
+    validation records; then those of ``--train`` not already taken, the first ``gt_n_train`` (default:
+    half) the ground-truth train records; scoring uses every other record of each file, in file order
+    (``--n-train`` / ``--n-val`` then take its first N). Too few distinct records for that is a
+    :class:`~layerif.errors.UserError`, and so is any text shared by a ground-truth and another set.
+    """
+    fields = Fields(args.text_field, args.prompt_field, args.completion_field)
+    for name, n in (("--gt-n-train", gt_n_train), ("--gt-n-val", gt_n_val)):
+        if n is not None and n < 1:
+            raise UserError(f"{name} must be >= 1 (got {n})")
+    if args.train or args.val:
+        draw = _draw_files(args, fields, gt_n_train, gt_n_val)
+    else:
+        draw = _draw_task(args, gt_n_train, gt_n_val)
+    truth = {"ground-truth train": draw.truth_train, "ground-truth validation": draw.truth_val}
+    others = {"scoring train": draw.train, "scoring validation": draw.val, **truth}
+    for a, sa in truth.items():
+        for b, sb in others.items():
+            shared = sa.texts(fields) & sb.texts(fields) if a != b else set()
+            if shared:
+                raise UserError(f"the {a} and {b} records share {len(shared)} text(s), e.g. {sorted(shared)[0][:60]!r}")
+    return draw
+
+
+def _draw_task(args: ScoreArgs, gt_n_train: int | None, gt_n_val: int | None) -> Draw:
+    train, val, label, counts = raw_splits(args)
+    task = get_task(args.task)
+    sets = {}
+    for split, scoring, asked, option in (("train", train, gt_n_train, "--n-train"),
+                                          ("validation", val, gt_n_val, "--n-val")):
+        what = "train" if split == "train" else "val"
+        full = task.split(split, None, args.seed)  # every item once; scoring took the first len(scoring)
+        k = len(scoring)
+        n = k if asked is None else asked
+        if k + n > len(full):
+            raise UserError(f"the out-of-sample ground truth needs {n} {task.name} {split} items unused by scoring, "
+                            f"but the split holds {len(full)} distinct items and scoring uses {k} (lower {option} or "
+                            f"--gt-n-{what})")
+        source = f"{task.name}/{split} (seed {args.seed} order)"
+        sets[split] = (RecordSet(source, scoring, list(range(k))), RecordSet(source, full[k : k + n], list(range(k, k + n))))
+    rule = (f"{label}: scoring uses the first {len(train)} train and {len(val)} validation items of each split in "
+            f"its seeded order, the ground truth the next {len(sets['train'][1].records)} and "
+            f"{len(sets['validation'][1].records)}")
+    return Draw(sets["train"][0], sets["validation"][0], sets["train"][1], sets["validation"][1], label, counts, rule)
+
+
+def _draw_files(args: ScoreArgs, fields: Fields, gt_n_train: int | None, gt_n_val: int | None) -> Draw:
+    if not (args.train and args.val):
+        raise UserError("--train and --val go together")
+    files = {"train": (args.train, load_records(args.train)), "validation": (args.val, load_records(args.val))}
+    for split, (_, recs) in files.items():
+        check_records(recs, split, fields)
+    taken: set[str] = set()
+    truth = {}
+    for split, asked in (("validation", gt_n_val), ("train", gt_n_train)):
+        path, recs = files[split]
+        first: dict[str, int] = {}  # distinct text -> its first index in the file
+        for i, r in enumerate(recs):
+            first.setdefault(record_text(r, fields), i)
+        free = [t for t in first if t not in taken]
+        random.Random(f"validate/{split}/{args.seed}").shuffle(free)
+        n = len(free) // 2 if asked is None else asked
+        what = "train" if split == "train" else "val"
+        if not 1 <= n < len(free):
+            raise UserError(f"the out-of-sample ground truth splits {path}: {len(free)} distinct records "
+                            f"{'left ' if len(free) < len(first) else ''}there, of which it takes {n} (it needs 1 to "
+                            f"{max(len(free) - 1, 0)}, the rest for scoring; set --gt-n-{what}, add records, "
+                            "or use distinct --train and --val files)")
+        chosen = sorted(first[t] for t in free[:n])
+        truth[split] = RecordSet(path, [recs[i] for i in chosen], chosen)
+        taken |= {record_text(recs[i], fields) for i in chosen}
+    scoring, counts = {}, {}
+    for split, cap in (("train", args.n_train), ("validation", args.n_val)):
+        path, recs = files[split]
+        kept = [i for i, r in enumerate(recs) if record_text(r, fields) not in taken]
+        if not kept:
+            raise UserError(f"the out-of-sample ground truth leaves no {split} record of {path} for scoring "
+                            f"(lower --gt-n-{'train' if split == 'train' else 'val'})")
+        used = kept[:cap] if cap else kept
+        scoring[split] = RecordSet(path, [recs[i] for i in used], used)
+        counts[split] = {"available": len(kept), "used": len(used), "held_out": len(recs) - len(kept)}
+    rule = (f"{Path(args.train).stem}: the ground truth takes {len(truth['train'].records)} of the distinct "
+            f"records of {args.train} and {len(truth['validation'].records)} of {args.val} (seed {args.seed}); "
+            "scoring uses the other records of each file")
+    return Draw(scoring["train"], scoring["validation"], truth["train"], truth["validation"],
+                Path(args.train).stem, counts, rule)
+
+
+def load_drawn(args: ScoreArgs, draw: Draw, lm: LoadedModel | None = None
+               ) -> tuple[LoadedModel, list[Encoded], list[Encoded], list[Encoded], list[Encoded], str, dict]:
+    """The model (``lm``, else loaded) and the tokenized records of ``draw``: scoring train, scoring validation,
+    ground-truth train, ground-truth validation, the label and the record counts. Every set is tokenized and
+    checked (lengths, loss tokens; :func:`layerif.scores.load_splits`' rule) before the weights load."""
+    fields = Fields(args.text_field, args.prompt_field, args.completion_field)
+    found: dict = {}
+
+    def check(tokenizer, config) -> None:
+        context = context_length(config)
+        found["splits"] = load_splits(args, tokenizer, context, draw.scoring())
+        found["truth"] = [encode_split(tokenizer, s.records, name, fields, args.max_length, context)[0]
+                          for name, s in (("ground-truth train", draw.truth_train),
+                                          ("ground-truth validation", draw.truth_val))]
+
+    if lm is None:
+        lm = args.load(check)
+    else:
+        check(lm.tokenizer, lm.model.config)
+    lm, train, val, label, counts = prepare(args, lm, found["splits"])
+    return lm, train, val, *found["truth"], label, counts
 
 
 # ----------------------------------------------------------------------------- measurements
@@ -136,6 +331,7 @@ def prune_sensitivity(
     eval_batch_size: int = 16,
     damping: float = DAMPING,
     block_size: int = BLOCK_SIZE,
+    in_sample_val: list[Encoded] | None = None,
 ) -> dict:
     """Validation loss and accuracy after pruning one block at a time, the rest dense.
 
@@ -147,14 +343,18 @@ def prune_sensitivity(
     ``loss_rise`` (L_val pruned − dense, > 0: hurt), ``accuracy_change``
     (pruned − dense, < 0: hurt; None without ``accuracy_records``), the raw
     ``val_loss`` / ``accuracy`` per block and the dense ``base_val_loss`` /
-    ``base_accuracy``.
+    ``base_accuracy``. With ``in_sample_val`` (the scoring validation records), the
+    same pruned models are also measured on them: ``in_sample`` holds its
+    ``loss_rise``, ``val_loss`` and ``base_val_loss`` (None without).
     """
     pruner = get_pruner(method)
     pad = pad_id(tokenizer)
     accuracy = (lambda: mc_accuracy(model, tokenizer, accuracy_records, eval_batch_size)) if accuracy_records else None
     base_loss = mean_loss(model, val, pad, eval_batch_size)
+    base_in = mean_loss(model, in_sample_val, pad, eval_batch_size) if in_sample_val else None
     base_acc = accuracy() if accuracy else None
     losses: dict[int, float] = {}
+    in_losses: dict[int, float] = {}
     accs: dict[int, float | None] = {}
 
     def measure(idx: int, block: nn.Module, stats: dict[str, InputStats] | None) -> None:
@@ -165,6 +365,8 @@ def prune_sensitivity(
             for rel, mod in mods.items():
                 prune_module(mod, method, sparsity, stats[rel] if stats else None, None, damping, block_size)
             losses[idx] = mean_loss(model, val, pad, eval_batch_size)
+            if in_sample_val:
+                in_losses[idx] = mean_loss(model, in_sample_val, pad, eval_batch_size)
             accs[idx] = accuracy() if accuracy else None
         finally:
             _restore(weights, saved)
@@ -187,6 +389,8 @@ def prune_sensitivity(
         "accuracy": [accs[l] for l in layers] if accuracy else None,
         "base_val_loss": base_loss,
         "base_accuracy": base_acc,
+        "in_sample": {"loss_rise": [in_losses[l] - base_in for l in layers], "val_loss": [in_losses[l] for l in layers],
+                      "base_val_loss": base_in} if in_sample_val else None,
     }
 
 
@@ -250,25 +454,33 @@ def accuracy_source(opts) -> str | None:
     return opts.task if not (opts.train or opts.val) and opts.task in TASKS else None
 
 
-def ground_truth(lm, train: list[Encoded], val: list[Encoded], targets: list[Target], opts, seed: int = 0) -> dict:
+def ground_truth(lm, train: list[Encoded], val: list[Encoded], targets: list[Target], opts, seed: int = 0,
+                 in_sample: tuple[list[Encoded], list[Encoded]] | None = None) -> dict:
     """Measure every targeted block's fine-tune gain and pruning sensitivity (the model is left as it was).
 
-    ``opts``: the ground-truth options (:class:`layerif.commands.validate.ValidateArgs`' ``steps``, ``lr``,
+    ``train`` / ``val``: the ground-truth records (out of sample: :func:`draw_records`). ``in_sample``:
+    (scoring train, scoring validation records) to measure the in-sample reading beside it (its own
+    fine-tuning per block; the loss of the same pruned blocks on the scoring validation records), or None.
+    ``opts``: the ground-truth options (:class:`layerif.options.GroundTruthOptions`: ``steps``, ``lr``,
     ``ft_batch_size``, ``sparsity``, ``method``, ``n_calib``, ``seqlen`` (None: the default of the
     model's device, ``opts.CPU_CALIBRATION`` on a CPU), ``calib``, ``text_field``,
     ``accuracy_task`` (see :func:`accuracy_source`), ``task_items``,
     ``eval_batch_size``). Returns the
     measurement part of validation.json: ``layers``, ``fine_tune``, ``pruning``,
-    ``base``, ``fine_tune_gain``, ``prune_sensitivity``, ``seconds``.
+    ``base``, ``fine_tune_gain``, ``prune_sensitivity``, ``in_sample`` (None, or its ``base``,
+    ``fine_tune_gain`` and ``prune_sensitivity`` with ``loss_rise`` and ``val_loss``), ``seconds``.
     """
     model, pad = lm.model, pad_id(lm.tokenizer)
+    acc_records = accuracy_records(opts)
     acc_source = accuracy_source(opts)
-    acc_records = test_records(acc_source, opts.task_items) if acc_source else None
     t0 = time.perf_counter()
-    progress.info(f"fine-tune gain: {opts.steps} Adam steps of {opts.ft_batch_size} records per block")
+    progress.info(f"fine-tune gain: {opts.steps} Adam steps of {opts.ft_batch_size} records per block, out of sample"
+                  + (" and in sample" if in_sample else ""))
     config = TrainConfig(steps=opts.steps, batch_size=opts.ft_batch_size, lr=opts.lr, warmup=0.0,
                          weight_decay=0.0, max_grad_norm=0.0, seed=seed)
     layers, gains, base_loss = fine_tune_gain(model, targets, train, val, pad, config, opts.eval_batch_size)
+    if in_sample:
+        _, gains_in, base_in = fine_tune_gain(model, targets, *in_sample, pad, config, opts.eval_batch_size)
     t1 = time.perf_counter()
     progress.info(f"pruning sensitivity: {opts.method} at sparsity {opts.sparsity:g}, one block at a time")
     from .datasets_io import calibration_size, calibration_windows
@@ -279,7 +491,7 @@ def ground_truth(lm, train: list[Encoded], val: list[Encoded], targets: list[Tar
     if get_pruner(opts.method).needs_calibration:
         windows = calibration_windows(lm.tokenizer, opts.calib, n_calib, seqlen, seed, opts.text_field)
     pruned = prune_sensitivity(model, lm.tokenizer, layers, val, opts.method, opts.sparsity, windows, acc_records,
-                               opts.eval_batch_size)
+                               opts.eval_batch_size, in_sample_val=in_sample[1] if in_sample else None)
     t2 = time.perf_counter()
     return {
         "layers": layers,
@@ -291,20 +503,57 @@ def ground_truth(lm, train: list[Encoded], val: list[Encoded], targets: list[Tar
         "base": {"val_loss": base_loss, "accuracy": pruned["base_accuracy"]},
         "fine_tune_gain": gains,
         "prune_sensitivity": {k: pruned[k] for k in ("loss_rise", "accuracy_change", "val_loss", "accuracy")},
+        "in_sample": {"base": {"val_loss": base_in}, "fine_tune_gain": gains_in,
+                      "prune_sensitivity": {k: pruned["in_sample"][k] for k in ("loss_rise", "val_loss")}}
+        if in_sample else None,
         "seconds": {"fine_tune": round(t1 - t0, 2), "prune": round(t2 - t1, 2)},
+    }
+
+
+def accuracy_records(opts) -> list[dict] | None:
+    """The multiple-choice items of the pruning accuracy change (:func:`accuracy_source`, ``task_items`` of
+    them; None without an accuracy task)."""
+    source = accuracy_source(opts)
+    return test_records(source, opts.task_items) if source else None
+
+
+def records_doc(draw: Draw, opts, fields: Fields = Fields()) -> dict:
+    """validation.json's ``records``: which records served what. ``reading`` (``out of sample``, or ``out of
+    sample and in sample``), ``rule`` (how they were drawn), ``scoring`` and ``ground_truth`` (``train``,
+    ``validation``: :meth:`RecordSet.describe`), ``accuracy`` (its items' source, count, ``hash``, and how many
+    share their text (prompt + correct option) with the scoring and with the ground-truth records) and
+    ``calibration`` (text, not records)."""
+    items = accuracy_records(opts) or []
+    texts = {item_text(i) for i in items}
+    scoring = draw.train.texts(fields) | draw.val.texts(fields)
+    truth = draw.truth_train.texts(fields) | draw.truth_val.texts(fields)
+    return {
+        "reading": "out of sample and in sample" if opts.in_sample else "out of sample",
+        "rule": draw.rule,
+        "scoring": {"train": draw.train.describe(fields), "validation": draw.val.describe(fields)},
+        "ground_truth": {"train": draw.truth_train.describe(fields), "validation": draw.truth_val.describe(fields)},
+        "accuracy": {"source": accuracy_source(opts), "count": len(items),
+                     "hash": [text_hash(item_text(i)) for i in items],
+                     "shared_with_scoring": len(texts & scoring), "shared_with_ground_truth": len(texts & truth)},
+        "calibration": {"source": opts.calib, "note": "calibration windows are text of --calib, not records"},
     }
 
 
 def validation_doc(head: dict, influence: dict[str, dict[int, torch.Tensor]], measured: dict, B: int = 1000,
                    seed: int = 0) -> dict:
-    """validation.json: ``head`` (model, task, target, n_train, n_val, ...), the measurements of
-    :func:`ground_truth`, every estimator's aggregations (``influence``: {estimator: {block: I_l [n]}}) and their
-    Spearman correlations with every ground truth (:func:`correlate`)."""
+    """validation.json: ``head`` (model, task, target, n_train, n_val, records (:func:`records_doc`), ...), the
+    measurements of :func:`ground_truth`, every estimator's aggregations (``influence``: {estimator: {block: I_l
+    [n]}}) and their Spearman correlations with every ground truth (:func:`correlate`; the in-sample readings,
+    when measured, as ``fine_tune_gain_in_sample`` and ``prune_loss_rise_in_sample``)."""
     layers = measured["layers"]
     scores = profile_scores(influence, layers)
     ps = measured["prune_sensitivity"]
     truths = {"fine_tune_gain": measured["fine_tune_gain"], "prune_loss_rise": ps["loss_rise"],
               "prune_accuracy_change": ps["accuracy_change"]}
+    if measured.get("in_sample"):
+        inside = measured["in_sample"]
+        truths |= {"fine_tune_gain" + IN_SAMPLE: inside["fine_tune_gain"],
+                   "prune_loss_rise" + IN_SAMPLE: inside["prune_sensitivity"]["loss_rise"]}
     return {**head, "estimators": list(influence), **measured, "scores": scores,
             "spearman": correlate(scores, truths, B, seed),
             "bootstrap": {"B": B, "level": LEVEL, "over": "blocks"},

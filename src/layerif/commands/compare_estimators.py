@@ -25,12 +25,12 @@ from ..io import overwrite_field
 from ..engine import memory_budget, module_stats
 from ..report import validation_reading
 from ..scores import compute, load_checked, prepare, validate
-from ..validate import ground_truth, validation_doc
+from ..validate import draw_records, ground_truth, load_drawn, validation_doc
 from ..stability import bootstrap, fmt, layer_scores, split_half_from_stats, top_k_blocks
 from .base import register
 from .compare import Comparison
 from .compare_tasks import csv_text, score_args
-from .validate import validation_files
+from .validate import ground_truth_head, validation_files
 
 
 @dataclass
@@ -48,11 +48,13 @@ class CompareEstimatorsArgs(GroundTruthOptions, EstimatorsOptions, StabilityOpti
 
 
 def validate_estimators(args: CompareEstimatorsArgs) -> list[str]:
-    """The estimators to run (deduplicated, in the given order); bad options are a :class:`UserError`."""
+    """The estimators to run (deduplicated, in the given order); bad options (with ``--validate``, too few records
+    for the out-of-sample ground truth too) are a :class:`UserError`."""
     validate(score_args(args), "compare-estimators")
     names = args.estimator_names(at_least=2)
     if args.validate:
         args.check_ground_truth()
+        draw_records(score_args(args), args.gt_n_train, args.gt_n_val)
     return names
 
 
@@ -74,7 +76,11 @@ def run(args: CompareEstimatorsArgs) -> str:
 
 def _estimate(args: CompareEstimatorsArgs, sargs, names: list[str], cmp: Comparison) -> str:
     """The shared Gram statistics, every estimator on them, the agreement files; returns the summary."""
-    lm, train, val, label, counts = prepare(sargs, *load_checked(sargs))
+    if args.validate:  # the ground truth's records are drawn apart from the scoring ones (layerif.validate)
+        draw = draw_records(sargs, args.gt_n_train, args.gt_n_val)
+        lm, train, val, truth_train, truth_val, label, counts = load_drawn(sargs, draw)
+    else:
+        lm, train, val, label, counts = prepare(sargs, *load_checked(sargs))
     targets = select_targets(lm.model, args.target)
     progress.info(f"Gram statistics of {len(targets)} modules: {len(train)} train x {len(val)} validation records")
     stats, _, passes = module_stats(lm.model, targets, train, val, pad_id(lm.tokenizer), False, args.batch_size,
@@ -121,10 +127,10 @@ def _estimate(args: CompareEstimatorsArgs, sargs, names: list[str], cmp: Compari
     doc |= {"notes": notes, "version": __version__}
     validation = {}
     if args.validate:
-        measured = ground_truth(lm, train, val, targets, args, args.seed)
-        head = {"model": lm.name, "task": label, "target": args.target, "damping_scale": args.damping_scale,
-                "n_train": len(train), "n_val": len(val), "passes": passes}
-        vdoc = validation_doc(head, influence, measured, args.bootstrap_blocks, args.seed)
+        measured = ground_truth(lm, truth_train, truth_val, targets, args, args.seed,
+                                (train, val) if args.in_sample else None)
+        vdoc = validation_doc(ground_truth_head(args, lm, label, draw, train, val, passes), influence, measured,
+                              args.bootstrap_blocks, args.seed)
         validation = validation_files(vdoc)
         doc["validation"] = {e: vdoc["spearman"][e]["score"] for e in names}
     write_safetensors(cmp.out / "influence.safetensors",
