@@ -258,3 +258,205 @@ def test_the_reading_of_fine_tune_gain_follows_the_verdict(verdict, expect):
     first = validation_reading(doc)[0]
     assert expect in first
     assert verdict == "as claimed" or "S_l predicts fine-tune gain at" not in first
+
+
+# ----------------------------------------------------------------------------- out-of-sample records
+
+
+def _text(r: dict) -> str:
+    return r["text"] if "text" in r else r["prompt"] + r["completion"]
+
+
+def _disjoint(named: dict[str, list[str]]) -> None:
+    """Every pair of record sets shares no text (plain set intersections)."""
+    names = list(named)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            assert not set(named[a]) & set(named[b]), (a, b)
+
+
+@pytest.mark.parametrize("task,n_train,n_val,gt", [("capitals", None, None, (None, None)),
+                                                    ("opposites", 40, 10, (50, 20)), ("addition", 64, 16, (30, 8))])
+def test_a_tasks_record_sets_are_disjoint_and_scoring_keeps_its_records(task, n_train, n_val, gt):
+    from layerif.scores import ScoreArgs, raw_splits
+    from layerif.tasks import TASKS, test_records
+
+    args = ScoreArgs(task=task, n_train=n_train, n_val=n_val)
+    d = V.draw_records(args, *gt)
+    train, val, _, _ = raw_splits(args)
+    assert d.train.records == train and d.val.records == val  # scoring: exactly the records it used before
+    k_train, k_val = len(train), len(val)
+    assert len(d.truth_train.records) == (gt[0] or k_train) and len(d.truth_val.records) == (gt[1] or k_val)
+    tests = [r["prompt"] + r["options"][r["answer"]] for r in test_records(task, 100)]
+    sets = {"scoring train": [_text(r) for r in d.train.records], "scoring val": [_text(r) for r in d.val.records],
+            "truth train": [_text(r) for r in d.truth_train.records],
+            "truth val": [_text(r) for r in d.truth_val.records], "test": tests}
+    _disjoint(sets)
+    assert all(len(set(v)) == len(v) for v in sets.values())  # no repeats inside a set either
+    t = TASKS[task]  # and no underlying fact (both directions of a pair, a + b and b + a) in two sets
+    fact = {(t.template.format(q), f" {a}"): i for i, g in enumerate(t.groups) for q, a in g}
+    groups = {name: {fact[(r["prompt"], r["completion"])] for r in s.records}
+              for name, s in (("train", d.train), ("val", d.val), ("truth train", d.truth_train),
+                              ("truth val", d.truth_val))}
+    _disjoint({k: list(v) for k, v in groups.items()})
+    # the ground truth's items are the split's seeded order after scoring's, minus those sharing a scoring fact
+    full = t.split("train", None, 0)
+    assert d.truth_train.records == [full[i] for i in d.truth_train.index] and min(d.truth_train.index) >= k_train
+
+
+def _files(tmp_path, n_train=10, n_val=6, repeat=2):
+    train = [{"prompt": f"train question {i}", "completion": f" answer {i}"} for i in range(n_train)]
+    val = [{"text": f"validation text {i}"} for i in range(n_val)]
+    return (_jsonl(tmp_path / "train.jsonl", train + train[:repeat]), _jsonl(tmp_path / "val.jsonl", val),
+            train + train[:repeat], val)
+
+
+def test_a_user_files_record_sets_are_a_seeded_split_by_distinct_text(tmp_path):
+    from layerif.scores import ScoreArgs
+
+    train_path, val_path, train, val = _files(tmp_path)
+    d = V.draw_records(ScoreArgs(train=train_path, val=val_path))
+    truth = {_text(r) for r in d.truth_train.records} | {_text(r) for r in d.truth_val.records}
+    # defaults: half of each file's distinct records; scoring: every other record, in file order (repeats kept)
+    assert len(d.truth_train.records) == 5 and len(d.truth_val.records) == 3
+    assert d.train.index == [i for i, r in enumerate(train) if _text(r) not in truth]
+    assert d.val.index == [i for i, r in enumerate(val) if _text(r) not in truth]
+    assert [train[i] for i in d.truth_train.index] == d.truth_train.records
+    _disjoint({"scoring train": [_text(r) for r in d.train.records], "scoring val": [_text(r) for r in d.val.records],
+               "truth train": [_text(r) for r in d.truth_train.records],
+               "truth val": [_text(r) for r in d.truth_val.records]})
+    again = V.draw_records(ScoreArgs(train=train_path, val=val_path))
+    other = V.draw_records(ScoreArgs(train=train_path, val=val_path, seed=1))
+    assert again.truth_train.index == d.truth_train.index and other.truth_train.index != d.truth_train.index
+    capped = V.draw_records(ScoreArgs(train=train_path, val=val_path, n_train=2), 7, 1)
+    held = {_text(x) for x in capped.truth_train.records}
+    kept = [i for i, r in enumerate(train) if _text(r) not in held]
+    assert capped.train.index == kept[:2]
+    assert capped.counts["train"] == {"available": len(kept), "used": 2, "held_out": 12 - len(kept)}
+
+
+def test_the_same_file_as_train_and_val_still_gives_disjoint_ground_truth(tmp_path):
+    from layerif.scores import ScoreArgs
+
+    path, _, recs, _ = _files(tmp_path, n_train=8, repeat=0)
+    d = V.draw_records(ScoreArgs(train=path, val=path))
+    assert len(d.truth_val.records) == 4 and len(d.truth_train.records) == 2  # half, then half of what is left
+    _disjoint({"scoring": [_text(r) for r in d.train.records + d.val.records],
+               "truth train": [_text(r) for r in d.truth_train.records],
+               "truth val": [_text(r) for r in d.truth_val.records]})
+
+
+@pytest.mark.parametrize("extra,expect", [
+    (["--gt-n-train", "0"], "--gt-n-train and --gt-n-val must be >= 1"),
+    (["--gt-n-val", "-3"], "--gt-n-train and --gt-n-val must be >= 1"),
+    (["--n-train", "800"], "needs 800 capitals train items unused by scoring"),  # 806 distinct
+    (["--n-train", "0"], "unused by scoring"),  # scoring takes the whole split
+    (["--n-val", "300", "--gt-n-val", "200"], "needs 200 capitals validation items"),
+    (["--n-train", "1000", "--allow-repeats"], "unused by scoring"),
+])
+def test_too_few_records_for_the_ground_truth_is_one_line_before_the_model(extra, expect, tmp_path, capsys):
+    rc = main(["validate", "--task", "capitals", "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "o"),
+               "--quiet", *extra])
+    err = capsys.readouterr().err
+    assert rc == 2 and expect in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("extra,expect", [(["--gt-n-val", "6"], "takes 6 (it needs 1 to 5"),
+                                          (["--gt-n-train", "10"], "takes 10 (it needs 1 to 9")])
+def test_too_few_distinct_file_records_is_one_line(extra, expect, tmp_path, capsys):
+    train_path, val_path, _, _ = _files(tmp_path)
+    rc = main(["validate", "--train", train_path, "--val", val_path, "--model", str(tmp_path / "no-model"),
+               "--out", str(tmp_path / "o"), "--quiet", *extra])
+    err = capsys.readouterr().err
+    assert rc == 2 and expect in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o").exists()
+    rc = main(["compare-estimators", "--validate", "--train", train_path, "--val", val_path, "--model",
+               str(tmp_path / "no-model"), "--out", str(tmp_path / "o"), "--quiet", *extra])
+    assert rc == 2 and expect in capsys.readouterr().err
+
+
+def test_in_sample_reproduces_the_earlier_reading_and_validation_json_names_the_records(tiny_model_dir, tmp_path):
+    """--in-sample: the in-sample ground truth is the unchanged functions on the scoring records (bit for bit);
+    the default reading is the same functions on the drawn ground-truth records."""
+    import hashlib
+
+    from layerif.datasets_io import calibration_windows
+    from layerif.options import ModelOptions
+    from layerif.results import block_gains
+    from layerif.scores import ScoreArgs, load_splits
+    from layerif.tasks import TASKS, test_records
+
+    out = tmp_path / "out"
+    common = ["--model", str(tiny_model_dir), "--task", "capitals", "--n-train", "10", "--n-val", "5", "--steps", "2",
+              "--ft-batch-size", "2", "--method", "wanda", "--n-calib", "2", "--seqlen", "16", "--task-items", "8",
+              "--bootstrap-blocks", "50", "--estimators", "datainf,grad-dot", "--quiet"]
+    assert main(["validate", *common, "--gt-n-train", "12", "--gt-n-val", "6", "--in-sample", "--out", str(out)]) == 0
+    doc = json.loads((out / "validation.json").read_text())
+
+    lm = ModelOptions(model=str(tiny_model_dir)).load()
+    tok, pad = lm.tokenizer, lm.tokenizer.pad_token_id
+    args = ScoreArgs(task="capitals", n_train=10, n_val=5)
+    train, val, _, _ = load_splits(args, tok)  # the scoring records, as score reads them
+    targets = select_targets(lm.model, "attn")
+    config = TrainConfig(steps=2, batch_size=2, lr=1e-4, warmup=0.0, weight_decay=0.0, max_grad_norm=0.0, seed=0)
+    windows = calibration_windows(tok, "builtin", 2, 16, 0, "text")
+    mc = test_records("capitals", 8)
+    layers, gains, base = V.fine_tune_gain(lm.model, targets, train, val, pad, config)
+    pruned = V.prune_sensitivity(lm.model, tok, layers, val, "wanda", 0.5, windows, mc)
+    inside = doc["in_sample"]
+    assert doc["layers"] == layers and inside["fine_tune_gain"] == gains and inside["base"]["val_loss"] == base
+    assert inside["prune_sensitivity"]["loss_rise"] == pruned["loss_rise"]
+    assert doc["prune_sensitivity"]["accuracy_change"] == pruned["accuracy_change"]
+
+    d = V.draw_records(args, 12, 6)
+    truth_train = encode_split(tok, d.truth_train.records, "x")[0]
+    truth_val = encode_split(tok, d.truth_val.records, "x")[0]
+    _, gains_out, base_out = V.fine_tune_gain(lm.model, targets, truth_train, truth_val, pad, config)
+    pruned_out = V.prune_sensitivity(lm.model, tok, layers, truth_val, "wanda", 0.5, windows, mc)
+    assert doc["fine_tune_gain"] == gains_out and doc["base"]["val_loss"] == base_out != base
+    assert doc["prune_sensitivity"]["loss_rise"] == pruned_out["loss_rise"] and gains_out != gains
+    # block_gains (the gain allocations, compare-finetune) reads the out-of-sample gain
+    assert block_gains(out, 3)[0].tolist() == gains_out
+    for e in ("datainf", "grad-dot"):  # a correlation for each reading
+        assert {"fine_tune_gain", "fine_tune_gain_in_sample", "prune_loss_rise_in_sample"} <= doc["spearman"][e]["score"].keys()
+        rho = spearmanr(doc["scores"][e]["score"], gains).statistic
+        assert doc["spearman"][e]["score"]["fine_tune_gain_in_sample"]["rho"] == pytest.approx(rho)
+
+    rec = doc["records"]  # which records served what
+    assert rec["reading"] == "out of sample and in sample" and (doc["gt_n_train"], doc["gt_n_val"]) == (12, 6)
+    sha = lambda t: hashlib.sha256(t.encode()).hexdigest()[:12]
+    full = {s: TASKS["capitals"].split(s, None, 0) for s in ("train", "validation")}
+    for use, split, count in (("scoring", "train", 10), ("scoring", "validation", 5), ("ground_truth", "train", 12),
+                              ("ground_truth", "validation", 6)):
+        entry = rec[use][split]
+        assert entry["count"] == count == len(entry["index"]) == len(entry["hash"])
+        assert entry["hash"] == [sha(_text(full[split][i])) for i in entry["index"]]
+    assert rec["scoring"]["train"]["index"] == list(range(10)) and min(rec["ground_truth"]["train"]["index"]) >= 10
+    assert rec["accuracy"]["count"] == 8 and rec["accuracy"]["shared_with_scoring"] == 0
+    assert rec["accuracy"]["hash"] == [sha(r["prompt"] + r["options"][r["answer"]]) for r in mc]
+    csv_head = (out / "validation.csv").read_text().splitlines()[0]
+    assert "fine_tune_gain_in_sample" in csv_head and "prune_loss_rise_in_sample" in csv_head
+    report = (out / "report.md").read_text()
+    assert "out of sample" in report and "fine-tune gain (in sample)" in report
+
+    plain = tmp_path / "plain"  # the default: out of sample only, the same numbers
+    assert main(["validate", *common, "--gt-n-train", "12", "--gt-n-val", "6", "--out", str(plain)]) == 0
+    pdoc = json.loads((plain / "validation.json").read_text())
+    assert pdoc["in_sample"] is None and pdoc["records"]["reading"] == "out of sample"
+    assert pdoc["fine_tune_gain"] == gains_out and "fine_tune_gain_in_sample" not in pdoc["spearman"]["datainf"]["score"]
+
+
+def test_accuracy_items_shared_with_the_scoring_records_are_counted(tiny_model_dir, tmp_path):
+    train_path, val_path, train, _ = _files(tmp_path)
+    mc = [{"prompt": r["prompt"], "options": [r["completion"], " other"], "answer": 0} for r in train[:10]]
+    out = tmp_path / "out"
+    assert main(["validate", "--model", str(tiny_model_dir), "--train", train_path, "--val", val_path,
+                 "--accuracy-task", _jsonl(tmp_path / "mc.jsonl", mc), "--steps", "1", "--ft-batch-size", "2",
+                 "--method", "magnitude", "--bootstrap-blocks", "20", "--out", str(out), "--quiet"]) == 0
+    rec = json.loads((out / "validation.json").read_text())["records"]
+    texts = {r["prompt"] + r["options"][0] for r in mc}
+    scoring = {_text(train[i]) for i in rec["scoring"]["train"]["index"]}
+    truth = {_text(train[i]) for i in rec["ground_truth"]["train"]["index"]}
+    assert rec["accuracy"]["shared_with_scoring"] == len(texts & scoring) > 0
+    assert rec["accuracy"]["shared_with_ground_truth"] == len(texts & truth) > 0

@@ -104,6 +104,15 @@ class Task:
                   "train": order[n_test + n_val :]}
         return {split: [f for i in sorted(idx) for f in self.groups[i]] for split, idx in picked.items()}
 
+    @cached_property
+    def _groups_by_record(self) -> dict[tuple[str, str], int]:
+        return {(self.template.format(q), f" {a}"): i for i, group in enumerate(self.groups) for q, a in group}
+
+    def group_of(self, record: dict) -> int:
+        """The index in ``groups`` of the fact a record of this task states (its prompt and completion): records
+        of one group share an underlying fact (both directions of an opposite pair, ``3 + 4`` and ``4 + 3``)."""
+        return self._groups_by_record[(record["prompt"], record["completion"])]
+
     def facts(self, split: str) -> list[Fact]:
         """The facts of ``split`` in their fixed partition order (independent of any seed)."""
         if split not in SPLITS:

@@ -146,8 +146,9 @@ def draw_records(args: ScoreArgs, gt_n_train: int | None = None, gt_n_val: int |
 
     Built-in task: the scoring records are exactly :func:`layerif.scores.raw_splits`' (the first ``n`` of each
     split in its seeded order); the ground truth takes the next ``gt_n_train`` train and ``gt_n_val``
-    validation items of the same orders (default: as many as scoring uses), so each of the four sets is
-    disjoint from the others and from the test split. Record files: the distinct record texts of ``--val``
+    validation items of the same orders (default: as many as scoring uses) whose fact group
+    (:meth:`layerif.tasks.Task.group_of`) no scoring record states, so each of the four sets is disjoint from
+    the others and from the test split, by text and by underlying fact. Record files: the distinct record texts of ``--val``
     are shuffled (seed ``--seed``) and the first ``gt_n_val`` (default: half) become the ground-truth
     validation records; then those of ``--train`` not already taken, the first ``gt_n_train`` (default:
     half) the ground-truth train records; scoring uses every other record of each file, in file order
@@ -175,6 +176,7 @@ def draw_records(args: ScoreArgs, gt_n_train: int | None = None, gt_n_val: int |
 def _draw_task(args: ScoreArgs, gt_n_train: int | None, gt_n_val: int | None) -> Draw:
     train, val, label, counts = raw_splits(args)
     task = get_task(args.task)
+    used = {task.group_of(r) for r in train + val}  # the facts scoring saw (a group: one underlying fact)
     sets = {}
     for split, scoring, asked, option in (("train", train, gt_n_train, "--n-train"),
                                           ("validation", val, gt_n_val, "--n-val")):
@@ -182,15 +184,17 @@ def _draw_task(args: ScoreArgs, gt_n_train: int | None, gt_n_val: int | None) ->
         full = task.split(split, None, args.seed)  # every item once; scoring took the first len(scoring)
         k = len(scoring)
         n = k if asked is None else asked
-        if k + n > len(full):
+        unused = [i for i in range(k, len(full)) if task.group_of(full[i]) not in used]
+        if n > len(unused):
             raise UserError(f"the out-of-sample ground truth needs {n} {task.name} {split} items unused by scoring, "
-                            f"but the split holds {len(full)} distinct items and scoring uses {k} (lower {option} or "
-                            f"--gt-n-{what})")
+                            f"but the split holds {len(full)} distinct items, {len(full) - len(unused)} of them "
+                            f"taken by scoring or sharing a fact with its items (lower {option} or --gt-n-{what})")
         source = f"{task.name}/{split} (seed {args.seed} order)"
-        sets[split] = (RecordSet(source, scoring, list(range(k))), RecordSet(source, full[k : k + n], list(range(k, k + n))))
+        sets[split] = (RecordSet(source, scoring, list(range(k))),
+                       RecordSet(source, [full[i] for i in unused[:n]], unused[:n]))
     rule = (f"{label}: scoring uses the first {len(train)} train and {len(val)} validation items of each split in "
             f"its seeded order, the ground truth the next {len(sets['train'][1].records)} and "
-            f"{len(sets['validation'][1].records)}")
+            f"{len(sets['validation'][1].records)} that share no fact with them")
     return Draw(sets["train"][0], sets["validation"][0], sets["train"][1], sets["validation"][1], label, counts, rule)
 
 
