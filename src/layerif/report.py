@@ -496,8 +496,7 @@ def validation_truths(doc: dict) -> dict[str, list[float] | None]:
            "prune_accuracy_change": ps["accuracy_change"]}
     inside = doc.get("in_sample")
     if inside:
-        out |= {"fine_tune_gain_in_sample": inside["fine_tune_gain"],
-                "prune_loss_rise_in_sample": inside["prune_sensitivity"]["loss_rise"]}
+        out |= dict(zip(IN_SAMPLE_TRUTHS, (inside["fine_tune_gain"], inside["prune_sensitivity"]["loss_rise"])))
     return out
 
 

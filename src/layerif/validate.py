@@ -148,9 +148,9 @@ def draw_records(args: ScoreArgs, gt_n_train: int | None = None, gt_n_val: int |
     split in its seeded order); the ground truth takes the next ``gt_n_train`` train and ``gt_n_val``
     validation items of the same orders (default: as many as scoring uses) whose fact group
     (:meth:`layerif.tasks.Task.group_of`) no scoring record states, so each of the four sets is disjoint from
-    the others and from the test split, by text and by underlying fact. Record files: the distinct record texts of ``--val``
-    are shuffled (seed ``--seed``) and the first ``gt_n_val`` (default: half) become the ground-truth
-    validation records; then those of ``--train`` not already taken, the first ``gt_n_train`` (default:
+    the others and from the test split, by text and by underlying fact. Record files: the distinct record
+    texts of ``--val`` are shuffled (seed ``--seed``) and the first ``gt_n_val`` (default: half) become the
+    ground-truth validation records; then those of ``--train`` not already taken, the first ``gt_n_train`` (default:
     half) the ground-truth train records; scoring uses every other record of each file, in file order
     (``--n-train`` / ``--n-val`` then take its first N). Too few distinct records for that is a
     :class:`~layerif.errors.UserError`, and so is any text shared by a ground-truth and another set.
