@@ -234,12 +234,14 @@ def test_compare_estimators_validate_writes_the_validation_beside_the_agreement(
     out = tmp_path / "est"
     rc = main(["compare-estimators", "--model", str(tiny_model_dir), "--train", train, "--val", val, "--validate",
                "--estimators", "datainf,grad-dot", "--accuracy-task", mc, "--steps", "2", "--ft-batch-size", "2",
-               "--method", "magnitude", "--bootstrap-blocks", "50", "--out", str(out), "--quiet"])
+               "--method", "magnitude", "--bootstrap-blocks", "50", "--in-sample", "--out", str(out), "--quiet"])
     assert rc == 0
     est = json.loads((out / "estimators.json").read_text())
     doc = json.loads((out / "validation.json").read_text())
     assert doc["estimators"][:2] == ["datainf", "grad-dot"] and doc["scores"]["datainf"]["score"] == est["score"]["datainf"]
     assert est["validation"]["grad-dot"] == doc["spearman"]["grad-dot"]["score"]
+    assert "fine_tune_gain_in_sample" in doc["spearman"]["grad-dot"]["score"] and doc["in_sample"] is not None
+    assert est["n_train"] == doc["n_train"] == 3 and doc["gt_n_train"] == 3 and doc["gt_n_val"] == 1  # files split
     assert (out / "validation.png").exists() and (out / "spearman.csv").exists()
     assert "fine-tune gain at ρ =" in (out / "report.md").read_text()
 
