@@ -14,7 +14,8 @@ from conftest import make_tokenizer, tiny_model
 from layerif import cli
 from layerif.errors import UserError
 from layerif.commands.report import ReportArgs, run
-from layerif.report import block_ranges, command_line, render_report, score_reading, validate_command
+from layerif.commands.score import score_reading, validate_command
+from layerif.report import block_ranges, command_line, render_report
 from layerif.scores import ScoreArgs
 from layerif.commands.score import run as run_score
 from test_stability import random_texts
@@ -122,3 +123,22 @@ def test_generic_folder_and_bad_folder(tmp_path):
         render_report(tmp_path / "empty")
     with pytest.raises(UserError, match="is not a folder"):
         render_report(tmp_path / "nope")
+
+
+def test_a_command_registers_its_own_report_renderer(tmp_path):
+    from layerif.command_registry import COMMANDS, register
+    from layerif.report import heading, paragraph
+
+    def render(folder, config):
+        return "toy", [heading("toy report", 1), paragraph(f"args {config['args']['n']}")]
+
+    (tmp_path / "config.json").write_text(json.dumps({"command": "toy-report", "args": {"n": 3}, "version": "0"}))
+    assert "toy-report" not in COMMANDS
+    register("toy-report", ReportArgs, lambda a: "", "a toy", report=render)
+    try:
+        md, page = render_report(tmp_path)
+    finally:
+        del COMMANDS["toy-report"]
+    assert md == "# toy report\n\nargs 3\n" and "<p>args 3</p>" in page
+    md, _ = render_report(tmp_path)  # no longer registered: the generic report
+    assert md.startswith("# layerif toy-report: ") and "## What was run" in md

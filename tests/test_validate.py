@@ -250,7 +250,7 @@ def test_compare_estimators_validate_writes_the_validation_beside_the_agreement(
                                             ("opposite", "'s S_l predicts the opposite of fine-tune gain"),
                                             ("inconclusive", "'s S_l neither predicts nor contradicts fine-tune gain")])
 def test_the_reading_of_fine_tune_gain_follows_the_verdict(verdict, expect):
-    from layerif.report import validation_reading
+    from layerif.commands.validate import validation_reading
 
     r = {"rho": 0.5, "ci_low": -0.2 if verdict == "inconclusive" else 0.1, "ci_high": 0.9, "claimed_sign": 1,
          "verdict": verdict}

@@ -6,7 +6,7 @@ terminal text and a ``run(args) -> str`` that calls the library once, and
 registers itself here with :func:`register` (through
 :mod:`layerif.commands.base`). :mod:`layerif.cli` builds the parser from
 :data:`COMMANDS`; :mod:`layerif.report` reads the defaults from it to spell a
-run's command line. The registry is a library module so that the library never
+run's command line, and each command's report renderer. The registry is a library module so that the library never
 imports a command: it sees the commands that were imported, and none otherwise.
 """
 
@@ -19,27 +19,35 @@ import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 from .errors import UserError
 
 
+Renderer = Callable[[Path, "dict | None"], "tuple[str, list]"]
+"""``render(folder, config) -> (title, blocks)``: a command's report of its result folder from the folder's files
+(``config``: its config.json, None when there is none; ``blocks``: :class:`layerif.report.Block` s)."""
+
+
 @dataclass(frozen=True)
 class Command:
-    """One sub-command: its name, argument dataclass, ``run(args) -> text to print`` and one-line help."""
+    """One sub-command: its name, argument dataclass, ``run(args) -> text to print``, one-line help and the
+    renderer of its report (:data:`Renderer`; None: :mod:`layerif.report`'s generic one)."""
 
     name: str
     args: type
     run: Callable[[Any], str]
     help: str
+    report: Renderer | None = None
 
 
 COMMANDS: dict[str, Command] = {}
 
 
-def register(name: str, args: type, run: Callable[[Any], str], help: str) -> Command:
-    """Add a sub-command (its order of registration is the order of ``layerif --help``)."""
-    COMMANDS[name] = command = Command(name, args, run, help)
+def register(name: str, args: type, run: Callable[[Any], str], help: str, report: Renderer | None = None) -> Command:
+    """Add a sub-command (its order of registration is the order of ``layerif --help``) with its report renderer."""
+    COMMANDS[name] = command = Command(name, args, run, help, report)
     return command
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from .. import __version__, progress
 from ..compare import agreement, block_influence, estimators_figure, per_block_max
@@ -23,14 +24,15 @@ from ..options import (
 )
 from ..io import overwrite_field
 from ..engine import memory_budget, module_stats
-from ..report import validation_reading
+from ..report import Block, heading, image, paragraph, run_section, table_block
+from ..results import read_json
 from ..scores import compute, load_checked, prepare, validate
 from ..validate import draw_records, ground_truth, load_drawn, validation_doc
-from ..stability import bootstrap, fmt, layer_scores, split_half_from_stats, top_k_blocks
+from ..stability import CONDITIONAL, bootstrap, fmt, layer_scores, split_half_from_stats, top_k_blocks
 from .base import register
 from .compare import Comparison
 from .compare_tasks import csv_text, score_args
-from .validate import ground_truth_head, validation_files
+from .validate import ground_truth_head, validation_files, validation_reading, validation_table
 
 
 @dataclass
@@ -151,5 +153,65 @@ def _estimate(args: CompareEstimatorsArgs, sargs, names: list[str], cmp: Compari
     return cmp.finish(files, "\n".join(lines)) + ", influence.safetensors"
 
 
+# ----------------------------------------------------------------------------- the report
+
+
+def _compare_estimators_blocks(folder: Path, config: dict | None) -> tuple[str, list[Block]]:
+    doc = read_json(folder / "estimators.json")
+    names, layers = doc["estimators"], doc["layers"]
+    title = f"layerif compare-estimators: {doc.get('model')} on {doc.get('task')}"
+    pairs = doc["pairs"]
+    reading = []
+    if pairs:
+        srt = sorted(pairs, key=lambda p: -(p["spearman"] if p["spearman"] is not None else -2))
+        reading.append(f"Closest: {srt[0]['a']} and {srt[0]['b']} rank the blocks at Spearman {fmt(srt[0]['spearman'], 2)}; "
+                       f"furthest: {srt[-1]['a']} and {srt[-1]['b']} at {fmt(srt[-1]['spearman'], 2)}. "
+                       "Where estimators disagree, the choice of method changes which blocks look important.")
+    rho = {frozenset((p["a"], p["b"])): p["spearman"] for p in pairs}
+    di_ex, di_gd = rho.get(frozenset(("datainf", "exact"))), rho.get(frozenset(("datainf", "grad-dot")))
+    if di_ex is not None and di_gd is not None and di_gd > di_ex:
+        reading.append(f"DataInf ranks the blocks more like grad-dot ({fmt(di_gd, 2)}) than like the exact inverse "
+                       f"({fmt(di_ex, 2)}): at this damping its curvature correction is small next to its "
+                       "gradient-product term, so it behaves mostly as a rescaled grad-dot.")
+    bound = doc.get("datainf_bound")
+    if bound:
+        worst = max(bound)
+        reading.append(f"DataInf vs exact, guaranteed: λ‖E − D‖ ≤ β with β up to {fmt(worst, 3)} across blocks "
+                       + ("— small, so DataInf must track the exact estimator closely here."
+                          if worst < 0.1 else
+                          "— the bound gives no guarantee at this size (β ≈ parameter count / damping scale); "
+                          "only the measured agreement below tells how close they are."))
+    stab = doc.get("rank_stability") or {}
+    if any(v is not None for v in stab.values()):
+        reading.append(f"Own rank stability (bootstrap, {CONDITIONAL}): " + ", ".join(f"{e} {fmt(v, 2)}" for e, v in stab.items())
+                       + ".")
+    blocks = [heading(title, 1), heading("Reading"), *map(paragraph, reading), *run_section(folder, config),
+              heading("Scores per estimator"),
+              table_block(["block", *names], [[l, *(fmt(doc["score"][e][i]) for e in names)] for i, l in enumerate(layers)])]
+    if (folder / "estimators.png").exists():
+        blocks.append(image("estimators.png", "normalized block profiles per estimator and their rank agreement"))
+    k = doc["top_k"]
+    blocks += [heading("Agreement between estimators"),
+               paragraph(f"Correlations of the block scores S_l across blocks; top-{k} overlap = shared share of the two "
+                  f"top-{k} sets; sample-level = mean over blocks of the Spearman correlation of the per-sample "
+                  "influences I_l(i)."),
+               table_block(["estimator", "estimator", "Spearman", "Pearson", f"top-{k} overlap", "sample-level Spearman"],
+                      [[p["a"], p["b"], fmt(p["spearman"], 3), fmt(p["pearson"], 3), f"{p['top_k_overlap']:.2f}",
+                        fmt(p["sample_spearman"], 3)] for p in pairs])]
+    half = doc.get("split_half") or {}
+    if stab or half:
+        blocks += [heading("Stability per estimator"),
+                   table_block(["estimator", f"bootstrap rank stability ({CONDITIONAL})", "split-half Spearman", "split-half Spearman–Brown"],
+                          [[e, fmt(stab.get(e), 3), fmt((half.get(e) or {}).get("spearman"), 3),
+                            fmt((half.get(e) or {}).get("spearman_brown"), 3)] for e in names])]
+    if (folder / "validation.json").exists():
+        vdoc = read_json(folder / "validation.json")
+        blocks += [heading("Ground truth (--validate)"), *map(paragraph, validation_reading(vdoc)), *validation_table(folder, vdoc)]
+    if doc.get("notes"):
+        blocks += [heading("Notes"), *map(paragraph, doc["notes"])]
+    return title, blocks
+
+
 register("compare-estimators", CompareEstimatorsArgs, run,
-         "every influence estimator on the same gradients: agreement of the block rankings")
+         "every influence estimator on the same gradients: agreement of the block rankings",
+         report=_compare_estimators_blocks)

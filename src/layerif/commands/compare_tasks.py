@@ -15,6 +15,8 @@ from ..errors import UserError
 from ..options import DataOptions, EngineOptions, ModelOptions, RunOptions, StabilityOptions, option
 from ..io import overwrite_field
 from ..scores import ScoreArgs, load_checked, score, validate
+from ..report import Block, heading, image, paragraph, run_section, table_block
+from ..results import read_json
 from ..stability import CONDITIONAL, cross_vs_within, fmt
 from .base import register
 from .compare import Comparison
@@ -130,4 +132,73 @@ def _score_tasks(args: CompareTasksArgs, specs: list[tuple[str, ScoreArgs]], lm,
     return cmp.finish(files, summary) + f" and {len(labels)} score folders"
 
 
-register("compare-tasks", CompareTasksArgs, run, "score one model on several tasks and compare the block profiles")
+# ----------------------------------------------------------------------------- the report
+
+
+def _compare_tasks_blocks(folder: Path, config: dict | None) -> tuple[str, list[Block]]:
+    doc = read_json(folder / "comparison.json")
+    tasks, layers = doc["tasks"], doc["layers"]
+    title = f"layerif compare-tasks: {doc.get('model')} on {', '.join(tasks)}"
+    rho = doc["spearman"]
+    pairs = sorted(((rho[i][j], tasks[i], tasks[j]) for i in range(len(tasks)) for j in range(i + 1, len(tasks))),
+                   key=lambda x: -(x[0] if x[0] is not None else -2))
+    reading = []
+    if len(pairs) == 1:
+        reading.append(f"Tasks {pairs[0][1]} and {pairs[0][2]} rank the blocks at Spearman {fmt(pairs[0][0], 2)} "
+                       "(1: the same order, 0: unrelated, −1: reversed).")
+    elif pairs:
+        best, worst = pairs[0], pairs[-1]
+        reading.append(f"Most alike: {best[1]} and {best[2]} (Spearman {fmt(best[0], 2)}); most different: {worst[1]} "
+                       f"and {worst[2]} (Spearman {fmt(worst[0], 2)}).")
+    diff = doc.get("differing_blocks", [])
+    if diff:
+        reading.append("Blocks that differ most between tasks (share of each task's total S): " + "; ".join(
+            f"block {d['block']} ({100 * d['share'][d['max_task']]:.0f}% in {d['max_task']} vs "
+            f"{100 * d['share'][d['min_task']]:.0f}% in {d['min_task']})" for d in diff[:3]) + ".")
+    cvw = [c for c in doc.get("cross_vs_within", []) if c["ceiling"] is not None and c["spearman"] is not None]
+    if cvw:
+        below = [c for c in cvw if c["spearman"] < c["ceiling"] - 0.1]
+        reading.append("Against each task's own noise: two tasks with the same underlying profile would correlate at "
+                       "about √(r_a r_b), where r is a task's recomputed split-half Spearman, Spearman–Brown corrected "
+                       "to the full size. " + "; ".join(
+                           f"{c['a']}–{c['b']} {fmt(c['spearman'], 2)} vs {fmt(c['ceiling'], 2)}" for c in cvw) + ". "
+                       + (("Well below (by > 0.1), so a real task difference beyond sampling noise: "
+                           + ", ".join(f"{c['a']}–{c['b']}" for c in below) + ".") if below else
+                          "No pair is more than 0.1 below its bound: the profiles do not differ beyond sampling noise."))
+    else:
+        reading.append("No within-task split-half reliability was measured (it is on by default; `--no-split-half` "
+                       "turns it off): without it a low cross-task correlation may be sampling noise rather than a "
+                       "task difference.")
+    stab = {t: s for t, s in doc.get("rank_stability", {}).items() if s is not None}
+    if stab:
+        reading.append(f"Bootstrap rank stability ({CONDITIONAL}; it resamples only which samples are summed, so it "
+                       "is biased toward 1 and is not comparable with the cross-task Spearman): "
+                       + ", ".join(f"{t} {s:.2f}" for t, s in stab.items()) + ".")
+    blocks = [heading(title, 1), heading("Reading"), *map(paragraph, reading), *run_section(folder, config),
+              heading("Share of S per block and task"),
+              paragraph("Each task's S_l divided by its sum over blocks, so tasks with different loss scales compare."),
+              table_block(["block", *tasks], [[l, *(f"{100 * doc['share'][t][i]:.1f}%" for t in tasks)]
+                                         for i, l in enumerate(layers)])]
+    if (folder / "task_heatmap.png").exists():
+        blocks.append(image("task_heatmap.png", "block × task heatmap of the share of S"))
+    blocks += [heading("Pairwise Spearman correlation of the block rankings"),
+               table_block(["", *tasks], [[t, *(fmt(x, 3) for x in rho[i])] for i, t in enumerate(tasks)])]
+    if diff:
+        blocks += [heading("Blocks that differ most"),
+                   table_block(["block", "spread", "highest", "lowest"],
+                          [[d["block"], f"{100 * d['spread']:.1f} pts", d["max_task"], d["min_task"]] for d in diff])]
+    if cvw:
+        blocks += [heading("Cross-task Spearman against within-task reliability"),
+                   paragraph("r: the task's recomputed split-half Spearman (each half scored with its own λ and Hessian "
+                      "approximation), Spearman–Brown corrected; bound √(r_a r_b): the correlation two tasks with the "
+                      "same profile would show; disattenuated: Spearman / bound."),
+                   table_block(["task a", "task b", "Spearman", "r_a", "r_b", "bound", "disattenuated"],
+                          [[c["a"], c["b"], fmt(c["spearman"], 3), fmt(c["within_a"], 3), fmt(c["within_b"], 3),
+                            fmt(c["ceiling"], 3), fmt(c["disattenuated"], 3)] for c in cvw])]
+    blocks += [heading("Per-task results"),
+               paragraph(", ".join(f"{t}: `{doc['folders'][t]}/report.md`" for t in tasks))]
+    return title, blocks
+
+
+register("compare-tasks", CompareTasksArgs, run, "score one model on several tasks and compare the block profiles",
+         report=_compare_tasks_blocks)

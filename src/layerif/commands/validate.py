@@ -16,9 +16,8 @@ from ..errors import UserError
 from ..io import output_folder, overwrite_field, prepare_out_dir, pyplot, write_figure, write_json, write_text
 from ..models import select_targets
 from ..options import DataOptions, DataSource, EngineOptions, EstimatorsOptions, GroundTruthOptions, ModelOptions, option
-from ..report import (ESTIMATOR_LABEL, TRUTHS, sample_note, spearman_rows, validation_reading, validation_truths,
-                      write_report)
-from ..results import write_config
+from ..report import Block, heading, image, paragraph, run_section, table_block, write_report
+from ..results import read_json, write_config
 from ..engine import memory_budget, module_stats
 from ..scores import validate
 from ..stability import fmt
@@ -168,5 +167,143 @@ def run(args: ValidateArgs) -> str:
     lines.append(f"wrote {out}/validation.json, validation.csv, spearman.csv, validation.png, report.md, report.html")
     return "\n".join(lines)
 
+# ----------------------------------------------------------------------------- the report
+
+TRUTHS = ("fine_tune_gain", "prune_loss_rise", "prune_accuracy_change")
+IN_SAMPLE_TRUTHS = ("fine_tune_gain_in_sample", "prune_loss_rise_in_sample")  # validate --in-sample
+TRUTH_LABEL = {"fine_tune_gain": "fine-tune gain", "prune_loss_rise": "pruning loss rise",
+               "prune_accuracy_change": "pruning accuracy change",
+               "fine_tune_gain_in_sample": "fine-tune gain (in sample)",
+               "prune_loss_rise_in_sample": "pruning loss rise (in sample)"}
+ESTIMATOR_LABEL = {"datainf": "DataInf", "exact": "exact", "grad-dot": "grad-dot", "lissa": "LiSSA"}
+
+
+def validation_truths(doc: dict) -> dict[str, list[float] | None]:
+    """The ground truths of a validation.json by name: :data:`TRUTHS` (``prune_accuracy_change`` None without an
+    accuracy task), then :data:`IN_SAMPLE_TRUTHS` when the in-sample reading was measured."""
+    ps = doc["prune_sensitivity"]
+    out = {"fine_tune_gain": doc["fine_tune_gain"], "prune_loss_rise": ps["loss_rise"],
+           "prune_accuracy_change": ps["accuracy_change"]}
+    inside = doc.get("in_sample")
+    if inside:
+        out |= dict(zip(IN_SAMPLE_TRUTHS, (inside["fine_tune_gain"], inside["prune_sensitivity"]["loss_rise"])))
+    return out
+
+
+def sample_note(doc: dict) -> str:
+    """Which records the ground truth of a validation.json was measured on, in words ('' for a file written before
+    the out-of-sample reading, which was in sample)."""
+    if "records" not in doc:
+        return ""
+    return (f"Ground truth out of sample: fine-tuned on {doc['gt_n_train']} train and measured on {doc['gt_n_val']} "
+            f"validation records disjoint from the {doc['n_train']} × {doc['n_val']} scoring records"
+            + ("; in sample (trained and measured on the scoring records) beside it" if doc.get("in_sample") else "")
+            + ".")
+
+
+def spearman_rows(doc: dict) -> list[list]:
+    """Rows estimator, aggregation, ground truth, rho, low, high, claimed sign, verdict."""
+    rows = []
+    for e, aggs in doc["spearman"].items():
+        for a, per in aggs.items():
+            for g, r in per.items():
+                rows.append([e, a, g, r["rho"], r["ci_low"], r["ci_high"], r["claimed_sign"], r["verdict"]])
+    return rows
+
+
+GAIN_READING = {"as claimed": ("predicts fine-tune gain", ""),
+                "opposite": ("predicts the opposite of fine-tune gain", ", the interval on the other side of 0"),
+                "inconclusive": ("neither predicts nor contradicts fine-tune gain", ", the interval includes 0"),
+                "undefined": ("has no defined correlation with fine-tune gain", "")}
+"""How the score/validate reading states each verdict of ρ(S_l, fine-tune gain) (:func:`layerif.validate.verdict`):
+(the claim, a note after the interval)."""
+
+
+def validation_reading(doc: dict) -> list[str]:
+    """Plain-language verdicts of a validation.json, for the report and the terminal."""
+    sp = doc["spearman"]
+    names = doc["estimators"]
+
+    def cell(e: str, g: str, a: str = "score") -> str:
+        r = sp[e][a].get(g)
+        return "n/a" if r is None else f"ρ = {fmt(r['rho'], 2)} [{fmt(r['ci_low'], 2)}, {fmt(r['ci_high'], 2)}]"
+
+    def gain(e: str) -> str:
+        r = sp[e]["score"].get("fine_tune_gain")
+        claim, note = GAIN_READING.get(r["verdict"] if r else "undefined", GAIN_READING["inconclusive"])
+        return f"{ESTIMATOR_LABEL.get(e, e)}'s S_l {claim} at {cell(e, 'fine_tune_gain')}{note}"
+
+    inside = (" In sample (trained and measured on the scoring records): "
+              + "; ".join(f"{ESTIMATOR_LABEL.get(e, e)} {cell(e, 'fine_tune_gain_in_sample')}" for e in names) + "."
+              if doc.get("in_sample") else "")
+    out = [("On this model and task, out of sample, " if "records" in doc else "On this model and task, ")
+           + "; ".join(gain(e) for e in names)
+           + f" (Spearman over {len(doc['layers'])} blocks, {100 * doc['bootstrap']['level']:.0f}% bootstrap "
+           "interval over blocks; a profile that predicts fine-tune gain has ρ > 0: high S_l, large loss drop)."
+           + inside]
+    out.append("Pruning sensitivity: LayerIF's sparsity allocation prunes blocks with high S_l more, which assumes "
+               "ρ(S_l, loss rise) < 0; measured "
+               + "; ".join(f"{ESTIMATOR_LABEL.get(e, e)} {cell(e, 'prune_loss_rise')}" for e in names)
+               + (". Accuracy change (claimed ρ > 0): "
+                  + "; ".join(f"{ESTIMATOR_LABEL.get(e, e)} {cell(e, 'prune_accuracy_change')}" for e in names)
+                  if doc["prune_sensitivity"]["accuracy_change"] is not None else "") + ".")
+    verdicts = [(e, a, g, r["verdict"]) for e in names for a, per in sp[e].items() for g, r in per.items()]
+    held = [f"{ESTIMATOR_LABEL.get(e, e)} {a} → {TRUTH_LABEL[g]}" for e, a, g, v in verdicts if v == "as claimed"]
+    opposite = [f"{ESTIMATOR_LABEL.get(e, e)} {a} → {TRUTH_LABEL[g]}" for e, a, g, v in verdicts if v == "opposite"]
+    out.append(("Intervals that exclude 0 on the claimed side: " + ", ".join(held) + "." if held else
+                "No correlation's interval excludes 0 on the claimed side.")
+               + (" On the opposite side: " + ", ".join(opposite) + "." if opposite else ""))
+    out.append("A block profile is a ranking over few blocks: with about 30 blocks a Spearman interval is wide, and "
+               "one model, task and record set is one case, not a general result.")
+    return out
+
+
+def validation_table(folder: Path, doc: dict) -> list[Block]:
+    """The Spearman table of a validation.json and its figure (validate and compare-estimators --validate)."""
+    out = [heading("Spearman of scores with ground truth"),
+           table_block(["estimator", "aggregation", "ground truth", "ρ", "interval", "claimed", "verdict"],
+                  [[ESTIMATOR_LABEL.get(e, e), a, TRUTH_LABEL[g], fmt(rho, 3), f"[{fmt(lo, 2)}, {fmt(hi, 2)}]",
+                    "+" if c > 0 else "−", v] for e, a, g, rho, lo, hi, c, v in spearman_rows(doc)])]
+    if (folder / "validation.png").exists():
+        out.append(image("validation.png", "S_l per estimator and the measured ground truths per block"))
+    return out
+
+
+def _validate_blocks(folder: Path, config: dict | None) -> tuple[str, list[Block]]:
+    """The report of a validate folder: reading, run, Spearman table, figure, per-block table."""
+    doc = read_json(folder / "validation.json")
+    title = f"layerif validate: {doc.get('model')} on {doc.get('task')}"
+    ft, pr, base = doc["fine_tune"], doc["pruning"], doc["base"]
+    truths = validation_truths(doc)
+    blocks = [heading(title, 1), heading("Reading"), *map(paragraph, validation_reading(doc)), *run_section(folder, config),
+              heading("What was measured"),
+              *([paragraph(sample_note(doc) + f" {doc['records']['rule']}.")] if "records" in doc else []),
+              paragraph(f"Fine-tune gain: only block l's `{doc['target']}` projections train, {ft['steps']} Adam steps of "
+                 f"{ft['batch_size']} of the {doc.get('gt_n_train', doc['n_train'])} train records (seed {ft['seed']}, "
+                 f"lr {ft['lr']:g} decaying linearly); gain = validation loss before − after (base "
+                 f"{fmt(base['val_loss'])}, mean over {doc.get('gt_n_val', doc['n_val'])} records). Pruning "
+                 f"sensitivity: every projection of block l alone pruned with "
+                 f"{pr['method']} at {pr['sparsity']:g} (calibration {pr['n_calib']} × {pr['seqlen']} tokens of the "
+                 "built-in corpus, dense activations), the rest dense; loss rise = pruned − dense"
+                 + (f"; accuracy change on {pr['task_items']} multiple-choice items of {pr['accuracy_task']} (dense "
+                    f"{fmt(base['accuracy'], 3)})" if pr["accuracy_task"] else "") + "."),
+              paragraph("Signs: I_l(i) < 0 = up-weighting sample i lowers the validation loss (helpful); S_l = total "
+                 "helpful influence. Claimed sign: + for S_l vs fine-tune gain, − for S_l vs pruning loss rise, + "
+                 "vs accuracy change; the other way round for `sum` (negative = helpful); `mean_abs` as S_l. "
+                 f"Intervals: {100 * doc['bootstrap']['level']:.0f}% percentile bootstrap over blocks "
+                 f"(B = {doc['bootstrap']['B']})."),
+              *validation_table(folder, doc)]
+    names = doc["estimators"]
+    shown = [g for g in truths if g in TRUTHS or truths[g] is not None]
+    blocks += [heading("Per block"),
+               table_block(["block", *(TRUTH_LABEL[g] for g in shown), *(f"S_l {ESTIMATOR_LABEL.get(e, e)}" for e in names)],
+                      [[l, *(fmt((truths[g] or [None] * len(doc["layers"]))[i], 3) for g in shown),
+                        *(fmt(doc["scores"][e]["score"][i], 3) for e in names)] for i, l in enumerate(doc["layers"])]),
+               paragraph(f"Time: scores {doc['seconds']['scores']:.0f} s, fine-tuning {doc['seconds']['fine_tune']:.0f} s, "
+                  f"pruning {doc['seconds']['prune']:.0f} s.")]
+    return title, blocks
+
+
 register("validate", ValidateArgs, run,
-         "measure each block's fine-tune gain and pruning sensitivity and test whether the layer scores predict them")
+         "measure each block's fine-tune gain and pruning sensitivity and test whether the layer scores predict them",
+         report=_validate_blocks)
