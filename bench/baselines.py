@@ -34,7 +34,7 @@ START = time.perf_counter()
 import torch  # noqa: E402
 
 from layerif.data import batches, collate, encode_split, per_sample_loss, stat_dtype  # noqa: E402
-from layerif.models import Target, input_device, load_model, select_targets  # noqa: E402
+from layerif.models import Projection, input_device, load_model, select_targets  # noqa: E402
 from layerif.tasks import get_task  # noqa: E402
 
 
@@ -46,7 +46,7 @@ def task_records(tokenizer, task: str, n_train: int, n_val: int, seed: int = 0):
     return train, val
 
 
-def grads_only_on(model: torch.nn.Module, targets: list[Target]) -> list[torch.nn.Parameter]:
+def grads_only_on(model: torch.nn.Module, targets: list[Projection]) -> list[torch.nn.Parameter]:
     """Switch every parameter's gradient off except the targeted modules' own weights; returns those."""
     model.requires_grad_(False)
     params = [p for t in targets for p in t.module.parameters(recurse=False)]
@@ -55,7 +55,7 @@ def grads_only_on(model: torch.nn.Module, targets: list[Target]) -> list[torch.n
     return params
 
 
-def floor_pass(model: torch.nn.Module, targets: list[Target], records, pad_id: int, batch_size: int) -> float:
+def floor_pass(model: torch.nn.Module, targets: list[Projection], records, pad_id: int, batch_size: int) -> float:
     """Seconds of one batched forward+backward over ``records``, gradients only on the targets' weights."""
     params = grads_only_on(model, targets)
     t0 = time.perf_counter()
@@ -66,7 +66,7 @@ def floor_pass(model: torch.nn.Module, targets: list[Target], records, pad_id: i
     return time.perf_counter() - t0
 
 
-def plain_datainf(model: torch.nn.Module, targets: list[Target], train, val, per_val: bool,
+def plain_datainf(model: torch.nn.Module, targets: list[Projection], train, val, per_val: bool,
                   c: float = 0.1) -> dict[int, torch.Tensor]:
     """Block influences {block: [k, n_train]} (k = n_val with ``per_val``, else 1), float64; see the module doc."""
     params = grads_only_on(model, targets)

@@ -50,10 +50,12 @@ def child(method: str, a: argparse.Namespace) -> None:
             for t in targets:
                 blocks[t.block] = blocks.get(t.block, 0) + inf[t.name]
         else:
+            from layerif.engine import EngineConfig
+            from layerif.influence import EstimatorConfig
             from layerif.scores import compute
 
-            blocks = compute(lm, train, val, a.target, method, per_val=True, batch_size=a.batch_size,
-                             mode="materialized").influence
+            blocks = compute(lm, train, val, EstimatorConfig(method),
+                             EngineConfig(a.target, per_val=True, batch_size=a.batch_size, mode="materialized")).influence
     wall = time.perf_counter() - t0
     save_file({f"layer.{l}": v.contiguous() for l, v in blocks.items()}, a.save)
     print(json.dumps({"wall": wall, "grew": mem.peak - mem.start}))

@@ -42,6 +42,8 @@ from safetensors.torch import load_file
 from layerif.data import collate, per_sample_loss
 from layerif.lora import prepare_lora
 from layerif.models import input_device, load_model, select_targets
+from layerif.engine import EngineConfig
+from layerif.influence import EstimatorConfig
 from layerif.scores import compute
 
 
@@ -77,14 +79,15 @@ def part_b(lm, a) -> None:
     pad = lm.tokenizer.pad_token_id
     floor = floor_pass(lm.model, select_targets(lm.model, "attn"), train + val, pad, a.batch_size)
     t0 = time.perf_counter()
-    res = compute(lm, train, val, "attn", "datainf", 0.1, batch_size=a.batch_size, mode="streaming")
+    res = compute(lm, train, val, EstimatorConfig("datainf", 0.1), EngineConfig("attn", batch_size=a.batch_size, mode="streaming"))
     t_stream = time.perf_counter() - t0
     print(f"b. floor (one batched fwd+bwd over {len(train)}+{len(val)} records, gradients only on attn): {floor:.1f} s; "
           f"streaming attn {t_stream:.1f} s = {t_stream / floor:.2f}x floor ({res.passes} passes)")
     lora = prepare_lora(lm, train, ["q_proj", "v_proj"], 8, a.finetune_steps, 1e-3, a.batch_size, 0)
     floor_l = floor_pass(lora.model, select_targets(lora.model, "lora"), train + val, pad, a.batch_size)
     t0 = time.perf_counter()
-    res = compute(lora, train, val, "lora", "datainf", 0.1, batch_size=a.batch_size, mode="materialized")
+    res = compute(lora, train, val, EstimatorConfig("datainf", 0.1),
+                  EngineConfig("lora", batch_size=a.batch_size, mode="materialized"))
     t_mat = time.perf_counter() - t0
     print(f"   floor with gradients only on the LoRA adapters: {floor_l:.1f} s; materialized lora {t_mat:.1f} s "
           f"= {t_mat / floor_l:.2f}x floor")
@@ -124,7 +127,8 @@ def child(spec: dict) -> None:
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()
     with PeakRSS() as mem:
-        compute(lm, train, val, spec["target"], "datainf", 0.1, batch_size=spec["batch_size"], mode="streaming")
+        compute(lm, train, val, EstimatorConfig("datainf", 0.1),
+                EngineConfig(spec["target"], batch_size=spec["batch_size"], mode="streaming"))
     wall = time.perf_counter() - t0
     targets = select_targets(lm.model, spec["target"])
     grad_bytes = sum(t.numel for t in targets) * 4

@@ -44,6 +44,8 @@ def main() -> None:
     from layerif.data import Encoded
     from layerif.models import LoadedModel, select_targets
     from layerif.plan import GPU_PEAK_FLOPS, machine, make_plan
+    from layerif.engine import EngineConfig
+    from layerif.influence import EstimatorConfig
     from layerif.scores import compute
 
     heads = max(1, a.hidden // 128)
@@ -84,8 +86,8 @@ def main() -> None:
     base = torch.cuda.memory_allocated() if cuda else 0
     METER.reset()
     t0 = time.perf_counter()
-    res = compute(lm, train, val, "attn", "datainf", 0.1, batch_size=a.batch_size, mode="streaming",
-                  max_memory_gb=a.max_memory)
+    res = compute(lm, train, val, EstimatorConfig("datainf", 0.1),
+                  EngineConfig("attn", batch_size=a.batch_size, mode="streaming", max_memory_gb=a.max_memory))
     sync()
     wall = time.perf_counter() - t0
     peak = (torch.cuda.max_memory_allocated() - base) / 1e9 if cuda else float("nan")

@@ -39,3 +39,16 @@ def module_influence(stats: ModuleStats, estimator: str, lam: float) -> torch.Te
     """Influence I [n, k] (float64) of each train sample on each validation column for one module, by the
     estimator's Gram form with default options."""
     return ESTIMATORS[estimator].gram(stats, lam, EstimatorOptions())
+
+
+def compute(lm, train, val, target: str = "attn", estimator: str = "datainf", damping_scale: float = 0.1,
+            per_val: bool = False, batch_size: int = 8, max_memory_gb: float | None = None, layout: str = "auto",
+            mode: str = "auto", val_chunk: int = 8, cache_dir=None, **options):
+    """:func:`layerif.scores.compute` with its configs built from keywords (the tests' one spelling of a run);
+    ``options``: :class:`EstimatorOptions` fields."""
+    from layerif.engine import EngineConfig
+    from layerif.influence import EstimatorConfig
+    from layerif.scores import compute as library_compute
+
+    return library_compute(lm, train, val, EstimatorConfig(estimator, damping_scale, EstimatorOptions(**options)),
+                           EngineConfig(target, per_val, batch_size, max_memory_gb, layout, mode, val_chunk), cache_dir)

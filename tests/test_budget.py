@@ -11,7 +11,7 @@ from layerif.budget import METER, streaming_bytes, streaming_plan
 from layerif.errors import UserError
 from layerif.models import select_targets
 from layerif.engine import plan_layouts
-from layerif.scores import compute
+from helpers import compute
 from test_streaming import _setup
 
 
@@ -88,3 +88,32 @@ def test_gram_working_copies_stay_within_their_scratch(layouts):
         got = gram(a, b, scratch_bytes=scratch, track=meter.track)
         assert 0 < meter.peak <= scratch, (scratch, meter.peak)
         torch.testing.assert_close(got, whole, rtol=1e-12, atol=1e-9 * float(whole.abs().max()))
+
+
+@pytest.mark.parametrize("side", [1 + 1e-9, 1 - 1e-9])
+def test_the_mode_choice_and_the_engine_read_one_plan_at_the_boundary(side, monkeypatch):
+    """A budget just above / below the largest module's bytes plus the Gram scratch (budget / 8): ``auto`` with an
+    estimator that needs the materialized engine runs it, or refuses before any pass; it never chooses it and then
+    finds the budget too small."""
+    from layerif import engine
+
+    lm, train, val = _setup("llama", seed=8)
+    targets = select_targets(lm.model, "attn")
+    cost = max(plan_layouts(targets, train, val, False)[1].values())
+    budget = cost * 8 / 7 * side  # fits iff cost <= budget - budget / 8
+    passes = []
+    real = engine.run_pass
+    monkeypatch.setattr(engine, "run_pass", lambda *a, **k: passes.append(1) or real(*a, **k))
+    if side < 1:
+        with pytest.raises(UserError, match="--max-memory"):
+            compute(lm, train, val, "attn", "exact", batch_size=3, max_memory_gb=budget / 1e9)
+        assert passes == []
+        streamed = compute(lm, train, val, "attn", "datainf", batch_size=3, max_memory_gb=budget / 1e9)
+        assert streamed.meta["mode"] == "streaming"  # datainf streams where the materialized engine cannot run
+        return
+    tight = compute(lm, train, val, "attn", "exact", batch_size=3, max_memory_gb=budget / 1e9)
+    free = compute(lm, train, val, "attn", "exact", batch_size=3, max_memory_gb=1e3)
+    assert tight.meta["mode"] == "materialized" and tight.passes == 2 * len(targets) > free.passes == 2
+    for l in free.layers:
+        torch.testing.assert_close(tight.influence[l], free.influence[l], rtol=1e-6,
+                                   atol=1e-9 * float(free.influence[l].abs().max()))

@@ -263,16 +263,17 @@ def test_compare_estimators_d_below_n(main, tmp_path, capsys):
 
 def test_block_influence_matches_engine_estimators():
     """datainf / exact / grad-dot from shared statistics are the engine's own (gram_influence), summed per block."""
-    from layerif.models import Target
+    from layerif.influence import EstimatorConfig
+    from layerif.models import Projection
     from layerif.scores import gram_influence
 
     _, _, s0 = _random_stats(8, 5, seed=5)
     _, _, s1 = _random_stats(8, 7, seed=6)
     stats = {"a": s0, "b": s1}
-    targets = [Target(0, "a", torch.nn.Linear(1, 1)), Target(0, "b", torch.nn.Linear(1, 1))]
+    targets = [Projection(0, "a", torch.nn.Linear(1, 1), "a"), Projection(0, "b", torch.nn.Linear(1, 1), "b")]
     for e in ("datainf", "exact", "grad-dot"):
-        mod, _ = gram_influence(stats, targets, e, 0.1)
-        torch.testing.assert_close(block_influence(stats, targets, e, 0.1)[0], mod["a"][0] + mod["b"][0])
+        mod, _ = gram_influence(stats, targets, EstimatorConfig(e, 0.1))
+        torch.testing.assert_close(block_influence(stats, targets, EstimatorConfig(e, 0.1))[0], mod["a"][0] + mod["b"][0])
 
 
 @pytest.mark.parametrize("extra,expect", [

@@ -20,7 +20,7 @@ from conftest import make_tokenizer, tiny_model
 from layerif.cli import main
 from layerif.data import encode_pair
 from layerif.models import LoadedModel, load_model, select_targets
-from layerif.scores import compute
+from helpers import compute
 
 RECORDS = [("the capital of france is", " paris"), ("the capital of italy is", " rome"),
            ("one plus two equals", " three"), ("the capital of spain is", " madrid"), ("two plus two equals", " four")]

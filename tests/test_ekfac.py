@@ -7,7 +7,7 @@ import torch
 
 from layerif import ekfac
 from layerif.models import select_targets
-from layerif.scores import compute
+from helpers import compute
 from test_streaming import _setup
 
 pytestmark = pytest.mark.skipif(not ekfac.available(), reason=f"Kronfluence not installed: {ekfac.INSTALL}")

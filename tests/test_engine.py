@@ -8,11 +8,11 @@ import torch
 from conftest import make_tokenizer, tiny_model
 from layerif.data import encode, encode_split
 from layerif.engine import per_sample_grads
-from helpers import factored_from_batches, flat_params, module_influence, stats_from_grads
+from helpers import compute, factored_from_batches, flat_params, module_influence, stats_from_grads
 from layerif.influence import damping
 from layerif.models import LoadedModel, find_blocks, select_targets
 from layerif.engine import plan_layouts
-from layerif.scores import aggregate, compute
+from layerif.scores import aggregate
 
 TEXTS = [
     "the capital of france is paris",

@@ -628,7 +628,7 @@ def test_compare_tasks_checks_every_task_before_the_weights(tiny_model_dir, work
 def test_library_refuses_non_finite_damping(llama, tokenizer, value):
     from layerif.data import encode_split
     from layerif.models import LoadedModel
-    from layerif.scores import compute
+    from helpers import compute
 
     recs = encode_split(tokenizer, [{"text": "the cat is a dog"}] * 2, "x")[0]
     with pytest.raises(UserError, match="--damping-scale must be > 0"):

@@ -16,7 +16,7 @@ from layerif.engine import materialized_plan
 from layerif.cli import main
 from layerif.models import select_targets
 from layerif.plan import Machine, make_plan
-from layerif.scores import compute
+from helpers import compute
 from test_streaming import _setup
 
 BIG = Machine("cpu", 1e12)

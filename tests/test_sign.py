@@ -29,7 +29,7 @@ import torch
 from conftest import make_tokenizer, tiny_model
 from layerif.data import encode_split
 from layerif.models import LoadedModel, select_targets
-from layerif.scores import compute
+from helpers import compute
 
 TRAIN = [
     "the capital of france is paris",

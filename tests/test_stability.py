@@ -13,9 +13,11 @@ from conftest import WORDS, make_tokenizer, tiny_model
 from layerif.cli import main
 from layerif.data import encode_split
 from layerif.errors import UserError
-from helpers import stats_from_grads
+from helpers import compute, stats_from_grads
 from layerif.models import LoadedModel
-from layerif.scores import compute, split_half_recompute
+from layerif.engine import EngineConfig
+from layerif.influence import EstimatorConfig
+from layerif.scores import ScoreConfig, split_half_recompute
 from layerif.stability import (bootstrap, layer_scores, spearman, split_half_from_influence, split_half_from_stats,
                                split_indices)
 
@@ -110,7 +112,7 @@ def test_split_half_of_deterministic_case_is_one():
 def test_split_half_from_stats_rescores_each_half_on_its_own():
     """Identical train gradients: each half's own lambda and 1/n terms give the same profile -> Spearman 1."""
     from layerif.compare import block_influence
-    from layerif.models import Target
+    from layerif.models import Projection
 
     g = torch.Generator().manual_seed(0)
     targets, stats = [], {}
@@ -118,9 +120,10 @@ def test_split_half_from_stats_rescores_each_half_on_its_own():
         G = torch.randn(1, 7, generator=g, dtype=torch.float64).expand(12, -1)
         v = (l + 1) * G[0] + 0.01 * torch.randn(7, generator=g, dtype=torch.float64)
         stats[f"m{l}"] = stats_from_grads(G, v)
-        targets.append(Target(block=l, name=f"m{l}", module=torch.nn.Linear(1, 1)))
+        targets.append(Projection(block=l, name=f"m{l}", module=torch.nn.Linear(1, 1), rel=f"m{l}"))
     for est in ("datainf", "exact", "lissa"):
-        s = split_half_from_stats(stats, lambda st, est=est: block_influence(st, targets, est, 0.1), top_k=2, seed=1)
+        s = split_half_from_stats(stats, lambda st, est=est: block_influence(st, targets, EstimatorConfig(est, 0.1)),
+                                  top_k=2, seed=1)
         assert s["spearman"] == pytest.approx(1.0) and s["score_a"] == pytest.approx(s["score_b"])
 
 
@@ -128,8 +131,8 @@ def test_split_half_recompute_on_tiny_model_with_identical_records_is_one():
     lm = LoadedModel(model=tiny_model("llama", n_layers=3, seed=2), tokenizer=make_tokenizer(), name="tiny")
     train = encode_split(lm.tokenizer, [{"text": "the capital of france is paris"}] * 8, "train")[0]
     val = encode_split(lm.tokenizer, [{"text": "one plus two equals three"}], "validation")[0]
-    s = split_half_recompute(lm, train, val, top_k=2, seed=0, target="attn", estimator="datainf", damping_scale=0.1,
-                             batch_size=4)
+    s = split_half_recompute(lm, train, val, ScoreConfig(EstimatorConfig("datainf", 0.1), EngineConfig("attn", batch_size=4)),
+                             top_k=2, seed=0)
     assert s["method"] == "recomputed" and s["n_half"] == 4
     assert s["spearman"] == pytest.approx(1.0) and s["score_a"] == pytest.approx(s["score_b"], rel=1e-6)
 
@@ -143,11 +146,13 @@ def test_split_half_recompute_equals_rescoring_gram_subsets():
     lm = LoadedModel(model=tiny_model("llama", n_layers=3, seed=6), tokenizer=make_tokenizer(), name="tiny")
     train = encode_split(lm.tokenizer, [{"text": t} for t in random_texts(10, seed=5)], "train")[0]
     val = encode_split(lm.tokenizer, [{"text": t} for t in random_texts(2, seed=6)], "validation")[0]
-    rec = split_half_recompute(lm, train, val, top_k=2, seed=3, target="attn", estimator="exact", damping_scale=0.1,
-                               batch_size=5, mode="materialized")
+    rec = split_half_recompute(lm, train, val, ScoreConfig(EstimatorConfig("exact", 0.1),
+                                                           EngineConfig("attn", batch_size=5, mode="materialized")),
+                               top_k=2, seed=3)
     targets = select_targets(lm.model, "attn")
-    stats, _, _ = module_stats(lm.model, targets, train, val, lm.tokenizer.pad_token_id, batch_size=5)
-    gram = split_half_from_stats(stats, lambda s: block_influence(s, targets, "exact", 0.1), top_k=2, seed=3)
+    stats, _, _ = module_stats(lm.model, targets, train, val, lm.tokenizer.pad_token_id, EngineConfig(batch_size=5))
+    gram = split_half_from_stats(stats, lambda s: block_influence(s, targets, EstimatorConfig("exact", 0.1)), top_k=2,
+                                 seed=3)
     assert rec["score_a"] == pytest.approx(gram["score_a"], rel=1e-4)
     assert rec["score_b"] == pytest.approx(gram["score_b"], rel=1e-4)
 

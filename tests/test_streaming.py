@@ -13,7 +13,8 @@ from layerif.data import encode_split
 from layerif.grads import dense_from_activations, dots, sq_norms, weighted_sum
 from layerif.models import LoadedModel, select_targets
 from layerif.engine import plan_layouts
-from layerif.scores import choose_mode, compute
+from helpers import compute
+from layerif.scores import choose_mode
 from test_engine import TEXTS
 
 

@@ -33,7 +33,7 @@ import weakref
 import torch
 
 from .errors import UserError
-from .models import Target
+from .models import Projection
 
 
 class Meter:
@@ -72,10 +72,10 @@ class Meter:
 METER = Meter()
 
 
-def plan_groups(targets: list[Target], cost: dict[str, float], budget_bytes: float) -> list[list[Target]]:
+def plan_groups(targets: list[Projection], cost: dict[str, float], budget_bytes: float) -> list[list[Projection]]:
     """Split targets (model order) into consecutive groups whose ``cost`` bytes fit the budget
     (a target that alone exceeds it forms its own group; callers check that first)."""
-    groups: list[list[Target]] = [[]]
+    groups: list[list[Projection]] = [[]]
     used = 0.0
     for t in targets:
         if groups[-1] and used + cost[t.name] > budget_bytes:
@@ -97,7 +97,7 @@ def gram_bytes(n: int, k: int) -> float:
     return 8.0 * n * (n + k)
 
 
-def streaming_bytes(t: Target, n: int, k: int, weighted: bool) -> float:
+def streaming_bytes(t: Projection, n: int, k: int, weighted: bool) -> float:
     """One target's streaming buffers for a chunk of k validation columns (module docstring), in bytes:
     V (and W when ``weighted``) [k, d]; ||g||^2 [n] and P [n, k] (and R, C [n, k] when ``weighted``), float64."""
     if weighted:
@@ -115,14 +115,14 @@ def chunk_columns(n_columns: int, chunk: int) -> list[int]:
     return [min(chunk, n_columns - s) for s in range(0, n_columns, chunk)]
 
 
-def streaming_plan(targets: list[Target], n_train: int, n_columns: int, val_chunk: int, weighted: bool,
-                   budget_bytes: float) -> tuple[list[list[Target]], int]:
+def streaming_plan(targets: list[Projection], n_train: int, n_columns: int, val_chunk: int, weighted: bool,
+                   budget_bytes: float) -> tuple[list[list[Projection]], int]:
     """(target groups, validation columns per chunk) with the fewest passes whose buffers fit the budget.
 
     ``n_columns``: validation columns (n_val with per-val, else 1); at most
     ``val_chunk`` of them per chunk. Every (group, chunk) costs one round of passes.
     """
-    best: tuple[int, list[list[Target]], int] | None = None
+    best: tuple[int, list[list[Projection]], int] | None = None
     for k in range(1, max(1, min(val_chunk, n_columns)) + 1):
         cost = {t.name: streaming_bytes(t, n_train, k, weighted) for t in targets}
         if max(cost.values()) > budget_bytes:

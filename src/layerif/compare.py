@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import torch
 
-from .influence import EstimatorOptions, ModuleStats
+from .influence import EstimatorConfig, ModuleStats
 from .io import pyplot
-from .models import Target
+from .models import Projection
 from .scores import gram_influence
 from .stability import finite, layer_scores, pearson, spearman, top_k_blocks, top_k_overlap
 
@@ -84,20 +84,17 @@ def heatmap_figure(labels: list[str], layers: list[int], share: dict[str, list[f
 # ----------------------------------------------------------------------------- compare-estimators
 
 
-def block_influence(
-    stats: dict[str, ModuleStats], targets: list[Target], estimator: str, damping_scale: float,
-    lissa_iterations: int = 100, lissa_batch: int = 0, seed: int = 0,
-) -> dict[int, torch.Tensor]:
+def block_influence(stats: dict[str, ModuleStats], targets: list[Projection], estimator: EstimatorConfig
+                    ) -> dict[int, torch.Tensor]:
     """Block influences {block: I_l [n]} (summed validation loss) of one estimator from shared Gram statistics."""
-    module_inf, _ = gram_influence(stats, targets, estimator, damping_scale,
-                                   EstimatorOptions(lissa_iterations, lissa_batch, seed))
+    module_inf, _ = gram_influence(stats, targets, estimator)
     blocks: dict[int, torch.Tensor] = {}
     for t in targets:
         blocks[t.block] = blocks.get(t.block, 0) + module_inf[t.name][0]
     return {l: blocks[l] for l in sorted(blocks)}
 
 
-def per_block_max(targets: list[Target], values: dict[str, float]) -> list[float]:
+def per_block_max(targets: list[Projection], values: dict[str, float]) -> list[float]:
     """The largest per-module value within each block, blocks in order."""
     out: dict[int, float] = {}
     for t in targets:

@@ -32,7 +32,8 @@ from torch import nn
 
 from .data import Encoded, collate, per_sample_loss, stat_dtype
 from .errors import UserError
-from .models import Target, input_device
+from .influence import Estimator, EstimatorConfig, damping_rule, register
+from .models import Projection, input_device
 
 INSTALL = "pip install --no-deps kronfluence==1.0.1 accelerate einconv einops opt_einsum (or: make peer)"
 STRATEGIES = {"ekfac": 2, "kfac": 1, "diagonal": 1, "identity": 0}  # strategy -> fitting passes
@@ -44,7 +45,7 @@ def available() -> bool:
 
 
 @contextmanager
-def _tracked(model: nn.Module, targets: list[Target]) -> Iterator[None]:
+def _tracked(model: nn.Module, targets: list[Projection]) -> Iterator[None]:
     """Within the context the targets are wrapped by Kronfluence; afterwards the model is as it was
     (the original modules back in place, every parameter's ``requires_grad`` restored)."""
     from kronfluence.module.tracked_module import TrackedModule
@@ -63,7 +64,7 @@ def _tracked(model: nn.Module, targets: list[Target]) -> Iterator[None]:
 
 def kronfluence_influence(
     model: nn.Module,
-    targets: list[Target],
+    targets: list[Projection],
     train: list[Encoded],
     val: list[Encoded],
     pad_id: int,
@@ -153,9 +154,19 @@ def kronfluence_influence(
             factors = an.load_all_factors("f")
             for name in names:
                 lam = factors["lambda_matrix"][name].double() / factors["num_lambda_processed"][name].double()
-                lambdas[name] = damping_scale * float(lam.mean())
+                lambdas[name] = damping_rule(lam.mean(), damping_scale)
     influence = {}
     for name in names:
         s = -scores[name].double().cpu()  # [n_val, n_train]
         influence[name] = s if per_val else s.sum(dim=0, keepdim=True)
     return influence, lambdas, STRATEGIES[strategy] + 2
+
+
+def _ekfac(model, targets, train, val, pad_id, estimator: EstimatorConfig, engine):
+    """The registry's ``direct`` form (:class:`layerif.influence.Estimator`) of :func:`kronfluence_influence`."""
+    return kronfluence_influence(model, targets, train, val, pad_id, "ekfac", estimator.damping_scale, engine.per_val,
+                                 engine.batch_size)
+
+
+# exact's formula with the Fisher G^T G / n replaced by its eigenvalue-corrected Kronecker factorisation
+register(Estimator("ekfac", None, direct=_ekfac, installed=available))

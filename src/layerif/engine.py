@@ -43,6 +43,7 @@ every rank ends with the same full result.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -56,14 +57,48 @@ from .data import Encoded, batches, collate
 from .distributed import all_gather_rows, all_reduce_sum, shard
 from .grads import (Factored, NonFinite, capture, dense_from_activations, dots, gram, losses_and_backward, sq_norms,
                     weighted_sum)
-from .influence import ESTIMATORS, ModuleStats, damping_from_norms
-from .models import Target, input_device, weight_out_in
+from .errors import UserError
+from .influence import EstimatorConfig, ModuleStats
+from .models import Projection, check_selector, input_device, weight_out_in
 
-Sink = Callable[[Target, torch.Tensor, torch.Tensor, int, torch.Tensor], None]
+Sink = Callable[[Projection, torch.Tensor, torch.Tensor, int, torch.Tensor], None]
 """``sink(target, x, delta, offset, mask)``: what :func:`run_pass` hands each target's activations and gradients to."""
 
 
-def run_pass(model: torch.nn.Module, targets: list[Target], records: list[Encoded], sink: Sink, pad_id: int,
+MODES = ("auto", "materialized", "streaming")
+LAYOUTS = ("auto", "dense", "factored")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How a scoring run computes, checked once (here): the projections it scores (``selector``, the
+    :func:`layerif.models.select_targets` spelling), per-validation-sample columns (``per_val``), records per
+    pass, the memory budget (GB, None: :func:`memory_budget`'s default), the per-sample gradients' layout, the
+    engine (``mode``: ``auto`` is :func:`layerif.scores.choose_mode`) and streaming's validation columns per chunk."""
+
+    selector: str = "attn"
+    per_val: bool = False
+    batch_size: int = 8
+    max_memory_gb: float | None = None
+    layout: str = "auto"
+    mode: str = "auto"
+    val_chunk: int = 8
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise UserError(f"unknown mode {self.mode!r} (use auto, materialized or streaming)")
+        if self.max_memory_gb is not None and not 0 < self.max_memory_gb < math.inf:
+            raise UserError(f"--max-memory must be > 0 GB (got {self.max_memory_gb})")
+        if self.val_chunk < 1:
+            raise UserError(f"--val-chunk must be >= 1 (got {self.val_chunk})")
+        if self.layout not in LAYOUTS:
+            raise UserError(f"unknown layout {self.layout!r} (use auto, dense or factored)")
+        if self.batch_size < 1:
+            raise UserError(f"--batch-size must be >= 1 (got {self.batch_size})")
+        check_selector(self.selector)
+
+
+def run_pass(model: torch.nn.Module, targets: list[Projection], records: list[Encoded], sink: Sink, pad_id: int,
              batch_size: int = 8, desc: str = "pass", start: int = 0) -> torch.Tensor:
     """One forward+backward pass over ``records`` (right-padded batches of ``batch_size``): the one loop.
 
@@ -91,7 +126,7 @@ def run_pass(model: torch.nn.Module, targets: list[Target], records: list[Encode
 
 
 def per_sample_grads(
-    model: torch.nn.Module, targets: list[Target], records: list[Encoded], pad_id: int, batch_size: int = 8,
+    model: torch.nn.Module, targets: list[Projection], records: list[Encoded], pad_id: int, batch_size: int = 8,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """All per-sample gradients of ``targets`` for ``records`` (small problems and tests).
 
@@ -131,7 +166,7 @@ def memory_budget(max_memory_gb: float | None = None, device: str | None = None,
 # ----------------------------------------------------------------------------- materialized engine
 
 
-def _layout(t: Target, n: int, n_tokens: int, prefer: str = "auto") -> tuple[str, float]:
+def _layout(t: Projection, n: int, n_tokens: int, prefer: str = "auto") -> tuple[str, float]:
     """How to hold a module's per-sample gradients for n samples of n_tokens real tokens in all.
 
     ``factored`` (token factors, :class:`~layerif.grads.Factored`) when its Gram
@@ -150,7 +185,7 @@ def _layout(t: Target, n: int, n_tokens: int, prefer: str = "auto") -> tuple[str
 
 
 def plan_layouts(
-    targets: list[Target], train: list[Encoded], val: list[Encoded], per_val: bool, prefer: str = "auto"
+    targets: list[Projection], train: list[Encoded], val: list[Encoded], per_val: bool, prefer: str = "auto"
 ) -> tuple[tuple[dict, dict], dict[str, float]]:
     """Per-module layouts of the train and validation gradients, and the bytes each module holds in the
     materialized engine (:mod:`layerif.budget`): its gradients and its Gram matrices K and P."""
@@ -171,7 +206,7 @@ class MaterializedPlan:
     layout_val: dict[str, tuple[str, float]]  # module -> (layout or ``summed``, bytes of its validation gradients)
     cost: dict[str, float]  # module -> bytes it holds: both gradients and its Gram matrices K, P
     scratch: float  # bytes kept aside for the Gram products' working copies (:func:`layerif.budget.gram_scratch`)
-    groups: list[list[Target]]  # module groups, each one validation and one train pass
+    groups: list[list[Projection]]  # module groups, each one validation and one train pass
 
     @property
     def passes(self) -> int:
@@ -182,7 +217,7 @@ class MaterializedPlan:
         return [sum(self.cost[t.name] for t in g) for g in self.groups]
 
 
-def materialized_plan(targets: list[Target], train: list[Encoded], val: list[Encoded], per_val: bool,
+def materialized_plan(targets: list[Projection], train: list[Encoded], val: list[Encoded], per_val: bool,
                       layout: str, budget_bytes: float) -> MaterializedPlan:
     """Layouts, bytes per module and module groups that fit ``budget_bytes`` with the scratch aside: the
     pure arithmetic of :func:`module_stats` (needs the records' lengths and the targets' shapes only, so a
@@ -198,7 +233,7 @@ def materialized_plan(targets: list[Target], train: list[Encoded], val: list[Enc
 
 def gradient_pass(
     model: torch.nn.Module,
-    targets: list[Target],
+    targets: list[Projection],
     records: list[Encoded],
     pad_id: int,
     batch_size: int,
@@ -221,7 +256,7 @@ def gradient_pass(
     }
     filled = {t.name: 0 for t in targets}
 
-    def sink(t: Target, x: torch.Tensor, delta: torch.Tensor, o: int, mask: torch.Tensor) -> None:
+    def sink(t: Projection, x: torch.Tensor, delta: torch.Tensor, o: int, mask: torch.Tensor) -> None:
         kind = layout[t.name]
         if kind == "factored":
             filled[t.name] = grads[t.name].fill(filled[t.name], x, delta, mask, o)
@@ -236,31 +271,28 @@ def gradient_pass(
 
 def module_stats(
     model: torch.nn.Module,
-    targets: list[Target],
+    targets: list[Projection],
     train: list[Encoded],
     val: list[Encoded],
     pad_id: int,
-    per_val: bool = False,
-    batch_size: int = 8,
-    budget_bytes: float | None = None,
-    layout: str = "auto",
-    cache: PassCache | None = None,
-    reduce: Callable[[Target, ModuleStats], None] | None = None,
+    config: EngineConfig = EngineConfig(),
     plan: MaterializedPlan | None = None,
+    cache: PassCache | None = None,
+    reduce: Callable[[Projection, ModuleStats], None] | None = None,
 ) -> tuple[dict[str, ModuleStats], torch.Tensor, int]:
     """Gram statistics of every target. Returns ({name: stats}, train losses [n], passes run).
 
-    Targets go in groups whose gradients and Gram matrices fit ``budget_bytes`` (:func:`memory_budget`)
-    (:mod:`layerif.budget`); each group costs a validation and a train pass. With
+    Targets go in groups whose gradients and Gram matrices fit the budget (``plan``, the run's
+    :func:`materialized_plan`; made here from ``config`` when not given) (:mod:`layerif.budget`); each group
+    costs a validation and a train pass. ``config``: per-validation-sample columns, records per pass. With
     ``reduce``, each module's statistics are handed to it as soon as its group is
     done and not kept (the returned dict is empty), so no more than one group's
     are ever held. Each completed module group is recorded in ``cache`` and skipped on a re-run.
-    ``plan``: the run's :func:`materialized_plan` when the caller made it already (it is made here otherwise).
     """
     cache = cache or PassCache(None)
+    per_val, batch_size = config.per_val, config.batch_size
     if plan is None:
-        plan = materialized_plan(targets, train, val, per_val, layout,
-                                 memory_budget() if budget_bytes is None else budget_bytes)
+        plan = materialized_plan(targets, train, val, per_val, config.layout, memory_budget(config.max_memory_gb))
     layout_t, layout_v, scratch, groups = plan.layout_train, plan.layout_val, plan.scratch, plan.groups
     stats: dict[str, ModuleStats] = {}
     passes = 0
@@ -305,30 +337,29 @@ def check_finite(values: torch.Tensor, what: str, module: str, offset: int = 0) 
 
 def streaming_influence(
     model: torch.nn.Module,
-    targets: list[Target],
+    targets: list[Projection],
     train: list[Encoded],
     val: list[Encoded],
     pad_id: int,
-    estimator: str = "datainf",
-    damping_scale: float = 0.1,
-    per_val: bool = False,
-    batch_size: int = 8,
-    val_chunk: int = 8,
-    cache: PassCache | None = None,
+    estimator: EstimatorConfig = EstimatorConfig(),
+    config: EngineConfig = EngineConfig(),
     budget_bytes: float = float("inf"),
+    cache: PassCache | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float], torch.Tensor, int]:
     """Module influences {name: I_m [k, n_train]} (float64), lambdas, train losses [n], passes run.
 
     Each completed pass is recorded in ``cache`` (single process) and skipped on a re-run.
 
-    k = 1 (summed validation loss) or n_val with ``per_val``. Supports the
-    estimators with a streaming form (``datainf``, ``grad-dot``). The buffers fit
+    k = 1 (summed validation loss) or n_val with ``config.per_val``. Supports the
+    estimators with a streaming form (``datainf``, ``grad-dot``); lambda and the influence come from
+    ``estimator`` (:class:`layerif.influence.EstimatorConfig`). The buffers fit
     ``budget_bytes`` (:func:`layerif.budget.streaming_plan`): targets are taken in
-    groups and validation columns in chunks, each (group, chunk) one round of passes.
+    groups and validation columns in chunks of at most ``config.val_chunk``, each (group, chunk) one round of passes.
     """
-    rule = ESTIMATORS[estimator]
+    rule = estimator.rule
     if not rule.streaming:
-        raise ValueError(f"streaming mode does not support {estimator!r} (it needs the n x n Gram matrix)")
+        raise ValueError(f"streaming mode does not support {estimator.name!r} (it needs the n x n Gram matrix)")
+    per_val, batch_size, val_chunk = config.per_val, config.batch_size, config.val_chunk
     cache = cache or PassCache(None)
     tr, va = shard(train), shard(val)
     n, n_local = len(train), len(train[tr])
@@ -352,7 +383,7 @@ def streaming_influence(
             passes += 1
         return got
 
-    def run_chunk(gi: int, group: list[Target], ci: int, cols: list[int]) -> torch.Tensor:
+    def run_chunk(gi: int, group: list[Projection], ci: int, cols: list[int]) -> torch.Tensor:
         """One round of passes for one target group and validation chunk; returns the train losses.
         Its buffers are freed on return, before the next round allocates its own."""
         parts = [f"group {gi + 1}/{len(groups)}"] * (len(groups) > 1) + [f"validation chunk {ci + 1}/{len(columns)}"] * (len(columns) > 1)
@@ -395,13 +426,14 @@ def streaming_influence(
             return out
 
         A = stage(f"{key}.A", pass_a)
-        lambdas.update({t.name: damping_from_norms(A[f"{t.name}.sq"], t.numel, damping_scale) for t in group})
+        lambdas.update({t.name: estimator.damping(A[f"{t.name}.sq"], t.numel) for t in group})
         P = {t.name: A[f"{t.name}.P"] for t in group}  # [n, k]
         if not weighted:
             for t in group:
-                influence[t.name].append(rule.stream_combine(P[t.name], None, n, lambdas[t.name]).T)
+                influence[t.name].append(estimator.stream_combine(P[t.name], None, n, lambdas[t.name]).T)
             return A["train_loss"]
-        R = {t.name: METER.track(rule.stream_weights(P[t.name], A[f"{t.name}.sq"], lambdas[t.name])) for t in group}
+        R = {t.name: METER.track(estimator.stream_weights(P[t.name], A[f"{t.name}.sq"], lambdas[t.name]))
+             for t in group}
 
         def pass_b() -> dict[str, torch.Tensor]:
             """w = sum_j r_j g_j per module and column, [k, d]."""
@@ -428,11 +460,7 @@ def streaming_influence(
 
         C = stage(f"{key}.C", pass_c)
         for t in group:
-            lam = lambdas[t.name]
-            if lam == 0.0:  # no train gradient at all: zero influence (as layerif.influence.estimate)
-                influence[t.name].append(torch.zeros(k, n, dtype=torch.float64))
-            else:
-                influence[t.name].append(rule.stream_combine(P[t.name], C[t.name], n, lam).T)
+            influence[t.name].append(estimator.stream_combine(P[t.name], C[t.name], n, lambdas[t.name]).T)
         return A["train_loss"]
 
     for gi, group in enumerate(groups):

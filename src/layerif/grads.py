@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .data import Encoded, batches, collate, per_sample_loss, upcast
-from .models import Target, input_device, is_conv1d, weight_out_in
+from .models import Projection, input_device, is_conv1d, weight_out_in
 
 
 def _shaped(x: torch.Tensor, batch: int) -> torch.Tensor:
@@ -209,7 +209,7 @@ def gram(a: torch.Tensor | Factored, b: torch.Tensor | Factored, scratch_bytes: 
     return out
 
 
-def _finite(t: Target, delta: torch.Tensor) -> torch.Tensor:
+def _finite(t: Projection, delta: torch.Tensor) -> torch.Tensor:
     """``delta`` [B, T, out], or :class:`NonFinite` naming its first non-finite row and ``t`` (backward order:
     the first target the non-finite gradient reaches)."""
     bad = (~torch.isfinite(delta).flatten(1).all(dim=1)).nonzero()
@@ -220,7 +220,7 @@ def _finite(t: Target, delta: torch.Tensor) -> torch.Tensor:
 
 @contextmanager
 def capture(
-    model: nn.Module, targets: Sequence[Target], sink: Callable[[Target, torch.Tensor, torch.Tensor], None]
+    model: nn.Module, targets: Sequence[Projection], sink: Callable[[Projection, torch.Tensor, torch.Tensor], None]
 ) -> Iterator[None]:
     """Within the context, every backward pass of ``model`` calls ``sink(target, x, delta)`` per target.
 
@@ -235,7 +235,7 @@ def capture(
         first = next(v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor))
         batch[0] = first.shape[0]
 
-    def make_hook(t: Target):
+    def make_hook(t: Projection):
         def fwd(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
             if not torch.is_grad_enabled() or not output.requires_grad:
                 return

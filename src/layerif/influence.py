@@ -25,13 +25,15 @@ Influence of train sample i on validation column j, I[i, j] = - g_i . h_j, with
 Negative influence = up-weighting the sample lowers the validation loss (helpful).
 All algebra runs in float64. A module with lambda = 0 (all its train gradients
 are zero, e.g. LoRA A matrices before training) has zero influence
-(:func:`estimate`, the one place this rule lives).
+(:func:`estimate` and :class:`EstimatorConfig`, which every engine asks: the one place this rule lives,
+as lambda's (:func:`damping_rule`)).
 
 **The registry** (:data:`ESTIMATORS`): every estimator is one :class:`Estimator`
 -- its Gram-form influence and, when it can run without per-sample storage
 (the streaming engine), the two streaming steps. Mode choice, the streaming
 guard and ``compare-estimators`` read the registry; adding an estimator is one
-:func:`register` call here.
+:func:`register` call here (a peer library's, like EK-FAC, in its own module: :mod:`layerif.ekfac`, which
+:mod:`layerif.options` imports so that every command sees it).
 
 Streaming form (:mod:`layerif.engine`): with the per-sample squared norms
 sq_i = K[i, i] and P, an estimator gives per-sample weights R [n, k]
@@ -71,6 +73,7 @@ beta grows like d / c: a guarantee only for modules with few parameters or stron
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -90,16 +93,30 @@ class ModuleStats:
 
 @dataclass(frozen=True)
 class EstimatorOptions:
-    """Options some estimators take (ignored by the others)."""
+    """Options some estimators take (ignored by the others); checked here, once."""
 
     lissa_iterations: int = 100  # LiSSA recursion steps T
     lissa_batch: int = 0  # LiSSA: train records per step (0: all, deterministic)
     seed: int = 0  # LiSSA mini-batch sampling
 
+    def __post_init__(self) -> None:
+        if self.lissa_iterations < 1:
+            raise UserError(f"--lissa-iterations must be >= 1 (got {self.lissa_iterations})")
+        if self.lissa_batch < 0:
+            raise UserError(f"--lissa-batch must be >= 0 (got {self.lissa_batch})")
+
+
+def damping_rule(mean_eigenvalue: float | torch.Tensor, scale: float) -> float:
+    """lambda_m = scale * mu_m, with mu_m the mean eigenvalue of module m's Fisher: the one damping rule.
+
+    For the empirical Fisher G^T G / n, mu = trace / d = mean_i ||g_i||^2 / d (:func:`damping_from_norms`);
+    for EK-FAC (:mod:`layerif.ekfac`) the mean of its corrected eigenvalues."""
+    return float(scale * mean_eigenvalue)
+
 
 def damping_from_norms(sq_norms: torch.Tensor, d: int, scale: float) -> float:
-    """lambda_m = scale * mean_i(||g_i||^2) / d_m from the per-sample squared norms [n]."""
-    return float(scale * sq_norms.mean() / d)
+    """lambda_m = scale * mean_i(||g_i||^2) / d_m from the per-sample squared norms [n] (:func:`damping_rule`)."""
+    return damping_rule(sq_norms.mean() / d, scale)
 
 
 def damping(stats: ModuleStats, scale: float) -> float:
@@ -201,8 +218,8 @@ class Estimator:
     train samples (split-half may then reuse the per-sample influences).
     ``direct`` (instead of ``gram``): an estimator computed by a peer library from
     the model and records themselves, ``direct(model, targets, train, val, pad_id,
-    damping_scale, per_val, batch_size) -> ({name: I_m [k, n_train]}, lambdas,
-    passes)``; ``installed()`` says whether that library is there.
+    estimator, engine) -> ({name: I_m [k, n_train]}, lambdas, passes)`` (an
+    :class:`EstimatorConfig` and a :class:`layerif.engine.EngineConfig`); ``installed()`` says whether that library is there.
     """
 
     name: str
@@ -234,23 +251,6 @@ register(Estimator("grad-dot", _grad_dot, None, lambda P, C, n, lam: -P, sample_
 register(Estimator("lissa", lambda s, lam, o: lissa_influence(s, lam, o.lissa_iterations, o.lissa_batch, o.seed)))
 
 
-def _ekfac(model, targets, train, val, pad_id, damping_scale, per_val, batch_size):
-    from .ekfac import kronfluence_influence
-
-    return kronfluence_influence(model, targets, train, val, pad_id, "ekfac", damping_scale, per_val, batch_size)
-
-
-def _kronfluence_installed() -> bool:
-    from .ekfac import available
-
-    return available()
-
-
-# EK-FAC through Kronfluence (an optional extra, :mod:`layerif.ekfac`): exact's formula with the
-# Fisher G^T G / n replaced by its eigenvalue-corrected Kronecker factorisation.
-register(Estimator("ekfac", None, direct=_ekfac, installed=_kronfluence_installed))
-
-
 def peer_estimators() -> list[str]:
     """The registered estimators a peer library computes on the model itself (``direct``) whose library is installed."""
     return [n for n, e in ESTIMATORS.items() if e.direct is not None and e.installed()]
@@ -275,3 +275,44 @@ def estimate(stats: ModuleStats, name: str, lam: float, options: EstimatorOption
     if ESTIMATORS[name].gram is None:
         raise UserError(f"estimator {name} has no Gram form: it runs on the model itself (layerif score --estimator {name})")
     return ESTIMATORS[name].gram(stats, lam, options)
+
+
+@dataclass(frozen=True)
+class EstimatorConfig:
+    """One estimator of a run: its registry name, the damping scale c of lambda_m and its options, checked once
+    (here); every engine asks it for lambda and the influence, so the damping rule and "lambda = 0 gives zero
+    influence" live in this module only."""
+
+    name: str = "datainf"
+    damping_scale: float = 0.1
+    options: EstimatorOptions = EstimatorOptions()
+
+    def __post_init__(self) -> None:
+        if not 0 < self.damping_scale < math.inf:  # nan fails this too
+            raise UserError(f"--damping-scale must be > 0 (got {self.damping_scale})")
+        get_estimator(self.name)
+
+    @property
+    def rule(self) -> Estimator:
+        return ESTIMATORS[self.name]
+
+    def damping(self, sq_norms: torch.Tensor, d: int) -> float:
+        """lambda_m from a module's per-sample squared gradient norms [n] and its parameter count."""
+        return damping_from_norms(sq_norms, d, self.damping_scale)
+
+    def gram(self, stats: ModuleStats) -> tuple[torch.Tensor, float]:
+        """(I [n, k] float64, lambda_m) of one module from its Gram statistics (:func:`estimate`)."""
+        lam = damping(stats, self.damping_scale)
+        return estimate(stats, self.name, lam, self.options), lam
+
+    def stream_weights(self, P: torch.Tensor, sq: torch.Tensor, lam: float) -> torch.Tensor:
+        """The streaming weights R [n, k] (module docstring); zero when lambda = 0."""
+        if lam == 0.0:
+            return torch.zeros_like(P, dtype=torch.float64)
+        return self.rule.stream_weights(P, sq, lam)
+
+    def stream_combine(self, P: torch.Tensor, C: torch.Tensor | None, n: int, lam: float) -> torch.Tensor:
+        """The streamed influence I [n, k] from P and C = K R; zero when lambda = 0 (as :func:`estimate`)."""
+        if lam == 0.0:
+            return torch.zeros_like(P, dtype=torch.float64)
+        return self.rule.stream_combine(P, C, n, lam)

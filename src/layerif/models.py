@@ -318,36 +318,16 @@ def projections(block: nn.Module, lora: bool = False) -> dict[str, nn.Module]:
             if name and is_projection(mod) and _is_lora_matrix(name) == lora}
 
 
+
 @dataclass(frozen=True)
 class Projection:
-    """One projection inside a decoder block: the model's structural view (:func:`iter_projections`)."""
+    """One projection inside a decoder block: the model's structural view (:func:`iter_projections`), and what
+    a run scores, prunes or adapts (:func:`select_targets`)."""
 
     block: int  # index of its decoder block
+    name: str  # fully qualified module name
+    module: nn.Module
     rel: str  # name relative to the block, e.g. ``self_attn.q_proj``
-    name: str  # fully qualified module name
-    module: nn.Module
-
-
-def iter_projections(model: nn.Module, lora: bool = False) -> Iterator[Projection]:
-    """Every projection inside the decoder blocks, in model order (block, then module order).
-
-    The one walker over a model's structure: scoring, the heavy-tail α, pruning
-    and the LoRA-MoE adapter all see the model through it. ``lora``: PEFT's
-    adapter matrices instead of the base projections (:func:`projections`).
-    """
-    prefix, blocks = find_blocks(model)
-    for idx, block in enumerate(blocks):
-        for rel, mod in projections(block, lora).items():
-            yield Projection(idx, rel, f"{prefix}.{idx}.{rel}", mod)
-
-
-@dataclass(frozen=True)
-class Target:
-    """One module whose parameters a run studies."""
-
-    block: int  # index of its decoder block
-    name: str  # fully qualified module name
-    module: nn.Module
 
     @property
     def device(self) -> torch.device:
@@ -364,6 +344,19 @@ class Target:
     @property
     def numel(self) -> int:
         return sum(p.numel() for p in self.module.parameters(recurse=False))
+
+
+def iter_projections(model: nn.Module, lora: bool = False) -> Iterator[Projection]:
+    """Every projection inside the decoder blocks, in model order (block, then module order).
+
+    The one walker over a model's structure: scoring, the heavy-tail α, pruning
+    and the LoRA-MoE adapter all see the model through it. ``lora``: PEFT's
+    adapter matrices instead of the base projections (:func:`projections`).
+    """
+    prefix, blocks = find_blocks(model)
+    for idx, block in enumerate(blocks):
+        for rel, mod in projections(block, lora).items():
+            yield Projection(idx, f"{prefix}.{idx}.{rel}", mod, rel)
 
 
 # Query / value projections by name (Llama, Mistral, Qwen2, OPT, Gemma, Phi, ...) and,
@@ -399,7 +392,7 @@ def check_selector(spec: str, option: str = "--target") -> None:
     _selector(spec, option)
 
 
-def select_targets(model: nn.Module, spec: str, every_block: bool = False, option: str = "--target") -> list[Target]:
+def select_targets(model: nn.Module, spec: str, every_block: bool = False, option: str = "--target") -> list[Projection]:
     """The projections a run studies or adapts, in model order: the one selector of every spelling.
 
     ``spec``: ``attn`` / ``mlp`` (attention / MLP projections), ``block`` or
@@ -416,13 +409,13 @@ def select_targets(model: nn.Module, spec: str, every_block: bool = False, optio
     by_block: list[list[Projection]] = [[] for _ in blocks]
     for p in iter_projections(model, lora=(spec == "lora")):
         by_block[p.block].append(p)
-    out: list[Target] = []
+    out: list[Projection] = []
     for idx, ps in enumerate(by_block):
         kept = keep(ps)
         if every_block and not kept:
             raise UserError(f"{option} {spec!r} matches no projection of block {idx} of {type(model).__name__} "
                             f"(its projections: {', '.join(p.rel for p in ps)})")
-        out += [Target(block=p.block, name=p.name, module=p.module) for p in kept]
+        out += kept
     if not out:
         what = "LoRA adapters (use --finetune-steps or a peft model)" if spec == "lora" else "projection modules"
         raise UserError(f"{option} {spec!r} matches no {what} in {type(model).__name__}")

@@ -16,9 +16,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from . import models
+from . import ekfac, models  # noqa: F401 -- ekfac: the EK-FAC peer registers itself as an estimator
 from .errors import UserError
-from .influence import ESTIMATORS, gram_estimators
+from .influence import ESTIMATORS, EstimatorConfig, EstimatorOptions, gram_estimators
 from .models import LoadedModel
 from .prune import PRUNERS, get_pruner
 from .results import read_scores, read_validation
@@ -121,6 +121,12 @@ class EngineOptions:
     finetune_lr: float = option(1e-3, "learning rate of --finetune-steps")
     lora_seed: int | None = option(None, "seed of the LoRA initialisation and fine-tuning (default: --seed)")
 
+    @property
+    def lora_init_seed(self) -> int:
+        """Seed of the LoRA adapters' initialisation and fine-tuning (``--lora-seed``, else :class:`DataOptions`'
+        ``--seed``, which every command with these options has)."""
+        return self.seed if self.lora_seed is None else self.lora_seed  # type: ignore[attr-defined]
+
 
 @dataclass
 class RunOptions:
@@ -161,19 +167,43 @@ class StabilityOptions:
                                      "rankings")
     bootstrap_seed: int | None = option(None, "seed of the bootstrap resamples and the split halves (default: --seed)")
 
+    @property
+    def resample_seed(self) -> int:
+        """Seed of the bootstrap and the split halves (``--bootstrap-seed``, else :class:`DataOptions`' ``--seed``,
+        which every command with these options has)."""
+        return self.seed if self.bootstrap_seed is None else self.bootstrap_seed  # type: ignore[attr-defined]
+
+    def check_stability(self) -> None:
+        """Bad bootstrap or top-k options are a :class:`UserError`."""
+        if self.bootstrap < 0 or self.bootstrap == 1:
+            raise UserError(f"--bootstrap must be >= 2 resamples, or 0 for none (got {self.bootstrap})")
+        if self.top_k < 1:
+            raise UserError(f"--top-k must be >= 1 (got {self.top_k})")
+
 
 @dataclass
-class EstimatorsOptions:
-    """Several estimators on one set of Gram statistics (``compare-estimators``, ``validate``)."""
+class LissaOptions:
+    """The options of the estimators that take some (LiSSA's): ``score``, ``compare-tasks``, ``compare-estimators``,
+    ``validate``; checked by the library (:class:`layerif.influence.EstimatorOptions`)."""
 
-    estimators: list[str] = option(gram_estimators(), f"at least two of {', '.join(gram_estimators())}, comma-separated")
     lissa_iterations: int = option(100, "LiSSA recursion steps T")
     lissa_batch: int = option(0, "train records per LiSSA step (0: all, deterministic; k: seeded random mini-batches "
                                  "of k)")
 
-    def estimator_names(self, at_least: int = 1) -> list[str]:
-        """The estimators to run (deduplicated, in the given order); unknown ones, fewer than ``at_least``
-        or bad LiSSA options are a :class:`UserError`."""
+    def estimator_options(self, seed: int) -> EstimatorOptions:
+        """The library's estimator options (checked when made); ``seed``: LiSSA's mini-batch sampling."""
+        return EstimatorOptions(self.lissa_iterations, self.lissa_batch, seed)
+
+
+@dataclass
+class EstimatorsOptions(LissaOptions):
+    """Several estimators on one set of Gram statistics (``compare-estimators``, ``validate``)."""
+
+    estimators: list[str] = option(gram_estimators(), f"at least two of {', '.join(gram_estimators())}, comma-separated")
+
+    def estimator_configs(self, damping_scale: float, seed: int, at_least: int = 1) -> list[EstimatorConfig]:
+        """The estimators to run (deduplicated, in the given order) with their options; unknown ones, fewer than
+        ``at_least`` or bad options are a :class:`UserError`."""
         names = list(dict.fromkeys(self.estimators))
         unknown = [e for e in names if e not in gram_estimators()]
         if unknown or not names:
@@ -181,11 +211,8 @@ class EstimatorsOptions:
         if len(names) < at_least:
             raise UserError(f"--estimators needs at least {'two' if at_least == 2 else at_least} estimators to compare "
                             f"(got {','.join(names)})")
-        if self.lissa_iterations < 1:
-            raise UserError(f"--lissa-iterations must be >= 1 (got {self.lissa_iterations})")
-        if self.lissa_batch < 0:
-            raise UserError(f"--lissa-batch must be >= 0 (got {self.lissa_batch})")
-        return names
+        options = self.estimator_options(seed)
+        return [EstimatorConfig(e, damping_scale, options) for e in names]
 
 
 SOURCES_HELP = ("builtin (the offline English corpus), c4 or wikitext2 (from the hub, as Wanda / SparseGPT load "

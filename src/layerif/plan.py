@@ -47,7 +47,7 @@ from .grads import gram
 from .errors import UserError
 from .influence import get_estimator
 from .io import write_json
-from .models import (Target, cache_dir, context_length, find_blocks, load_config, meta_model, resolve_dtype,
+from .models import (Projection, cache_dir, context_length, find_blocks, load_config, meta_model, resolve_dtype,
                      select_targets, weight_out_in)
 from .scores import PlanCheck, choose_mode, load_splits
 
@@ -212,7 +212,7 @@ def pass_flops(params: int, tokens: int) -> float:
     return 6.0 * params * tokens
 
 
-def gram_flops(t: Target, plan: MaterializedPlan, n: int, k: int, tokens_train: int, tokens_val: int) -> float:
+def gram_flops(t: Projection, plan: MaterializedPlan, n: int, k: int, tokens_train: int, tokens_val: int) -> float:
     """FLOPs of one module's Gram products K = G G^T and P = G V^T by the layouts of ``plan``."""
     out_f, in_f = weight_out_in(t.module).shape
     in_f += getattr(t.module, "bias", None) is not None
@@ -351,7 +351,7 @@ def make_plan(model: nn.Module, train: list[Encoded], val: list[Encoded], machin
                   "seconds": (sum(s["seconds"] for s in stages.values()) if rate else None)}
 
 
-def _shape(t: Target) -> str:
+def _shape(t: Projection) -> str:
     out_f, in_f = weight_out_in(t.module).shape
     return f"{t.name.split('.')[-1]} {out_f}x{in_f}"
 

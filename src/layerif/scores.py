@@ -21,10 +21,9 @@ helpful influence in block l. Other aggregations are reported beside it.
 
 from __future__ import annotations
 
-import math
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -33,34 +32,72 @@ from . import progress, stability
 from .cache import PassCache, fingerprint
 from .data import Encoded, Fields, check_records, encode_split, load_records, n_distinct, pad_id, records_note
 from .distributed import world
-from .engine import MaterializedPlan, materialized_plan, memory_budget, module_stats, streaming_influence
+from .engine import (EngineConfig, MaterializedPlan, materialized_plan, memory_budget, module_stats,
+                     streaming_influence)
 from .errors import UserError
 from .grads import check_pass_memory, record_losses
-from .influence import ESTIMATORS, EstimatorOptions, ModuleStats, damping, estimate, get_estimator
+from .influence import ESTIMATORS, EstimatorConfig, ModuleStats, get_estimator, gram_estimators
 from .io import CACHE_DIR, check_out_dir, overwrite_field, sibling
-from .models import LoadedModel, Target, check_selector, context_length, find_blocks, select_targets
-from .options import DataOptions, DataSource, EngineOptions, ModelOptions, RunOptions, StabilityOptions, option
+from .models import LoadedModel, Projection, context_length, find_blocks, select_targets
+from .options import (DataOptions, DataSource, EngineOptions, LissaOptions, ModelOptions, RunOptions, StabilityOptions,
+                      option)
 
-AGGREGATIONS = ("helpful", "sum", "mean_abs", "helpful_share")
+
+
+@dataclass(frozen=True)
+class Aggregation:
+    """One per-block aggregation of a block's influence vector I_l [n_train]: ``of(I) -> float``, and its
+    ``orientation``: +1 when a larger value means more helpful influence, -1 when a smaller one does."""
+
+    of: Callable[[torch.Tensor], float]
+    orientation: int
+
+
+AGGREGATIONS: dict[str, Aggregation] = {
+    "helpful": Aggregation(lambda I: float(-torch.clamp(I, max=0).sum()), 1),  # S_l, LayerIF's score
+    "sum": Aggregation(lambda I: float(I.sum()), -1),
+    "mean_abs": Aggregation(lambda I: float(I.abs().mean()), 1),
+    "helpful_share": Aggregation(lambda I: float((I < 0).double().mean()), 1),
+}
+"""The one vocabulary of block aggregations (scores.json's ``aggregations``, scores.csv, validation.json)."""
+S_L = "helpful"
+"""The aggregation that is S_l; the result files name it ``score`` (:func:`file_key`)."""
+
+
+def file_key(aggregation: str) -> str:
+    """An aggregation's name in the result files: ``score`` for S_l (scores.json's ``score``, the ``score`` column
+    of scores.csv and validation.csv, validation.json's ``scores``), its own name otherwise."""
+    return "score" if aggregation == S_L else aggregation
 
 
 @dataclass
-class ScoreArgs(StabilityOptions, RunOptions, EngineOptions, DataOptions, DataSource, ModelOptions):
+class ScoreArgs(LissaOptions, StabilityOptions, RunOptions, EngineOptions, DataOptions, DataSource, ModelOptions):
     """Compute per-layer influence scores (LayerIF) of a causal LM on a task."""
 
     out: str = option("out/score", "output folder (see README: output folders)")
     overwrite: bool = overwrite_field()
     dry_run: bool = option(False, "plan the run and stop: `layerif plan` with these options (nothing is computed)")
 
-    @property
-    def lora_init_seed(self) -> int:
-        """Seed of the LoRA adapters' initialisation and fine-tuning (``--lora-seed``, else ``--seed``)."""
-        return self.seed if self.lora_seed is None else self.lora_seed
 
-    @property
-    def resample_seed(self) -> int:
-        """Seed of the bootstrap and the split halves (``--bootstrap-seed``, else ``--seed``)."""
-        return self.seed if self.bootstrap_seed is None else self.bootstrap_seed
+@dataclass(frozen=True)
+class ScoreConfig:
+    """A scoring run's library configs, made (and so checked) once from its arguments (:func:`validate`)."""
+
+    estimator: EstimatorConfig
+    engine: EngineConfig
+
+
+def engine_config(args: EngineOptions, **run) -> EngineConfig:
+    """The :class:`EngineConfig` of a command's engine options (checked when made); ``run``: the run options
+    (``per_val``, ``mode``, ``val_chunk``) of a command that has them."""
+    return EngineConfig(selector=args.target, batch_size=args.batch_size, max_memory_gb=args.max_memory,
+                        layout=args.layout, **run)
+
+
+def score_config(args: ScoreArgs) -> ScoreConfig:
+    """The library configs of a score run's arguments (``score``, ``plan``, a ``compare-tasks`` task)."""
+    return ScoreConfig(EstimatorConfig(args.estimator, args.damping_scale, args.estimator_options(args.resample_seed)),
+                       engine_config(args, per_val=args.per_val, mode=args.mode, val_chunk=args.val_chunk))
 
 
 @dataclass
@@ -81,37 +118,31 @@ class ScoreResult:
         return inf.sum(dim=0) if inf.dim() == 2 else inf
 
     def aggregations(self) -> dict[str, list[float]]:
-        """Per-block aggregations of I_l: helpful (= S_l), sum, mean_abs, helpful_share."""
+        """Per-block :data:`AGGREGATIONS` of I_l: helpful (= S_l), sum, mean_abs, helpful_share."""
         return {name: [aggregate(self.summed(l))[name] for l in self.layers] for name in AGGREGATIONS}
 
     @property
     def score(self) -> list[float]:
-        return self.aggregations()["helpful"]
+        """S_l per block."""
+        return self.aggregations()[S_L]
 
 
 def aggregate(I: torch.Tensor) -> dict[str, float]:
-    """Aggregations of one block's influence vector I [n_train]."""
-    return {
-        "helpful": float(-torch.clamp(I, max=0).sum()),
-        "sum": float(I.sum()),
-        "mean_abs": float(I.abs().mean()),
-        "helpful_share": float((I < 0).double().mean()),
-    }
+    """Every :data:`AGGREGATIONS` of one block's influence vector I [n_train]."""
+    return {name: a.of(I) for name, a in AGGREGATIONS.items()}
 
 
 # ----------------------------------------------------------------------------- engine
 
 
-def gram_influence(
-    stats: dict[str, ModuleStats], targets: list[Target], estimator: str, damping_scale: float,
-    options: EstimatorOptions = EstimatorOptions(),
-) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+def gram_influence(stats: dict[str, ModuleStats], targets: list[Projection], estimator: EstimatorConfig
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Module influences {name: I_m [k, n_train]} (float64) and lambdas from Gram statistics."""
     inf: dict[str, torch.Tensor] = {}
     lambdas: dict[str, float] = {}
     for t in targets:
-        lambdas[t.name] = lam = damping(stats[t.name], damping_scale)
-        inf[t.name] = estimate(stats[t.name], estimator, lam, options).T
+        I, lambdas[t.name] = estimator.gram(stats[t.name])
+        inf[t.name] = I.T
     return inf, lambdas
 
 
@@ -133,91 +164,107 @@ def choose_mode(mode: str, estimator: str, groups: int, world_size: int) -> str:
     return "materialized" if not streams or groups <= 3 else "streaming"
 
 
-def planned_materialized(targets: list[Target], train: list[Encoded], val: list[Encoded], per_val: bool,
-                         layout: str, budget_bytes: float, mode: str) -> MaterializedPlan | None:
-    """The materialized engine's plan (:func:`layerif.engine.materialized_plan`), made once and used both to
-    choose the mode and to run it; None when not even one module fits and ``mode`` is not ``materialized``
-    (with ``materialized`` that is the :class:`UserError` saying how much memory it needs)."""
-    try:
-        return materialized_plan(targets, train, val, per_val, layout, budget_bytes)
-    except UserError:
-        if mode == "materialized":
-            raise
-        return None
+@dataclass
+class Scored:
+    """What :func:`compute_all` produces: one :class:`ScoreResult` per estimator, the projections scored and, when
+    asked for (``keep_stats``), their Gram statistics {name: :class:`ModuleStats`}."""
+
+    results: dict[str, ScoreResult]
+    targets: list[Projection]
+    stats: dict[str, ModuleStats]
 
 
-def compute(
-    lm: LoadedModel,
-    train: list[Encoded],
-    val: list[Encoded],
-    target: str = "attn",
-    estimator: str = "datainf",
-    damping_scale: float = 0.1,
-    per_val: bool = False,
-    batch_size: int = 8,
-    max_memory_gb: float | None = None,
-    layout: str = "auto",
-    mode: str = "auto",
-    val_chunk: int = 8,
-    cache_dir: str | Path | None = None,
-) -> ScoreResult:
-    """Score every block of ``lm`` with train records ``train`` against validation records ``val``.
+def compute(lm: LoadedModel, train: list[Encoded], val: list[Encoded], estimator: EstimatorConfig = EstimatorConfig(),
+            engine: EngineConfig = EngineConfig(), cache_dir: str | Path | None = None) -> ScoreResult:
+    """Score every block of ``lm`` with train records ``train`` against validation records ``val``
+    (:func:`compute_all` with one estimator)."""
+    return compute_all(lm, train, val, [estimator], engine, cache_dir).results[estimator.name]
 
-    ``mode``: ``materialized`` (Gram statistics; all estimators), ``streaming``
+
+def compute_all(lm: LoadedModel, train: list[Encoded], val: list[Encoded], estimators: Sequence[EstimatorConfig],
+                engine: EngineConfig = EngineConfig(), cache_dir: str | Path | None = None,
+                keep_stats: bool = False) -> Scored:
+    """The one scoring entry point (``score``, ``compare-tasks``, ``validate``, ``compare-estimators``): every
+    estimator's block influences of ``lm``'s blocks, train records ``train`` against validation records ``val``.
+
+    ``engine.mode``: ``materialized`` (Gram statistics; all estimators), ``streaming``
     (:func:`layerif.engine.streaming_influence`; the estimators with a streaming form, memory of a few gradients),
-    or ``auto`` (:func:`choose_mode`). With ``cache_dir`` (single process), every
-    completed pass is kept there and a re-run with the same model, data and
-    options resumes after the last one; the caller removes it when done.
+    or ``auto`` (:func:`choose_mode`). Several estimators share one set of Gram statistics (materialized; each
+    needs a Gram form); with ``keep_stats`` those statistics are returned too (held all at once). With
+    ``cache_dir`` (single process), every completed pass is kept there and a re-run with the same model, data and
+    options resumes after the last one; the caller removes it when done. The configs were checked when made.
     """
-    if not 0 < damping_scale < math.inf:  # nan fails this too
-        raise UserError(f"--damping-scale must be > 0 (got {damping_scale})")
-    get_estimator(estimator)
-    if batch_size < 1:
-        raise UserError(f"--batch-size must be >= 1 (got {batch_size})")
+    first = estimators[0]
+    several = len(estimators) > 1 or keep_stats
+    if several and (engine.mode == "streaming" or any(e.rule.gram is None for e in estimators)):
+        raise UserError("several estimators share one set of Gram statistics: materialized mode, estimators with a "
+                        f"Gram form ({', '.join(gram_estimators())})")
     start = time.perf_counter()
-    check_pass_memory(lm.model, {"train": train, "validation": val}, batch_size)
-    targets = select_targets(lm.model, target)
+    check_pass_memory(lm.model, {"train": train, "validation": val}, engine.batch_size)
+    targets = select_targets(lm.model, engine.selector)
     pad = pad_id(lm.tokenizer)
-    budget = memory_budget(max_memory_gb)  # bytes, once for the run
-    plan = planned_materialized(targets, train, val, per_val, layout, budget, mode)
-    chosen = choose_mode(mode, estimator, len(plan.groups) if plan else 10**9, world()[1])
+    budget = memory_budget(engine.max_memory_gb)  # bytes, once for the run
+    # the materialized engine's plan, made once: it chooses the mode and is what the engine runs; when not even one
+    # module fits, the mode choice looks elsewhere, and a run that needs this engine gets the plan's refusal
+    plan: MaterializedPlan | None = None
+    refusal: UserError | None = None
+    try:
+        plan = materialized_plan(targets, train, val, engine.per_val, engine.layout, budget)
+    except UserError as exc:
+        refusal = exc
+    chosen = choose_mode(engine.mode, first.name, len(plan.groups) if plan else 10**9, world()[1])
+    if plan is None and chosen == "materialized" and first.rule.direct is None:
+        raise refusal
+    if several and chosen != "materialized":
+        raise UserError("several estimators share one set of Gram statistics: use --mode materialized")
     cache = PassCache(None)
     if cache_dir is not None and world()[1] == 1:
-        options = {"target": target, "estimator": estimator, "damping_scale": damping_scale, "per_val": per_val,
-                   "mode": chosen, "layout": layout, "budget": budget, "val_chunk": val_chunk}
+        options = {"target": engine.selector, "estimator": first.name, "damping_scale": first.damping_scale,
+                   "per_val": engine.per_val, "mode": chosen, "layout": engine.layout, "budget": budget,
+                   "val_chunk": engine.val_chunk}
         cache = PassCache(cache_dir, fingerprint(lm.model, lm.name, train, val, options))
-    blocks: dict[int, torch.Tensor] = {}
-    lambdas: dict[str, float] = {}
+    blocks: dict[str, dict[int, torch.Tensor]] = {e.name: {} for e in estimators}
+    lambdas: dict[str, dict[str, float]] = {e.name: {} for e in estimators}
+    stats: dict[str, ModuleStats] = {}
 
-    def add(module_inf: dict[str, torch.Tensor], module_lambdas: dict[str, float]) -> None:
-        """Sum module influences [k, n] into their blocks."""
-        lambdas.update(module_lambdas)
+    def add(name: str, module_inf: dict[str, torch.Tensor], module_lambdas: dict[str, float]) -> None:
+        """Sum module influences [k, n] of estimator ``name`` into their blocks."""
+        lambdas[name].update(module_lambdas)
         for t in targets:
             if t.name in module_inf:
                 if not bool(torch.isfinite(module_inf[t.name]).all()):  # the passes found every gradient finite
                     raise FloatingPointError(f"non-finite influence in module {t.name} (block {t.block}) from finite "
                                              f"gradients (lambda {module_lambdas.get(t.name)}): the estimator "
                                              "overflowed; try --dtype float64 or a larger --damping-scale")
-                blocks[t.block] = blocks.get(t.block, 0) + module_inf[t.name]
+                blocks[name][t.block] = blocks[name].get(t.block, 0) + module_inf[t.name]
 
-    direct = get_estimator(estimator).direct
+    def reduce(t: Projection, s: ModuleStats) -> None:
+        """Each module reduced to its influences as soon as its group is done (module_stats' reduce)."""
+        if keep_stats:
+            stats[t.name] = s
+        for e in estimators:
+            add(e.name, *gram_influence({t.name: s}, [t], e))
+
+    direct = first.rule.direct
     if direct is not None:
-        *found, passes = direct(lm.model, targets, train, val, pad, damping_scale, per_val, batch_size)
-        add(*found)
-        train_loss = record_losses(lm.model, train, pad, batch_size)
-        chosen = estimator
+        *found, passes = direct(lm.model, targets, train, val, pad, first, engine)
+        add(first.name, *found)
+        train_loss = record_losses(lm.model, train, pad, engine.batch_size)
+        chosen = first.name
     elif chosen == "streaming":
-        *found, train_loss, passes = streaming_influence(lm.model, targets, train, val, pad, estimator, damping_scale,
-                                                         per_val, batch_size, val_chunk, cache, budget)
-        add(*found)
-    else:  # each module reduced to its influence as soon as its group is done (module_stats' reduce)
-        _, train_loss, passes = module_stats(
-            lm.model, targets, train, val, pad, per_val, batch_size, budget, layout, cache,
-            reduce=lambda t, s: add(*gram_influence({t.name: s}, [t], estimator, damping_scale)), plan=plan)
-    layers = sorted(blocks)
-    influence = {l: (blocks[l] if per_val else blocks[l][0]) for l in layers}
-    return ScoreResult(layers=layers, influence=influence, lambdas=lambdas, train_loss=train_loss,
-                       seconds=time.perf_counter() - start, passes=passes, meta={"mode": chosen})
+        *found, train_loss, passes = streaming_influence(lm.model, targets, train, val, pad, first, engine, budget,
+                                                         cache)
+        add(first.name, *found)
+    else:
+        _, train_loss, passes = module_stats(lm.model, targets, train, val, pad, engine, plan, cache, reduce)
+    seconds = time.perf_counter() - start
+    results = {}
+    for e in estimators:
+        layers = sorted(blocks[e.name])
+        influence = {l: (blocks[e.name][l] if engine.per_val else blocks[e.name][l][0]) for l in layers}
+        results[e.name] = ScoreResult(layers=layers, influence=influence, lambdas=lambdas[e.name],
+                                      train_loss=train_loss, seconds=seconds, passes=passes, meta={"mode": chosen})
+    return Scored(results, targets, stats)
 
 
 # ----------------------------------------------------------------------------- data & run
@@ -280,26 +327,24 @@ def load_splits(args: ScoreArgs, tokenizer, context: int | None = None, raw: tup
     return train, val, label, counts
 
 
-def split_half_recompute(
-    lm: LoadedModel, train: list[Encoded], val: list[Encoded], top_k: int = 5, seed: int = 0, **compute_kwargs
-) -> dict:
+def split_half_recompute(lm: LoadedModel, train: list[Encoded], val: list[Encoded], config: ScoreConfig,
+                         top_k: int = 5, seed: int = 0) -> dict:
     """Split-half (:mod:`layerif.stability`) by scoring each half with :func:`compute` (new gradient passes, any mode).
 
-    ``compute_kwargs`` are compute's options (target, estimator, damping_scale, ...);
     ``per_val`` is dropped: S_l needs only the summed validation loss.
     """
     a, b = stability.split_indices(len(train), seed)
-    compute_kwargs = {k: v for k, v in compute_kwargs.items() if k != "per_val"}
+    engine = replace(config.engine, per_val=False)
     halves = []
     for name, idx in (("A", a), ("B", b)):
         progress.info(f"split-half: scoring half {name} ({len(idx)} train records)")
-        halves.append(compute(lm, [train[i] for i in idx], val, **compute_kwargs))
+        halves.append(compute(lm, [train[i] for i in idx], val, config.estimator, engine))
     ra, rb = halves
     return stability.split_half_summary(ra.layers, ra.score, rb.score, top_k, "recomputed", len(a), seed)
 
 
-def assess_stability(result: ScoreResult, args: ScoreArgs, lm: LoadedModel, train: list[Encoded],
-                     val: list[Encoded]) -> dict:
+def assess_stability(result: ScoreResult, args: ScoreArgs, config: ScoreConfig, lm: LoadedModel,
+                     train: list[Encoded], val: list[Encoded]) -> dict:
     """The ``stability`` entry of scores.json (empty when none was asked for).
 
     Split-half reuses the per-sample influences for an estimator whose influence
@@ -311,50 +356,39 @@ def assess_stability(result: ScoreResult, args: ScoreArgs, lm: LoadedModel, trai
         out["bootstrap"] = stability.bootstrap(result.influence, args.bootstrap, args.top_k, args.resample_seed,
                                                args.bootstrap_val)
     if args.split_half:
-        if get_estimator(args.estimator).sample_independent:
+        if config.estimator.rule.sample_independent:
             out["split_half"] = stability.split_half_from_influence(result.influence, args.top_k, args.resample_seed)
         else:
-            out["split_half"] = split_half_recompute(
-                lm, train, val, args.top_k, args.resample_seed, target=args.target, estimator=args.estimator,
-                damping_scale=args.damping_scale, batch_size=args.batch_size, max_memory_gb=args.max_memory,
-                layout=args.layout, mode=args.mode, val_chunk=args.val_chunk)
+            out["split_half"] = split_half_recompute(lm, train, val, config, args.top_k, args.resample_seed)
     return out
 
 
-def validate(args: ScoreArgs, command: str | None = "score") -> None:
-    """Checks that need no model: option values, the records, and (unless ``command`` is None) the
-    output folder for that command (:func:`layerif.io.check_out_dir`)."""
-    if not 0 < args.damping_scale < math.inf:  # nan fails this too
-        raise UserError(f"--damping-scale must be > 0 (got {args.damping_scale})")
-    if args.bootstrap < 0 or args.bootstrap == 1:
-        raise UserError(f"--bootstrap must be >= 2 resamples, or 0 for none (got {args.bootstrap})")
-    if args.top_k < 1:
-        raise UserError(f"--top-k must be >= 1 (got {args.top_k})")
-    if args.bootstrap_val and not (args.per_val and args.bootstrap):
-        raise UserError("--bootstrap-val needs --per-val and --bootstrap B")
-    get_estimator(args.estimator)
-    if args.mode not in ("auto", "materialized", "streaming"):
-        raise UserError(f"unknown mode {args.mode!r} (use auto, materialized or streaming)")
-    if args.max_memory is not None and not 0 < args.max_memory < math.inf:
-        raise UserError(f"--max-memory must be > 0 GB (got {args.max_memory})")
-    if args.val_chunk < 1:
-        raise UserError(f"--val-chunk must be >= 1 (got {args.val_chunk})")
-    if args.layout not in ("auto", "dense", "factored"):
-        raise UserError(f"unknown layout {args.layout!r} (use auto, dense or factored)")
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size must be >= 1 (got {args.batch_size})")
+def check_data(args: DataSource | DataOptions, command: str | None, out: str | None = None,
+               overwrite: bool = False) -> None:
+    """Checks of a scoring command's records that need no model: the counts, ``--max-length``, (unless ``command``
+    is None) the output folder ``out`` for that command (:func:`layerif.io.check_out_dir`), and the records."""
     if (args.n_train or 0) < 0 or (args.n_val or 0) < 0:
         raise UserError("--n-train and --n-val must be >= 0")
     if args.max_length is not None and args.max_length < 2:
         raise UserError(f"--max-length must be >= 2 (got {args.max_length})")
     if command is not None:
-        check_out_dir(args.out, command, args.overwrite)
+        check_out_dir(out, command, overwrite)
     for name in ("train", "val"):
         path = getattr(args, name)
         if path and not Path(path).exists() and Path(path).suffix:
             raise UserError(f"data file not found: {path}")
     raw_splits(args)  # the records themselves, before any model loads
-    check_selector(args.target)
+
+
+def validate(args: ScoreArgs, command: str | None = "score") -> ScoreConfig:
+    """Checks that need no model: option values (the library's, by making the run's :class:`ScoreConfig`, which
+    is returned), the records, and (unless ``command`` is None) the output folder for that command."""
+    config = score_config(args)
+    args.check_stability()
+    if args.bootstrap_val and not (args.per_val and args.bootstrap):
+        raise UserError("--bootstrap-val needs --per-val and --bootstrap B")
+    check_data(args, command, args.out, args.overwrite)
+    return config
 
 
 def cache_dir(args: ScoreArgs) -> Path:
@@ -397,23 +431,23 @@ def prepare(args: ScoreArgs, lm: LoadedModel, splits: tuple | None = None
 
 
 def score(args: ScoreArgs, lm: LoadedModel | None = None, cache: Path | None = None,
-          check_plan: PlanCheck | None = None) -> ScoreResult:
+          check_plan: PlanCheck | None = None, config: ScoreConfig | None = None) -> ScoreResult:
     """The Python API behind ``layerif score``: load, tokenize, compute (no files written).
 
     Completed passes are kept in ``cache`` (default :func:`cache_dir`) with ``--resume``. ``check_plan``
-    runs before the weights load (:func:`load_checked`)."""
-    validate(args, None)
+    runs before the weights load (:func:`load_checked`). ``config``: what :func:`validate` returned for ``args``
+    when the caller checked them already (they are checked here otherwise)."""
+    config = config or validate(args, None)
     lm, train, val, label, counts = prepare(
         args, *((lm, None) if lm is not None else load_checked(args, check_plan=check_plan)))
     progress.info(f"scoring {len(find_blocks(lm.model)[1])} blocks: {len(train)} train x {len(val)} validation records, "
                   f"target {args.target}, estimator {args.estimator}")
-    result = compute(lm, train, val, args.target, args.estimator, args.damping_scale, args.per_val,
-                     args.batch_size, args.max_memory, args.layout, args.mode, args.val_chunk,
+    result = compute(lm, train, val, config.estimator, config.engine,
                      (cache or cache_dir(args)) if args.resume else None)
     result.meta |= {"model": lm.name, "task": label, "n_train": len(train), "n_val": len(val), "records": counts,
                     "n_train_distinct": n_distinct(train), "n_val_distinct": n_distinct(val)}
     if args.bootstrap or args.split_half:
-        result.meta["stability"] = assess_stability(result, args, lm, train, val)
+        result.meta["stability"] = assess_stability(result, args, config, lm, train, val)
         if args.top_k > len(result.layers):
             result.meta["notes"] = [f"--top-k {args.top_k} is more than the {len(result.layers)} blocks scored: "
                                     f"k = {len(result.layers)} was used"]

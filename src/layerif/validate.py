@@ -33,7 +33,7 @@ its train and validation splits) or the user's file; calibration windows are
 text of ``--calib``, not records.
 
 Then the Spearman correlation across blocks of each estimator's aggregation
-(``score`` = S_l, ``sum`` = Σ_i I_l(i), ``mean_abs``) with each ground truth,
+(:data:`layerif.scores.AGGREGATIONS`: ``score`` = S_l, ``sum`` = Σ_i I_l(i), ``mean_abs``) with each ground truth,
 with a percentile bootstrap interval over blocks
 (:func:`layerif.stability.spearman_interval`).
 
@@ -68,17 +68,17 @@ from .data import Encoded, Fields, check_records, encode_split, load_records, pa
 from .errors import UserError
 from .evaluate import mc_accuracy
 from .grads import record_losses
-from .models import LoadedModel, Target, context_length, find_blocks, projections, weight_out_in
+from .models import LoadedModel, Projection, context_length, find_blocks, projections, weight_out_in
 from .prune import BLOCK_SIZE, DAMPING, InputStats, calibrate, get_pruner, prune_module
-from .scores import ScoreArgs, aggregate, load_splits, prepare, raw_splits
+from .scores import AGGREGATIONS, ScoreArgs, aggregate, file_key, load_splits, prepare, raw_splits
 from .stability import LEVEL, finite, spearman_interval
 from .tasks import TASKS, get_task, test_records
 from .train import TrainConfig, train_encoded
 
-AGGREGATIONS = ("score", "sum", "mean_abs")  # score = S_l (scores.py's "helpful")
+VALIDATED = ("helpful", "sum", "mean_abs")  # of scores.AGGREGATIONS; helpful = S_l, "score" in the files
 IN_SAMPLE = "_in_sample"  # suffix of the in-sample ground truths (measured on the scoring records)
 # sign of the correlation a profile claims: aggregation orientation x ground truth direction (module docstring)
-ORIENTATION = {"score": 1, "sum": -1, "mean_abs": 1}
+ORIENTATION = {file_key(a): AGGREGATIONS[a].orientation for a in VALIDATED}  # by validation.json's names
 CLAIM = {"fine_tune_gain": 1, "prune_loss_rise": -1, "prune_accuracy_change": 1,
          "fine_tune_gain" + IN_SAMPLE: 1, "prune_loss_rise" + IN_SAMPLE: -1}
 
@@ -285,7 +285,7 @@ def _restore(params: list[torch.Tensor], saved: list[torch.Tensor]) -> None:
 
 def fine_tune_gain(
     model: nn.Module,
-    targets: list[Target],
+    targets: list[Projection],
     train: list[Encoded],
     val: list[Encoded],
     pad: int,
@@ -405,7 +405,7 @@ def profile_scores(
     out = {}
     for e, inf in influence.items():
         agg = [aggregate(inf[l]) for l in layers]
-        out[e] = {a: [x["helpful" if a == "score" else a] for x in agg] for a in AGGREGATIONS}
+        out[e] = {file_key(a): [x[a] for x in agg] for a in VALIDATED}
     return out
 
 
@@ -458,7 +458,7 @@ def accuracy_source(opts) -> str | None:
     return opts.task if not (opts.train or opts.val) and opts.task in TASKS else None
 
 
-def ground_truth(lm, train: list[Encoded], val: list[Encoded], targets: list[Target], opts, seed: int = 0,
+def ground_truth(lm, train: list[Encoded], val: list[Encoded], targets: list[Projection], opts, seed: int = 0,
                  in_sample: tuple[list[Encoded], list[Encoded]] | None = None) -> dict:
     """Measure every targeted block's fine-tune gain and pruning sensitivity (the model is left as it was).
 

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .. import __version__, progress
 from ..compare import agreement, block_influence, estimators_figure, per_block_max
-from ..data import pad_id
 from ..errors import UserError
-from ..influence import ESTIMATORS, damping, datainf_bound, lissa_residual, peer_estimators
+from ..influence import ESTIMATORS, EstimatorConfig, datainf_bound, lissa_residual, peer_estimators
 from ..io import write_safetensors
-from ..models import select_targets
 from ..options import (
     DataOptions,
     DataSource,
@@ -23,15 +21,15 @@ from ..options import (
     option,
 )
 from ..io import overwrite_field
-from ..engine import memory_budget, module_stats
+from ..engine import EngineConfig
 from ..report import Block, heading, image, paragraph, run_section, table_block
 from ..results import read_json
-from ..scores import compute, load_checked, prepare, validate
+from ..scores import check_data, compute, compute_all, engine_config, load_checked, prepare
 from ..validate import draw_records, ground_truth, load_drawn, validation_doc
 from ..stability import CONDITIONAL, bootstrap, fmt, layer_scores, split_half_from_stats, top_k_blocks
 from .base import register
 from .compare import Comparison
-from .compare_tasks import csv_text, score_args
+from .compare_tasks import csv_text
 from .validate import ground_truth_head, validation_files, validation_reading, validation_table
 
 
@@ -49,55 +47,56 @@ class CompareEstimatorsArgs(GroundTruthOptions, EstimatorsOptions, StabilityOpti
     overwrite: bool = overwrite_field()
 
 
-def validate_estimators(args: CompareEstimatorsArgs) -> list[str]:
-    """The estimators to run (deduplicated, in the given order); bad options (with ``--validate``, too few records
-    for the out-of-sample ground truth too) are a :class:`UserError`."""
-    validate(score_args(args), "compare-estimators")
-    names = args.estimator_names(at_least=2)
+def validate_estimators(args: CompareEstimatorsArgs) -> tuple[list[EstimatorConfig], list[EstimatorConfig], EngineConfig]:
+    """The Gram estimators to run (deduplicated, in the given order), the peers and the engine; bad options (with
+    ``--validate``, too few records for the out-of-sample ground truth too) are a :class:`UserError`."""
+    estimators = args.estimator_configs(args.damping_scale, args.resample_seed, at_least=2)
+    engine = engine_config(args, mode="materialized")
+    args.check_stability()
+    check_data(args, "compare-estimators", args.out, args.overwrite)
     if args.validate:
         args.check_ground_truth()
-        draw_records(score_args(args), args.gt_n_train, args.gt_n_val)
-    return names
+        draw_records(args, args.gt_n_train, args.gt_n_val)
+    peers = list(dict.fromkeys(p for p in args.peers if p))
+    bad = [p for p in peers if p not in ESTIMATORS or ESTIMATORS[p].direct is None]
+    if bad:
+        raise UserError(f"--peers: {bad[0]!r} is not a peer estimator (use {', '.join(n for n, e in ESTIMATORS.items() if e.direct) or 'none'})")
+    if set(peers) & {e.name for e in estimators}:
+        raise UserError("an estimator is in both --estimators and --peers")
+    return estimators, [EstimatorConfig(p, args.damping_scale) for p in peers], engine
 
 
 def run(args: CompareEstimatorsArgs) -> str:
     """``layerif compare-estimators``: estimators.json, estimators.csv, agreement.csv, estimators.png,
     influence.safetensors (``{estimator}.layer.{l}``), config.json and the report."""
-    names = validate_estimators(args)
-    peers = list(dict.fromkeys(p for p in args.peers if p))
-    bad = [p for p in peers if p not in ESTIMATORS or ESTIMATORS[p].direct is None]
-    if bad:
-        raise UserError(f"--peers: {bad[0]!r} is not a peer estimator (use {', '.join(n for n, e in ESTIMATORS.items() if e.direct) or 'none'})")
-    if set(peers) & set(names):
-        raise UserError("an estimator is in both --estimators and --peers")
-    names = names + peers
-    sargs = score_args(args, mode="materialized", resume=False)
+    estimators, peers, engine = validate_estimators(args)
     with Comparison("compare-estimators", args, ()) as cmp:
-        return _estimate(args, sargs, names, cmp)
+        return _estimate(args, estimators, peers, engine, cmp)
 
 
-def _estimate(args: CompareEstimatorsArgs, sargs, names: list[str], cmp: Comparison) -> str:
+def _estimate(args: CompareEstimatorsArgs, estimators: list[EstimatorConfig], peers: list[EstimatorConfig],
+              engine: EngineConfig, cmp: Comparison) -> str:
     """The shared Gram statistics, every estimator on them, the agreement files; returns the summary."""
     if args.validate:  # the ground truth's records are drawn apart from the scoring ones (layerif.validate)
-        draw = draw_records(sargs, args.gt_n_train, args.gt_n_val)
-        lm, train, val, truth_train, truth_val, label, counts = load_drawn(sargs, draw)
+        draw = draw_records(args, args.gt_n_train, args.gt_n_val)
+        lm, train, val, truth_train, truth_val, label, counts = load_drawn(args, draw)
     else:
-        lm, train, val, label, counts = prepare(sargs, *load_checked(sargs))
-    targets = select_targets(lm.model, args.target)
-    progress.info(f"Gram statistics of {len(targets)} modules: {len(train)} train x {len(val)} validation records")
-    stats, _, passes = module_stats(lm.model, targets, train, val, pad_id(lm.tokenizer), False, args.batch_size,
-                                    memory_budget(args.max_memory), args.layout)
-    opts = dict(damping_scale=args.damping_scale, lissa_iterations=args.lissa_iterations,
-                lissa_batch=args.lissa_batch, seed=sargs.resample_seed)
-    gram = [e for e in names if ESTIMATORS[e].direct is None]
-    influence = {e: block_influence(stats, targets, e, **opts) for e in gram}
-    for e in names[len(gram):]:  # peers: their own passes on the same records, targets, loss and damping
-        progress.info(f"{e}: computed by its library on the model")
-        influence[e] = compute(lm, train, val, args.target, e, args.damping_scale, batch_size=args.batch_size).influence
+        lm, train, val, label, counts = prepare(args, *load_checked(args))
+    progress.info(f"Gram statistics: {len(train)} train x {len(val)} validation records, "
+                  f"{len(estimators)} estimators")
+    scored = compute_all(lm, train, val, estimators, engine, keep_stats=True)
+    stats, targets = scored.stats, scored.targets
+    first = scored.results[estimators[0].name]
+    passes, lam = first.passes, first.lambdas
+    influence = {e: r.influence for e, r in scored.results.items()}
+    for peer in peers:  # their own passes on the same records, targets, loss and damping
+        progress.info(f"{peer.name}: computed by its library on the model")
+        influence[peer.name] = compute(lm, train, val, peer, replace(engine, mode="auto")).influence
+    names = list(influence)
+    gram = [e.name for e in estimators]
     layers = sorted(next(iter(influence.values())))
     scores = {e: layer_scores(influence[e]) for e in names}
     pairs = agreement(layers, influence, args.top_k)
-    lam = {t.name: damping(stats[t.name], args.damping_scale) for t in targets}
     doc: dict = {"model": lm.name, "task": label, "target": args.target, "damping_scale": args.damping_scale,
                  "n_train": len(train), "n_val": len(val), "records": counts, "estimators": names, "layers": layers, "score": scores,
                  "top_k": min(args.top_k, len(layers)),
@@ -120,12 +119,12 @@ def _estimate(args: CompareEstimatorsArgs, sargs, names: list[str], cmp: Compari
             notes.append(f"LiSSA: {args.lissa_iterations} steps on seeded random mini-batches of {args.lissa_batch} "
                          "train records (stochastic, as in Koh & Liang).")
     if args.bootstrap:
-        boots = {e: bootstrap(influence[e], args.bootstrap, args.top_k, sargs.resample_seed) for e in names}
+        boots = {e: bootstrap(influence[e], args.bootstrap, args.top_k, args.resample_seed) for e in names}
         doc["bootstrap"] = boots
         doc["rank_stability"] = {e: boots[e]["rank_stability"] for e in names}
     if args.split_half:
-        doc["split_half"] = {e: split_half_from_stats(stats, lambda s, e=e: block_influence(s, targets, e, **opts),
-                                                      args.top_k, sargs.resample_seed) for e in gram}
+        doc["split_half"] = {e.name: split_half_from_stats(stats, lambda s, e=e: block_influence(s, targets, e),
+                                                           args.top_k, args.resample_seed) for e in estimators}
     doc |= {"notes": notes, "version": __version__}
     validation = {}
     if args.validate:

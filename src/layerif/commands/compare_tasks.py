@@ -12,9 +12,9 @@ from pathlib import Path
 from .. import __version__, progress
 from ..compare import compare_profiles, heatmap_figure
 from ..errors import UserError
-from ..options import DataOptions, EngineOptions, ModelOptions, RunOptions, StabilityOptions, option
+from ..options import DataOptions, EngineOptions, LissaOptions, ModelOptions, RunOptions, StabilityOptions, option
 from ..io import overwrite_field
-from ..scores import ScoreArgs, load_checked, score, validate
+from ..scores import ScoreArgs, ScoreConfig, load_checked, score, validate
 from ..report import Block, heading, image, paragraph, run_section, table_block
 from ..results import read_json
 from ..stability import CONDITIONAL, cross_vs_within, fmt
@@ -24,7 +24,7 @@ from .score import write
 
 
 @dataclass
-class CompareTasksArgs(StabilityOptions, RunOptions, EngineOptions, DataOptions, ModelOptions):
+class CompareTasksArgs(LissaOptions, StabilityOptions, RunOptions, EngineOptions, DataOptions, ModelOptions):
     """Score one model on several tasks and compare the block profiles."""
 
     tasks: list[str] = option([], "at least two, comma-separated: built-in task names or TRAIN:VAL record files, each "
@@ -36,14 +36,15 @@ class CompareTasksArgs(StabilityOptions, RunOptions, EngineOptions, DataOptions,
                                     "(--no-split-half: skip)")
 
 
-def score_args(args, **changes) -> ScoreArgs:
-    """The :class:`ScoreArgs` of a comparison's run: its shared option groups plus ``changes``."""
+def task_args(args: CompareTasksArgs, **changes) -> ScoreArgs:
+    """The arguments of one task's ``layerif score`` run (its folder is a score folder, replayable as such):
+    the comparison's options, which are all score options, plus ``changes`` (the task's data and folder)."""
     names = {f.name for f in fields(ScoreArgs)}
     return ScoreArgs(**{k: getattr(args, k) for k in names if hasattr(args, k)} | changes)
 
 
-def task_specs(args: CompareTasksArgs) -> list[tuple[str, ScoreArgs]]:
-    """(label, per-task ScoreArgs writing into ``out/<label>``) for every ``--tasks`` entry, validated.
+def task_specs(args: CompareTasksArgs) -> list[tuple[str, ScoreArgs, ScoreConfig]]:
+    """(label, per-task ScoreArgs writing into ``out/<label>``, its checked configs) for every ``--tasks`` entry.
 
     ``NAME`` is a built-in task, ``TRAIN:VAL`` a pair of record files; ``LABEL=``
     names either. Fewer than two tasks, a repeated label, an unknown task or a
@@ -54,7 +55,7 @@ def task_specs(args: CompareTasksArgs) -> list[tuple[str, ScoreArgs]]:
     if args.target == "lora" and args.finetune_steps > 0:
         raise UserError("--target lora with --finetune-steps would fine-tune the same adapters on each task in turn; "
                         "run `layerif score` per task instead")
-    out: list[tuple[str, ScoreArgs]] = []
+    out: list[tuple[str, ScoreArgs, ScoreConfig]] = []
     for spec in args.tasks:
         label, sep, source = spec.partition("=")
         if not sep:
@@ -69,11 +70,10 @@ def task_specs(args: CompareTasksArgs) -> list[tuple[str, ScoreArgs]]:
             changes = {"task": source, "train": None, "val": None}
             label = label or source
         folder = re.sub(r"[^\w.-]+", "_", label)
-        if folder in {f for f, _ in out}:
+        if folder in {f for f, _, _ in out}:
             raise UserError(f"task label {label!r} appears twice in --tasks (name entries LABEL=...)")
-        a = score_args(args, out=str(Path(args.out) / folder), **changes)
-        validate(a, None)  # the folder is written inside --out's staging folder (run)
-        out.append((folder, a))
+        a = task_args(args, out=str(Path(args.out) / folder), **changes)
+        out.append((folder, a, validate(a, None)))  # the folder is written inside --out's staging folder (run)
     return out
 
 
@@ -93,23 +93,23 @@ def run(args: CompareTasksArgs) -> str:
     """``layerif compare-tasks``: per-task score folders, comparison.json, spearman.csv, task_heatmap.png, report."""
     specs = task_specs(args)
     with Comparison("compare-tasks", args, ()) as cmp:
-        lm, _ = load_checked(*(a for _, a in specs))  # once, for every task; all records checked first
+        lm, _ = load_checked(*(a for _, a, _ in specs))  # once, for every task; all records checked first
         return _score_tasks(args, specs, lm, cmp)
 
 
-def _score_tasks(args: CompareTasksArgs, specs: list[tuple[str, ScoreArgs]], lm, cmp: Comparison) -> str:
+def _score_tasks(args: CompareTasksArgs, specs: list[tuple[str, ScoreArgs, ScoreConfig]], lm, cmp: Comparison) -> str:
     """Score every task into ``out/<label>``, then the comparison files; returns the summary."""
     scores, meta, stab, halves, layers = {}, {}, {}, {}, []
-    for label, a in specs:
+    for label, a, config in specs:
         progress.info(f"task {label}")
-        result = score(a, lm=lm, cache=cmp.state / label)
+        result = score(a, lm=lm, cache=cmp.state / label, config=config)
         write(result, a, cmp.out / label)
         shutil.rmtree(cmp.state / label, ignore_errors=True)
         scores[label], meta[label], layers = result.score, result.meta, result.layers
         boot = result.meta.get("stability", {}).get("bootstrap")
         stab[label] = boot["rank_stability"] if boot else None
         halves[label] = result.meta.get("stability", {}).get("split_half")
-    labels = [label for label, _ in specs]
+    labels = [label for label, _, _ in specs]
     profiles = compare_profiles(labels, layers, scores, args.top_k)
     within = {t: (halves[t] or {}).get("spearman_brown") for t in labels}
     doc = {"model": lm.name, "target": args.target, "estimator": args.estimator,

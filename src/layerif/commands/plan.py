@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..io import output_folder, overwrite_field, write_json
-from ..options import (DataOptions, DataSource, EngineOptions, MachineOptions, ModelOptions, RunOptions,
+from ..options import (DataOptions, DataSource, EngineOptions, LissaOptions, MachineOptions, ModelOptions, RunOptions,
                        StabilityOptions, option)
 from ..plan import calibrate, machine, plan_of, refusal
 from ..results import write_config
@@ -16,7 +16,8 @@ from .base import register
 
 
 @dataclass
-class PlanArgs(MachineOptions, StabilityOptions, RunOptions, EngineOptions, DataOptions, DataSource, ModelOptions):
+class PlanArgs(MachineOptions, LissaOptions, StabilityOptions, RunOptions, EngineOptions, DataOptions, DataSource,
+               ModelOptions):
     """Plan a scoring run without running it: model bytes, modules, engine, memory plan, peak memory, time."""
 
     out: str = option("out/plan", "output folder (see README: output folders)")

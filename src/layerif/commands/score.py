@@ -19,7 +19,7 @@ from ..plan import fit_check, machine
 from ..report import (Block, block_ranges, heading, image, paragraph, run_section, stability_word, table_block,
                       write_report)
 from ..results import read_scores, scores_document, write_config, write_scores
-from ..scores import AGGREGATIONS, ScoreArgs, ScoreResult, score, validate
+from ..scores import AGGREGATIONS, ScoreArgs, ScoreResult, file_key, score, validate
 from . import plan
 from .base import register
 
@@ -29,9 +29,9 @@ def scores_csv(result: ScoreResult) -> str:
     agg = result.aggregations()
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["layer", "score", *AGGREGATIONS[1:]])
+    w.writerow(["layer", *map(file_key, AGGREGATIONS)])
     for i, l in enumerate(result.layers):
-        w.writerow([l, repr(agg["helpful"][i]), *(repr(agg[a][i]) for a in AGGREGATIONS[1:])])
+        w.writerow([l, *(repr(agg[a][i]) for a in AGGREGATIONS)])
     return buf.getvalue()
 
 
@@ -92,15 +92,15 @@ def run(args: ScoreArgs) -> str:
     if args.dry_run:
         names = {f.name for f in fields(plan.PlanArgs)}
         return plan.run(plan.PlanArgs(**{k: v for k, v in asdict(args).items() if k in names}))
-    validate(args)
+    config = validate(args)
     with process_group(resolve_device(args.device)):
         check = fit_check(args, machine(args.device, None, world()[1]))
         if not is_main():
             progress.enable(False)
-            score(args, check_plan=check)
+            score(args, check_plan=check, config=config)
             return ""
         with output_folder(args.out, "score", args.overwrite) as tmp:
-            result = score(args, check_plan=check)
+            result = score(args, check_plan=check, config=config)
             write(result, args, tmp)
         out = Path(args.out)
     m = result.meta

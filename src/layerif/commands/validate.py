@@ -10,20 +10,19 @@ from pathlib import Path
 import torch
 
 from .. import progress
-from ..compare import block_influence
-from ..data import Fields, pad_id
+from ..data import Fields
 from ..errors import UserError
 from ..io import output_folder, overwrite_field, prepare_out_dir, pyplot, write_figure, write_json, write_text
-from ..models import select_targets
 from ..options import DataOptions, DataSource, EngineOptions, EstimatorsOptions, GroundTruthOptions, ModelOptions, option
 from ..report import Block, heading, image, paragraph, run_section, table_block, write_report
 from ..results import read_json, write_config
-from ..engine import memory_budget, module_stats
-from ..scores import validate
+from ..engine import EngineConfig
+from ..influence import EstimatorConfig
+from ..scores import check_data, compute_all, engine_config
 from ..stability import fmt
 from ..validate import Draw, draw_records, ground_truth, load_drawn, records_doc, validation_doc
 from .base import register
-from .compare_tasks import csv_text, score_args
+from .compare_tasks import csv_text
 
 
 @dataclass
@@ -36,33 +35,32 @@ class ValidateArgs(GroundTruthOptions, EstimatorsOptions, EngineOptions, DataOpt
     overwrite: bool = overwrite_field()
 
 
-def check_args(args: ValidateArgs) -> tuple[list[str], Draw]:
-    """Option checks that need no model; returns the estimators (deduplicated, in order) and the record sets
-    (:func:`layerif.validate.draw_records`: too few distinct records is refused here)."""
-    validate(score_args(args), "validate")
-    names = args.estimator_names()
+def check_args(args: ValidateArgs) -> tuple[list[EstimatorConfig], EngineConfig, Draw]:
+    """Option checks that need no model; returns the estimators (deduplicated, in order), the engine and the record
+    sets (:func:`layerif.validate.draw_records`: too few distinct records is refused here)."""
+    estimators = args.estimator_configs(args.damping_scale, args.seed)
+    engine = engine_config(args, mode="materialized")
+    check_data(args, "validate", args.out, args.overwrite)
     if args.target == "lora":
         raise UserError("--target lora is not supported: validate trains and prunes the base projections (use attn, mlp, block or a regex)")
     args.check_ground_truth()
-    return names, draw_records(score_args(args), args.gt_n_train, args.gt_n_val)
+    return estimators, engine, draw_records(args, args.gt_n_train, args.gt_n_val)
 
 
 def compute(args: ValidateArgs, lm=None) -> dict:
     """The validation.json document (the Python API behind ``layerif validate``; no files written)."""
-    names, draw = check_args(args)
-    sargs = score_args(args)
-    lm, train, val, truth_train, truth_val, label, counts = load_drawn(sargs, draw, lm)
-    targets = select_targets(lm.model, args.target)
+    estimators, engine, draw = check_args(args)
+    lm, train, val, truth_train, truth_val, label, counts = load_drawn(args, draw, lm)
     t0 = time.perf_counter()
-    progress.info(f"Gram statistics of {len(targets)} modules: {len(train)} train x {len(val)} validation records")
-    stats, _, passes = module_stats(lm.model, targets, train, val, pad_id(lm.tokenizer), False, args.batch_size,
-                                    memory_budget(args.max_memory), args.layout)
-    influence = {e: block_influence(stats, targets, e, args.damping_scale, args.lissa_iterations, args.lissa_batch,
-                                    args.seed) for e in names}
+    progress.info(f"Gram statistics: {len(train)} train x {len(val)} validation records, "
+                  f"{len(estimators)} estimators")
+    scored = compute_all(lm, train, val, estimators, engine)
+    influence = {e: r.influence for e, r in scored.results.items()}
     seconds = time.perf_counter() - t0
-    measured = ground_truth(lm, truth_train, truth_val, targets, args, args.seed,
+    measured = ground_truth(lm, truth_train, truth_val, scored.targets, args, args.seed,
                             (train, val) if args.in_sample else None)
     measured["seconds"] = {"scores": round(seconds, 2), **measured["seconds"]}
+    passes = scored.results[estimators[0].name].passes
     return validation_doc(ground_truth_head(args, lm, label, draw, train, val, passes), influence, measured,
                           args.bootstrap_blocks, args.seed)
 
