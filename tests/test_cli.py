@@ -175,3 +175,35 @@ def test_help_shows_each_default_once():
             assert text.count("(default:") <= 1, (name, action.option_strings, text)
             if "(default:" in text:
                 assert "default" not in text.split("(default:")[0], (name, action.option_strings, text)
+
+
+def test_score_takes_the_estimator_options(model_dir, data, tmp_path):
+    """`layerif score --estimator lissa --lissa-iterations T --lissa-batch b`: S_l equals LiSSA with those options
+    on per-sample gradients formed here (seed: --bootstrap-seed, as compare-estimators)."""
+    from helpers import stats_from_grads
+    from layerif.engine import per_sample_grads
+    from layerif.influence import damping, lissa_influence
+    from layerif.models import load_model, select_targets
+    from layerif.scores import ScoreArgs, load_splits
+
+    train, val = data
+    out = tmp_path / "lissa"
+    assert main(["score", "--model", str(model_dir), "--train", str(train), "--val", str(val), "--out", str(out),
+                 "--quiet", "--estimator", "lissa", "--lissa-iterations", "3", "--lissa-batch", "2",
+                 "--bootstrap-seed", "5", "--target", "mlp"]) == 0
+    doc = json.loads((out / "scores.json").read_text())
+    lm = load_model(str(model_dir), device="cpu")
+    tr, va, _, _ = load_splits(ScoreArgs(train=str(train), val=str(val)), lm.tokenizer)
+    targets = select_targets(lm.model, "mlp")
+    G, _ = per_sample_grads(lm.model, targets, tr, lm.tokenizer.pad_token_id)
+    V, _ = per_sample_grads(lm.model, targets, va, lm.tokenizer.pad_token_id)
+    want, default = [0.0] * 3, [0.0] * 3
+    for l in range(3):
+        I = I100 = 0
+        for t in (t for t in targets if t.block == l):
+            s = stats_from_grads(G[t.name], V[t.name].sum(0))
+            I = I + lissa_influence(s, damping(s, 0.1), 3, 2, seed=5)[:, 0]
+            I100 = I100 + lissa_influence(s, damping(s, 0.1), 100, 2, seed=5)[:, 0]
+        want[l], default[l] = float(-I.clamp(max=0).sum()), float(-I100.clamp(max=0).sum())
+    assert doc["score"] == pytest.approx(want, rel=1e-4)
+    assert doc["score"] != pytest.approx(default, rel=1e-3)  # the options reached the estimator

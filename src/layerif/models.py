@@ -365,37 +365,38 @@ _QV = re.compile(r"(^|\.)(q_proj|v_proj|q|v|query|value)$")
 _FUSED_QKV = re.compile(r"(^|\.)(c_attn|query_key_value|qkv_proj|Wqkv|qkv)$")
 
 
-def _selector(spec: str, option: str):
+def _selector(selector: str, option: str):
     """``keep(rels) -> kept rels`` of one block for a selector spelling (see :func:`select_targets`)."""
-    if spec in ("block", "all", "lora"):
+    if selector in ("block", "all", "lora"):
         return lambda ps: ps
-    if spec in ("attn", "mlp"):
-        return lambda ps: [p for p in ps if is_attention(p.rel) == (spec == "attn")]
-    if spec == "qv":
+    if selector in ("attn", "mlp"):
+        return lambda ps: [p for p in ps if is_attention(p.rel) == (selector == "attn")]
+    if selector == "qv":
         def qv(ps):
             attn = [p for p in ps if is_attention(p.rel)]
             return [p for p in attn if _QV.search(p.rel)] or [p for p in attn if _FUSED_QKV.search(p.rel)]
         return qv
-    if "," in spec:
-        names = [re.escape(t.strip()) for t in spec.split(",") if t.strip()]
+    if "," in selector:
+        names = [re.escape(t.strip()) for t in selector.split(",") if t.strip()]
         pattern = re.compile(rf"(^|\.)({'|'.join(names)})$")
         return lambda ps: [p for p in ps if pattern.search(p.rel)]
     try:
-        pattern = re.compile(spec)
+        pattern = re.compile(selector)
     except re.error as exc:
-        raise UserError(f"{option} {spec!r} is neither {', '.join(SELECTORS)} nor a valid regex: {exc}") from None
+        raise UserError(f"{option} {selector!r} is neither {', '.join(SELECTORS)} nor a valid regex: {exc}") from None
     return lambda ps: [p for p in ps if pattern.search(p.name) or pattern.search(p.rel)]
 
 
-def check_selector(spec: str, option: str = "--target") -> None:
+def check_selector(selector: str, option: str = "--target") -> None:
     """A selector that is neither a keyword, a list of names, nor a valid regex is a :class:`UserError`."""
-    _selector(spec, option)
+    _selector(selector, option)
 
 
-def select_targets(model: nn.Module, spec: str, every_block: bool = False, option: str = "--target") -> list[Projection]:
+def select_targets(model: nn.Module, selector: str, every_block: bool = False,
+                   option: str = "--target") -> list[Projection]:
     """The projections a run studies or adapts, in model order: the one selector of every spelling.
 
-    ``spec``: ``attn`` / ``mlp`` (attention / MLP projections), ``block`` or
+    ``selector``: ``attn`` / ``mlp`` (attention / MLP projections), ``block`` or
     ``all`` (every projection of the block), ``qv`` (query and value projections,
     or the fused QKV projection where a family has none: GPT-2 ``c_attn``),
     ``lora`` (PEFT's adapter matrices), a comma-separated list of module names
@@ -404,19 +405,19 @@ def select_targets(model: nn.Module, spec: str, every_block: bool = False, optio
     projections inside decoder blocks are eligible. Nothing matched is a
     :class:`UserError`; with ``every_block`` so is a block where nothing matches.
     """
-    keep = _selector(spec, option)
+    keep = _selector(selector, option)
     _, blocks = find_blocks(model)
     by_block: list[list[Projection]] = [[] for _ in blocks]
-    for p in iter_projections(model, lora=(spec == "lora")):
+    for p in iter_projections(model, lora=(selector == "lora")):
         by_block[p.block].append(p)
     out: list[Projection] = []
     for idx, ps in enumerate(by_block):
         kept = keep(ps)
         if every_block and not kept:
-            raise UserError(f"{option} {spec!r} matches no projection of block {idx} of {type(model).__name__} "
+            raise UserError(f"{option} {selector!r} matches no projection of block {idx} of {type(model).__name__} "
                             f"(its projections: {', '.join(p.rel for p in ps)})")
         out += kept
     if not out:
-        what = "LoRA adapters (use --finetune-steps or a peft model)" if spec == "lora" else "projection modules"
-        raise UserError(f"{option} {spec!r} matches no {what} in {type(model).__name__}")
+        what = "LoRA adapters (use --finetune-steps or a peft model)" if selector == "lora" else "projection modules"
+        raise UserError(f"{option} {selector!r} matches no {what} in {type(model).__name__}")
     return out
