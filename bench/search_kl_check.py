@@ -25,7 +25,9 @@ from pathlib import Path
 from layerif.allocate import SparsityOptions, allocate_sparsity
 from layerif.corpus import load_text, split_text, text_windows
 from layerif.models import find_blocks, load_model
-from layerif.prune import allocation_metric, level_database, prunable_params
+from layerif.measure import Sources, allocation_metric
+from layerif.prune import prunable_params
+from layerif.prune_allocation import level_database
 from layerif.results import block_scores
 from layerif.search import KLFitness, LevelGrid, block_sensitivity
 
@@ -59,7 +61,7 @@ def main() -> None:
     grid = LevelGrid(a.target, w, low=a.low)
     kl = block_sensitivity(model, db, a.target, fitness, a.batch_size)
     allocs = {"uniform": allocate_sparsity("uniform", None, a.target, w),
-              "alpha": allocate_sparsity("alpha", allocation_metric("alpha", model), a.target, w),
+              "alpha": allocate_sparsity("alpha", allocation_metric("alpha", Sources(model)), a.target, w),
               "layerif": allocate_sparsity("layerif", scores, a.target, w),
               "sensitivity": allocate_sparsity("sensitivity", kl, a.target, w, SparsityOptions())}
     searches = json.loads(Path(a.search).read_text()) if Path(a.search).exists() else {}

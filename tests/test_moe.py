@@ -557,3 +557,40 @@ def test_gain_and_beta_inputs_fail_in_one_line_before_the_model_loads(tasks, mod
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"layerif {argv[0]}: error:") and message in err[0], err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_new_allocation_with_a_new_metric_is_one_registration(tasks, model_dir, tmp_path, monkeypatch):
+    """An allocation whose metric is of a new kind (here: the mean |W| of each block's projections) is one
+    registration that carries its measurement; prune and moe measure it through the same function."""
+    from layerif import allocate
+    from layerif.commands import prune as PC
+    from layerif.models import iter_projections, load_model
+
+    monkeypatch.setitem(allocate.ALLOCATIONS, "norm", allocate.Allocation(
+        "norm", "weight-norm",
+        measure=lambda s: np.array([float(torch.cat([p.module.weight.detach().abs().flatten()
+                                                     for p in iter_projections(s.model) if p.block == l]).mean())
+                                    for l in range(3)]),
+        sparsity=lambda m, target, w, o, rev: allocate.linear_sparsity(m, target, o.epsilon, w),
+        experts=lambda m, n, total, beta, rev: allocate.layerif_experts(m, total, beta)))
+
+    model = load_model(model_dir, device="cpu").model
+    want = []  # the metric by a plain loop over the weights
+    for l in range(3):
+        total, count = 0.0, 0
+        for name, param in model.named_parameters():
+            if f"layers.{l}." in name and name.endswith("proj.weight"):
+                total += float(param.detach().abs().double().sum())
+                count += param.numel()
+        want.append(total / count)
+    PC.run(PC.PruneArgs(model=model_dir, device="cpu", allocation="norm", method="magnitude", sparsity=0.5,
+                        n_calib=2, seqlen=16, save=str(tmp_path / "pruned")))
+    pruned = json.loads((tmp_path / "pruned" / "allocation.json").read_text())
+    assert pruned["metric"] == pytest.approx(want, rel=1e-5)
+    assert np.average(pruned["sparsity"], weights=pruned["prunable_params"]) == pytest.approx(0.5)
+    assert np.argmin(pruned["sparsity"]) == np.argmax(want)  # LayerIF's map: the largest metric, the least sparsity
+    moe_cmd.run(moe_cmd.MoeArgs(model=model_dir, task="capitals", allocation="norm", total_experts=9,
+                                save=str(tmp_path / "adapter"), **SMALL))
+    doc = read_allocation(tmp_path / "adapter")
+    assert doc["metric"] == pytest.approx(want, rel=1e-5) and sum(doc["experts"]) == 9
+    assert np.argmax(doc["experts"]) == np.argmax(want)

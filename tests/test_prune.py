@@ -16,6 +16,8 @@ import torch
 import yaml
 
 import layerif.prune as P
+import layerif.prune_allocation as PA
+from layerif.measure import Sources, allocation_metric
 from layerif.commands import compare_pruning as CP
 from layerif.commands import prune as PC
 from conftest import TINY_VOCAB, WORDS, make_tokenizer, tiny_model
@@ -131,7 +133,7 @@ def test_owl_outlier_ratios_equal_direct_computation():
     medians = [float(torch.cat([(weight_out_in(m).detach().abs() * sq[i].sqrt()).flatten()
                                 for i, (b, m) in enumerate(mods) if b == l]).median()) for l in range(len(blocks))]
     np.testing.assert_allclose(P.dlp_medians(model, windows), medians, rtol=1e-6)  # DLP: the same statistics
-    np.testing.assert_allclose(P.allocation_metric("dlp", model, windows=windows), medians, rtol=1e-6)
+    np.testing.assert_allclose(allocation_metric("dlp", Sources(model, windows=windows)), medians, rtol=1e-6)
 
 
 def layer_inputs(seed: int = 0, n: int = 2048, d: int = 96) -> torch.Tensor:
@@ -546,13 +548,13 @@ def test_compare_pruning(stand_ins, model_dir, tmp_path, monkeypatch):
 def test_compare_pruning_smooths_every_allocation_with_a_metric(stand_ins, model_dir, tmp_path, monkeypatch):
     """--smooth reaches the map of every allocation with a per-block metric, none without one, and the notes say so."""
     seen: dict[str, bool] = {}
-    real = CP.allocate_sparsity
+    real = PA.allocate_sparsity
 
     def spy(label, metric, target, weights, options, *a, **k):
         seen[label] = options.smooth
         return real(label, metric, target, weights, options, *a, **k)
 
-    monkeypatch.setattr(CP, "allocate_sparsity", spy)
+    monkeypatch.setattr(PA, "allocate_sparsity", spy)
     labels = ["uniform", "atp", "owl", "dlp", "alpha", "layerif", "layerif-reversed"]
     CP.run(compare_args(model_dir, tmp_path, allocations=labels, methods=["magnitude"], seeds=["0"], smooth=True))
     assert seen == {"uniform": False, "atp": False, "owl": True, "dlp": True, "alpha": True, "layerif": True,

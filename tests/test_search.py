@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import layerif.prune as P
+import layerif.prune_allocation as PA
 from layerif.commands import compare_pruning as CP
 from layerif.commands import prune as PC
 import layerif.search as S
@@ -89,7 +90,7 @@ def test_database_swap_is_pruning_that_block_directly(method, tmp_path):
     model = tiny_model("llama", n_layers=3)
     windows = calib()
     dense = {l: block_weights(model, l) for l in range(3)}
-    db = P.level_database(tmp_path, model, method, windows)
+    db = PA.level_database(tmp_path, model, method, windows)
     info = db.ensure([[0.25], [0.35, 0.6], []])
     assert info["levels"] == 3 and info["bytes"] > 0
     levels = S.BlockLevels(model, db)
@@ -109,7 +110,7 @@ def test_database_swap_is_pruning_that_block_directly(method, tmp_path):
 
 def test_database_resumes_and_keys_its_settings(tmp_path):
     model = tiny_model("llama", n_layers=2)
-    db = P.level_database(tmp_path, model, "wanda", calib())
+    db = PA.level_database(tmp_path, model, "wanda", calib())
     db.ensure([[0.5], [0.5]])
     f = db.file(1, 0.5)
     stamp = f.stat().st_mtime_ns
@@ -117,7 +118,7 @@ def test_database_resumes_and_keys_its_settings(tmp_path):
     db.ensure([[0.5], [0.5, 0.7]])  # only the missing level is built
     assert f.stat().st_mtime_ns == stamp and db.file(1, 0.7).exists()
     assert db.info()["levels"] == 3 and db.info()["build_seconds"] >= seconds
-    other = P.level_database(tmp_path, model, "wanda", calib(seed=1))  # other calibration: other folder
+    other = PA.level_database(tmp_path, model, "wanda", calib(seed=1))  # other calibration: other folder
     assert other.path != db.path
 
 
@@ -125,11 +126,11 @@ def test_database_is_keyed_by_the_weights_not_the_model_name(tmp_path):
     """Two models under the same name and shapes but with other weights share no level; the same weights
     under another name share them all."""
     a, b = tiny_model("llama", n_layers=2, seed=0), tiny_model("llama", n_layers=2, seed=1)
-    db = P.level_database(tmp_path, a, "magnitude", model_name="models/x")
+    db = PA.level_database(tmp_path, a, "magnitude", model_name="models/x")
     db.ensure([[0.5], [0.5]])
-    other = P.level_database(tmp_path, b, "magnitude", model_name="models/x")
+    other = PA.level_database(tmp_path, b, "magnitude", model_name="models/x")
     assert other.path != db.path and not other.file(0, 0.5).exists()
-    same = P.level_database(tmp_path, tiny_model("llama", n_layers=2, seed=0), "magnitude", model_name="./models/x")
+    same = PA.level_database(tmp_path, tiny_model("llama", n_layers=2, seed=0), "magnitude", model_name="./models/x")
     assert same.path == db.path and same.file(0, 0.5).exists()
 
 
@@ -196,7 +197,7 @@ def test_search_moves_sparsity_away_from_a_planted_sensitive_block(tmp_path):
     model = planted_model()
     weights = P.prunable_params(model)
     windows = calib(n=4, seqlen=12, seed=2)
-    db = P.level_database(tmp_path, model, "magnitude")
+    db = PA.level_database(tmp_path, model, "magnitude")
     before = {l: block_weights(model, l) for l in range(4)}
     config = S.SearchConfig(evals=60, offspring=4, survivors=2, screen_windows=2, step=0.1, low=0.0, high=0.9, seed=0)
     result, info = S.search_allocation(model, db, 0.5, weights, windows, [0.5] * 4, config, batch_size=4)
@@ -212,7 +213,7 @@ def test_sensitivity_finds_the_planted_block_and_gives_it_the_least_sparsity(tmp
     model = planted_model()
     weights = P.prunable_params(model)
     windows = calib(n=3, seqlen=10, seed=2)
-    db = P.level_database(tmp_path, model, "magnitude")
+    db = PA.level_database(tmp_path, model, "magnitude")
     kl = S.block_sensitivity(model, db, 0.5, windows, batch_size=3)
     assert int(np.argmax(kl)) == 1 and np.all(kl > 0)
     # one block pruned alone: the same number as the KL of a directly pruned copy

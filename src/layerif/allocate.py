@@ -38,6 +38,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -383,7 +384,10 @@ class Allocation:
     (OWL's outlier ratios on calibration data), ``"dlp"`` (DLP's median Wanda score per block, on
     calibration data), ``"gain"`` (the measured fine-tune
     gain g_l of a validation.json), ``"sensitivity"`` / ``"search"``
-    (:mod:`layerif.search`) or ``None``.
+    (:mod:`layerif.search`) or ``None``; how each kind is measured is :data:`layerif.measure.MEASURES`.
+    A rule with a kind of its own carries its measurement: ``measure(sources) -> float64 [L]``
+    (:class:`layerif.measure.Sources`: the dense model, scores, gains, calibration windows), ``calibrated``
+    when it reads the calibration windows.
     ``sparsity(metric, target, weights, options, reverse) -> float64 [L]`` and
     ``experts(metric, n_blocks, total, beta, reverse) -> int64 [L]``; either may be
     ``None`` when the rule has no such map. ``reversible``: the kinds of map
@@ -397,6 +401,8 @@ class Allocation:
     sparsity: Callable[..., np.ndarray] | None = None
     experts: Callable[..., np.ndarray] | None = None
     reversible: tuple[str, ...] = ()
+    measure: Callable[[Any], np.ndarray] | None = None
+    calibrated: bool = False
 
     @property
     def smoothable(self) -> bool:
@@ -443,10 +449,18 @@ register(Allocation(
 # sparsity). ``search`` / ``search-START``: the metric is the searched per-block sparsity itself, already
 # at the target (EvoPress-style search from ``--search-init`` / from START).
 SEARCH_STARTS = ("uniform", "layerif", "owl", "alpha")
+SEARCH = "search-"
+
+
+def search_start(label: str, default: str = "uniform") -> str:
+    """The start of a ``search`` allocation label: ``search-START``'s START, else ``default`` (``--search-init``)."""
+    return label.removeprefix(SEARCH) if label.startswith(SEARCH) else default
+
+
 register(Allocation(
     "sensitivity", "sensitivity",
     sparsity=lambda m, target, w, o, rev: linear_sparsity(m, target, o.epsilon, w, reverse=not rev)))
-for _name in ("search", *(f"search-{s}" for s in SEARCH_STARTS)):
+for _name in ("search", *(SEARCH + s for s in SEARCH_STARTS)):
     register(Allocation(_name, "search", sparsity=lambda m, target, w, o, rev: fit_weighted_mean(m, target, w)))
 
 COMPARE_SPARSITY = ("uniform", "owl", "alpha", "layerif", "layerif" + REVERSED)

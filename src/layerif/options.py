@@ -13,10 +13,10 @@ options.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from . import ekfac, models  # noqa: F401 -- ekfac: the EK-FAC peer registers itself as an estimator
+from . import ekfac, models, search  # noqa: F401 -- ekfac: the EK-FAC peer registers itself as an estimator
 from .errors import UserError
 from .influence import ESTIMATORS, EstimatorConfig, EstimatorOptions, gram_estimators
 from .models import LoadedModel
@@ -358,3 +358,25 @@ class LoraOptions:
     lora_alpha: float = option(16.0, "LoRA alpha (scale alpha / r)")
     dropout: float = option(0.05, "dropout on the adapter's input")
 
+
+@dataclass
+class SearchOptions:
+    """The options of ``--allocation search`` / ``sensitivity`` shared by ``prune`` and ``compare-pruning``."""
+
+    search_evals: int = field(default=200, metadata={"help": "search: budget of fitness evaluations (the start counts one)"})
+    search_offspring: int = field(default=8, metadata={"help": "search: offspring per generation (λ)"})
+    search_survivors: int = field(default=2, metadata={"help": "search: offspring kept after screening, evaluated on every fitness window"})
+    search_windows: int = field(default=8, metadata={"help": "search / sensitivity: calibration-text windows (of --seqlen tokens) the KL fitness is measured on"})
+    search_screen_windows: int = field(default=2, metadata={"help": "search: windows the offspring are screened on (drawn anew each generation)"})
+    search_step: float = field(default=search.STEP, metadata={"help": "search: sparsity step of the level grid (for equal blocks)"})
+    search_low: float = field(default=search.LOW, metadata={"help": "search: lowest sparsity level a block may take"})
+    search_high: float = field(default=search.HIGH, metadata={"help": "search: highest sparsity level a block may take"})
+
+    def search_config(self, seed: int, targets: Sequence[float] = ()) -> search.SearchConfig:
+        """The checked :class:`SearchConfig` of these options (level bounds checked against each of ``targets``)."""
+        config = search.SearchConfig(self.search_evals, self.search_offspring, self.search_survivors,
+                              self.search_screen_windows, self.search_step, self.search_low, self.search_high, seed)
+        config.check(targets)
+        if self.search_windows < 1:
+            raise UserError(f"--search-windows must be ≥ 1 (got {self.search_windows})")
+        return config

@@ -1,4 +1,4 @@
-"""Layer-wise unstructured pruning: pruners, calibration, the allocation metrics, saving.
+"""Layer-wise unstructured pruning: pruners, calibration, the calibrated block statistics (OWL, DLP), saving.
 
 Pruners (every projection inside the decoder blocks: attention and MLP; the
 embeddings and the LM head are never pruned) are :class:`Pruner` records in the
@@ -46,13 +46,11 @@ import torch
 import yaml
 from torch import nn
 
-from . import allocate, progress
+from . import progress
 from .errors import UserError
 from .io import staged_folder, write_text
 from .models import find_blocks, iter_projections, projections, set_weight_out_in, weight_out_in
 from .results import check_save_dir, write_saved
-from .search import LevelDatabase, SearchOptions, run_search, run_sensitivity, windows_hash
-from .spectral import block_alphas
 
 OWL_M = 5.0
 OWL_LAMBDA = 0.08
@@ -511,105 +509,6 @@ def dlp_medians(model: nn.Module, windows: torch.Tensor) -> np.ndarray:
     even count. float64 [L]; :func:`layerif.allocate.dlp_sparsity` maps it to sparsity."""
     return np.asarray([float(torch.cat([s.reshape(-1).float() for s in scores]).median())
                        for scores in _block_wanda_scores(model, windows)], dtype=np.float64)
-
-
-CALIBRATED_METRICS = {"outliers": outlier_ratios, "dlp": dlp_medians}
-"""Metric kinds measured on calibration windows with the dense model -> their measurement."""
-
-
-# ----------------------------------------------------------------------------- allocation
-
-
-def allocation_metric(
-    allocation: str,
-    model: nn.Module,
-    scores: np.ndarray | None = None,
-    windows: torch.Tensor | None = None,
-    owl_m: float = OWL_M,
-) -> np.ndarray | None:
-    """The per-block metric an allocation label maps to sparsity (float64 [L]; ``None`` when it has none).
-
-    By the rule's ``metric`` (:mod:`layerif.allocate`): ``scores`` -- the scores S_l
-    (``scores``); ``alpha`` -- the heavy-tail exponent α of the model's weights;
-    ``outliers`` -- OWL's outlier ratios, ``dlp`` -- DLP's median Wanda scores, both on
-    calibration ``windows`` (:data:`CALIBRATED_METRICS`). Measure it on the dense model, before pruning.
-    """
-    rule, _ = allocate.get(allocation, "sparsity")
-    if rule.metric is None:
-        return None
-    if rule.metric == "scores":
-        if scores is None:
-            raise UserError(f"--allocation {allocation} needs --scores scores.json (from `layerif score`)")
-        return np.asarray(scores, dtype=np.float64)
-    if rule.metric == "alpha":
-        return block_alphas(model)
-    if rule.metric in MEASURED:
-        raise ValueError(f"the {allocation} allocation is measured with a pruner: use measured_metric")
-    if windows is None:
-        raise ValueError(f"the {allocation} allocation needs calibration windows")
-    if rule.metric == "outliers":
-        return outlier_ratios(model, windows, owl_m)
-    return CALIBRATED_METRICS[rule.metric](model, windows)
-
-
-def level_database(root: Path, model: nn.Module, method: str, windows: torch.Tensor | None = None,
-                   damping: float = DAMPING, block_size: int = BLOCK_SIZE, model_name: str = "") -> LevelDatabase:
-    """The level database (:class:`layerif.search.LevelDatabase`) of ``method`` under ``root``.
-
-    Calibration rule: every block is calibrated on the *dense* model's inputs
-    (:func:`calibrate` without update, as EvoPress builds its database), so a
-    block's level does not depend on the levels of the blocks before it.
-    A pruner that keeps the surviving weights stores masks; one that changes them
-    (SparseGPT) also the pruned weights.
-    """
-    pruner = get_pruner(method)
-    if pruner.needs_calibration and windows is None:
-        raise ValueError(f"{method} levels need calibration windows")
-    options = PruneSettings(None, float(damping), int(block_size))
-    settings = {"model": model_name, "method": method, "calibration": "dense inputs of every block",
-                "windows": windows_hash(windows if pruner.needs_calibration else None),
-                **{k: (getattr(options, k) if k in pruner.settings else None) for k in SETTINGS}}
-
-    def blocks():
-        if not pruner.needs_calibration:
-            yield from ((idx, None) for idx in range(len(find_blocks(model)[1])))
-        else:
-            yield from ((idx, stats) for idx, _, stats in calibrate(model, windows, hessian=pruner.needs_hessian,
-                                                                    update=False))
-
-    def prune(module: nn.Module, stats: InputStats | None, ratio: float):
-        mask, new = pruned_weight(module, pruner, ratio, stats, options)  # the model itself stays dense
-        return mask, (None if new is None else new.float())
-
-    return LevelDatabase(root, model, settings, blocks, prune)
-
-
-MEASURED = ("sensitivity", "search")
-"""Metrics measured with the chosen pruner (:mod:`layerif.search`) rather than read off the dense model."""
-
-
-def search_start(label: str, search_init: str = "uniform") -> str:
-    """The start of a ``search`` allocation label: ``search-START``'s START, else ``search_init``."""
-    return label.removeprefix("search-") if label.startswith("search-") else search_init
-
-
-def measured_metric(rule: allocate.Allocation, model: nn.Module, method: str, target: float, weights: np.ndarray,
-                    windows: torch.Tensor | None, fitness_windows: torch.Tensor, options: SearchOptions,
-                    db_root: Path, seed: int, start_ratios=None, start: str = "uniform",
-                    damping: float = DAMPING, block_size: int = BLOCK_SIZE, batch_size: int = 4,
-                    model_name: str = "") -> tuple[np.ndarray, dict]:
-    """The metric of a measured allocation rule, and its record.
-
-    ``sensitivity``: the KL rise per block pruned alone at ``target``; ``search``:
-    the per-block sparsity found by the search from ``start_ratios``. The level
-    database of ``method`` (calibrated on ``windows``) lives in ``db_root``; the
-    KL is measured on ``fitness_windows``.
-    """
-    db = level_database(db_root, model, method, windows, damping, block_size, model_name)
-    if rule.metric == "sensitivity":
-        return run_sensitivity(model, db, target, fitness_windows, batch_size)
-    return run_search(model, db, target, weights, fitness_windows, start_ratios, start, options.search_config(seed),
-                      batch_size)
 
 
 # ----------------------------------------------------------------------------- export

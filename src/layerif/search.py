@@ -552,30 +552,7 @@ def block_sensitivity(model: nn.Module, db: LevelDatabase, target: float, fitnes
     return out
 
 
-# ----------------------------------------------------------------------------- command options
-
-
-@dataclass
-class SearchOptions:
-    """The options of ``--allocation search`` / ``sensitivity`` shared by ``prune`` and ``compare-pruning``."""
-
-    search_evals: int = field(default=200, metadata={"help": "search: budget of fitness evaluations (the start counts one)"})
-    search_offspring: int = field(default=8, metadata={"help": "search: offspring per generation (λ)"})
-    search_survivors: int = field(default=2, metadata={"help": "search: offspring kept after screening, evaluated on every fitness window"})
-    search_windows: int = field(default=8, metadata={"help": "search / sensitivity: calibration-text windows (of --seqlen tokens) the KL fitness is measured on"})
-    search_screen_windows: int = field(default=2, metadata={"help": "search: windows the offspring are screened on (drawn anew each generation)"})
-    search_step: float = field(default=STEP, metadata={"help": "search: sparsity step of the level grid (for equal blocks)"})
-    search_low: float = field(default=LOW, metadata={"help": "search: lowest sparsity level a block may take"})
-    search_high: float = field(default=HIGH, metadata={"help": "search: highest sparsity level a block may take"})
-
-    def search_config(self, seed: int, targets: Sequence[float] = ()) -> SearchConfig:
-        """The checked :class:`SearchConfig` of these options (level bounds checked against each of ``targets``)."""
-        config = SearchConfig(self.search_evals, self.search_offspring, self.search_survivors,
-                              self.search_screen_windows, self.search_step, self.search_low, self.search_high, seed)
-        config.check(targets)
-        if self.search_windows < 1:
-            raise UserError(f"--search-windows must be ≥ 1 (got {self.search_windows})")
-        return config
+# ----------------------------------------------------------------------------- measured allocations
 
 
 def run_search(model: nn.Module, db: LevelDatabase, target: float, weights, fitness_windows: torch.Tensor,

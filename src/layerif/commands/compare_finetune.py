@@ -17,12 +17,12 @@ from ..allocate import CAPACITY_METRICS, parse_capacity
 from ..errors import UserError
 from ..finetune import ranks_summary, remove_lora
 from ..io import overwrite_field, pyplot
+from ..measure import setting
 from ..options import option
 from ..train import evaluate_records
 from .base import register
 from .compare import Comparison, Metric, cell, group, paired_section, parse_list, stats
 from .finetune import FinetuneOptions, fit
-from .moe import setting
 
 FIELDS = ("allocation", "blocks", "seed", "draw", "accuracy", "exact_match", "final_loss", "trainable_params",
           "seconds")

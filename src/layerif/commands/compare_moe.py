@@ -17,12 +17,13 @@ import numpy as np
 from .. import allocate, progress
 from ..allocate import COMPARE_EXPERTS, allocate_experts, check_beta, top_k_for
 from ..io import overwrite_field, pyplot
+from ..measure import allocation_metric, setting
 from ..moe import remove_lora_moe
 from ..options import option
 from ..train import evaluate_records
 from .base import register
 from .compare import Comparison, Metric, cell, group, paired_section, parse_list, single_verdict, stats
-from .moe import MoeOptions, fit, metric_of, setting
+from .moe import MoeOptions, fit
 
 FIELDS = ("allocation", "beta", "seed", "accuracy", "exact_match", "final_loss", "trainable_params", "seconds")
 KEY_FIELDS = ("allocation", "seed")  # an arm's label holds its β
@@ -142,7 +143,7 @@ def _runs(args: CompareMoeArgs, cmp: Comparison, arms: dict[str, tuple[str, floa
           seeds: list[int]) -> str:
     """Every arm × seed into the staging folder, then the comparison files; returns the summary."""
     s = setting(args)
-    allocs = {arm: allocate_experts(a, metric_of(s, a), s.n_blocks, args.total_experts, args.beta if b is None else b)
+    allocs = {arm: allocate_experts(a, allocation_metric(a, s.sources, "experts"), s.n_blocks, args.total_experts, args.beta if b is None else b)
               for arm, (a, b) in arms.items()}
     total = int(next(iter(allocs.values())).sum())
     first: dict[tuple, str] = {}

@@ -14,15 +14,16 @@ import numpy as np
 import torch
 
 from .. import allocate, progress
-from ..allocate import COMPARE_SPARSITY, allocate_sparsity, check_sparsity
+from ..allocate import COMPARE_SPARSITY, check_sparsity, search_start
 from ..errors import UserError
 from ..evaluate import mc_correct, window_nll
 from ..io import overwrite_field, pyplot
 from ..models import find_blocks
 from ..datasets_io import preload
 from ..options import ModelOptions, fill_calibration_size, option
-from ..prune import (CALIBRATED_METRICS, MEASURED, achieved_sparsity, allocation_metric, measured_metric,
-                     prunable_modules, prunable_params, prune_model, search_start)
+from ..measure import PRUNER_MEASURED, Sources
+from ..prune import achieved_sparsity, prunable_modules, prunable_params, prune_model
+from ..prune_allocation import Measurement, block_sparsity_for
 from ..search import write_search
 from ..results import block_scores, read_config, read_json, read_scores
 from ..tasks import test_records
@@ -75,9 +76,10 @@ def markdown(rows: list[dict], meta: dict) -> str:
     lines += count_verdict(settings, METRICS)
     subjects = [a for a in dict.fromkeys(r["allocation"] for r in rows)
                 if a in allocate.ALLOCATIONS or allocate.parse_label(a)[0] in allocate.ALLOCATIONS]
-    searched = [a for a in subjects if a.startswith("search-")]
+    searched = [a for a in subjects if a.startswith(allocate.SEARCH)]
     # each search against its own start, and every other start against the uniform start (equal evaluations)
-    pairs = [(a, search_start(a)) for a in searched] + [(a, "search-uniform") for a in searched if a != "search-uniform"]
+    pairs = [(a, search_start(a)) for a in searched]
+    pairs += [(a, allocate.SEARCH + "uniform") for a in searched if a != allocate.SEARCH + "uniform"]
     lines += paired_section(settings, METRICS, ITEMS,
                             baselines=[a for a in subjects if allocate.get(a, "sparsity")[0].metric != "scores"],
                             subjects=[a for a in subjects if allocate.get(a, "sparsity")[0].metric == "scores"],
@@ -190,7 +192,7 @@ def run(args: CompareArgs) -> str:
     rules = {a: allocate.get(a, "sparsity")[0] for a in allocations}
     for sp in sparsities:
         check_sparsity(sp)
-    needs_scores = any(allocate.get(a.removeprefix("search-"), "sparsity")[0].metric == "scores" for a in allocations)
+    needs_scores = any(allocate.get(search_start(a, a), "sparsity")[0].metric == "scores" for a in allocations)
     args.check(methods, "the layerif allocations need" if needs_scores else "")
     if any(r.metric == "search" for r in rules.values()):
         args.search_config(0, sparsities)  # the level bounds against every target, before the model loads
@@ -251,7 +253,7 @@ def _runs(args: CompareArgs, cmp: Comparison, rows: list[dict], searches: dict, 
     mods = prunable_modules(model)
     dense = {name: mod.weight.detach().clone() for name, (_, mod) in mods.items()}
     weights = prunable_params(model)
-    metrics: dict[tuple[str, int | None], np.ndarray | None] = {}  # (allocation, seed for owl) -> dense-model metric
+    metrics: dict = {}  # the metrics measured on the dense model (per seed for the calibrated ones)
     calib: dict[int, torch.Tensor] = {}  # seed -> calibration windows
     fitness: dict[int, torch.Tensor] = {}  # seed -> KL windows of search and sensitivity
     todo = [(seed, m, sp, a) for seed in seeds for m in methods for sp in sparsities for a in allocations
@@ -261,30 +263,20 @@ def _runs(args: CompareArgs, cmp: Comparison, rows: list[dict], searches: dict, 
         rule = rules[label]
         if seed not in calib:
             calib[seed] = windows(tok, args, args.n_calib, seed)
-        options = args.sparsity_options(args.smooth and rule.smoothable)
-
-        def map_metric(name: str):
-            key = (name, seed if allocate.ALLOCATIONS[name].metric in CALIBRATED_METRICS else None)
-            if key not in metrics:
-                metrics[key] = allocation_metric(name, model, scores, calib[seed], args.owl_m)
-            return metrics[key]
-
-        if rule.metric in MEASURED:
-            start = search_start(label)
-            start_ratios = allocate_sparsity(start, map_metric(start), sp, weights, args.sparsity_options(
-                args.smooth and allocate.ALLOCATIONS[start].smoothable)) if rule.metric == "search" else None
+        measurement = None
+        if rule.metric in PRUNER_MEASURED:
             if seed not in fitness:
                 fitness[seed] = windows(tok, args, args.search_windows, seed)
-            metric, rec = measured_metric(rule, model, method, sp, weights, calib[seed], fitness[seed], args,
-                                          state / "levels", seed, start_ratios, start, args.damping,
-                                          args.block_size, args.batch_size, lm.name)
-            if rule.metric == "search":
-                searches[f"{method} {sp:g} seed {seed} from {start}"] = rec
-                write_search(state, searches, f"{lm.name}: search fitness by evaluations")
-        else:
-            metric = map_metric(rule.name)
-        prune_model(model, allocate_sparsity(label, metric, sp, weights, options), method, calib[seed],
-                    damping=args.damping, block_size=args.block_size)
+            measurement = Measurement(method, fitness[seed], state / "levels",
+                                      args.search_config(seed) if rule.metric == "search" else None,
+                                      damping=args.damping, block_size=args.block_size, batch_size=args.batch_size,
+                                      model_name=lm.name)
+        src = Sources(model, scores, windows=calib[seed], owl_m=args.owl_m, seed=seed, cache=metrics)
+        ratios, _, rec = block_sparsity_for(label, src, sp, weights, args.sparsity_options(), measurement=measurement)
+        if rule.metric == "search":
+            searches[f"{method} {sp:g} seed {seed} from {search_start(label)}"] = rec
+            write_search(state, searches, f"{lm.name}: search fitness by evaluations")
+        prune_model(model, ratios, method, calib[seed], damping=args.damping, block_size=args.block_size)
         achieved, _ = achieved_sparsity(model)
         rows.append({"method": method, "sparsity": sp, "allocation": label, "seed": str(seed),
                      "achieved": float(np.average(achieved, weights=weights)), **evaluate(),

@@ -12,11 +12,11 @@ from ..allocate import CAPACITY_METRICS, capacity_ranks, parse_capacity
 from ..errors import UserError
 from ..finetune import SAVED_KIND, apply_lora, ranks_summary, remove_lora, save, trainable_parameters
 from ..io import overwrite_field, pyplot
+from ..measure import NEEDS_SCORES, Setting, block_metric, setting
 from ..options import LoraOptions, ModelOptions, TrainingOptions, ValidationSource, option
 from ..results import check_save_dir, config_doc
 from ..train import evaluate_records, train
 from .base import register
-from .moe import NEEDS_SCORES, Setting, block_metric, setting
 
 
 @dataclass
@@ -49,7 +49,7 @@ class FinetuneOptions(ValidationSource, LoraOptions, TrainingOptions, ModelOptio
     def ranks(self, s: Setting, label: str, blocks: int, draw_seed: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
         """(LoRA rank per block int64 [L], the metric it ranked by or None) of ``label`` at ``blocks`` × rank."""
         _, named = parse_capacity(label, self.metric)
-        metric = block_metric(s, CAPACITY_METRICS[named]) if named else None
+        metric = block_metric(s.sources, CAPACITY_METRICS[named]) if named else None
         return capacity_ranks(label, metric, s.n_blocks, blocks, self.rank, self.beta, draw_seed, self.metric), metric
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -11,16 +11,12 @@ from .. import allocate, progress
 from ..allocate import allocate_experts, top_k_for
 from ..errors import UserError
 from ..io import overwrite_field
-from ..models import LoadedModel, find_blocks
+from ..measure import NEEDS_SCORES, Setting, allocation_metric, label_of, setting
 from ..moe import (ADAPTER_FILE, MoeConfig, apply_lora_moe, aux_loss, save_adapter, trainable_parameters)
-from ..options import LoraOptions, ModelOptions, NEEDS_VALIDATION, TrainingOptions, ValidationSource, option
-from ..results import ALLOCATION_FILE, block_gains, block_scores, check_save_dir
-from ..spectral import block_alphas
+from ..options import LoraOptions, ModelOptions, TrainingOptions, ValidationSource, option
+from ..results import ALLOCATION_FILE, check_save_dir
 from ..train import evaluate_records, train
 from .base import register
-
-NEEDS_SCORES = "the layerif allocation needs --scores scores.json (from `layerif score`)"
-
 
 @dataclass
 class MoeOptions(ValidationSource, LoraOptions, TrainingOptions, ModelOptions):
@@ -43,70 +39,6 @@ class MoeOptions(ValidationSource, LoraOptions, TrainingOptions, ModelOptions):
         self.check_validation(any(r.metric == "gain" for r in rules))
         self.moe_config().check()
         self.check_training()
-
-
-def block_metric(s: "Setting", kind: str | None) -> np.ndarray | None:
-    """The per-block metric of a kind (float64 [L]), measured or read once per setting: ``scores`` (S_l of
-    --scores), ``alpha`` (heavy-tail α of the base weights), ``gain`` (measured fine-tune gain of
-    --validation); ``None`` for none."""
-    if kind is None:
-        return None
-    if kind not in s.cache:
-        if kind == "scores":
-            if s.scores is None:
-                raise UserError(NEEDS_SCORES)
-            s.cache[kind] = s.scores
-        elif kind == "alpha":
-            s.cache[kind] = block_alphas(s.lm.model)
-        elif kind == "gain":
-            if s.gains is None:
-                raise UserError(NEEDS_VALIDATION)
-            s.cache[kind] = s.gains
-        else:
-            raise UserError(f"unknown per-block metric {kind!r}")
-    return s.cache[kind]
-
-
-def metric_of(s: "Setting", allocation: str) -> np.ndarray | None:
-    """The per-block metric an allocation label maps to experts (its rule's ``metric``)."""
-    return block_metric(s, allocate.get(allocation, "experts")[0].metric)
-
-
-@dataclass
-class Setting:
-    """What every run of a command shares: the model, the scores, the measured gains, the task's records."""
-
-    lm: LoadedModel
-    n_blocks: int
-    scores: np.ndarray | None
-    scores_doc: dict
-    task: str
-    train_records: list[dict]
-    test_records: list[dict]
-    gains: np.ndarray | None = None  # the measured fine-tune gain g_l of --validation
-    cache: dict = field(default_factory=dict)  # metrics measured on the base model
-
-
-def setting(args: MoeOptions) -> Setting:
-    """The model, the scores, the measured gains and the task's records of a run (an unknown task fails before the
-    model loads; a --scores or --validation file for another block count after it)."""
-    from ..tasks import get_task  # imported here so tests can stand in a small task module
-
-    if args.task is not None:
-        get_task(args.task)  # an unknown task fails before the model loads
-    lm = args.load()
-    _, blocks = find_blocks(lm.model)
-    scores, doc = block_scores(args.scores, len(blocks)) if args.scores else (None, {})
-    if doc.get("model") not in (None, lm.name):
-        progress.info(f"note: {args.scores} was computed on {doc['model']}, adapting {lm.name}")
-    gains, vdoc = block_gains(args.validation, len(blocks)) if args.validation else (None, {})
-    if vdoc.get("model") not in (None, lm.name):
-        progress.info(f"note: {args.validation} was measured on {vdoc['model']}, adapting {lm.name}")
-    task_name = args.task or doc.get("task") or "capitals"
-    task = get_task(task_name)
-    return Setting(lm, len(blocks), scores, doc, task_name,
-                   task.split("train", args.n_train, args.data_seed, args.allow_repeats),
-                   task.split("test", args.n_test, args.data_seed, args.allow_repeats), gains)
 
 
 def fit(s: Setting, args: MoeOptions, experts: np.ndarray, seed: int) -> dict:
@@ -147,10 +79,10 @@ def run(args: MoeArgs) -> str:
     if args.save is not None:
         check_save_dir(args.save, "adapter folder", args.overwrite, args.model)
     s = setting(args)
-    metric = metric_of(s, args.allocation)
+    metric = allocation_metric(args.allocation, s.sources, "experts")
     experts = allocate_experts(args.allocation, metric, s.n_blocks, args.total_experts, args.beta, args.reverse)
     top_k = top_k_for(experts)
-    label = {"scores": "S_l", "alpha": "alpha", "gain": "g_l"}.get(allocate.ALLOCATIONS[args.allocation].metric, "")
+    label = label_of(args.allocation, "experts")
     progress.info(f"{args.allocation} allocation of {int(experts.sum())} experts over {s.n_blocks} blocks; training")
     r = fit(s, args, experts, args.seed)
     lines = [

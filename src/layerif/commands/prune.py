@@ -15,14 +15,16 @@ from ..allocate import SparsityOptions, allocate_sparsity, check_epsilon, check_
 from ..errors import UserError, require_finite
 from ..evaluate import mc_accuracy, perplexity
 from ..models import find_blocks
-from ..options import CalibrationData, EvaluationData, ModelOptions, fill_calibration_size, option
+from ..options import (CalibrationData, EvaluationData, ModelOptions, SearchOptions, fill_calibration_size,
+                       option)
 from ..datasets_io import preload
 from ..io import check_not_model_folder, overwrite_field, prepare_out_dir
-from ..prune import (BLOCK_SIZE, CALIBRATED_METRICS, DAMPING, MEASURED, OWL_LAMBDA, OWL_M, PRUNERS, achieved_sparsity,
-                     allocation_metric, get_pruner, llmcompressor_recipe, measured_metric, parse_nm, prunable_params,
-                     prune_model, save_pruned, search_start)
+from ..measure import PRUNER_MEASURED, Sources, calibrated
+from ..prune import (BLOCK_SIZE, DAMPING, OWL_LAMBDA, OWL_M, PRUNERS, achieved_sparsity, get_pruner,
+                     llmcompressor_recipe, parse_nm, prunable_params, prune_model, save_pruned)
+from ..prune_allocation import Measurement, block_sparsity_for
 from ..results import block_scores, block_sparsity, check_save_dir, read_scores
-from ..search import SearchOptions, write_search
+from ..search import write_search
 from ..tasks import test_records
 from .base import register
 
@@ -30,7 +32,7 @@ from .base import register
 @dataclass
 class PruningOptions(SearchOptions, EvaluationData, CalibrationData):
     """Options shared by ``prune`` and ``compare-pruning``: the scores, the maps, calibration, evaluation and the
-    search / sensitivity allocations (:class:`layerif.search.SearchOptions`)."""
+    search / sensitivity allocations (:class:`layerif.options.SearchOptions`)."""
 
     CPU_CALIBRATION = (128, 512)  # n_calib × seqlen without --n-calib / --seqlen on a CPU
 
@@ -159,7 +161,7 @@ def run(args: PruneArgs) -> str:
     rule, _ = allocate.get(args.allocation or DEFAULT_ALLOCATION, "sparsity", args.reverse, args.smooth)
     allocation, target = ("file", None) if args.allocation_file is not None else (args.allocation, args.sparsity)
     searching = allocation != "file" and rule.metric == "search"
-    start = search_start(allocation, args.search_init) if searching else None
+    start = allocate.search_start(allocation, args.search_init) if searching else None
     needs_scores = allocation != "file" and "scores" in (rule.metric, allocate.ALLOCATIONS.get(start, rule).metric)
     args.check([args.method], f"--allocation {args.allocation} needs" if needs_scores else "")
     if searching:
@@ -176,12 +178,11 @@ def run(args: PruneArgs) -> str:
         read_scores(args.scores)  # a bad scores file fails before the model loads
     if args.save is not None:
         check_save_dir(args.save, "pruned model", args.overwrite, args.model)
-    if allocation != "file" and rule.metric in MEASURED:
+    measured = allocation != "file" and rule.metric in PRUNER_MEASURED
+    if measured:
         check_not_model_folder(args.search_dir, "--search-dir")
-    measured = allocation != "file" and rule.metric in MEASURED
-    calibrated = allocation != "file" and any(allocate.ALLOCATIONS[a].metric in CALIBRATED_METRICS
-                                              for a in (args.allocation, start) if a in allocate.ALLOCATIONS)
-    needs_data = get_pruner(args.method).needs_calibration or measured or calibrated
+    needs_data = (get_pruner(args.method).needs_calibration or measured
+                  or (allocation != "file" and any(calibrated(a) for a in (args.allocation, start) if a)))
     if needs_data:
         preload(args.calib, "calib", args.text_field)
     held_out = eval_text(args, args.eval_windows) if args.eval_windows > 0 else None
@@ -203,24 +204,19 @@ def run(args: PruneArgs) -> str:
         target = float(np.average(ratios, weights=weights))
         extra = {"allocation_file": args.allocation_file}
     else:
+        measurement = None
         if measured:
-            start_ratios = None
-            if rule.metric == "search":
-                start_ratios = (allocate_sparsity(start, allocation_metric(start, model, scores, calib, args.owl_m),
-                                                  target, weights, options)
-                                if start in allocate.SEARCH_STARTS else block_sparsity(start, len(blocks))[0])
-            fitness_windows = windows(lm.tokenizer, args, args.search_windows, args.seed)
             out = prepare_out_dir(args.search_dir)
-            metric, rec = measured_metric(rule, model, args.method, target, weights, calib, fitness_windows, args,
-                                          out / "levels", args.seed, start_ratios, start, args.damping,
-                                          args.block_size, args.batch_size, lm.name)
+            measurement = Measurement(args.method, windows(lm.tokenizer, args, args.search_windows, args.seed),
+                                      out / "levels", args.search_config(args.seed) if searching else None,
+                                      args.search_init, args.damping, args.block_size, args.batch_size, lm.name)
+        ratios, metric, rec = block_sparsity_for(allocation, Sources(model, scores, windows=calib, owl_m=args.owl_m),
+                                                 target, weights, options, args.reverse, measurement)
+        if measured:
             if rule.metric == "search":
                 write_search(out, {allocation: rec}, f"{lm.name} · {args.method}")
                 rec = {k: v for k, v in rec.items() if k != "trajectory"}
             extra = {rule.metric: rec}
-        else:
-            metric = allocation_metric(args.allocation, model, scores, calib, args.owl_m)
-        ratios = allocate_sparsity(args.allocation, metric, target, weights, options, args.reverse)
     targets = prune_model(model, ratios, args.method, calib, nm=nm, damping=args.damping, block_size=args.block_size)
     for name, param in model.named_parameters():  # nothing non-finite is measured or saved
         require_finite(param, f"the pruned model's {name}")
