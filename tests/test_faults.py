@@ -685,7 +685,7 @@ def test_every_command_refuses_a_foreign_out_before_the_model(work, capsys, no_m
 def pruned_dir(work, capsys):
     """An earlier `prune --save` folder (a model folder of layerif's own)."""
     from conftest import tiny_model
-    from layerif.prune import save_pruned
+    from layerif.prune_export import save_pruned
 
     dest = save_pruned(tiny_model("llama", n_layers=3), make_tokenizer(), str(work / "pruned"), {"layers": [0, 1, 2]})
     capsys.readouterr()  # the progress bars of saving
@@ -727,7 +727,7 @@ def test_search_dir_is_never_a_model_folder(tiny_model_dir, work, capsys, no_mod
 
 def test_overwrite_never_deletes_files_it_did_not_write(work, pruned_dir):
     from conftest import tiny_model
-    from layerif.prune import save_pruned
+    from layerif.prune_export import save_pruned
 
     (pruned_dir / "notes.txt").write_text("mine")
     with pytest.raises(UserError, match=r"also holds files layerif did not write \(notes.txt\)"):

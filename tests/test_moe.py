@@ -562,6 +562,8 @@ def test_gain_and_beta_inputs_fail_in_one_line_before_the_model_loads(tasks, mod
 def test_a_new_allocation_with_a_new_metric_is_one_registration(tasks, model_dir, tmp_path, monkeypatch):
     """An allocation whose metric is of a new kind (here: the mean |W| of each block's projections) is one
     registration that carries its measurement; prune and moe measure it through the same function."""
+    import numpy as np
+
     from layerif import allocate
     from layerif.commands import prune as PC
     from layerif.models import iter_projections, load_model

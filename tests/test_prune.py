@@ -17,7 +17,8 @@ import yaml
 
 import layerif.prune as P
 import layerif.prune_allocation as PA
-from layerif.measure import Sources, allocation_metric
+from layerif.measure import Sources, allocation_metric, dlp_medians, outlier_ratios
+from layerif.prune_export import llmcompressor_recipe, save_pruned
 from layerif.commands import compare_pruning as CP
 from layerif.commands import prune as PC
 from conftest import TINY_VOCAB, WORDS, make_tokenizer, tiny_model
@@ -128,11 +129,11 @@ def test_owl_outlier_ratios_equal_direct_computation():
         scores = torch.cat([(weight_out_in(m).detach().abs() * sq[i].sqrt()).flatten()
                             for i, (b, m) in enumerate(mods) if b == l])
         want.append(float((scores > 5 * scores.mean()).float().mean()))
-    np.testing.assert_allclose(P.outlier_ratios(model, windows), want, rtol=1e-6)
+    np.testing.assert_allclose(outlier_ratios(model, windows), want, rtol=1e-6)
     assert all(m.weight.ne(0).all() for _, m in mods)  # measuring does not prune
     medians = [float(torch.cat([(weight_out_in(m).detach().abs() * sq[i].sqrt()).flatten()
                                 for i, (b, m) in enumerate(mods) if b == l]).median()) for l in range(len(blocks))]
-    np.testing.assert_allclose(P.dlp_medians(model, windows), medians, rtol=1e-6)  # DLP: the same statistics
+    np.testing.assert_allclose(dlp_medians(model, windows), medians, rtol=1e-6)  # DLP: the same statistics
     np.testing.assert_allclose(allocation_metric("dlp", Sources(model, windows=windows)), medians, rtol=1e-6)
 
 
@@ -244,7 +245,7 @@ def test_saved_model_reloads_with_identical_logits(tmp_path, family):
 
     model, tok = tiny_model(family, n_layers=3), make_tokenizer()
     P.prune_model(model, [0.4, 0.5, 0.6], "sparsegpt", calib())
-    dest = P.save_pruned(model, tok, str(tmp_path / "pruned"), {"layers": [0, 1, 2]}, recipe="a: 1\n")
+    dest = save_pruned(model, tok, str(tmp_path / "pruned"), {"layers": [0, 1, 2]}, recipe="a: 1\n")
     assert {"model.safetensors", "allocation.json", "recipe.yaml", "config.json"} <= {p.name for p in dest.iterdir()}
     loaded = AutoModelForCausalLM.from_pretrained(dest).eval()
     x = calib(2, 12, seed=3)
@@ -253,15 +254,15 @@ def test_saved_model_reloads_with_identical_logits(tmp_path, family):
     assert AutoTokenizer.from_pretrained(dest)("the cat")["input_ids"] == tok("the cat")["input_ids"]
     # an earlier pruned model is replaced; any other non-empty folder is refused
     with pytest.raises(UserError, match="pass --overwrite"):
-        P.save_pruned(model, tok, str(dest), {"layers": [0, 1, 2], "again": True})
-    P.save_pruned(model, tok, str(dest), {"layers": [0, 1, 2], "again": True}, overwrite=True)
+        save_pruned(model, tok, str(dest), {"layers": [0, 1, 2], "again": True})
+    save_pruned(model, tok, str(dest), {"layers": [0, 1, 2], "again": True}, overwrite=True)
     assert json.loads((dest / "allocation.json").read_text())["again"] is True
     assert not (dest / "recipe.yaml").exists()
     other = tmp_path / "other"
     other.mkdir()
     (other / "notes.txt").write_text("mine")
     with pytest.raises(UserError, match="not an earlier pruned model"):
-        P.save_pruned(model, tok, str(other), {})
+        save_pruned(model, tok, str(other), {})
     assert (other / "notes.txt").read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["other", "pruned"]  # no temporary folders left
 
@@ -271,7 +272,7 @@ def test_saved_model_reloads_with_identical_logits(tmp_path, family):
 def test_llmcompressor_recipe(family, method):
     model = tiny_model(family, n_layers=3)
     prefix, blocks = find_blocks(model)
-    text = P.llmcompressor_recipe(method, [0.4, 0.5, 0.6], prefix, damping=0.01, block_size=128)
+    text = llmcompressor_recipe(method, [0.4, 0.5, 0.6], prefix, damping=0.01, block_size=128)
     mod_name = {"wanda": "WandaPruningModifier", "sparsegpt": "SparseGPTModifier"}[method]
     mod = yaml.safe_load(text)["sparsity_stage"]["sparsity_modifiers"][mod_name]
     assert mod["sparsity"] == [0.4, 0.5, 0.6]
@@ -280,9 +281,9 @@ def test_llmcompressor_recipe(family, method):
     matched = [n for n, _ in model.named_modules() if re.match(pattern, n)]
     assert matched == [f"{prefix}.{i}" for i in range(len(blocks))]  # one sparsity per block, in order
     assert ("dampening_frac" in mod) == (method == "sparsegpt")
-    nm = yaml.safe_load(P.llmcompressor_recipe(method, [0.5] * 3, prefix, nm=(2, 4)))
+    nm = yaml.safe_load(llmcompressor_recipe(method, [0.5] * 3, prefix, nm=(2, 4)))
     assert nm["sparsity_stage"]["sparsity_modifiers"][mod_name]["mask_structure"] == "2:4"
-    assert P.llmcompressor_recipe("magnitude", [0.5] * 3, prefix) is None
+    assert llmcompressor_recipe("magnitude", [0.5] * 3, prefix) is None
 
 
 # ----------------------------------------------------------------------------- the commands

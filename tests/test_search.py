@@ -200,6 +200,7 @@ def test_search_moves_sparsity_away_from_a_planted_sensitive_block(tmp_path):
     db = PA.level_database(tmp_path, model, "magnitude")
     before = {l: block_weights(model, l) for l in range(4)}
     config = S.SearchConfig(evals=60, offspring=4, survivors=2, screen_windows=2, step=0.1, low=0.0, high=0.9, seed=0)
+    db.ensure(S.search_levels(0.5, weights, config))  # the pruner side writes the levels; the search only reads
     result, info = S.search_allocation(model, db, 0.5, weights, windows, [0.5] * 4, config, batch_size=4)
     assert result.ratios[1] < 0.5 and result.ratios[1] == result.ratios.min()
     assert result.fitness < result.start_fitness
@@ -214,6 +215,7 @@ def test_sensitivity_finds_the_planted_block_and_gives_it_the_least_sparsity(tmp
     weights = P.prunable_params(model)
     windows = calib(n=3, seqlen=10, seed=2)
     db = PA.level_database(tmp_path, model, "magnitude")
+    db.ensure([[0.5]] * 4)
     kl = S.block_sensitivity(model, db, 0.5, windows, batch_size=3)
     assert int(np.argmax(kl)) == 1 and np.all(kl > 0)
     # one block pruned alone: the same number as the KL of a directly pruned copy
@@ -308,3 +310,61 @@ def test_compare_pruning_with_search_and_sensitivity(stand_ins, model_dir, tmp_p
     md = (out / "comparison.md").read_text()  # each search against its start, the LayerIF start against uniform's
     for pair in ("| search-layerif | search-uniform", "| search-uniform | uniform"):
         assert md.count(pair) == 2, pair  # accuracy and perplexity
+
+
+def test_a_new_search_start_is_one_registration(stand_ins, model_dir, tmp_path, monkeypatch):
+    """A search start added in one place (here: ATP, sparsity rising with depth) is an allocation search-NAME."""
+    from layerif import allocate
+
+    monkeypatch.setattr(allocate, "ALLOCATIONS", dict(allocate.ALLOCATIONS))
+    monkeypatch.setattr(allocate, "SEARCH_STARTS", list(allocate.SEARCH_STARTS))
+    allocate.register_search_start("atp")
+
+    PC.run(prune_args(model_dir, tmp_path, allocation="search-atp", method="magnitude", search_evals=6,
+                      search_offspring=2, search_survivors=1, search_windows=2, search_screen_windows=1,
+                      search_dir=str(tmp_path / "s"), save=str(tmp_path / "pruned")))
+    saved = json.loads((tmp_path / "pruned" / "allocation.json").read_text())
+    # ATP at 0.5 over 3 equal blocks: step 0.2 / (3 − 1) = 0.1, so 0.4, 0.5, 0.6 (on the search's 0.05 grid)
+    assert saved["search"]["start"] == "atp" and saved["search"]["start_sparsity"] == pytest.approx([0.4, 0.5, 0.6])
+    assert np.average(saved["sparsity"], weights=saved["prunable_params"]) == pytest.approx(0.5, abs=1e-12)
+
+
+def test_the_sparsity_target_never_reenters_a_module(stand_ins, model_dir, tmp_path):
+    """From `layerif prune --allocation search-layerif` down to the pruner, no call re-enters a layerif module it
+    has left: on every call stack the command's allocation and pruning calls start (layerif frames only,
+    consecutive frames of one module taken as one) each module appears once. The search reads the level
+    database and never calls back into the pruner."""
+    import sys
+
+    PATH = {(f"layerif.{m}",) for m in ("prune_allocation", "measure", "allocate", "prune")}
+    seen: set[tuple[str, ...]] = set()
+    bad: list[tuple[str, ...]] = []
+
+    def stack_of(frame) -> tuple[str, ...]:
+        mods: list[str] = []
+        while frame is not None:
+            name = frame.f_globals.get("__name__", "")
+            if name.startswith("layerif") and (not mods or mods[-1] != name):
+                mods.append(name)
+            frame = frame.f_back
+        return tuple(reversed(mods))
+
+    def profile(frame, event, arg):
+        if event == "call" and frame.f_globals.get("__name__", "").startswith("layerif"):
+            stack = stack_of(frame)
+            if stack[1:2] in PATH and stack not in seen:  # below the command: allocating and pruning
+                seen.add(stack)
+                if len(set(stack)) != len(stack):
+                    bad.append(stack)
+
+    search = dict(allocation="search-layerif", method="wanda", search_evals=6, search_offspring=2,
+                  search_survivors=1, search_windows=2, search_screen_windows=1, search_dir=str(tmp_path / "s"))
+    sys.setprofile(profile)
+    try:
+        PC.run(prune_args(model_dir, tmp_path, **search))
+    finally:
+        sys.setprofile(None)
+    path = {m for stack in seen for m in stack}
+    assert {"layerif.prune_allocation", "layerif.search", "layerif.levels", "layerif.prune"} <= path
+    assert not any("layerif.search" in s and "layerif.prune" in s[s.index("layerif.search"):] for s in seen)
+    assert bad == []

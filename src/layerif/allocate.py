@@ -447,9 +447,10 @@ register(Allocation(
 # commands (layerif.search), then mapped here. ``sensitivity``: the KL rise of pruning each block alone
 # at the target, through LayerIF's linear map reversed (the most sensitive block gets the least
 # sparsity). ``search`` / ``search-START``: the metric is the searched per-block sparsity itself, already
-# at the target (EvoPress-style search from ``--search-init`` / from START).
-SEARCH_STARTS = ("uniform", "layerif", "owl", "alpha")
+# at the target (EvoPress-style search from ``--search-init`` / from START), passed through unchanged.
 SEARCH = "search-"
+SEARCH_STARTS: list[str] = []
+"""The allocations a search may start from (``search-START``, ``--search-init``)."""
 
 
 def search_start(label: str, default: str = "uniform") -> str:
@@ -460,8 +461,25 @@ def search_start(label: str, default: str = "uniform") -> str:
 register(Allocation(
     "sensitivity", "sensitivity",
     sparsity=lambda m, target, w, o, rev: linear_sparsity(m, target, o.epsilon, w, reverse=not rev)))
-for _name in ("search", *(SEARCH + s for s in SEARCH_STARTS)):
-    register(Allocation(_name, "search", sparsity=lambda m, target, w, o, rev: fit_weighted_mean(m, target, w)))
+
+
+def _searched(m, target, w, o, rev) -> np.ndarray:
+    """A search's allocation: the searched per-block sparsity itself (already at the target), unchanged."""
+    return np.asarray(m, dtype=np.float64)
+
+
+register(Allocation("search", "search", sparsity=_searched))
+
+
+def register_search_start(name: str) -> Allocation:
+    """Let a search start from the sparsity allocation ``name``: registers ``search-NAME``; returns its rule."""
+    if name not in SEARCH_STARTS:
+        SEARCH_STARTS.append(name)
+    return register(Allocation(SEARCH + name, "search", sparsity=_searched))
+
+
+for _start in ("uniform", "layerif", "owl", "alpha"):
+    register_search_start(_start)
 
 COMPARE_SPARSITY = ("uniform", "owl", "alpha", "layerif", "layerif" + REVERSED)
 """The allocations ``compare-pruning`` runs by default."""

@@ -14,7 +14,7 @@ allocation with a new metric is one registration. The kinds measured with the pr
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,16 +23,55 @@ import torch
 from torch import nn
 
 from . import allocate, progress
+from .calibration import calibrate
 from .errors import UserError
-from .models import LoadedModel, find_blocks
+from .models import LoadedModel, find_blocks, projections, weight_out_in
 from .options import NEEDS_VALIDATION
-from .prune import OWL_M, dlp_medians, outlier_ratios
+from .prune import wanda_score
 from .results import block_gains, block_scores
 from .spectral import block_alphas
 
+OWL_M = 5.0
+"""OWL: a weight is an outlier above M × its block's mean Wanda score."""
+OWL_LAMBDA = 0.08
+"""OWL: the block sparsities span 2λ around the target."""
 NEEDS_SCORES = "the layerif allocation needs --scores scores.json (from `layerif score`)"
 PRUNER_MEASURED = ("sensitivity", "search")
 """Metric kinds measured with the chosen pruner through the level database (:mod:`layerif.prune_allocation`)."""
+
+
+# ----------------------------------------------------------------------------- the calibrated block statistics
+
+
+def _block_wanda_scores(model: nn.Module, windows: torch.Tensor) -> Iterator[list[torch.Tensor]]:
+    """Per block, the Wanda scores |W|·‖X‖ of each of its projections, from the dense model (sequential
+    calibration without pruning): the statistics OWL's outlier ratios and DLP's medians share."""
+    for _, block, stats in calibrate(model, windows, update=False):
+        yield [wanda_score(weight_out_in(mod), stats[rel].sq) for rel, mod in projections(block).items()]
+
+
+def outlier_ratios(model: nn.Module, windows: torch.Tensor, m: float = OWL_M) -> np.ndarray:
+    """OWL's layer-wise outlier ratio: per block, the share of Wanda scores above ``m`` × the block's mean.
+
+    The scores of all the block's projections are pooled; the statistics come
+    from the dense model (sequential calibration without pruning). float64 [L].
+    """
+    out = []
+    for scores in _block_wanda_scores(model, windows):
+        mean = sum(float(s.sum()) for s in scores) / sum(s.numel() for s in scores)
+        out.append(sum(int((s > m * mean).sum()) for s in scores) / sum(s.numel() for s in scores))
+    return np.asarray(out, dtype=np.float64)
+
+
+def dlp_medians(model: nn.Module, windows: torch.Tensor) -> np.ndarray:
+    """DLP's layer statistic: per block, the median of the pooled Wanda scores |W|·‖X‖ of all its projections
+    (dense model, the calibration of :func:`outlier_ratios`); ``torch.median``, the lower middle value for an
+    even count. float64 [L]; :func:`layerif.allocate.dlp_sparsity` maps it to sparsity."""
+    return np.asarray([float(torch.cat([s.reshape(-1).float() for s in scores]).median())
+                       for scores in _block_wanda_scores(model, windows)], dtype=np.float64)
+
+
+# ----------------------------------------------------------------------------- metrics
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Layer-wise unstructured pruning: pruners, calibration, the calibrated block statistics (OWL, DLP), saving.
+"""Layer-wise unstructured pruning: the masks, the pruner registry, pruning a model block by block.
 
 Pruners (every projection inside the decoder blocks: attention and MLP; the
 embeddings and the LM head are never pruned) are :class:`Pruner` records in the
@@ -36,24 +36,18 @@ block, measured as OWL's ratios); ``atp`` (ATP: sparsity rising with depth, no m
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
-from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from torch import nn
 
 from . import progress
 from .errors import UserError
-from .io import staged_folder, write_text
 from .models import find_blocks, iter_projections, projections, set_weight_out_in, weight_out_in
-from .results import check_save_dir, write_saved
+from .calibration import InputStats, calibrate
 
-OWL_M = 5.0
-OWL_LAMBDA = 0.08
 DAMPING = 0.01
 BLOCK_SIZE = 128
 
@@ -315,120 +309,6 @@ def pruned_weight(module: nn.Module, pruner: Pruner, ratio: float, stats: InputS
     return new == 0, new
 
 
-# ----------------------------------------------------------------------------- calibration
-
-
-class InputStats:
-    """Statistics of a projection's inputs, accumulated by a forward hook over calibration tokens.
-
-    ``sq``: Σ_t x_tj² [in] (Wanda's ‖X_j‖₂²); ``hessian``: Σ_t x_t x_tᵀ [in, in] (SparseGPT),
-    only when asked for. float32, on the module's device.
-    """
-
-    def __init__(self, module: nn.Module, hessian: bool):
-        n_in = weight_out_in(module).shape[1]
-        dev = module.weight.device
-        self.sq = torch.zeros(n_in, device=dev)
-        self.hessian = torch.zeros(n_in, n_in, device=dev) if hessian else None
-
-    def hook(self, module: nn.Module, inputs: tuple, output) -> None:
-        x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
-        self.sq += (x * x).sum(dim=0)
-        if self.hessian is not None:
-            self.hessian.addmm_(x.t(), x)
-
-
-class _Stop(Exception):
-    """Raised by a hook to end a forward pass early."""
-
-
-def _split_call(args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple, dict]:
-    """(hidden states, the other positional arguments, the other keyword arguments) of a block call."""
-    if args:
-        return args[0], args[1:], dict(kwargs)
-    rest = dict(kwargs)
-    return rest.pop("hidden_states"), (), rest
-
-
-def _block_out(output) -> torch.Tensor:
-    return output[0] if isinstance(output, (tuple, list)) else output
-
-
-def _block_inputs(model: nn.Module, blocks: nn.ModuleList, windows: torch.Tensor) -> tuple[list, list]:
-    """Inputs of block 0 for each window, and each block's other call arguments.
-
-    The other arguments (attention mask, position embeddings, ...) depend only on
-    the window length, so they are recorded once, from a forward pass on the first
-    window, separately for every block (families such as Gemma pass each block its
-    own mask).
-    """
-    device = next(model.parameters()).device
-    hidden: list[torch.Tensor] = []
-
-    def catch(module, args, kwargs):
-        hidden.append(_split_call(args, kwargs)[0])
-        raise _Stop
-
-    handle = blocks[0].register_forward_pre_hook(catch, with_kwargs=True)
-    try:
-        for w in windows:
-            try:
-                model(input_ids=w.unsqueeze(0).to(device), use_cache=False)
-            except _Stop:
-                pass
-    finally:
-        handle.remove()
-    calls: list = [None] * len(blocks)
-
-    def record(idx):
-        def hook(module, args, kwargs):
-            calls[idx] = _split_call(args, kwargs)[1:]
-
-        return hook
-
-    handles = [b.register_forward_pre_hook(record(i), with_kwargs=True) for i, b in enumerate(blocks)]
-    try:
-        model(input_ids=windows[:1].to(device), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    return hidden, calls
-
-
-@torch.no_grad()
-def calibrate(
-    model: nn.Module, windows: torch.Tensor, hessian: bool = False, update: bool = True
-) -> Iterator[tuple[int, nn.Module, dict[str, InputStats]]]:
-    """Sequential block-by-block calibration, as the Wanda / SparseGPT reference code.
-
-    ``windows``: token ids [n, seqlen], unpadded. Yields ``(block index, block,
-    {name relative to the block: InputStats})`` for each block in order, after the
-    windows' hidden states have passed through it; the caller may change the
-    block's weights before asking for the next one. With ``update`` the block is
-    then run again so the next block sees the outputs of the changed block;
-    without it (the block was left alone) the outputs of the first run are used.
-    """
-    if windows.dim() != 2 or windows.shape[0] == 0:
-        raise ValueError(f"windows must be a non-empty [n, seqlen] tensor, got {tuple(windows.shape)}")
-    _, blocks = find_blocks(model)
-    hidden, calls = _block_inputs(model, blocks, windows)
-    for idx, block in enumerate(progress.track(blocks, desc="calibrating blocks", unit="block")):
-        args, kwargs = calls[idx]
-        stats = {rel: InputStats(mod, hessian) for rel, mod in projections(block).items()}
-        handles = [mod.register_forward_hook(stats[rel].hook) for rel, mod in projections(block).items()]
-        outputs = []
-        try:
-            for h in hidden:
-                out = _block_out(block(h, *args, **kwargs))
-                if not update:
-                    outputs.append(out)
-        finally:
-            for h in handles:
-                h.remove()
-        yield idx, block, stats
-        hidden = [_block_out(block(h, *args, **kwargs)) for h in hidden] if update else outputs
-
-
 def prune_module(
     module: nn.Module,
     method: str,
@@ -481,94 +361,3 @@ def prune_model(
         for rel, mod in projections(block).items():
             prune_module(mod, method, sparsity[f"{prefix}.{idx}.{rel}"], stats[rel], nm, damping, block_size)
     return sparsity
-
-
-def _block_wanda_scores(model: nn.Module, windows: torch.Tensor) -> Iterator[list[torch.Tensor]]:
-    """Per block, the Wanda scores |W|·‖X‖ of each of its projections, from the dense model (sequential
-    calibration without pruning): the statistics OWL's outlier ratios and DLP's medians share."""
-    for _, block, stats in calibrate(model, windows, update=False):
-        yield [wanda_score(weight_out_in(mod), stats[rel].sq) for rel, mod in projections(block).items()]
-
-
-def outlier_ratios(model: nn.Module, windows: torch.Tensor, m: float = OWL_M) -> np.ndarray:
-    """OWL's layer-wise outlier ratio: per block, the share of Wanda scores above ``m`` × the block's mean.
-
-    The scores of all the block's projections are pooled; the statistics come
-    from the dense model (sequential calibration without pruning). float64 [L].
-    """
-    out = []
-    for scores in _block_wanda_scores(model, windows):
-        mean = sum(float(s.sum()) for s in scores) / sum(s.numel() for s in scores)
-        out.append(sum(int((s > m * mean).sum()) for s in scores) / sum(s.numel() for s in scores))
-    return np.asarray(out, dtype=np.float64)
-
-
-def dlp_medians(model: nn.Module, windows: torch.Tensor) -> np.ndarray:
-    """DLP's layer statistic: per block, the median of the pooled Wanda scores |W|·‖X‖ of all its projections
-    (dense model, the calibration of :func:`outlier_ratios`); ``torch.median``, the lower middle value for an
-    even count. float64 [L]; :func:`layerif.allocate.dlp_sparsity` maps it to sparsity."""
-    return np.asarray([float(torch.cat([s.reshape(-1).float() for s in scores]).median())
-                       for scores in _block_wanda_scores(model, windows)], dtype=np.float64)
-
-
-# ----------------------------------------------------------------------------- export
-
-
-def llmcompressor_recipe(method: str, ratios, blocks_prefix: str, nm: tuple[int, int] | None = None,
-                         damping: float = DAMPING, block_size: int = BLOCK_SIZE) -> str | None:
-    """The allocation as an llm-compressor oneshot recipe (YAML), or ``None`` for a pruner without a ``modifier``.
-
-    Format (llm-compressor ≥ 0.5, ``SparsityModifierBase``; checked against 0.14)::
-
-        sparsity_stage:
-          sparsity_modifiers:
-            SparseGPTModifier:            # or WandaPruningModifier
-              sparsity: [0.55, 0.61, ...] # one per module matched by `targets`, in model order
-              mask_structure: "0:0"       # "N:M" for semi-structured (N pruned of every M)
-              targets: ["re:model\\.layers\\.\\d+$"]   # the decoder blocks
-              block_size: 128             # the pruner's settings (SparseGPT)
-              dampening_frac: 0.01
-
-    A list-valued ``sparsity`` is indexed by the modules ``targets`` matches, so
-    targets name the decoder blocks and every Linear inside block l gets ratio l.
-    Run it with ``llmcompressor.oneshot(model=..., dataset=..., recipe="recipe.yaml",
-    num_calibration_samples=128, max_seq_length=...)``. llm-compressor has no
-    one-shot magnitude modifier, hence ``None`` there.
-    """
-    pruner = get_pruner(method)
-    if pruner.modifier is None:
-        return None
-    mod: dict = {
-        "sparsity": [round(float(r), 6) for r in np.asarray(ratios).reshape(-1)],
-        "mask_structure": f"{nm[0]}:{nm[1]}" if nm else "0:0",
-        "targets": [f"re:{re.escape(blocks_prefix)}\\.\\d+$"],
-    }
-    options = PruneSettings(nm, float(damping), int(block_size))
-    mod.update({SETTINGS[k]: getattr(options, k) for k in pruner.settings})
-    head = (
-        "# llm-compressor recipe exported by layerif: one sparsity per decoder block.\n"
-        "# from llmcompressor import oneshot\n"
-        "# oneshot(model=MODEL, dataset=DATASET, recipe=\"recipe.yaml\", num_calibration_samples=128)\n"
-    )
-    return head + yaml.safe_dump({"sparsity_stage": {"sparsity_modifiers": {pruner.modifier: mod}}}, sort_keys=False,
-                                 default_flow_style=None, width=100)
-
-
-def save_pruned(model: nn.Module, tokenizer, path: str, allocation: dict, recipe: str | None = None,
-                overwrite: bool = False, source: str | None = None) -> Path:
-    """Write the pruned model (safetensors), tokenizer, allocation.json and recipe.yaml to ``path``.
-
-    ``path`` follows :func:`layerif.results.check_save_dir` (``overwrite``; never
-    the input model ``source``). Built in a temporary sibling folder that then
-    replaces ``path`` (a failed save leaves the old folder, or none).
-    """
-    check = partial(check_save_dir, what="pruned model", overwrite=overwrite, model=source)
-    dest = check(path)
-    with staged_folder(dest, "--save", check) as tmp:
-        model.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if recipe is not None:
-            write_text(tmp / "recipe.yaml", recipe)
-        write_saved(tmp, allocation, "pruned model")
-    return dest

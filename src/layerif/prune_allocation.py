@@ -4,11 +4,14 @@
 (:mod:`layerif.measure`; for ``sensitivity`` and ``search`` with the chosen pruner through the level
 database), runs the search from its start's ratios, and maps the metric to per-block sparsity
 (:func:`layerif.allocate.allocate_sparsity`). :func:`level_database` is the pruner side of the level database
-(:class:`layerif.search.LevelDatabase`): it prunes each (block, level) with the registered pruner.
+(:mod:`layerif.levels`): it prunes each (block, level) with the registered pruner and writes the folder the
+search then only reads.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -16,46 +19,70 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import allocate
+from . import allocate, progress
 from .allocate import SparsityOptions, allocate_sparsity
 from .measure import PRUNER_MEASURED, Sources, allocation_metric
-from .models import find_blocks
-from .prune import (BLOCK_SIZE, DAMPING, SETTINGS, InputStats, PruneSettings, calibrate, get_pruner,
-                    pruned_weight)
+from .calibration import InputStats, calibrate
+from .levels import LevelDatabase, windows_hash
+from .prune import BLOCK_SIZE, DAMPING, SETTINGS, PruneSettings, Pruner, get_pruner, pruned_weight
 from .results import block_sparsity
-from .search import LevelDatabase, SearchConfig, run_search, run_sensitivity, windows_hash
+from .search import SearchConfig, run_search, run_sensitivity, search_levels
+
+
+class PrunedLevels(LevelDatabase):
+    """The pruner side of a level database: :meth:`ensure` prunes the missing levels with the registered pruner
+    and writes them (the format of :mod:`layerif.levels`); readers take it as the plain :class:`LevelDatabase`."""
+
+    def __init__(self, root: str | Path, model: nn.Module, pruner: Pruner, windows: torch.Tensor | None,
+                 options: PruneSettings, model_name: str = ""):
+        if pruner.needs_calibration and windows is None:
+            raise ValueError(f"{pruner.name} levels need calibration windows")
+        settings = {"model": model_name, "method": pruner.name, "calibration": "dense inputs of every block",
+                    "windows": windows_hash(windows if pruner.needs_calibration else None),
+                    **{k: (getattr(options, k) if k in pruner.settings else None) for k in SETTINGS}}
+        super().__init__(root, model, settings)
+        self.model, self.pruner, self.windows, self.options = model, pruner, windows, options
+
+    def _blocks(self) -> Iterator[tuple[int, dict[str, InputStats] | None]]:
+        """(block index, its projections' calibration statistics on the dense model's inputs, or None)."""
+        if not self.pruner.needs_calibration:
+            yield from ((idx, None) for idx in range(len(self.modules)))
+        else:
+            yield from ((idx, stats) for idx, _, stats in calibrate(self.model, self.windows,
+                                                                    hessian=self.pruner.needs_hessian, update=False))
+
+    def ensure(self, ratios: list[list[float]]) -> dict:
+        """Build every missing level: ``ratios[l]`` are the ratios block l needs. Returns :meth:`info`.
+
+        The blocks are calibrated in order on the dense model's activations (the model is left unchanged) up to
+        the last one with a missing level; levels already on disk are skipped.
+        """
+        todo = self.missing(ratios)
+        if any(todo):
+            t0 = time.time()
+            progress.info(f"building {sum(map(len, todo))} pruned levels of {self.method} in {self.path}")
+            last = max(i for i, t in enumerate(todo) if t)
+            for idx, stats in self._blocks():
+                for ratio in todo[idx]:
+                    self.write(idx, ratio, {rel: self._pruned(mod, None if stats is None else stats[rel], ratio)
+                                            for rel, mod in self.modules[idx].items()})
+                if idx == last:
+                    break
+            self.add_build_seconds(time.time() - t0)
+        return self.info()
+
+    def _pruned(self, module: nn.Module, stats: InputStats | None, ratio: float):
+        mask, new = pruned_weight(module, self.pruner, ratio, stats, self.options)  # the model itself stays dense
+        return mask, (None if new is None else new.float())
 
 
 def level_database(root: Path, model: nn.Module, method: str, windows: torch.Tensor | None = None,
-                   damping: float = DAMPING, block_size: int = BLOCK_SIZE, model_name: str = "") -> LevelDatabase:
-    """The level database (:class:`layerif.search.LevelDatabase`) of ``method`` under ``root``.
-
-    Calibration rule: every block is calibrated on the *dense* model's inputs
-    (:func:`layerif.prune.calibrate` without update, as EvoPress builds its database), so a
-    block's level does not depend on the levels of the blocks before it.
-    A pruner that keeps the surviving weights stores masks; one that changes them
-    (SparseGPT) also the pruned weights.
-    """
-    pruner = get_pruner(method)
-    if pruner.needs_calibration and windows is None:
-        raise ValueError(f"{method} levels need calibration windows")
-    options = PruneSettings(None, float(damping), int(block_size))
-    settings = {"model": model_name, "method": method, "calibration": "dense inputs of every block",
-                "windows": windows_hash(windows if pruner.needs_calibration else None),
-                **{k: (getattr(options, k) if k in pruner.settings else None) for k in SETTINGS}}
-
-    def blocks():
-        if not pruner.needs_calibration:
-            yield from ((idx, None) for idx in range(len(find_blocks(model)[1])))
-        else:
-            yield from ((idx, stats) for idx, _, stats in calibrate(model, windows, hessian=pruner.needs_hessian,
-                                                                    update=False))
-
-    def prune(module: nn.Module, stats: InputStats | None, ratio: float):
-        mask, new = pruned_weight(module, pruner, ratio, stats, options)  # the model itself stays dense
-        return mask, (None if new is None else new.float())
-
-    return LevelDatabase(root, model, settings, blocks, prune)
+                   damping: float = DAMPING, block_size: int = BLOCK_SIZE, model_name: str = "") -> PrunedLevels:
+    """The level database of the pruner ``method`` under ``root`` (:class:`PrunedLevels`), calibrated on
+    ``windows``: every block on the *dense* model's inputs (:func:`layerif.calibration.calibrate` without update, as
+    EvoPress builds its database), so a block's level does not depend on the levels of the blocks before it."""
+    return PrunedLevels(root, model, get_pruner(method), windows, PruneSettings(None, float(damping), int(block_size)),
+                        model_name)
 
 
 @dataclass(frozen=True)
@@ -90,7 +117,9 @@ def measured_metric(rule: allocate.Allocation, src: Sources, target: float, weig
     """
     db = level_database(m.db_root, src.model, m.method, src.windows, m.damping, m.block_size, m.model_name)
     if rule.metric == "sensitivity":
+        db.ensure([[target]] * len(weights))
         return run_sensitivity(src.model, db, target, m.fitness_windows, m.batch_size)
+    db.ensure(search_levels(target, weights, m.search))
     return run_search(src.model, db, target, weights, m.fitness_windows, start_ratios, start, m.search, m.batch_size)
 
 

@@ -16,16 +16,11 @@ the three pieces and the measured baseline:
   plain grid ``target ± k · step``; with ``target`` a multiple of ``step`` and the
   default range they are 0.0, 0.05, ..., 0.9. Levels outside [``low``, ``high``]
   are not used.
-* :class:`LevelDatabase` -- every (block, level) pruned once by the chosen pruner
-  and stored as safetensors (one file per block and level, so a build that stops
-  resumes where it stopped). Calibration rule: every block is calibrated on the
-  *dense* model's inputs to that block (as EvoPress builds its database), so a
-  level does not depend on the levels of earlier blocks. A pruner that keeps
-  the surviving weights' original values (``Pruner.keeps_survivors``: magnitude,
-  Wanda) stores only the pruning mask (bit-packed); one that changes them
-  (SparseGPT) stores their values too. The pruners themselves are :mod:`layerif.prune`'s
-  (:func:`layerif.prune.level_database`). Putting a block at a level is a copy from the database (or a
-  masked copy of the dense weights), never a re-prune.
+* the level database (:mod:`layerif.levels`) -- every (block, level) pruned once by
+  the chosen pruner, a documented folder the pruner side writes
+  (:func:`layerif.prune_allocation.level_database`) and this module only reads:
+  putting a block at a level is a copy from the database (or a masked copy of the
+  dense weights), never a re-prune; nothing here calls a pruner.
 * :func:`kl_to_reference` -- the fitness: mean over predicted tokens of
   KL(P_dense ‖ P_pruned) of the next-token distributions, in nats.
 * :func:`evolve` -- the (1 + λ) search: λ offspring of the parent by level-switch
@@ -37,8 +32,8 @@ the three pieces and the measured baseline:
   target; the ``sensitivity`` allocation of :mod:`layerif.allocate` maps it with
   LayerIF's linear map (more sensitive, less sparsity).
 
-The allocation a search returns is a list of per-block ratios like every other
-allocation: pruning with it runs the chosen pruner with the usual sequential
+The search returns per-block sparsities (exactly at the target, the grid keeps the
+budget), the allocation itself: pruning with it runs the chosen pruner with the usual sequential
 calibration (:func:`layerif.prune.prune_model`), so its quality is measured the
 same way as the other allocations'.
 """
@@ -46,11 +41,9 @@ same way as the other allocations'.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
-import json
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -60,10 +53,10 @@ from torch import nn
 
 from . import __version__, progress
 from .allocate import MAX_SPARSITY, check_sparsity
-from .cache import weight_fingerprint
 from .errors import UserError
-from .io import pyplot, write_figure, write_json, write_safetensors, write_text
-from .models import find_blocks, projections, set_weight_out_in, weight_out_in
+from .io import pyplot, write_figure, write_json, write_text
+from .levels import BlockLevels, LevelDatabase
+from .models import find_blocks
 
 STEP = 0.05
 LOW = 0.0
@@ -172,163 +165,6 @@ class LevelGrid:
             k[i] += 1
             k[j] -= 1
         return k
-
-
-# ----------------------------------------------------------------------------- database
-
-
-def _ratio_key(ratio: float) -> str:
-    return f"{ratio:.6f}"
-
-
-def _pack(mask: torch.Tensor) -> torch.Tensor:
-    return torch.from_numpy(np.packbits(mask.cpu().numpy().reshape(-1), bitorder="little"))
-
-
-def _unpack(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    bits = np.unpackbits(packed.numpy(), count=int(np.prod(shape)), bitorder="little")
-    return torch.from_numpy(bits.astype(bool)).view(shape)
-
-
-def windows_hash(windows: torch.Tensor | None) -> str:
-    if windows is None:
-        return "none"
-    return hashlib.sha256(windows.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()[:12]
-
-
-class LevelDatabase:
-    """Pre-pruned levels of every block, one safetensors file per (block, ratio), resumable.
-
-    The pruner comes from outside (:func:`layerif.prune.level_database` builds
-    one for each pruner): ``blocks()`` yields ``(block index, {projection name:
-    calibration statistics} or None)`` in block order, computed on the dense
-    model's inputs; ``prune(module, stats, ratio)`` returns, without changing the
-    projection ``module``, the zeros of its pruned [out, in] weight (bool) and,
-    for a pruner that changes the surviving weights, the whole pruned float32
-    [out, in] weight (else ``None``: the survivors keep their dense values).
-
-    Folder ``root/<method>-<fingerprint>/``: the fingerprint hashes ``settings``
-    (pruner and its options, calibration windows; its ``model`` name is only
-    recorded), the block shapes and the model's weights
-    (:func:`layerif.cache.weight_fingerprint`), so a different setting or other
-    weights under the same name never reuse a level. Each file
-    ``b{block:03d}_s{ratio:.6f}.safetensors`` holds, per projection ``rel`` of
-    the block, ``{rel}.mask`` (the zeros of the pruned weight, bit-packed,
-    little bit order) and, when the pruner changes surviving weights, ``{rel}.values``
-    (float32, the surviving weights in row-major order). Ratios are keyed (and
-    pruned) at 6 decimals. ``database.json`` records the settings and the build
-    seconds so far.
-    """
-
-    def __init__(self, root: str | Path, model: nn.Module, settings: dict,
-                 blocks: Callable[[], Iterator[tuple[int, dict | None]]],
-                 prune: Callable[[nn.Module, object, float], tuple[torch.Tensor, torch.Tensor | None]]):
-        self.method = settings["method"]
-        self._blocks, self._prune = blocks, prune
-        _, block_list = find_blocks(model)
-        self.modules = [projections(b) for b in block_list]
-        shapes = [[rel, list(weight_out_in(m).shape)] for mods in self.modules for rel, m in mods.items()]
-        key = {**{k: v for k, v in settings.items() if k != "model"}, "shapes": shapes,
-               "weights": weight_fingerprint(model)}
-        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
-        self.path = Path(root) / f"{self.method}-{digest}"
-        self.settings = dict(settings)
-
-    def file(self, block: int, ratio: float) -> Path:
-        return self.path / f"b{block:03d}_s{_ratio_key(ratio)}.safetensors"
-
-    def _meta(self) -> dict:
-        try:
-            return json.loads((self.path / "database.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return {"settings": self.settings, "build_seconds": 0.0}
-
-    def ensure(self, ratios: list[list[float]]) -> dict:
-        """Build every missing level: ``ratios[l]`` are the ratios block l needs. Returns :meth:`info`.
-
-        The blocks are visited in order (``blocks()``, which calibrates on the
-        dense model's activations and leaves the model unchanged) up to the last
-        one with a missing level; levels already on disk are skipped.
-        """
-        if len(ratios) != len(self.modules):
-            raise ValueError(f"{len(ratios)} ratio lists for {len(self.modules)} blocks")
-        todo = [[float(k) for k in dict.fromkeys(map(_ratio_key, rs)) if not self.file(l, float(k)).exists()]
-                for l, rs in enumerate(ratios)]
-        if any(todo):
-            self.path.mkdir(parents=True, exist_ok=True)
-            meta = self._meta()
-            t0 = time.time()
-            progress.info(f"building {sum(map(len, todo))} pruned levels of {self.method} in {self.path}")
-            for idx, stats in self._blocks():
-                for ratio in todo[idx]:
-                    tensors = {}
-                    for rel, mod in self.modules[idx].items():
-                        mask, pruned = self._prune(mod, None if stats is None else stats[rel], ratio)
-                        tensors[f"{rel}.mask"] = _pack(mask)
-                        if pruned is not None:
-                            tensors[f"{rel}.values"] = pruned[~mask].float().contiguous()
-                    write_safetensors(self.file(idx, ratio), tensors)
-                if idx == max(i for i, t in enumerate(todo) if t):
-                    break
-            meta["build_seconds"] = round(meta.get("build_seconds", 0.0) + time.time() - t0, 2)
-            write_json(self.path / "database.json", meta)
-        return self.info()
-
-    def load(self, block: int, ratio: float, dense: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The [out, in] weights of block ``block`` at ``ratio``, given its dense [out, in] weights by name."""
-        from safetensors.torch import load_file
-
-        path = self.file(block, ratio)
-        if not path.exists():
-            raise ValueError(f"level {ratio:g} of block {block} is not in {self.path}; call ensure() first")
-        data = load_file(str(path))
-        out = {}
-        for rel, W in dense.items():
-            mask = _unpack(data[f"{rel}.mask"], W.shape)
-            if f"{rel}.values" in data:
-                new = torch.zeros(W.shape, dtype=torch.float32)
-                new[~mask] = data[f"{rel}.values"]
-                out[rel] = new
-            else:
-                out[rel] = W.masked_fill(mask.to(W.device), 0)
-        return out
-
-    def info(self) -> dict:
-        """Path, number of level files, total size in bytes and build seconds so far."""
-        files = sorted(self.path.glob("b*_s*.safetensors")) if self.path.exists() else []
-        return {"path": str(self.path), "levels": len(files), "bytes": sum(f.stat().st_size for f in files),
-                "build_seconds": self._meta().get("build_seconds", 0.0), **self.settings}
-
-
-class BlockLevels:
-    """Puts database levels into a model's blocks in place; :meth:`restore` brings back the dense weights.
-
-    Keeps a copy of the dense projection weights (float, the model's dtype) and
-    the ratio each block holds now (``None``: dense); :meth:`set` rewrites only
-    the blocks whose ratio changes.
-    """
-
-    def __init__(self, model: nn.Module, db: LevelDatabase):
-        self.db = db
-        _, blocks = find_blocks(model)
-        self.modules = [projections(b) for b in blocks]
-        self.dense = [{rel: weight_out_in(m).detach().clone().cpu() for rel, m in mods.items()} for mods in self.modules]
-        self.current: list[str | None] = [None] * len(blocks)
-
-    def set(self, ratios) -> None:
-        """Block l gets its database level ``ratios[l]`` (keyed at 6 decimals), or its dense weights for ``None``."""
-        for l, r in enumerate(ratios):
-            key = None if r is None else _ratio_key(float(r))
-            if self.current[l] == key:
-                continue
-            weights = self.dense[l] if key is None else self.db.load(l, float(key), self.dense[l])
-            for rel, w in weights.items():
-                set_weight_out_in(self.modules[l][rel], w)
-            self.current[l] = key
-
-    def restore(self) -> None:
-        """Every block back to its dense weights."""
-        self.set([None] * len(self.modules))
 
 
 # ----------------------------------------------------------------------------- fitness
@@ -482,16 +318,15 @@ def evolve(fitness: Callable[[np.ndarray, np.ndarray], float], grid: LevelGrid, 
 class KLFitness:
     """Model-side fitness of a search: level configurations → KL to the dense model on fitness windows.
 
-    Builds (or resumes) the ``grid``'s levels in ``db``, computes the dense
-    reference once, then evaluates configurations by swapping levels into the
-    model. Call :meth:`close` (or use as a context manager) to restore the
+    Reads the ``grid``'s levels from ``db`` (built beforehand by the pruner side: :func:`search_levels`),
+    computes the dense reference once, then evaluates configurations by swapping levels into the model. Call :meth:`close` (or use as a context manager) to restore the
     dense weights.
     """
 
     def __init__(self, model: nn.Module, db: LevelDatabase, grid: LevelGrid, windows: torch.Tensor,
                  batch_size: int = 4):
         self.model, self.grid, self.windows, self.batch_size = model, grid, windows, batch_size
-        self.db_info = db.ensure([grid.level_ratios(l) for l in range(grid.weights.size)])
+        self.db_info = db.info()
         self.reference = reference_logprobs(model, windows, batch_size)
         self.levels = BlockLevels(model, db)
 
@@ -514,14 +349,20 @@ class KLFitness:
         self.close()
 
 
+def search_levels(target: float, weights, config: SearchConfig) -> list[list[float]]:
+    """Per block, the sparsity levels a search at ``target`` may visit (what the level database must hold)."""
+    grid = LevelGrid(target, weights, config.step, config.low, config.high)
+    return [grid.level_ratios(l) for l in range(grid.weights.size)]
+
+
 def search_allocation(model: nn.Module, db: LevelDatabase, target: float, weights, fitness_windows: torch.Tensor,
                       start_ratios, config: SearchConfig, batch_size: int = 4) -> tuple[SearchResult, dict]:
     """EvoPress-style search for per-block sparsity at ``target`` (the parameter-weighted mean, exact).
 
     ``weights``: prunable weights per block; ``start_ratios``: the start
     allocation (projected onto the level grid, :meth:`LevelGrid.project`);
-    ``fitness_windows``: token ids [n, seqlen] the KL is measured on. The model
-    is left dense. Returns the result and the database's :meth:`LevelDatabase.info`.
+    ``fitness_windows``: token ids [n, seqlen] the KL is measured on; ``db`` holds the
+    :func:`search_levels` (read only). The model is left dense. Returns the result and the database's :meth:`LevelDatabase.info`.
     """
     grid = LevelGrid(target, weights, config.step, config.low, config.high)
     start = grid.project(start_ratios)
@@ -534,12 +375,12 @@ def block_sensitivity(model: nn.Module, db: LevelDatabase, target: float, fitnes
                       batch_size: int = 4) -> np.ndarray:
     """KL(P_dense ‖ P) on ``fitness_windows`` when block l alone is pruned at ``target`` (float64 [L]).
 
-    The level comes from ``db`` (built if missing); the model is left dense.
+    The level comes from ``db`` (read only: the pruner side built level ``target`` of every block); the model
+    is left dense.
     """
     check_sparsity(target)
     _, blocks = find_blocks(model)
     n = len(blocks)
-    db.ensure([[target]] * n)
     reference = reference_logprobs(model, fitness_windows, batch_size)
     levels = BlockLevels(model, db)
     out = np.zeros(n)

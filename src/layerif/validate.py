@@ -12,7 +12,7 @@ On the model and targets of a ``layerif score`` run, two quantities are
 * **pruning sensitivity**: every projection of block l alone (attention and MLP,
   the rest of the model dense) is pruned at sparsity s with the chosen pruner
   (:func:`layerif.prune.prune_module`; Wanda / SparseGPT statistics from the
-  dense model's calibration activations, :func:`layerif.prune.calibrate`), and
+  dense model's calibration activations, :func:`layerif.calibration.calibrate`), and
   r_l = L_val(pruned) − L_val(dense) (> 0: pruning hurt) and
   a_l = accuracy(pruned) − accuracy(dense) (multiple choice on test items; < 0:
   pruning hurt) are recorded.
@@ -64,12 +64,13 @@ import torch
 from torch import nn
 
 from . import __version__, progress
+from .calibration import InputStats, calibrate
 from .data import Encoded, Fields, check_records, encode_split, load_records, pad_id, record_kind
 from .errors import UserError
 from .evaluate import mc_accuracy
 from .grads import record_losses
 from .models import LoadedModel, Projection, context_length, find_blocks, projections, weight_out_in
-from .prune import BLOCK_SIZE, DAMPING, InputStats, calibrate, get_pruner, prune_module
+from .prune import BLOCK_SIZE, DAMPING, get_pruner, prune_module
 from .scores import AGGREGATIONS, ScoreArgs, aggregate, file_key, load_splits, prepare, raw_splits
 from .stability import LEVEL, finite, spearman_interval
 from .tasks import TASKS, get_task, test_records

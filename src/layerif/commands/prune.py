@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from .. import __version__, allocate, progress
-from ..allocate import SparsityOptions, allocate_sparsity, check_epsilon, check_sparsity
+from ..allocate import SparsityOptions, check_epsilon, check_sparsity
 from ..errors import UserError, require_finite
 from ..evaluate import mc_accuracy, perplexity
 from ..models import find_blocks
@@ -19,9 +19,10 @@ from ..options import (CalibrationData, EvaluationData, ModelOptions, SearchOpti
                        option)
 from ..datasets_io import preload
 from ..io import check_not_model_folder, overwrite_field, prepare_out_dir
-from ..measure import PRUNER_MEASURED, Sources, calibrated
-from ..prune import (BLOCK_SIZE, DAMPING, OWL_LAMBDA, OWL_M, PRUNERS, achieved_sparsity, get_pruner,
-                     llmcompressor_recipe, parse_nm, prunable_params, prune_model, save_pruned)
+from ..measure import OWL_LAMBDA, OWL_M, PRUNER_MEASURED, Sources, calibrated
+from ..prune import (BLOCK_SIZE, DAMPING, PRUNERS, achieved_sparsity, get_pruner, parse_nm, prunable_params,
+                     prune_model)
+from ..prune_export import llmcompressor_recipe, save_pruned
 from ..prune_allocation import Measurement, block_sparsity_for
 from ..results import block_scores, block_sparsity, check_save_dir, read_scores
 from ..search import write_search
