@@ -59,6 +59,7 @@ def main() -> None:
     db = level_database(Path(a.levels), model, a.method, windows, model_name=lm.name)
     scores, _ = block_scores(a.scores, len(blocks))
     grid = LevelGrid(a.target, w, low=a.low)
+    db.ensure([grid.level_ratios(l) for l in range(len(blocks))])  # the target is level 0 of every block
     kl = block_sensitivity(model, db, a.target, fitness, a.batch_size)
     allocs = {"uniform": allocate_sparsity("uniform", None, a.target, w),
               "alpha": allocate_sparsity("alpha", allocation_metric("alpha", Sources(model)), a.target, w),

@@ -143,7 +143,8 @@ def _runs(args: CompareMoeArgs, cmp: Comparison, arms: dict[str, tuple[str, floa
           seeds: list[int]) -> str:
     """Every arm × seed into the staging folder, then the comparison files; returns the summary."""
     s = setting(args)
-    allocs = {arm: allocate_experts(a, allocation_metric(a, s.sources, "experts"), s.n_blocks, args.total_experts, args.beta if b is None else b)
+    allocs = {arm: allocate_experts(a, allocation_metric(a, s.sources, "experts"), s.n_blocks, args.total_experts,
+                                    args.beta if b is None else b)
               for arm, (a, b) in arms.items()}
     total = int(next(iter(allocs.values())).sum())
     first: dict[tuple, str] = {}
