@@ -146,6 +146,13 @@ def mean_items(results: dict[str, dict], metric: str) -> list[float]:
     return [v * total / (T * r["n"]) for r in results.values() for v in r["items"][metric]]
 
 
+def lm_eval_keys(names: Sequence[str]) -> list[str]:
+    """The result columns of an evaluation on ``names`` (:func:`summary`'s keys, in order); [] without names."""
+    if not names:
+        return []
+    return [f"lm_eval/{t}/{m}" for t in (*names, "mean") for m in METRICS]
+
+
 def summary(results: dict[str, dict]) -> dict[str, float]:
     """Flat numbers of :func:`evaluate`'s results: ``lm_eval/TASK/acc``, ``.../acc_norm`` and the means over
     tasks ``lm_eval/mean/acc``, ``lm_eval/mean/acc_norm``."""
@@ -230,6 +237,11 @@ class LmEvalTask:
         delimiter = t.config.target_delimiter
         options = [delimiter + str(c) for c in choices]
         return {"prompt": prompt, "completion": options[answer], "options": options, "answer": answer}
+
+    def group_of(self, record: dict) -> tuple[str, str]:
+        """The underlying item of a record (as :meth:`layerif.tasks.Task.group_of`): its (prompt, completion), so
+        documents of the same text count as one."""
+        return record["prompt"], record["completion"]
 
     def n_distinct(self, split: str) -> int:
         return len(self._records[split])

@@ -76,11 +76,56 @@ class ValidationSource:
             read_validation(self.validation)
 
 
-@dataclass
-class DataSource:
-    """Where the scoring records come from: a built-in task, or train and validation files."""
+LM_EVAL_INCLUDE_HELP = "folder of local lm-eval task YAMLs (for --task lm-eval:NAME and --lm-eval-tasks)"
 
-    task: str = option("capitals", "built-in task (see `layerif tasks`)")
+
+@dataclass
+class LmEvalSource:
+    """Where lm-eval task names are looked up besides lm-eval's own tasks (:mod:`layerif.lm_eval_io`)."""
+
+    lm_eval_include: str | None = option(None, LM_EVAL_INCLUDE_HELP)
+
+
+@dataclass
+class LmEvalOptions(LmEvalSource):
+    """lm-eval as an evaluator of the commands that change a model (:func:`layerif.lm_eval_io.evaluate`)."""
+
+    lm_eval_tasks: list[str] = option([], "also evaluate with lm-evaluation-harness on these multiple-choice tasks, "
+                                          "zero-shot (paper: boolq,rte,hellaswag,winogrande,arc_easy,arc_challenge,"
+                                          "openbookqa; needs the lmeval extra)")
+    lm_eval_limit: int = option(0, "evaluate only the first N documents of each lm-eval task (0: all)")
+    lm_eval_batch_size: int = option(8, "lm-eval's batch size (requests per forward pass)")
+
+    def lm_eval_names(self) -> list[str]:
+        """The lm-eval tasks to evaluate ([] without --lm-eval-tasks), checked before a model loads: a missing
+        extra, an unknown task or one that is not multiple-choice is a :class:`UserError`."""
+        from .lm_eval_io import check_tasks, lm_eval_module, task_names
+
+        names = task_names(self.lm_eval_tasks)
+        if names or self.lm_eval_include:
+            lm_eval_module()
+        if names:
+            check_tasks(names, self.lm_eval_include)
+        if self.lm_eval_limit < 0 or self.lm_eval_batch_size < 1:
+            raise UserError("--lm-eval-limit must be ≥ 0 and --lm-eval-batch-size ≥ 1")
+        return names
+
+    def lm_eval(self, model, tokenizer, names: list[str]) -> dict[str, dict]:
+        """:func:`layerif.lm_eval_io.evaluate` of ``model`` on ``names`` with these options ({} without names)."""
+        from .lm_eval_io import evaluate
+
+        return evaluate(model, tokenizer, names, self.lm_eval_include, self.lm_eval_batch_size,
+                        self.lm_eval_limit or None) if names else {}
+
+
+TASK_HELP = "built-in task (see `layerif tasks`) or lm-eval:NAME (an lm-eval multiple-choice task; --lm-eval-include)"
+
+
+@dataclass
+class DataSource(LmEvalSource):
+    """Where the scoring records come from: a built-in task, an lm-eval task, or train and validation files."""
+
+    task: str = option("capitals", TASK_HELP)
     train: str | None = option(None, "train records (JSONL/CSV/Parquet or HF dataset); replaces --task")
     val: str | None = option(None, "validation records; required with --train")
 
@@ -312,7 +357,7 @@ class GroundTruthOptions(CalibrationData):
         if self.accuracy_task not in (None, "none"):
             from .tasks import test_records  # here: the built-in tasks' data load only when asked
 
-            test_records(self.accuracy_task, 1)  # an unknown task or a bad file fails before the model loads
+            test_records(self.accuracy_task, 1, include=getattr(self, "lm_eval_include", None))  # an unknown task or a bad file fails before the model loads
 
 
 @dataclass

@@ -266,8 +266,14 @@ def write_allocation(folder: Path, doc: dict) -> Path:
 
 
 def config_doc(command: str, args: Any) -> dict:
-    """The config.json document of a run of ``command`` with the argument dataclass ``args``."""
-    return {"command": command, "args": asdict(args), "version": __version__}
+    """The config.json document of a run of ``command`` with the argument dataclass ``args``; a run on an lm-eval
+    task (``--task lm-eval:NAME``) also records which lm-eval split fed train / validation / test
+    (``lm_eval_splits``)."""
+    from .lm_eval_io import split_mapping
+
+    doc = {"command": command, "args": asdict(args), "version": __version__}
+    splits = split_mapping(getattr(args, "task", None), getattr(args, "lm_eval_include", None))
+    return {**doc, "lm_eval_splits": splits} if splits else doc
 
 
 def write_config(out: Path, command: str, args: Any) -> Path:

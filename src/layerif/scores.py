@@ -290,7 +290,7 @@ def raw_splits(args: ScoreArgs) -> tuple[list[dict], list[dict], str, dict]:
     else:
         from .tasks import get_task
 
-        task = get_task(args.task)
+        task = get_task(args.task, args.lm_eval_include)
         caps = {"train": TASK_DEFAULT_N["train"] if args.n_train is None else args.n_train,
                 "validation": TASK_DEFAULT_N["validation"] if args.n_val is None else args.n_val}
         train_rec = task.split("train", caps["train"] or None, args.seed, args.allow_repeats)

@@ -483,14 +483,20 @@ TASKS: dict[str, Task] = {
 }
 
 
-def get_task(name: str) -> Task:
-    """The built-in task called ``name``; an unknown name is a :class:`UserError` listing the known ones."""
+def get_task(name: str, include: str | None = None) -> Task:
+    """The built-in task called ``name``, or the lm-eval task of ``lm-eval:NAME`` (looked up also in ``include``,
+    :class:`layerif.lm_eval_io.LmEvalTask`); an unknown name is a :class:`UserError` listing the known ones."""
+    if name.startswith("lm-eval:"):
+        from .lm_eval_io import load_task
+
+        return load_task(name, include)
     if name not in TASKS:
         raise UserError(f"unknown task {name!r} (built-in tasks: {', '.join(TASKS)})")
     return TASKS[name]
 
 
-def test_records(task: str, n: int | None = None, seed: int = 0, allow_repeats: bool = False) -> list[dict]:
+def test_records(task: str, n: int | None = None, seed: int = 0, allow_repeats: bool = False,
+                 include: str | None = None) -> list[dict]:
     """Multiple-choice test records of a built-in task, or of a records file.
 
     ``task`` is a built-in name (its ``test`` split, ``n`` records, see
@@ -498,9 +504,11 @@ def test_records(task: str, n: int | None = None, seed: int = 0, allow_repeats: 
     ``prompt``, ``options`` (a list of strings) and ``answer`` (the index of the
     correct option); a file gives its first ``n`` records. A file record without
     those fields, or an answer outside its options, is a :class:`UserError`.
+    ``lm-eval:NAME`` gives the first ``n`` documents of the lm-eval task's test split (``include``: a folder of
+    local task YAMLs; see :mod:`layerif.lm_eval_io`).
     """
-    if task in TASKS:
-        return TASKS[task].split("test", n, seed, allow_repeats)
+    if task in TASKS or task.startswith("lm-eval:"):
+        return get_task(task, include).split("test", n, seed, allow_repeats)
     if not Path(task).is_file():
         raise UserError(f"unknown task {task!r} (built-in tasks: {', '.join(TASKS)}; or a records file)")
     records = load_records(task)[:n]

@@ -176,7 +176,7 @@ def draw_records(args: ScoreArgs, gt_n_train: int | None = None, gt_n_val: int |
 
 def _draw_task(args: ScoreArgs, gt_n_train: int | None, gt_n_val: int | None) -> Draw:
     train, val, label, counts = raw_splits(args)
-    task = get_task(args.task)
+    task = get_task(args.task, args.lm_eval_include)
     used = {task.group_of(r) for r in train + val}  # the facts scoring saw (a group: one underlying fact)
     sets = {}
     for split, scoring, asked, option in (("train", train, gt_n_train, "--n-train"),
@@ -456,7 +456,8 @@ def accuracy_source(opts) -> str | None:
         return None
     if opts.accuracy_task:
         return opts.accuracy_task
-    return opts.task if not (opts.train or opts.val) and opts.task in TASKS else None
+    built_in = opts.task in TASKS or opts.task.startswith("lm-eval:")
+    return opts.task if not (opts.train or opts.val) and built_in else None
 
 
 def ground_truth(lm, train: list[Encoded], val: list[Encoded], targets: list[Projection], opts, seed: int = 0,
@@ -519,7 +520,7 @@ def accuracy_records(opts) -> list[dict] | None:
     """The multiple-choice items of the pruning accuracy change (:func:`accuracy_source`, ``task_items`` of
     them; None without an accuracy task)."""
     source = accuracy_source(opts)
-    return test_records(source, opts.task_items) if source else None
+    return test_records(source, opts.task_items, include=getattr(opts, "lm_eval_include", None)) if source else None
 
 
 def records_doc(draw: Draw, opts, fields: Fields = Fields()) -> dict:

@@ -277,6 +277,32 @@ def paired_section(settings: dict[Any, dict[str, list[dict]]], metrics: Sequence
     return head + lines + tail
 
 
+# ----------------------------------------------------------------------------- lm-eval columns
+
+
+def lm_eval_metrics(rows: list[dict]) -> list[Metric]:
+    """The lm-eval columns the rows hold (``lm_eval/TASK/acc``, ``.../acc_norm``, ``lm_eval/mean/...``: see
+    :func:`layerif.lm_eval_io.summary`) as metrics, higher better; their per-document lists share the key."""
+    keys = dict.fromkeys(k for r in rows for k in r if k.startswith("lm_eval/"))
+    return [Metric(k, True, 3, "lm-eval " + k.removeprefix("lm_eval/").replace("/", " ")) for k in keys]
+
+
+def lm_eval_tables(settings: dict[Any, dict[str, list[dict]]], metrics: Sequence[Metric], label: Callable[[Any], str],
+                   reference: dict | None = None) -> list[str]:
+    """Markdown lines: one table of the lm-eval metrics, a row per setting and arm (mean ± std over seeds, best
+    in bold), and first the ``reference`` row (e.g. the dense model) when given."""
+    lines = ["", "## lm-eval (zero-shot, lm-evaluation-harness)", "",
+             "| setting | allocation | " + " | ".join(f"{m.label.removeprefix('lm-eval ')} ↑" for m in metrics)
+             + " | seeds |", "|---|---|" + "---:|" * (len(metrics) + 1)]
+    if reference is not None:
+        lines.append("| - | dense | " + " | ".join(f"{reference[m.key]:.{m.digits}f}" for m in metrics) + " | - |")
+    for key, arms in settings.items():
+        st = stats(arms, [m.key for m in metrics])
+        lines += [f"| {label(key)} | {a} | " + " | ".join(cell(st, a, m) for m in metrics) + f" | {len(arms[a])} |"
+                  for a in arms]
+    return lines
+
+
 # ----------------------------------------------------------------------------- the output folder
 
 

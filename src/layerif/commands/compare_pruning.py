@@ -28,7 +28,9 @@ from ..search import write_search
 from ..results import block_scores, read_config, read_json, read_scores
 from ..tasks import test_records
 from .base import register
-from .compare import Comparison, Metric, cell, count_verdict, group, paired_section, parse_list, read_rows, stats
+from ..lm_eval_io import item_lists, lm_eval_keys, summary
+from .compare import (Comparison, Metric, cell, count_verdict, group, lm_eval_metrics, lm_eval_tables,
+                      paired_section, parse_list, read_rows, stats)
 from .prune import PruningOptions, eval_text, task_records, windows
 
 FIELDS = ("method", "sparsity", "allocation", "seed", "achieved", "perplexity", "accuracy", "seconds")
@@ -46,7 +48,8 @@ class CompareArgs(PruningOptions, ModelOptions):
     sparsities: list[str] = option(["0.5", "0.6", "0.7"], "target sparsities")
     seeds: list[str] = option(["0", "1", "2"], "calibration seeds (at least 3 for mean ± std)")
     eval_windows: int = option(64, "held-out perplexity windows (0: all)")
-    task: str | None = option(None, "built-in task or JSONL file of {prompt, options, answer} records for accuracy "
+    task: str | None = option(None, "built-in task, lm-eval:NAME or JSONL file of {prompt, options, answer} records "
+                                    "for accuracy "
                                     "(default: the task of --scores, else capitals)")
     resume: bool = option(False, "keep the rows of an earlier run with the same options in --out")
     out: str = option("out/compare-pruning", "output folder")
@@ -64,6 +67,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
         lines.append(f"- dense model: perplexity {dense['perplexity']:.3f}, accuracy {dense['accuracy']:.3f}")
     settings = group([r for r in rows if r["allocation"] != "dense"], lambda r: (r["method"], r["sparsity"]))
     acc, ppl = METRICS
+    extra = lm_eval_metrics(rows)
     for method in dict.fromkeys(m for m, _ in settings):
         lines += ["", f"## {method}", "", "| sparsity | allocation | achieved | perplexity ↓ | accuracy ↑ | seeds |",
                   "|---:|---|---:|---:|---:|---:|"]
@@ -73,6 +77,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
             for a in arms:
                 lines.append(f"| {sp:g} | {a} | {st[a]['achieved'][0]:.4f} | {cell(st, a, ppl)} | {cell(st, a, acc)} | "
                              f"{len(arms[a])} |")
+    if extra:
+        lines += lm_eval_tables(settings, extra, lambda k: f"{k[0]} {k[1]:g}", dense)
     lines += count_verdict(settings, METRICS)
     subjects = [a for a in dict.fromkeys(r["allocation"] for r in rows)
                 if a in allocate.ALLOCATIONS or allocate.parse_label(a)[0] in allocate.ALLOCATIONS]
@@ -80,7 +86,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
     # each search against its own start, and every other start against the uniform start (equal evaluations)
     pairs = [(a, search_start(a)) for a in searched]
     pairs += [(a, allocate.SEARCH + "uniform") for a in searched if a != allocate.SEARCH + "uniform"]
-    lines += paired_section(settings, METRICS, ITEMS,
+    lines += paired_section(settings, (*METRICS, *extra), {**ITEMS, **{m.key: m.key for m in extra}},
                             baselines=[a for a in subjects if allocate.get(a, "sparsity")[0].metric != "scores"],
                             subjects=[a for a in subjects if allocate.get(a, "sparsity")[0].metric == "scores"],
                             label=lambda k: f"{k[0]} {k[1]:g}", pairs=pairs)
@@ -172,6 +178,8 @@ def _resumed(args: CompareArgs, dest: Path, state: Path) -> dict:
         if differ:
             raise UserError(f"--resume: the earlier run in {dest} used other options ({', '.join(differ)})")
         rows = read_rows(folder / "comparison.csv", ("sparsity", "achieved", "perplexity", "accuracy", "seconds"))
+        for r in rows:  # the lm-eval columns
+            r.update({k: float(v) for k, v in r.items() if k.startswith("lm_eval/")})
         items = read_json(folder / "items.json", "items") if (folder / "items.json").exists() else {}
         for r in rows:
             key = "|".join(str(r[k]) for k in FIELDS[:4])
@@ -198,12 +206,14 @@ def run(args: CompareArgs) -> str:
         args.search_config(0, sparsities)  # the level bounds against every target, before the model loads
         if "search" in allocations:
             raise UserError("compare-pruning runs searches as search-START (e.g. search-uniform, search-layerif)")
-    records = task_records(args.task, args.task_items, args.allow_repeats)  # a bad --task fails before any output
+    records = task_records(args.task, args.task_items, args.allow_repeats, args.lm_eval_include)  # a bad --task
+    lm_eval_tasks = args.lm_eval_names()  # fails before any output, as does a bad --lm-eval-tasks
     if args.scores is not None:
         read_scores(args.scores)  # a bad scores file too
     preload(args.calib, "calib", args.text_field)  # a failed download or a file without --text-field too
     held_out = eval_text(args, args.eval_windows or None)
-    with Comparison("compare-pruning", args, FIELDS, FIELDS[:4], args.overwrite or args.resume) as cmp:
+    fields = FIELDS + tuple(lm_eval_keys(lm_eval_tasks))
+    with Comparison("compare-pruning", args, fields, FIELDS[:4], args.overwrite or args.resume) as cmp:
         state = cmp.state  # rows, searches and level databases of finished runs, for --resume
         resumed = _resumed(args, cmp.dest, state) if args.resume else {"rows": [], "searches": {}}
         rows: list[dict] = resumed["rows"]
@@ -212,15 +222,17 @@ def run(args: CompareArgs) -> str:
             shutil.copytree(cmp.dest / "levels", state / "levels")  # the finished run's level databases
         cmp.write_config(state)
         md, lm, task = _runs(args, cmp, rows, resumed["searches"], records, allocations, methods, sparsities, seeds,
-                               held_out, size)
+                               held_out, size, lm_eval_tasks)
         cmp.save_rows(rows)
         return cmp.finish({"comparison.md": md, "comparison.png": plot(rows, f"{lm.name} · task {task}")}, md)
 
 
 def _runs(args: CompareArgs, cmp: Comparison, rows: list[dict], searches: dict, records, allocations: list[str],
-          methods: list[str], sparsities: list[float], seeds: list[int], held_out: tuple[str, int | None], size: str):
+          methods: list[str], sparsities: list[float], seeds: list[int], held_out: tuple[str, int | None], size: str,
+          lm_eval_tasks: list[str]):
     """Every run not in ``rows`` yet (rows, items and searches saved into the cache after each); ``held_out``:
-    the perplexity text and its window cap, ``size``: which calibration size defaults applied.
+    the perplexity text and its window cap, ``size``: which calibration size defaults applied; ``lm_eval_tasks``:
+    the lm-eval tasks every model is also evaluated on (per-document results kept, like the accuracy's).
     Returns (comparison.md, the model, the task)."""
     state = cmp.state
     rules = {a: allocate.get(a, "sparsity")[0] for a in allocations}
@@ -229,7 +241,8 @@ def _runs(args: CompareArgs, cmp: Comparison, rows: list[dict], searches: dict, 
     _, blocks = find_blocks(model)
     scores, doc = block_scores(args.scores, len(blocks)) if args.scores else (None, {})
     task = args.task or doc.get("task") or "capitals"
-    records = records or test_records(task, args.task_items, allow_repeats=args.allow_repeats)
+    records = records or test_records(task, args.task_items, allow_repeats=args.allow_repeats,
+                                      include=args.lm_eval_include)
     eval_text, max_windows = held_out
     meta = {"model": lm.name, "task": f"{task} ({len(records)} test items, multiple choice)",
             "scores": f"{args.scores} (task {doc.get('task')}, target {doc.get('target')})" if args.scores else "none",
@@ -237,12 +250,17 @@ def _runs(args: CompareArgs, cmp: Comparison, rows: list[dict], searches: dict, 
             "calibration": f"{args.calib}, {args.n_calib} windows of {args.seqlen} tokens per seed ({size})",
             "seeds": "",
             "epsilon": args.epsilon, "smooth": smooth_note(args.smooth, allocations)}
+    if lm_eval_tasks:
+        meta["lm-eval"] = (f"{', '.join(lm_eval_tasks)} (zero-shot, lm-eval's HFLM on the in-memory model"
+                           f"{f', first {args.lm_eval_limit} documents' if args.lm_eval_limit else ''})")
 
     def evaluate() -> dict:
         nll = window_nll(model, tok, eval_text, seqlen=args.seqlen, max_windows=max_windows, batch_size=args.batch_size)
         correct = [float(c) for c in mc_correct(model, tok, records, batch_size=args.batch_size)]
+        results = args.lm_eval(model, tok, lm_eval_tasks)
         return {"perplexity": math.exp(math.fsum(nll) / len(nll)), "accuracy": sum(correct) / len(correct),
-                "items": {"nll": nll, "correct": correct}}
+                **(summary(results) if results else {}),
+                "items": {"nll": nll, "correct": correct, **(item_lists(results) if results else {})}}
 
     done = {(r["method"], r["sparsity"], r["allocation"], r["seed"]) for r in rows}
     if ("dense", 0.0, "dense", "-") not in done:

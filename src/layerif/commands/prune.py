@@ -15,8 +15,8 @@ from ..allocate import SparsityOptions, check_epsilon, check_sparsity
 from ..errors import UserError, require_finite
 from ..evaluate import mc_accuracy, perplexity
 from ..models import find_blocks
-from ..options import (CalibrationData, EvaluationData, ModelOptions, SearchOptions, fill_calibration_size,
-                       option)
+from ..options import (CalibrationData, EvaluationData, LmEvalOptions, ModelOptions, SearchOptions,
+                       fill_calibration_size, option)
 from ..datasets_io import preload
 from ..io import check_not_model_folder, overwrite_field, prepare_out_dir
 from ..measure import OWL_LAMBDA, OWL_M, PRUNER_MEASURED, Sources, calibrated
@@ -31,7 +31,7 @@ from .base import register
 
 
 @dataclass
-class PruningOptions(SearchOptions, EvaluationData, CalibrationData):
+class PruningOptions(LmEvalOptions, SearchOptions, EvaluationData, CalibrationData):
     """Options shared by ``prune`` and ``compare-pruning``: the scores, the maps, calibration, evaluation and the
     search / sensitivity allocations (:class:`layerif.options.SearchOptions`)."""
 
@@ -83,9 +83,10 @@ class PruningOptions(SearchOptions, EvaluationData, CalibrationData):
             raise UserError(f"{needs_scores} --scores scores.json (from `layerif score`)")
 
 
-def task_records(task: str | None, task_items: int, allow_repeats: bool = False) -> list[dict] | None:
-    """The multiple-choice records of ``--task`` (None without one)."""
-    return None if task is None else test_records(task, task_items, allow_repeats=allow_repeats)
+def task_records(task: str | None, task_items: int, allow_repeats: bool = False,
+                 include: str | None = None) -> list[dict] | None:
+    """The multiple-choice records of ``--task`` (None without one; ``include``: local lm-eval task YAMLs)."""
+    return None if task is None else test_records(task, task_items, allow_repeats=allow_repeats, include=include)
 
 
 def windows(tokenizer, args: PruningOptions, n: int, seed: int) -> torch.Tensor:
@@ -127,8 +128,8 @@ class PruneArgs(PruningOptions, ModelOptions):
     nm: str | None = option(None, "N:M semi-structured pruning, e.g. 2:4 (N pruned of every M; needs --allocation uniform)")
     seed: int = option(0, "seed of the calibration windows")
     eval_windows: int = option(0, "also measure perplexity on this many held-out windows (0: no)")
-    task: str | None = option(None, "also measure multiple-choice accuracy on a built-in task or a JSONL file of "
-                                    "{prompt, options, answer} records")
+    task: str | None = option(None, "also measure multiple-choice accuracy on a built-in task, lm-eval:NAME or a "
+                                    "JSONL file of {prompt, options, answer} records")
     save: str | None = option(None, "folder for the pruned model, allocation.json and recipe.yaml")
     allocation_file: str | None = option(None, "apply the per-block sparsity of a saved allocation.json (replaces "
                                                "--allocation and --sparsity)")
@@ -174,7 +175,8 @@ def run(args: PruneArgs) -> str:
             raise UserError(f"--nm {args.nm} prunes every block alike; use --allocation uniform")
         if not math.isclose(args.sparsity, nm[0] / nm[1]):
             raise UserError(f"--nm {args.nm} means sparsity {nm[0] / nm[1]:g}; pass --sparsity {nm[0] / nm[1]:g}")
-    records = task_records(args.task, args.task_items, args.allow_repeats)
+    records = task_records(args.task, args.task_items, args.allow_repeats, args.lm_eval_include)
+    lm_eval_tasks = args.lm_eval_names()
     if args.scores is not None:
         read_scores(args.scores)  # a bad scores file fails before the model loads
     if args.save is not None:
@@ -260,6 +262,12 @@ def run(args: PruneArgs) -> str:
     if records is not None:
         record["accuracy"] = mc_accuracy(model, lm.tokenizer, records, batch_size=args.batch_size)
         lines.append(f"accuracy on {args.task} ({len(records)} items, multiple choice): {record['accuracy']:.3f}")
+    if lm_eval_tasks:
+        from ..lm_eval_io import summary, table
+
+        results = args.lm_eval(model, lm.tokenizer, lm_eval_tasks)
+        record["lm_eval"] = {**summary(results), "documents": {t: r["n"] for t, r in results.items()}}
+        lines.append(table(results))
     if args.save is not None:
         recipe = llmcompressor_recipe(args.method, ratios, prefix, nm, args.damping, args.block_size)
         dest = save_pruned(model, lm.tokenizer, args.save, record, recipe, args.overwrite, args.model)
