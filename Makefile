@@ -14,8 +14,10 @@ KRONFLUENCE := kronfluence==1.0.1
 PEER_STAMP := $(VENV)/.peer
 # --calib / --eval c4, wikitext2 and local data set files (layerif.datasets_io): the `data` extra
 DATA_STAMP := $(VENV)/.data
+# --lm-eval-tasks and --task lm-eval:NAME (layerif.lm_eval_io): the `lmeval` extra
+LMEVAL_STAMP := $(VENV)/.lmeval
 
-.PHONY: demo test bench peer data clean
+.PHONY: demo test bench peer data lmeval clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -41,10 +43,16 @@ $(DATA_STAMP): $(STAMP)
 
 data: $(DATA_STAMP)
 
+$(LMEVAL_STAMP): $(DATA_STAMP)
+	$(BIN)/pip install -q -e ".[lmeval]"
+	touch $(LMEVAL_STAMP)
+
+lmeval: $(LMEVAL_STAMP)
+
 demo: $(STAMP)
 	$(BIN)/layerif score --task capitals --out out/demo --overwrite
 
-test: $(STAMP) $(PEER_STAMP) $(DATA_STAMP)
+test: $(STAMP) $(PEER_STAMP) $(DATA_STAMP) $(LMEVAL_STAMP)
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)

@@ -214,7 +214,7 @@ def setting(args: Any) -> Setting:
     from .tasks import get_task  # imported here so tests can stand in a small task module
 
     if args.task is not None:
-        get_task(args.task)  # an unknown task fails before the model loads
+        get_task(args.task, args.lm_eval_include)  # an unknown task fails before the model loads
     lm = args.load()
     _, blocks = find_blocks(lm.model)
     scores, doc = block_scores(args.scores, len(blocks)) if args.scores else (None, {})
@@ -224,7 +224,7 @@ def setting(args: Any) -> Setting:
     if vdoc.get("model") not in (None, lm.name):
         progress.info(f"note: {args.validation} was measured on {vdoc['model']}, adapting {lm.name}")
     task_name = args.task or doc.get("task") or "capitals"
-    task = get_task(task_name)
+    task = get_task(task_name, args.lm_eval_include)
     return Setting(lm, len(blocks), scores, doc, task_name,
                    task.split("train", args.n_train, args.data_seed, args.allow_repeats),
                    task.split("test", args.n_test, args.data_seed, args.allow_repeats), gains)

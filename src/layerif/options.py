@@ -117,6 +117,18 @@ class LmEvalOptions(LmEvalSource):
         return evaluate(model, tokenizer, names, self.lm_eval_include, self.lm_eval_batch_size,
                         self.lm_eval_limit or None) if names else {}
 
+    def with_lm_eval(self, scores: dict, model, tokenizer) -> dict:
+        """A run's numbers ``scores`` (with its per-item lists in ``items``) plus, with ``--lm-eval-tasks``, the
+        lm-eval columns of :func:`layerif.lm_eval_io.summary`, their per-document lists in ``items`` and the
+        whole results under ``lm_eval``; ``scores`` itself without ``--lm-eval-tasks``."""
+        from .lm_eval_io import item_lists, summary, task_names
+
+        results = self.lm_eval(model, tokenizer, task_names(self.lm_eval_tasks))
+        if not results:
+            return scores
+        return {**scores, **summary(results), "items": {**scores.get("items", {}), **item_lists(results)},
+                "lm_eval": results}
+
 
 TASK_HELP = "built-in task (see `layerif tasks`) or lm-eval:NAME (an lm-eval multiple-choice task; --lm-eval-include)"
 
@@ -361,10 +373,12 @@ class GroundTruthOptions(CalibrationData):
 
 
 @dataclass
-class TrainingOptions:
-    """The task, its records and the training loop of the fine-tuning commands (moe, finetune, their comparisons)."""
+class TrainingOptions(LmEvalOptions):
+    """The task, its records and the training loop of the fine-tuning commands (moe, finetune, their comparisons);
+    also evaluated with lm-eval with ``--lm-eval-tasks``."""
 
-    task: str | None = option(None, "built-in task to train and test on (default: the task of --scores, else capitals)")
+    task: str | None = option(None, "built-in task or lm-eval:NAME to train and test on (default: the task of "
+                                    "--scores, else capitals)")
     scores: str | None = option(None, "scores.json of `layerif score` (needed by the layerif allocations)")
     n_train: int = option(256, "train items of the task")
     n_test: int = option(100, "test items of the task")
@@ -391,6 +405,7 @@ class TrainingOptions:
         if self.eval_batch_size < 1 or self.max_new_tokens < 1:
             raise UserError("--eval-batch-size and --max-new-tokens must be ≥ 1")
         check_train_config(self.train_config(0))
+        self.lm_eval_names()  # so do a missing lmeval extra and a bad --lm-eval-tasks
         if self.scores:
             read_scores(self.scores)  # so does a bad scores file
 

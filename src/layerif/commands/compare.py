@@ -288,14 +288,14 @@ def lm_eval_metrics(rows: list[dict]) -> list[Metric]:
 
 
 def lm_eval_tables(settings: dict[Any, dict[str, list[dict]]], metrics: Sequence[Metric], label: Callable[[Any], str],
-                   reference: dict | None = None) -> list[str]:
+                   reference: dict | None = None, reference_name: str = "dense") -> list[str]:
     """Markdown lines: one table of the lm-eval metrics, a row per setting and arm (mean ± std over seeds, best
-    in bold), and first the ``reference`` row (e.g. the dense model) when given."""
+    in bold), and first the ``reference`` row (``reference_name``: e.g. the dense model) when given."""
     lines = ["", "## lm-eval (zero-shot, lm-evaluation-harness)", "",
              "| setting | allocation | " + " | ".join(f"{m.label.removeprefix('lm-eval ')} ↑" for m in metrics)
              + " | seeds |", "|---|---|" + "---:|" * (len(metrics) + 1)]
     if reference is not None:
-        lines.append("| - | dense | " + " | ".join(f"{reference[m.key]:.{m.digits}f}" for m in metrics) + " | - |")
+        lines.append(f"| - | {reference_name} | " + " | ".join(f"{reference[m.key]:.{m.digits}f}" for m in metrics) + " | - |")
     for key, arms in settings.items():
         st = stats(arms, [m.key for m in metrics])
         lines += [f"| {label(key)} | {a} | " + " | ".join(cell(st, a, m) for m in metrics) + f" | {len(arms[a])} |"

@@ -21,7 +21,8 @@ from ..measure import setting
 from ..options import option
 from ..train import evaluate_records
 from .base import register
-from .compare import Comparison, Metric, cell, group, paired_section, parse_list, stats
+from ..lm_eval_io import lm_eval_keys, task_names
+from .compare import Comparison, Metric, cell, group, lm_eval_metrics, lm_eval_tables, paired_section, parse_list, stats
 from .finetune import FinetuneOptions, fit
 
 FIELDS = ("allocation", "blocks", "seed", "draw", "accuracy", "exact_match", "final_loss", "trainable_params",
@@ -61,9 +62,10 @@ def pooled(rows: list[dict]) -> list[dict]:
             continue
         done.add(key)
         same = [x for x in rows if x["allocation"] == "random" and (x["blocks"], x["seed"]) == key]
+        lm = [k for k in r if k.startswith("lm_eval/")]
         mean = {k: float(np.mean([x[k] for x in same])) for k in ("accuracy", "exact_match", "final_loss",
-                                                                    "trainable_params", "seconds")}
-        items = {k: np.mean([x["items"][k] for x in same], axis=0).tolist() for k in ITEMS.values()}
+                                                                    "trainable_params", "seconds", *lm)}
+        items = {k: np.mean([x["items"][k] for x in same], axis=0).tolist() for k in (*ITEMS.values(), *lm)}
         out.append({**r, **mean, "draw": ",".join(x["draw"] for x in same), "items": items})
     return out
 
@@ -90,11 +92,15 @@ def markdown(rows: list[dict], meta: dict, ranks: dict[tuple[str, int], np.ndarr
             lines.append(f"| {a} | {cell(st, a, acc)} | {cell(st, a, em)} | {st[a]['final_loss'][0]:.4f} | "
                          f"{st[a]['seconds'][0]:.1f} | {n} |")
     lines += ["", "¹ mean training loss over the last 10% of the steps, averaged over runs."]
+    extra = lm_eval_metrics(rows)
+    if extra:
+        lines += lm_eval_tables(settings, extra, lambda k: f"K = {k}", base, "base")
     labels = list(dict.fromkeys(r["allocation"] for r in runs))
     subjects = [a for a in labels if a.endswith(":layerif")]
     baselines = [a for a in labels if a not in subjects and not a.endswith(":gain")]
     pairs = [(s, ref) for s in subjects for ref in ("random", "last", *[a for a in labels if a.endswith(":gain")])]
-    lines += paired_section(settings, METRICS, ITEMS, baselines=baselines, subjects=subjects,
+    lines += paired_section(settings, (*METRICS, *extra), {**ITEMS, **{m.key: m.key for m in extra}},
+                            baselines=baselines, subjects=subjects,
                             label=lambda k: f"K = {k}", pairs=pairs)
     lines += ["", "## Adapted blocks", "", "| allocation | K | LoRA |", "|---|---:|---|"]
     lines += [f"| {a} | {k} | {ranks_summary(r)} |" for (a, k), r in ranks.items()]
@@ -129,7 +135,8 @@ def run(args: CompareFinetuneArgs) -> str:
     if args.draws < 1:
         raise UserError(f"--draws must be ≥ 1 (got {args.draws})")
     args.check(allocations, budgets)
-    with Comparison("compare-finetune", args, FIELDS, ("allocation", "blocks", "seed", "draw")) as cmp:
+    fields = FIELDS + tuple(lm_eval_keys(task_names(args.lm_eval_tasks)))
+    with Comparison("compare-finetune", args, fields, ("allocation", "blocks", "seed", "draw")) as cmp:
         return _runs(args, cmp, allocations, budgets, seeds)
 
 
@@ -157,7 +164,9 @@ def _runs(args: CompareFinetuneArgs, cmp: Comparison, allocations: list[str], bu
                       "pooled item by item per seed" if "random" in allocations else "not run",
             "accuracy": "multiple-choice log-likelihood; exact match: greedy completion"}
     cmp.write_config()
-    base = evaluate_records(s.lm.model, s.lm.tokenizer, s.test_records, args.eval_batch_size, args.max_new_tokens)
+    base = args.with_lm_eval(evaluate_records(s.lm.model, s.lm.tokenizer, s.test_records, args.eval_batch_size,
+                                              args.max_new_tokens), s.lm.model, s.lm.tokenizer)
+    base.pop("lm_eval", None)
     rows = [{"allocation": "base", "blocks": 0, "seed": "-", "draw": "-", **base, "final_loss": float("nan"),
              "trainable_params": 0, "seconds": 0.0}]
     for k, a, seed, d in progress.track(plan, desc="compare-finetune", unit="run"):
@@ -167,7 +176,8 @@ def _runs(args: CompareFinetuneArgs, cmp: Comparison, allocations: list[str], bu
         tail = r["losses"][-max(1, len(r["losses"]) // 10):]
         rows.append({"allocation": a, "blocks": k, "seed": str(seed), "draw": d, "accuracy": r["accuracy"],
                      "exact_match": r["exact_match"], "final_loss": sum(tail) / len(tail),
-                     "trainable_params": r["trainable_params"], "seconds": r["seconds"], "items": r["items"]})
+                     "trainable_params": r["trainable_params"], "seconds": r["seconds"], "items": r["items"],
+                     **{k: v for k, v in r.items() if k.startswith("lm_eval/")}})
         cmp.save_rows(rows)
     md = markdown(rows, meta, ranks)
     files = {"comparison.md": md,

@@ -12,6 +12,7 @@ from ..allocate import CAPACITY_METRICS, capacity_ranks, parse_capacity
 from ..errors import UserError
 from ..finetune import SAVED_KIND, apply_lora, ranks_summary, remove_lora, save, trainable_parameters
 from ..io import overwrite_field, pyplot
+from ..lm_eval_io import table as lm_eval_table
 from ..measure import NEEDS_SCORES, Setting, block_metric, setting
 from ..options import LoraOptions, ModelOptions, TrainingOptions, ValidationSource, option
 from ..results import check_save_dir, config_doc
@@ -65,7 +66,8 @@ def fit(s: Setting, args: FinetuneOptions, ranks: np.ndarray, seed: int) -> tupl
     except BaseException:
         remove_lora(model)
         raise
-    scores = evaluate_records(model, s.lm.tokenizer, s.test_records, args.eval_batch_size, args.max_new_tokens)
+    scores = args.with_lm_eval(evaluate_records(model, s.lm.tokenizer, s.test_records, args.eval_batch_size,
+                                                args.max_new_tokens), model, s.lm.tokenizer)
     return model, {"losses": result.losses, **scores, "trainable_params": trainable_parameters(model),
                    "seconds": round(result.seconds, 2)}
 
@@ -113,6 +115,8 @@ def run(args: FinetuneArgs) -> str:
         f"test ({len(s.test_records)} items): accuracy {r['accuracy']:.4f} (multiple choice), "
         f"exact match {r['exact_match']:.4f} (greedy)",
     ]
+    if "lm_eval" in r:
+        lines.append(lm_eval_table(r["lm_eval"]))
     if args.save is not None:
         doc = {"model": s.lm.name, "task": s.task, "allocation": label, "blocks": args.blocks, "rank": args.rank,
                "budget_rank_units": int(ranks.sum()), "ranks": ranks.tolist(),
@@ -120,7 +124,8 @@ def run(args: FinetuneArgs) -> str:
                "metric": None if metric is None else {"name": label.partition(":")[2],
                                                       "values": [float(m) for m in metric]},
                "trainable_params": r["trainable_params"],
-               "result": {k: r[k] for k in ("accuracy", "exact_match", "seconds", "losses")},
+               "result": {k: v for k, v in r.items() if k in ("accuracy", "exact_match", "seconds", "losses")
+                          or k.startswith("lm_eval/")},
                "n_train": len(s.train_records), "n_test": len(s.test_records)}
         files = {"config.json": config_doc("finetune", args),
                  "loss.png": loss_figure(r["losses"], f"{s.lm.name} · {s.task} · {label}")}

@@ -49,7 +49,8 @@ def fit(s: Setting, args: MoeOptions, experts: np.ndarray, seed: int) -> dict:
     model, tok = s.lm.model, s.lm.tokenizer
     apply_lora_moe(model, experts.tolist(), top_k_for(experts).tolist(), args.moe_config(), seed=seed)
     result = train(model, tok, s.train_records, args.train_config(seed), extra_loss=lambda: aux_loss(model))
-    scores = evaluate_records(model, tok, s.test_records, args.eval_batch_size, args.max_new_tokens)
+    scores = args.with_lm_eval(evaluate_records(model, tok, s.test_records, args.eval_batch_size,
+                                                args.max_new_tokens), model, tok)
     return {"losses": result.losses, **scores, "trainable_params": trainable_parameters(model),
             "seconds": round(result.seconds, 2)}
 
