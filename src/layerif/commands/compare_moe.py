@@ -17,12 +17,14 @@ import numpy as np
 from .. import allocate, progress
 from ..allocate import COMPARE_EXPERTS, allocate_experts, check_beta, top_k_for
 from ..io import overwrite_field, pyplot
+from ..lm_eval_io import lm_eval_keys, task_names
 from ..measure import allocation_metric, setting
 from ..moe import remove_lora_moe
 from ..options import option
 from ..train import evaluate_records
 from .base import register
-from .compare import Comparison, Metric, cell, group, paired_section, parse_list, single_verdict, stats
+from .compare import (Comparison, Metric, cell, group, lm_eval_metrics, lm_eval_tables, paired_section, parse_list,
+                      single_verdict, stats)
 from .moe import MoeOptions, fit
 
 FIELDS = ("allocation", "beta", "seed", "accuracy", "exact_match", "final_loss", "trainable_params", "seconds")
@@ -94,6 +96,9 @@ def markdown(rows: list[dict], allocs: dict[str, np.ndarray], meta: dict) -> str
                      f"{int(st[a]['trainable_params'][0]):,} | {st[a]['seconds'][0]:.1f} ± {st[a]['seconds'][1]:.1f} | "
                      f"{len(arms[a])} |")
     lines += ["", "¹ mean training loss over the last 10% of the steps, averaged over seeds."]
+    extra = lm_eval_metrics(rows)
+    if extra:
+        lines += lm_eval_tables({"all": arms}, extra, lambda k: "test items", base, "base")
     means = {a: s["accuracy"][0] for a, s in st.items()}
     verdicts = dict.fromkeys(single_verdict(means, acc, subject=a, name="LayerIF" + a[len("layerif"):])
                              for a in arms if allocation_of(a) == "layerif")  # "no allocation wins" once
@@ -104,7 +109,8 @@ def markdown(rows: list[dict], allocs: dict[str, np.ndarray], meta: dict) -> str
     suffix = {a: a[len(allocation_of(a)):] for a in kinds}
     pairs = [(a, "uniform") for a, k in kinds.items() if k not in (None, "scores")]
     pairs += [(a, g) for a in subjects for g, k in kinds.items() if k == "gain" and suffix[g] == suffix[a]]
-    lines += paired_section(group([r for r in rows if r["allocation"] in arms], lambda r: "all"), METRICS, ITEMS,
+    lines += paired_section(group([r for r in rows if r["allocation"] in arms], lambda r: "all"), (*METRICS, *extra),
+                            {**ITEMS, **{m.key: m.key for m in extra}},
                             baselines=[a for a, k in kinds.items() if k not in ("scores", "gain")],
                             subjects=subjects, label=lambda k: "test items", pairs=pairs)
     lines += ["", "## Experts per block", "", "| allocation | experts (block 0 → L−1) |", "|---|---|"]
@@ -135,7 +141,8 @@ def run(args: CompareMoeArgs) -> str:
     seeds = parse_list(args.seeds, int, "seeds")
     betas = [check_beta(b) for b in parse_list(args.betas or [args.beta], float, "betas")]
     args.check(allocations)
-    with Comparison("compare-moe", args, FIELDS, KEY_FIELDS) as cmp:
+    fields = FIELDS + tuple(lm_eval_keys(task_names(args.lm_eval_tasks)))
+    with Comparison("compare-moe", args, fields, KEY_FIELDS) as cmp:
         return _runs(args, cmp, arms_of(allocations, betas), betas, seeds)
 
 
@@ -168,7 +175,9 @@ def _runs(args: CompareMoeArgs, cmp: Comparison, arms: dict[str, tuple[str, floa
                                          for a, src in shared.items())} if shared else {}),
             "accuracy": "multiple-choice log-likelihood; exact match: greedy completion"}
     cmp.write_config()
-    base = evaluate_records(s.lm.model, s.lm.tokenizer, s.test_records, args.eval_batch_size, args.max_new_tokens)
+    base = args.with_lm_eval(evaluate_records(s.lm.model, s.lm.tokenizer, s.test_records, args.eval_batch_size,
+                                              args.max_new_tokens), s.lm.model, s.lm.tokenizer)
+    base.pop("lm_eval", None)
     rows = [{"allocation": "base", "beta": "-", "seed": "-", **base, "final_loss": float("nan"), "trainable_params": 0,
              "seconds": 0.0}]
     done: dict[tuple[str, int], dict] = {}
@@ -185,7 +194,8 @@ def _runs(args: CompareMoeArgs, cmp: Comparison, arms: dict[str, tuple[str, floa
         tail = r["losses"][-max(1, len(r["losses"]) // 10):]
         done[arm, seed] = {"accuracy": r["accuracy"], "exact_match": r["exact_match"],
                            "final_loss": sum(tail) / len(tail), "trainable_params": r["trainable_params"],
-                           "seconds": r["seconds"], "items": r["items"]}
+                           "seconds": r["seconds"], "items": r["items"],
+                           **{k: v for k, v in r.items() if k.startswith("lm_eval/")}}
         cmp.save_rows(arm_rows())
     rows = arm_rows()
     md = markdown(rows, allocs, meta)
