@@ -196,10 +196,8 @@ class LmEvalTask:
 
     def __init__(self, name: str, include: str | None = None):
         check_tasks([name], include)
-        from lm_eval.tasks import get_task_dict
-
         self.name, self.include = name, include
-        self.task = get_task_dict([name], task_manager([name], include))[name]
+        self.task = task_manager([name], include).load([name])["tasks"][name]
         cfg = self.task.config
         has = {"train": self.task.has_training_docs(), "validation": self.task.has_validation_docs(),
                "test": self.task.has_test_docs()}
