@@ -163,3 +163,38 @@ def test_compare_pruning_keeps_lm_eval_items(tmp_path, at_root, tiny_model_dir):
     md = (out / "comparison.md").read_text()
     assert f"| {TINY} acc ↑ | {TINY} acc_norm ↑ | mean acc ↑ | mean acc_norm ↑ |" in md and "| - | dense |" in md
     assert json.loads((out / "config.json").read_text())["lm_eval_splits"]["test"] == "test"
+
+
+def test_paper_protocol_recipe_parses(tmp_path):
+    """bench/paper_protocol.sh is valid bash and every `layerif` line in it parses with the tool's own parser
+    (its commands and options exist, values of the right types); a stand-in `layerif` records the lines."""
+    script = ROOT / "bench" / "paper_protocol.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    log, bin_ = tmp_path / "calls", tmp_path / "bin"
+    bin_.mkdir()
+    (bin_ / "layerif").write_text('#!/bin/sh\nprintf "%s\\0" "$@" >> "$LAYERIF_LOG"\nprintf "END\\0" >> "$LAYERIF_LOG"\n')
+    (bin_ / "layerif").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_}:{os.environ['PATH']}", "LAYERIF_LOG": str(log), "OUT": str(tmp_path / "o")}
+    assert subprocess.run(["bash", str(script)], env=env, timeout=60).returncode == 0
+    calls, call = [], []
+    for part in log.read_text().split("\0")[:-1]:
+        if part == "END":
+            calls.append(call)
+            call = []
+        else:
+            call.append(part)
+    from layerif.cli import build_args, make_parser
+    from layerif.commands.base import COMMANDS
+
+    parser = make_parser()
+    commands = [c[0] for c in calls]
+    assert commands[:3] == ["plan", "score", "compare-pruning"] and commands.count("compare-moe") == 4
+    for argv in calls:
+        ns = parser.parse_args(argv)
+        args = build_args(COMMANDS[ns.command].args, ns)
+        if ns.command == "compare-pruning":
+            assert lm_eval_io.task_names(args.lm_eval_tasks) == list(lm_eval_io.PAPER_TASKS)
+            assert (args.calib, args.eval, args.sparsities, args.methods) == ("c4", "wikitext2", ["0.5", "0.7"],
+                                                                               ["wanda", "sparsegpt"])
+        if ns.command == "compare-moe":
+            assert args.total_experts == 160
