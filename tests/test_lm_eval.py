@@ -198,3 +198,26 @@ def test_paper_protocol_recipe_parses(tmp_path):
                                                                                ["wanda", "sparsegpt"])
         if ns.command == "compare-moe":
             assert args.total_experts == 160
+
+
+def test_compare_pruning_pairs_lm_eval_documents():
+    """comparison.md pairs the LayerIF arm with uniform on the lm-eval documents: Δ is the hand mean of the
+    per-document differences, per task and for the mean over tasks."""
+    from layerif.commands.compare_pruning import markdown
+
+    a = {"t": [1.0, 1.0, 0.0, 1.0], "u": [1.0, 0.0]}
+    b = {"t": [0.0, 1.0, 0.0, 0.0], "u": [0.0, 0.0]}
+
+    def row(alloc, seed, docs):
+        res = {t: {"n": len(v), "acc": sum(v) / len(v), "acc_norm": sum(v) / len(v),
+                   "items": {"acc": v, "acc_norm": v}} for t, v in docs.items()}
+        return {"method": "wanda", "sparsity": 0.5, "allocation": alloc, "seed": seed, "achieved": 0.5,
+                "perplexity": 10.0, "accuracy": 0.5, "seconds": 1.0, **lm_eval_io.summary(res),
+                "items": {"nll": [1.0], "correct": [1.0, 0.0], **lm_eval_io.item_lists(res)}}
+
+    rows = [row("layerif", s, a) for s in ("0", "1")] + [row("uniform", s, b) for s in ("0", "1")]
+    md = markdown(rows, {"model": "m"})
+    line = next(l for l in md.splitlines() if l.startswith("| wanda 0.5 | lm-eval t acc | layerif | uniform"))
+    assert f"| {sum(x - y for x, y in zip(a['t'], b['t'])) / 4:+.4f} |" in line
+    mean = next(l for l in md.splitlines() if l.startswith("| wanda 0.5 | lm-eval mean acc | layerif | uniform"))
+    assert f"| {((0.75 - 0.25) + (0.5 - 0.0)) / 2:+.4f} |" in mean  # each task weighs 1/2
