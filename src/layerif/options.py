@@ -92,7 +92,7 @@ class LmEvalOptions(LmEvalSource):
 
     lm_eval_tasks: list[str] = option([], "also evaluate with lm-evaluation-harness on these multiple-choice tasks, "
                                           "zero-shot (paper: boolq,rte,hellaswag,winogrande,arc_easy,arc_challenge,"
-                                          "openbookqa; needs the lmeval extra)")
+                                          "openbookqa; needs the lmeval extra; default: none)")
     lm_eval_limit: int = option(0, "evaluate only the first N documents of each lm-eval task (0: all)")
     lm_eval_batch_size: int = option(8, "lm-eval's batch size (requests per forward pass)")
 
