@@ -369,7 +369,8 @@ class GroundTruthOptions(CalibrationData):
         if self.accuracy_task not in (None, "none"):
             from .tasks import test_records  # here: the built-in tasks' data load only when asked
 
-            test_records(self.accuracy_task, 1, include=getattr(self, "lm_eval_include", None))  # an unknown task or a bad file fails before the model loads
+            # an unknown task or a bad file fails before the model loads
+            test_records(self.accuracy_task, 1, include=getattr(self, "lm_eval_include", None))
 
 
 @dataclass
