@@ -772,3 +772,146 @@ def test_non_finite_training_loss_names_its_step(llama, tokenizer):
     records = [{"prompt": "the capital of france is", "completion": " paris"}] * 4
     with pytest.raises(FloatingPointError, match=r"^the training loss at step 2 is not finite \(nan\)$"):
         train(llama, tokenizer, records, TrainConfig(steps=3, batch_size=4), extra_loss=extra)
+
+
+# ----------------------------------------------------------------------------- the 14 traceback kinds: one line each
+
+
+def _fifo(path: Path) -> Path:
+    os.mkfifo(path)
+    return path
+
+
+@pytest.mark.parametrize("name,make,expect", [
+    ("deep.jsonl", lambda p: p.write_text('{"text": ' + "[" * 100000 + "]" * 100000 + "}\n"),
+     "deep.jsonl line 1: not readable JSON (nested too deeply)"),
+    ("bigint.jsonl", lambda p: p.write_text('{"text": "one two", "n": ' + "9" * 5000 + "}\n"),
+     "bigint.jsonl line 1: not readable JSON (Exceeds the limit"),
+    ("deep.json", lambda p: p.write_text("[" * 100000 + "]" * 100000), "deep.json: not readable JSON (nested too deeply)"),
+    ("surrogate.jsonl", lambda p: p.write_text('{"text": "the cat \\ud800 dog"}\n'),
+     "train record 0: field 'text' is not valid Unicode text (a lone surrogate '\\ud800' at character 8)"),
+    ("pipe.jsonl", _fifo, "pipe.jsonl is not a regular file (a pipe, socket or device)"),
+], ids=["nested", "5000-digits", "nested-json", "lone-surrogate", "named-pipe"])
+def test_unreadable_record_file_is_one_line(tiny_model_dir, work, capsys, no_model_load, name, make, expect):
+    make(work / name)
+    fails(capsys, _score(tiny_model_dir, work, "--train", str(work / name)), expect, work)
+
+
+@pytest.mark.parametrize("layers", [["0", "1", "2"], None, 3], ids=["strings", "null", "scalar"])
+@pytest.mark.parametrize("option", ["--allocation-file", "--search-init"])
+def test_allocation_file_with_bad_layers(tiny_model_dir, work, capsys, layers, option):
+    (work / "allocation.json").write_text(json.dumps({"layers": layers, "sparsity": [0.4, 0.5, 0.6]}))
+    extra = [option, str(work / "allocation.json")] + (["--allocation", "search", "--search-dir", str(work / "sd")]
+                                                       if option == "--search-init" else [])
+    fails(capsys, ["prune", "--model", str(tiny_model_dir), "--method", "magnitude", "--quiet", *extra],
+          f"allocation.json: 'layers' must be a list of block indices (integers), got {json.dumps(layers)}", work)
+
+
+def test_scores_folder_whose_scores_json_is_a_folder(tiny_model_dir, work, capsys, no_model_load):
+    (work / "s" / "scores.json").mkdir(parents=True)
+    fails(capsys, ["prune", "--model", str(tiny_model_dir), "--allocation", "layerif", "--scores", str(work / "s"),
+                   "--method", "magnitude", "--quiet"], "scores.json: it is a folder", work)
+
+
+@pytest.mark.parametrize("rows,expect", [
+    ("0.5,uniform,magnitude,0,0.5,12.0,0.5,1.0\n0.5,owl,magn", "comparison.csv line 3 is damaged (column 'achieved'"),
+    ("0.5,uniform,magnitude,0,0.5,twelve,0.5,1.0\n", "comparison.csv line 2 is damaged (column 'perplexity': 'twelve')"),
+], ids=["truncated", "not-a-number"])
+def test_resume_over_a_damaged_comparison_csv(tiny_model_dir, work, capsys, no_model_load, rows, expect):
+    from layerif.cli import build_args, make_parser
+    from layerif.commands.base import COMMANDS
+    from layerif.results import write_config
+
+    argv = ["compare-pruning", "--model", str(tiny_model_dir), "--allocations", "uniform", "--methods", "magnitude",
+            "--sparsities", "0.5", "--seeds", "0", "--n-calib", "3", "--seqlen", "16", "--eval-windows", "2",
+            "--task", "capitals", "--task-items", "4", "--out", str(work / "cmp"), "--quiet"]
+    (work / "cmp").mkdir()
+    write_config(work / "cmp", "compare-pruning", build_args(COMMANDS["compare-pruning"].args,
+                                                             make_parser().parse_known_args(argv)[0]))
+    (work / "cmp" / "comparison.csv").write_text(
+        "sparsity,allocation,method,seed,achieved,perplexity,accuracy,seconds\n" + rows)
+    fails(capsys, [*argv, "--resume"], expect, work)
+
+
+@pytest.mark.parametrize("label", ["..", ".", ".hidden", "report.md"])
+def test_compare_tasks_label_outside_its_folder(tiny_model_dir, work, capsys, no_model_load, label):
+    pair = f"{work / 'train.jsonl'}:{work / 'val.jsonl'}"
+    fails(capsys, ["compare-tasks", "--model", str(tiny_model_dir), "--tasks", f"{label}={pair},b={pair}",
+                   "--out", str(work / "cmp"), "--quiet"], f"task label {label!r} cannot name a folder inside --out", work)
+
+
+def test_seeds_beyond_64_bits(tiny_model_dir, work, capsys, no_model_load):
+    fails(capsys, ["compare-moe", "--model", str(tiny_model_dir), "--allocations", "uniform", "--seeds",
+                   "99999999999999999999,1,2", "--out", str(work / "cmp"), "--quiet"],
+          "--seeds: every value must be an integer from 0 to 2^63-1 (got 99999999999999999999)", work)
+    with pytest.raises(SystemExit) as exc:
+        main(["moe", "--model", str(tiny_model_dir), "--seed", "99999999999999999999", "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and len(err.splitlines()) == 1 and "--seed: must fit 64 bits" in err, err
+
+
+def test_nan_weights_with_the_alpha_allocation(tiny_model_dir, work, capsys):
+    m = _poisoned(tiny_model_dir, work / "nan-model", "model.layers.1.mlp.up_proj.weight")
+    fails(capsys, ["prune", "--model", str(m), "--allocation", "alpha", "--method", "magnitude", "--quiet"],
+          "the weight of model.layers.1.mlp.up_proj (block 1) holds non-finite values", work, status=1)
+
+
+def test_subnormal_damping_scale(tiny_model_dir, work, capsys, no_model_load):
+    fails(capsys, _score(tiny_model_dir, work, "--estimator", "exact", "--damping-scale", "1e-320"),
+          "--damping-scale must be > 0 and at least 2.23e-308 (got 1e-320)", work)
+
+
+def test_score_table_of_huge_scores():
+    """Scores near the float limit (a tiny damping) print without overflowing the bars."""
+    from types import SimpleNamespace
+
+    from layerif.commands.score import table
+
+    result = SimpleNamespace(score=[2.7e307, 5.0e307, -1.4e307], layers=[0, 1, 2],
+                             aggregations=lambda: {"helpful_share": [0.5, 0.5, 0.5]})
+    bars = [line.split("%")[-1].replace("*", "").strip() for line in table(result).splitlines()[1:]]
+    assert [len(b) for b in bars] == [round(24 * 2.7 / 5.0), 24, 0]
+
+
+@pytest.mark.parametrize("exc,status,expect", [
+    (lambda: __import__("torch").OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), 1,
+     "out of memory (CUDA out of memory. Tried to allocate 2.00 GiB); lower the need with --max-memory, "
+     "--mode streaming or a narrower --target, or share it with --world-size"),
+    (lambda: MemoryError(), 1, "out of memory (MemoryError)"),
+    (lambda: OSError("Unable to load weights from pytorch checkpoint file"), 2,
+     "cannot load model"),
+], ids=["cuda-oom", "host-oom", "bad-file"])
+def test_model_loading_errors_keep_their_class(tiny_model_dir, work, capsys, monkeypatch, exc, status, expect):
+    """Out of memory while the weights load is exit 1 with its own advice, not "bad input"; the files' own
+    problems stay exit 2."""
+    import transformers
+
+    def raising(*a, **k):
+        raise exc()
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", raising)
+    fails(capsys, _score(tiny_model_dir, work), expect, work, status=status)
+
+
+def test_a_bug_while_loading_keeps_its_traceback(tiny_model_dir, work, capsys, monkeypatch):
+    import transformers
+
+    def buggy(*a, **k):
+        raise TypeError("an internal bug")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", buggy)
+    before = snapshot(work)
+    with pytest.raises(TypeError, match="an internal bug"):
+        main(_score(tiny_model_dir, work))
+    assert snapshot(work) == before
+
+
+def test_out_of_memory_during_a_run(tiny_model_dir, work, capsys, monkeypatch):
+    """Out of memory after the model loaded: one line with the advice, exit 1, --out untouched."""
+    from layerif import scores
+
+    def oom(*a, **k):
+        raise RuntimeError("MPS backend out of memory (MPS allocated: 1.00 GB)")
+
+    monkeypatch.setattr(scores, "compute", oom)
+    fails(capsys, _score(tiny_model_dir, work), "out of memory (MPS backend out of memory", work, status=1)

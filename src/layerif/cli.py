@@ -6,8 +6,9 @@ options are generated from the dataclass fields (``--damping-scale`` for
 ``damping_scale``, help text from the field's metadata), so the CLI and the
 config saved beside every result are the same thing. A :class:`UserError`
 becomes one line on stderr and exit status 2; a detected numeric fault
-(:class:`FloatingPointError`) exit status 1; Ctrl-C status 130 and SIGTERM 143,
-each with one line.
+(:class:`FloatingPointError`) and running out of memory exit status 1; Ctrl-C
+status 130 and SIGTERM 143, each with one line. Any other exception is a bug and
+keeps its traceback (exit status 1).
 
 Every float option must be finite. ``--config FILE`` replays a saved run's
 options, checked against the command's fields and types; switches marked
@@ -29,7 +30,7 @@ from typing import NoReturn
 
 from . import __version__, progress
 from .commands.base import COMMANDS, check_config_args, field_type
-from .errors import Terminated, UserError
+from .errors import Terminated, UserError, is_out_of_memory
 
 
 
@@ -86,8 +87,10 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             kw["type"] = lambda s: [x.strip() for x in s.split(",") if x.strip()]
         elif tp is float:
             kw["type"] = finite_float
-        elif tp in (int, str):
-            kw["type"] = tp
+        elif tp is int:
+            kw["type"] = int64
+        elif tp is str:
+            kw["type"] = str
         if "choices" in f.metadata:  # validated by the command itself, for a one-line error
             help_ = f"{help_}; one of {', '.join(f.metadata['choices'])}"
         parser.add_argument(flag, help=with_default(help_, default), metavar=f.metadata.get("metavar"), **kw)
@@ -101,6 +104,17 @@ def finite_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be a finite number (got {text})")
+    return value
+
+
+def int64(text: str) -> int:
+    """argparse type: an integer that fits 64 bits (a seed or count beyond it would overflow in torch / numpy)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if not -2 ** 63 <= value < 2 ** 63:
+        raise argparse.ArgumentTypeError(f"must fit 64 bits (got {text})")
     return value
 
 
@@ -189,6 +203,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except FloatingPointError as exc:
         print(f"{name}: error: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        if not is_out_of_memory(exc):
+            raise  # a bug: its traceback, exit status 1
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"{name}: error: out of memory ({first[:200]}); lower the need with --max-memory, --mode streaming or "
+              "a narrower --target, or share it with --world-size (see `layerif plan`)", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"{name}: interrupted", file=sys.stderr)

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
+from .errors import JSON_ERRORS, UserError, json_problem
+from .io import check_regular_file
 
 IGNORE = -100
 
@@ -72,6 +73,11 @@ def _string_field(record: dict, name: str) -> str | None:
         return None
     if not isinstance(value, str):
         raise UserError(f"field '{name}' must be a string, got {type(value).__name__} {_short(value)}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a JSON escape such as "\\ud800" decodes to a lone surrogate
+        raise UserError(f"field '{name}' is not valid Unicode text (a lone surrogate {value[exc.start]!r} at "
+                        f"character {exc.start})") from None
     return value
 
 
@@ -234,6 +240,7 @@ def load_records(source: str, split: str | None = None) -> list[dict]:
     if path.exists():
         if path.is_dir():
             raise UserError(f"data file {source} is a folder")
+        check_regular_file(path, "data file")
         try:
             if suffix in (".jsonl", ".ndjson"):
                 return _read_jsonl(path)
@@ -264,8 +271,8 @@ def _read_jsonl(path: Path) -> list[dict]:
                 continue
             try:
                 rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path} line {lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+            except JSON_ERRORS as exc:
+                raise UserError(f"{path} line {lineno}: {json_problem(exc)}") from None
             if not isinstance(rec, dict):
                 raise UserError(f"{path} line {lineno}: a record must be a JSON object, got {_json_type(rec)}")
             records.append(rec)
@@ -276,8 +283,9 @@ def _read_json_records(path: Path) -> list[dict]:
     with open(path, encoding="utf-8") as f:
         try:
             obj = json.load(f)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{path} line {exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+        except JSON_ERRORS as exc:
+            at = f" line {exc.lineno}" if isinstance(exc, json.JSONDecodeError) else ""
+            raise UserError(f"{path}{at}: {json_problem(exc)}") from None
     if isinstance(obj, dict) and "data" in obj:
         obj = obj["data"]
     if not isinstance(obj, list):

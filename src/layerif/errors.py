@@ -8,6 +8,7 @@ is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
@@ -41,3 +42,25 @@ def require_finite(value: Any, what: str) -> Any:
         raise FloatingPointError(f"{what} is not finite" if total == 1
                                  else f"{what} holds non-finite values ({bad} of {total})")
     return value
+
+
+JSON_ERRORS = (ValueError, RecursionError)
+"""What parsing a JSON text may raise: malformed text (``json.JSONDecodeError``), an integer longer than
+Python's digit limit (``ValueError``), nesting deeper than the recursion limit (``RecursionError``)."""
+
+
+def json_problem(exc: BaseException) -> str:
+    """One line saying why a JSON text did not parse (``exc`` one of :data:`JSON_ERRORS`)."""
+    if isinstance(exc, json.JSONDecodeError):
+        return f"not valid JSON ({exc.msg} at column {exc.colno})"
+    if isinstance(exc, RecursionError):
+        return "not readable JSON (nested too deeply)"
+    first = str(exc).split(":")[0].strip() or type(exc).__name__
+    return f"not readable JSON ({first})"
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for a host or accelerator out-of-memory error (``MemoryError``, ``torch.OutOfMemoryError``, or a
+    backend's ``RuntimeError`` saying "out of memory"), which is neither bad input nor a bug."""
+    return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" \
+        or isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()

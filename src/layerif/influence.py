@@ -74,6 +74,7 @@ beta grows like d / c: a guarantee only for modules with few parameters or stron
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -290,6 +291,9 @@ class EstimatorConfig:
     def __post_init__(self) -> None:
         if not 0 < self.damping_scale < math.inf:  # nan fails this too
             raise UserError(f"--damping-scale must be > 0 (got {self.damping_scale})")
+        if self.damping_scale < sys.float_info.min:  # a subnormal scale: lambda without precision, 1/lambda beyond range
+            raise UserError(f"--damping-scale must be at least {sys.float_info.min:.3g}, the smallest normal float "
+                            f"(got {self.damping_scale})")
         get_estimator(self.name)
 
     @property

@@ -47,6 +47,19 @@ def prepare_out_dir(out: str | os.PathLike) -> Path:
     return path
 
 
+def check_regular_file(path: str | os.PathLike, what: str) -> None:
+    """A :class:`UserError` unless ``path`` is a regular file (or a link to one): a named pipe, socket or
+    device would block the read forever or never end. A missing path is left to the reader."""
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return
+    if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
+        raise UserError(f"{what} {path} is not a regular file (a pipe, socket or device); give a file")
+
+
 # ----------------------------------------------------------------------------- result folders
 
 MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
@@ -57,7 +70,7 @@ def _read_json(path: Path) -> Any:
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
 
 

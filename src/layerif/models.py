@@ -26,7 +26,7 @@ from torch import nn
 
 from . import progress
 from .data import stat_dtype
-from .errors import UserError
+from .errors import UserError, is_out_of_memory
 from .io import atomic_dir
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
@@ -144,8 +144,8 @@ def load_model(
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         config = AutoConfig.from_pretrained(source, **kwargs) if before_weights is not None else None
-    except Exception as exc:  # third-party readers of the user's files raise many types; every one is one line
-        raise UserError(load_error(label, exc, "gguf_file" in kwargs)) from None
+    except Exception as exc:  # third-party readers of the user's files raise many types; each of those is one line
+        raise UserError(load_error(label, exc, "gguf_file" in kwargs, header=True)) from None
     if before_weights is not None:
         before_weights(tokenizer, config)
     try:
@@ -200,7 +200,7 @@ def load_config(name: str | None = None, gguf_file: str | None = None, trust_rem
     try:
         config = AutoConfig.from_pretrained(source, **kwargs)
     except Exception as exc:  # third-party readers raise many types; every one is one line
-        raise UserError(load_error(label, exc, "gguf_file" in kwargs)) from None
+        raise UserError(load_error(label, exc, "gguf_file" in kwargs, header=True)) from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     except Exception:  # a config-only folder: the records are measured by another tokenizer (layerif.plan)
@@ -226,8 +226,21 @@ def looks_like_path(name: str) -> bool:
             or Path(name).exists())
 
 
-def load_error(label: str, exc: BaseException, gguf: bool) -> str:
-    """The one-line message for a model that fails to load (damaged weights, a bad GGUF header, ...)."""
+LOAD_INPUT_ERRORS = (OSError, ValueError, KeyError, IndexError, EOFError, OverflowError, ImportError, RuntimeError)
+"""What the readers of a model's files raise for the files themselves (missing, damaged, an unknown
+architecture, a library the model needs): the user's input. ``struct.error`` and ``SafetensorError`` too."""
+
+
+def load_error(label: str, exc: BaseException, gguf: bool, header: bool = False) -> str:
+    """The one-line message for a model that fails to load (damaged weights, a bad GGUF header, ...).
+
+    Re-raises ``exc`` when it is not about the input: out of memory (except a GGUF ``header`` asking for an
+    absurd allocation) keeps its own message, any other type (a bug) its traceback.
+    """
+    bad_header = gguf and header and isinstance(exc, MemoryError)
+    if is_out_of_memory(exc) and not bad_header or not (
+            bad_header or isinstance(exc, LOAD_INPUT_ERRORS) or type(exc).__name__ in ("error", "SafetensorError")):
+        raise exc
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     if gguf and isinstance(exc, (ValueError, KeyError, IndexError, EOFError, OverflowError, MemoryError)) \
             or type(exc).__name__ == "error":  # struct.error from a truncated GGUF header

@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 
 from . import __version__
-from .errors import UserError
-from .io import check_place, write_json
+from .errors import JSON_ERRORS, UserError, json_problem
+from .io import check_place, check_regular_file, write_json
 
 SCORES_FILE = "scores.json"
 ALLOCATION_FILE = "allocation.json"
@@ -40,13 +40,19 @@ CONFIG_FILE = "config.json"
 
 def read_json(path: str | Path, what: str = "") -> Any:
     """A JSON file; a missing or malformed one is a :class:`UserError` (``what`` names it in the message)."""
+    named = f"{what + ' ' if what else ''}{path}"
+    check_regular_file(path, what or "file")
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except FileNotFoundError:
-        raise UserError(f"{what + ' ' if what else ''}{path} not found") from None
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"cannot read {what + ' ' if what else ''}{path}: {exc}") from None
+        raise UserError(f"{named} not found") from None
+    except IsADirectoryError:
+        raise UserError(f"cannot read {named}: it is a folder") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read {named}: {exc}") from None
+    except JSON_ERRORS as exc:
+        raise UserError(f"cannot read {named}: {json_problem(exc)}") from None
 
 
 # ----------------------------------------------------------------------------- scores.json
@@ -57,13 +63,9 @@ def read_scores(path: str | Path) -> dict:
     p = Path(path)
     if p.is_dir():
         p = p / SCORES_FILE
-    try:
-        with open(p, encoding="utf-8") as f:
-            doc = json.load(f)
-    except FileNotFoundError:
-        raise UserError(f"scores file not found: {path}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"cannot read scores file {path}: {exc}") from None
+    if not p.exists():
+        raise UserError(f"scores file not found: {path}")
+    doc = read_json(p, "scores file")
     if not isinstance(doc, dict) or not {"layers", "score"} <= doc.keys() or not isinstance(doc["layers"], list) \
             or not isinstance(doc["score"], list) or len(doc["layers"]) != len(doc["score"]):
         raise UserError(f"{path} is not a layerif scores.json (needs 'layers' and 'score' lists of equal length)")
@@ -188,7 +190,7 @@ def check_save_dir(path: str | Path, what: str, overwrite: bool = False, model: 
         raise UserError(f"--save {path} is the input model (--model); layerif never writes into a model folder")
     try:
         doc = json.loads((p / ALLOCATION_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, *JSON_ERRORS):
         doc = None
     own = isinstance(doc, dict) and doc.get("saved") == what
     check_place(p, "--save", own)
@@ -227,8 +229,10 @@ def read_allocation(folder: str | Path, required: set[str], what: str) -> dict:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UserError(f"{folder} is not a {what} folder (no {ALLOCATION_FILE})") from None
-    except (OSError, ValueError) as exc:
+    except OSError as exc:
         raise UserError(f"cannot read {path}: {exc}") from None
+    except JSON_ERRORS as exc:
+        raise UserError(f"cannot read {path}: {json_problem(exc)}") from None
     if not isinstance(doc, dict) or not required <= doc.keys():
         raise UserError(f"{path} is not a {what} allocation (needs {', '.join(sorted(required))})")
     return doc
@@ -248,7 +252,10 @@ def block_sparsity(path: str | Path, n_blocks: int) -> tuple[np.ndarray, dict]:
         ratios = np.asarray(doc["sparsity"], dtype=np.float64).reshape(-1)
     except (TypeError, ValueError):
         raise UserError(f"{path}: 'sparsity' is not a list of numbers") from None
-    if [int(i) for i in doc["layers"]] != list(range(n_blocks)) or ratios.size != n_blocks:
+    layers = doc["layers"]
+    if not isinstance(layers, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
+        raise UserError(f"{path}: 'layers' must be a list of block indices (integers), got {json.dumps(layers)[:40]}")
+    if layers != list(range(n_blocks)) or ratios.size != n_blocks:
         raise UserError(f"{path} allocates {ratios.size} blocks, the model has {n_blocks}")
     if not np.all(np.isfinite(ratios)) or np.any(ratios < 0) or np.any(ratios >= 1):
         raise UserError(f"{path}: every block's sparsity must be in [0, 1)")

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from . import progress
-from .errors import UserError
+from .errors import UserError, require_finite
 from .models import find_blocks, iter_projections, weight_out_in
 
 EVALS_THRESH = 1e-5
@@ -78,8 +78,11 @@ def matrix_alpha(module: nn.Module) -> float:
 
 
 def module_alphas(model: nn.Module) -> dict[str, float]:
-    """α of every projection inside the decoder blocks, by fully qualified module name."""
+    """α of every projection inside the decoder blocks, by fully qualified module name; a non-finite weight is a
+    :class:`FloatingPointError` naming it."""
     named = list(iter_projections(model))
+    for p in named:  # an SVD of a non-finite matrix fails to converge: name the weight instead
+        require_finite(weight_out_in(p.module), f"the weight of {p.name} (block {p.block})")
     return {p.name: matrix_alpha(p.module) for p in progress.track(named, desc="heavy-tail α", unit="matrix")}
 
 

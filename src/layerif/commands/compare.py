@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import UserError
-from ..io import CACHE_DIR, output_folder, write_files, write_json, write_text
+from ..io import CACHE_DIR, check_regular_file, output_folder, write_files, write_json, write_text
 from ..report import write_report
 from ..results import write_config
 from ..stability import mean_std, mean_std_cell
@@ -55,6 +55,9 @@ def parse_list(values: Sequence, kind: type, option: str) -> list:
         raise UserError(f"--{option}: cannot read {','.join(map(str, values))} as {kind.__name__} values") from None
     if not out:
         raise UserError(f"--{option}: no values")
+    if kind is int and not all(0 <= v < 2 ** 63 for v in out):  # seeds: torch and numpy take 64-bit ones
+        raise UserError(f"--{option}: every value must be an integer from 0 to 2^63-1 (got "
+                        f"{next(v for v in out if not 0 <= v < 2 ** 63)})")
     return out
 
 
@@ -68,12 +71,21 @@ def rows_csv(rows: list[dict], fields: Sequence[str]) -> str:
 
 
 def read_rows(path: Path, numeric: Sequence[str]) -> list[dict]:
-    """Rows of a comparison CSV, the ``numeric`` columns as floats."""
-    with open(path, encoding="utf-8", newline="") as f:
-        rows = list(csv.DictReader(f))
-    for r in rows:
-        for k in numeric:
-            r[k] = float(r[k])
+    """Rows of a comparison CSV, the ``numeric`` columns as floats; a damaged file (a truncated row, a column
+    missing, a value that is not a number) is a :class:`UserError` naming the row."""
+    check_regular_file(path, "comparison file")
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise UserError(f"cannot read {path}: {exc}") from None
+    for i, r in enumerate(rows, start=2):  # line 1 is the header
+        try:
+            for k in numeric:
+                r[k] = float(r[k])
+        except (KeyError, TypeError, ValueError):
+            raise UserError(f"{path} line {i} is damaged (column {k!r}: {r.get(k)!r}); rerun without --resume "
+                            "or with a new --out") from None
     return rows
 
 

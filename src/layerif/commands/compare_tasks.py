@@ -22,6 +22,9 @@ from .base import register
 from .compare import Comparison
 from .score import write
 
+RESERVED = {"spearman.csv", "task_heatmap.png", "comparison.json", "config.json", "report.md", "report.html"}
+"""The comparison's own files in --out: no task label may name its score folder like one of them."""
+
 
 @dataclass
 class CompareTasksArgs(LissaOptions, StabilityOptions, RunOptions, EngineOptions, DataOptions, ModelOptions):
@@ -70,6 +73,9 @@ def task_specs(args: CompareTasksArgs) -> list[tuple[str, ScoreArgs, ScoreConfig
             changes = {"task": source, "train": None, "val": None}
             label = label or source
         folder = re.sub(r"[^\w.-]+", "_", label)
+        if folder.startswith(".") or folder in RESERVED:  # `..` would write outside --out, `.` into it
+            raise UserError(f"task label {label!r} cannot name a folder inside --out (it starts with a dot or is one "
+                            "of the comparison's own files); name the entry LABEL=... with letters or digits")
         if folder in {f for f, _, _ in out}:
             raise UserError(f"task label {label!r} appears twice in --tasks (name entries LABEL=...)")
         a = task_args(args, out=str(Path(args.out) / folder), **changes)

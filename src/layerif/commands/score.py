@@ -38,12 +38,12 @@ def scores_csv(result: ScoreResult) -> str:
 def table(result: ScoreResult, top: int = 5) -> str:
     """A short terminal table: every block's score with a bar, the top blocks marked."""
     s = result.score
-    peak = max(s) or 1.0
+    peak = max(max(abs(x) for x in s), 1e-300)  # bars of the positive scores, as shares of the largest |S_l|
     best = sorted(range(len(s)), key=lambda i: -s[i])[:top]
     lines = [f"{'block':>5}  {'S_l':>11}  {'helpful%':>8}"]
     share = result.aggregations()["helpful_share"]
     for i, l in enumerate(result.layers):
-        bar = "#" * int(round(24 * s[i] / peak))
+        bar = "#" * int(round(24 * (max(s[i], 0.0) / peak)))
         mark = " *" if i in best else ""
         lines.append(f"{l:>5}  {s[i]:>11.4g}  {100 * share[i]:>7.1f}%  {bar}{mark}")
     return "\n".join(lines)
