@@ -879,7 +879,7 @@ def test_nan_weights_with_the_alpha_allocation(tiny_model_dir, work, capsys):
 
 def test_subnormal_damping_scale(tiny_model_dir, work, capsys, no_model_load):
     fails(capsys, _score(tiny_model_dir, work, "--estimator", "exact", "--damping-scale", "1e-320"),
-          "--damping-scale must be > 0 and at least 2.23e-308 (got 1e-320)", work)
+          "--damping-scale must be at least 2.23e-308, the smallest normal float (got 1e-320)", work)
 
 
 def test_score_table_of_huge_scores():
@@ -936,3 +936,59 @@ def test_out_of_memory_during_a_run(tiny_model_dir, work, capsys, monkeypatch):
 
     monkeypatch.setattr(scores, "compute", oom)
     fails(capsys, _score(tiny_model_dir, work), "out of memory (MPS backend out of memory", work, status=1)
+
+
+@pytest.mark.parametrize("allocation", ["search", "sensitivity"])
+def test_search_on_a_non_finite_model_stops_before_any_level(tiny_model_dir, work, capsys, allocation):
+    """The search fitness (KL to the dense model) of a model with NaN weights: exit 1 naming it, no level built,
+    nothing in --search-dir."""
+    m = _poisoned(tiny_model_dir, work / "nan-model", "model.layers.1.mlp.up_proj.weight")
+    fails(capsys, ["prune", "--model", str(m), "--allocation", allocation, "--method", "magnitude", "--search-dir",
+                   str(work / "sd"), "--quiet"],
+          "the dense model's next-token log-probabilities on the search windows holds non-finite values", work, status=1)
+
+
+def test_non_finite_search_fitness_is_an_error(llama):
+    import torch
+
+    from layerif.search import kl_to_reference, reference_logprobs
+
+    windows = torch.randint(0, 100, (2, 6))
+    reference = reference_logprobs(llama, windows)
+    with torch.no_grad():
+        llama.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"^the search fitness \(KL of the pruned model to the dense one\) "
+                                                  r"is not finite \(nan\)$"):
+        kl_to_reference(llama, windows, reference)
+
+
+def test_non_finite_ground_truth_is_an_error(llama, tokenizer, monkeypatch):
+    """validate's fine-tune gain on a validation loss that went non-finite after training block 1 (the training
+    loss stays finite): a FloatingPointError naming the block, no gain."""
+    import torch
+
+    from layerif import validate
+    from layerif.data import encode_split, pad_id
+    from layerif.models import select_targets
+    from layerif.train import TrainConfig
+
+    train = encode_split(tokenizer, [{"text": "the cat is a dog"}] * 4, "train")[0]
+    val = encode_split(tokenizer, [{"prompt": "the capital of italy is", "completion": " rome"}], "validation")[0]
+    trained = []
+    real_train = validate.train_encoded
+
+    def train_encoded(model, *a, **k):  # training block 1 leaves a NaN in its weights (after a finite loss)
+        real_train(model, *a, **k)
+        trained.append(1)
+        if len(trained) == 2:
+            with torch.no_grad():
+                model.model.layers[1].self_attn.o_proj.weight[:] = float("nan")
+
+    monkeypatch.setattr(validate, "train_encoded", train_encoded)
+    with pytest.raises(FloatingPointError, match=r"^the validation loss after fine-tuning block 1 is not finite"):
+        validate.fine_tune_gain(llama, select_targets(llama, "attn"), train, val, pad_id(tokenizer),
+                                TrainConfig(steps=1, batch_size=2))
+    with torch.no_grad():
+        llama.model.embed_tokens.weight[:] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"^the validation loss is not finite"):
+        validate.mean_loss(llama, val, pad_id(tokenizer))

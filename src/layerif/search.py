@@ -53,7 +53,7 @@ from torch import nn
 
 from . import __version__, progress
 from .allocate import MAX_SPARSITY, check_sparsity
-from .errors import UserError
+from .errors import UserError, require_finite
 from .io import pyplot, write_figure, write_json, write_text
 from .levels import BlockLevels, LevelDatabase
 from .models import find_blocks
@@ -181,10 +181,12 @@ def _next_token_logprobs(model: nn.Module, windows: torch.Tensor) -> torch.Tenso
 def reference_logprobs(model: nn.Module, windows: torch.Tensor, batch_size: int = 4) -> torch.Tensor:
     """log P_dense of the next token at every predicted position: float32 [n, seqlen − 1, vocab] on the CPU.
 
-    Memory: n · (seqlen − 1) · vocab · 4 bytes (SmolLM2, 8 windows of 128: 200 MB).
+    Memory: n · (seqlen − 1) · vocab · 4 bytes (SmolLM2, 8 windows of 128: 200 MB). A non-finite value (a model
+    with NaN weights) is a :class:`FloatingPointError`, as is a non-finite KL in :func:`kl_to_reference`.
     """
-    return torch.cat([_next_token_logprobs(model, windows[i : i + batch_size])
-                      for i in range(0, windows.shape[0], batch_size)])
+    return require_finite(torch.cat([_next_token_logprobs(model, windows[i : i + batch_size])
+                                     for i in range(0, windows.shape[0], batch_size)]),
+                          "the dense model's next-token log-probabilities on the search windows")
 
 
 @torch.no_grad()
@@ -198,7 +200,8 @@ def kl_to_reference(model: nn.Module, windows: torch.Tensor, reference: torch.Te
         q = _next_token_logprobs(model, windows[i : i + batch_size])
         p = reference[i : i + batch_size]
         total += float(torch.nn.functional.kl_div(q, p, log_target=True, reduction="sum"))
-    return total / (windows.shape[0] * (windows.shape[1] - 1))
+    return require_finite(total / (windows.shape[0] * (windows.shape[1] - 1)),
+                          "the search fitness (KL of the pruned model to the dense one)")
 
 
 # ----------------------------------------------------------------------------- search

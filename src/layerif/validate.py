@@ -66,7 +66,7 @@ from torch import nn
 from . import __version__, progress
 from .calibration import InputStats, calibrate
 from .data import Encoded, Fields, check_records, encode_split, load_records, pad_id, record_kind
-from .errors import UserError
+from .errors import UserError, require_finite
 from .evaluate import mc_accuracy
 from .grads import record_losses
 from .models import LoadedModel, Projection, context_length, find_blocks, projections, weight_out_in
@@ -268,10 +268,12 @@ def load_drawn(args: ScoreArgs, draw: Draw, lm: LoadedModel | None = None
 
 
 @torch.no_grad()
-def mean_loss(model: nn.Module, records: list[Encoded], pad: int, batch_size: int = 16) -> float:
-    """Mean over ``records`` of the per-sample loss (:func:`layerif.data.per_sample_loss`), model in eval mode."""
+def mean_loss(model: nn.Module, records: list[Encoded], pad: int, batch_size: int = 16,
+              what: str = "the validation loss") -> float:
+    """Mean over ``records`` of the per-sample loss (:func:`layerif.data.per_sample_loss`), model in eval mode;
+    a non-finite mean is a :class:`FloatingPointError` naming ``what`` (no ground truth is built on it)."""
     model.eval()
-    return float(record_losses(model, records, pad, batch_size).mean())
+    return require_finite(float(record_losses(model, records, pad, batch_size).mean()), what)
 
 
 def _snapshot(params: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -315,7 +317,8 @@ def fine_tune_gain(
                 p.requires_grad_(True)
             try:
                 train_encoded(model, pad, train, config)
-                gains.append(base - mean_loss(model, val, pad, eval_batch_size))
+                gains.append(base - mean_loss(model, val, pad, eval_batch_size,
+                                              f"the validation loss after fine-tuning block {l}"))
             finally:
                 _restore(params, saved)
     finally:
@@ -369,9 +372,10 @@ def prune_sensitivity(
         try:
             for rel, mod in mods.items():
                 prune_module(mod, method, sparsity, stats[rel] if stats else None, None, damping, block_size)
-            losses[idx] = mean_loss(model, val, pad, eval_batch_size)
+            losses[idx] = mean_loss(model, val, pad, eval_batch_size, f"the validation loss with block {idx} pruned")
             if in_sample_val:
-                in_losses[idx] = mean_loss(model, in_sample_val, pad, eval_batch_size)
+                in_losses[idx] = mean_loss(model, in_sample_val, pad, eval_batch_size,
+                                           f"the in-sample validation loss with block {idx} pruned")
             accs[idx] = accuracy() if accuracy else None
         finally:
             _restore(weights, saved)
