@@ -992,3 +992,47 @@ def test_non_finite_ground_truth_is_an_error(llama, tokenizer, monkeypatch):
         llama.model.embed_tokens.weight[:] = float("nan")
     with pytest.raises(FloatingPointError, match=r"^the validation loss is not finite"):
         validate.mean_loss(llama, val, pad_id(tokenizer))
+
+
+# ----------------------------------------------------------------------------- every long command: checks first
+
+
+@pytest.mark.parametrize("argv,expect", [
+    (["score", "--bootstrap", "1"], "--bootstrap must be >= 2 resamples"),
+    (["validate", "--sparsity", "1.5"], "--sparsity must be in (0, 1) (got 1.5)"),
+    (["prune", "--allocation", "uniform", "--method", "magnitude", "--sparsity", "1.5"], "sparsity 1.5 is outside"),
+    (["compare-pruning", "--allocations", "uniform,search-uniform", "--methods", "magnitude", "--sparsities", "0.7,0.6",
+      "--search-low", "0.65"], "search levels need 0 ≤ low (0.65) ≤ target (0.6)"),
+    (["compare-moe", "--allocations", "uniform", "--betas", "-1"], "beta -1 must be ≥ 0"),
+    (["compare-finetune", "--allocations", "nosuch"], "unknown allocation 'nosuch'"),
+    (["finetune", "--allocation", "uniform", "--rank", "0"], "--rank must be ≥ 1 (got 0)"),
+    (["moe", "--allocation", "nosuch"], "unknown allocation 'nosuch'"),
+    (["compare-estimators", "--estimators", "datainf,nosuch"], "unknown estimator 'nosuch'"),
+    (["compare-tasks", "--tasks", "capitals"], "--tasks needs at least two tasks to compare"),
+], ids=lambda a: a[0] if isinstance(a, list) else "")
+def test_every_long_command_checks_a_bad_option_before_the_model(tiny_model_dir, work, capsys, no_model_load, argv,
+                                                                 expect):
+    data = ["--train", str(work / "train.jsonl"), "--val", str(work / "val.jsonl")] \
+        if argv[0] in ("score", "validate", "compare-estimators") else []
+    out = ["--out", str(work / "res")] if argv[0] not in ("prune", "moe", "finetune") else []
+    fails(capsys, [argv[0], "--model", str(tiny_model_dir), *data, *argv[1:], *out, "--quiet"], expect, work)
+
+
+@pytest.mark.parametrize("argv,expect", [
+    (["finetune", "--allocation", "uniform", "--blocks", "8"], "--blocks 8 is outside 1..3 (the model has 3 blocks)"),
+    (["compare-finetune", "--allocations", "uniform", "--budgets", "2,8"], "--blocks 8 is outside 1..3"),
+    (["moe", "--allocation", "uniform", "--total-experts", "2"], "the expert budget T=2 is smaller than the number of "
+                                                                  "blocks (3)"),
+    (["compare-moe", "--allocations", "uniform", "--total-experts", "2"], "the expert budget T=2 is smaller"),
+], ids=lambda a: a[0] if isinstance(a, list) else "")
+def test_budgets_against_the_block_count_before_the_weights(tiny_model_dir, work, capsys, no_weights, argv, expect):
+    """A budget that needs the model's block count is checked from its config, before the weights load."""
+    out = ["--out", str(work / "res")] if argv[0].startswith("compare") else []
+    fails(capsys, [argv[0], "--model", str(tiny_model_dir), *argv[1:], *out, "--quiet"], expect, work)
+
+
+def test_scores_for_another_model_before_the_weights(tiny_model_dir, work, capsys, no_weights):
+    (work / "scores.json").write_text(json.dumps({"layers": [0, 1], "score": [0.5, 1.0]}))
+    fails(capsys, ["moe", "--model", str(tiny_model_dir), "--allocation", "layerif", "--scores",
+                   str(work / "scores.json"), "--quiet"], "is a scores file for another model (2 blocks; this model "
+                                                          "has 3)", work)

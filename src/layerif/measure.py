@@ -206,16 +206,28 @@ class Setting:
         return Sources(self.lm.model, self.scores, self.gains, cache=self.cache)
 
 
-def setting(args: Any) -> Setting:
-    """The model, the scores, the measured gains and the task's records of a run (an unknown task fails before the
-    model loads; a --scores or --validation file for another block count after it). ``args``: the adapter
+def setting(args: Any, check_blocks: Callable[[int], object] | None = None) -> Setting:
+    """The model, the scores, the measured gains and the task's records of a run. An unknown task fails before the
+    model loads; a --scores or --validation file for another block count, and ``check_blocks(L)`` (a budget
+    against the block count L), before its weights load (L from the config). ``args``: the adapter
     commands' options (model, ``scores``, ``validation``, ``task``, ``n_train``, ``n_test``, ``data_seed``,
     ``allow_repeats``)."""
     from .tasks import get_task  # imported here so tests can stand in a small task module
 
     if args.task is not None:
         get_task(args.task, args.lm_eval_include)  # an unknown task fails before the model loads
-    lm = args.load()
+
+    def before_weights(tokenizer, config) -> None:
+        n = getattr(config, "num_hidden_layers", None)
+        if not isinstance(n, int):
+            return
+        for path, read in ((args.scores, block_scores), (args.validation, block_gains)):
+            if path:
+                read(path, n)
+        if check_blocks is not None:
+            check_blocks(n)
+
+    lm = args.load(before_weights)
     _, blocks = find_blocks(lm.model)
     scores, doc = block_scores(args.scores, len(blocks)) if args.scores else (None, {})
     if doc.get("model") not in (None, lm.name):

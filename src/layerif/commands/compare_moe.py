@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import allocate, progress
-from ..allocate import COMPARE_EXPERTS, allocate_experts, check_beta, top_k_for
+from ..allocate import COMPARE_EXPERTS, allocate_experts, check_beta, top_k_for, uniform_experts
 from ..io import overwrite_field, pyplot
 from ..lm_eval_io import lm_eval_keys, task_names
 from ..measure import allocation_metric, setting
@@ -149,7 +149,7 @@ def run(args: CompareMoeArgs) -> str:
 def _runs(args: CompareMoeArgs, cmp: Comparison, arms: dict[str, tuple[str, float | None]], betas: list[float],
           seeds: list[int]) -> str:
     """Every arm × seed into the staging folder, then the comparison files; returns the summary."""
-    s = setting(args)
+    s = setting(args, lambda n: args.total_experts is None or uniform_experts(n, args.total_experts))  # T, early
     allocs = {arm: allocate_experts(a, allocation_metric(a, s.sources, "experts"), s.n_blocks, args.total_experts,
                                     args.beta if b is None else b)
               for arm, (a, b) in arms.items()}

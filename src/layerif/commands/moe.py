@@ -79,7 +79,7 @@ def run(args: MoeArgs) -> str:
     args.check([args.allocation])
     if args.save is not None:
         check_save_dir(args.save, "adapter folder", args.overwrite, args.model)
-    s = setting(args)
+    s = setting(args, lambda n: args.total_experts is None or allocate.uniform_experts(n, args.total_experts))
     metric = allocation_metric(args.allocation, s.sources, "experts")
     experts = allocate_experts(args.allocation, metric, s.n_blocks, args.total_experts, args.beta, args.reverse)
     top_k = top_k_for(experts)
