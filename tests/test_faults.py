@@ -1036,3 +1036,59 @@ def test_scores_for_another_model_before_the_weights(tiny_model_dir, work, capsy
     fails(capsys, ["moe", "--model", str(tiny_model_dir), "--allocation", "layerif", "--scores",
                    str(work / "scores.json"), "--quiet"], "is a scores file for another model (2 blocks; this model "
                                                           "has 3)", work)
+
+
+# ----------------------------------------------------------------------------- the newer commands and options
+
+
+def _deep(path: Path) -> Path:
+    path.write_text('{"text": ' + "[" * 100000 + "]" * 100000 + "}\n")
+    return path
+
+
+@pytest.mark.parametrize("argv,expect", [
+    (["finetune", "--allocation", "uniform", "--save", "{model}"], "is the input model (--model)"),
+    (["finetune", "--allocation", "uniform", "--save", "{work}/mine"], "holds files that are not an earlier LoRA adapter"),
+    (["finetune", "--allocation", "top:gain", "--validation", "{work}/deep.jsonl"],
+     "deep.jsonl: not readable JSON (nested too deeply)"),
+    (["finetune", "--allocation", "uniform", "--task", "nosuch"], "unknown task 'nosuch'"),
+    (["finetune", "--allocation", "top:layerif", "--scores", "{work}/mine"], "scores file not found"),
+    (["compare-finetune", "--allocations", "uniform", "--seeds", "-1", "--out", "{work}/cf"],
+     "--seeds: every value must be an integer from 0 to 2^63-1 (got -1)"),
+    (["compare-finetune", "--allocations", "uniform", "--out", "{work}/mine"], "holds files that are not a layerif result"),
+    (["plan", "--gpu", "nosuch", "--out", "{work}/pl"], "unknown --gpu 'nosuch' (use H200, H100, A100)"),
+    (["plan", "--world-size", "0", "--out", "{work}/pl"], "--world-size must be >= 1 (got 0)"),
+    (["plan", "--train", "{work}/deep.jsonl", "--val", "{work}/val.jsonl", "--out", "{work}/pl"],
+     "deep.jsonl line 1: not readable JSON (nested too deeply)"),
+    (["plan", "--train", "{work}/pipe.jsonl", "--val", "{work}/val.jsonl", "--out", "{work}/pl"],
+     "pipe.jsonl is not a regular file"),
+    (["plan", "--out", "{work}/mine"], "holds files that are not a layerif result"),
+    (["prune", "--allocation", "uniform", "--method", "wanda", "--calib", "{work}/pipe.jsonl"],
+     "--calib {work}/pipe.jsonl is not a regular file"),
+    (["prune", "--allocation", "uniform", "--method", "wanda", "--calib", "{work}/deep.jsonl"],
+     "deep.jsonl line 1: not readable JSON (nested too deeply)"),
+    (["prune", "--allocation", "uniform", "--method", "magnitude", "--eval", "{work}/deep.json"],
+     "deep.json: not readable JSON (nested too deeply)"),
+    (["prune", "--allocation", "uniform", "--method", "wanda", "--calib", "{work}/val.jsonl"],
+     "has no field 'text' (fields: prompt, completion); choose one with --text-field"),
+    (["prune", "--allocation", "uniform", "--method", "magnitude", "--eval", "{work}/none.txt"],
+     "--eval '{work}/none.txt' is neither builtin, c4, wikitext2 nor an existing file or folder"),
+    (["compare-pruning", "--allocations", "uniform", "--methods", "magnitude", "--eval", "{work}/pipe.jsonl", "--out",
+      "{work}/cp"], "--eval {work}/pipe.jsonl is not a regular file"),
+    (["validate", "--train", "{work}/train.jsonl", "--val", "{work}/val.jsonl", "--calib", "{work}/deep.jsonl",
+      "--out", "{work}/v"], "deep.jsonl line 1: not readable JSON (nested too deeply)"),
+], ids=["finetune-save-model", "finetune-save-foreign", "finetune-validation-nested", "finetune-task",
+        "finetune-scores-missing", "compare-finetune-seeds", "compare-finetune-out", "plan-gpu", "plan-world-size",
+        "plan-train-nested", "plan-train-pipe", "plan-out", "calib-pipe", "calib-nested", "eval-nested-json",
+        "calib-no-text-field", "eval-missing", "compare-pruning-eval-pipe", "validate-calib-nested"])
+def test_newer_commands_and_data_options_refuse_bad_input(tiny_model_dir, work, capsys, no_weights, argv, expect):
+    """finetune, compare-finetune, plan and the --calib / --eval sources: one line, exit 2, nothing written,
+    before the weights load."""
+    (work / "mine").mkdir()
+    (work / "mine" / "notes.txt").write_text("keep me")
+    _deep(work / "deep.jsonl")
+    (work / "deep.json").write_text("[" * 100000 + "]" * 100000)
+    _fifo(work / "pipe.jsonl")
+    fill = {"model": str(tiny_model_dir), "work": str(work)}
+    argv = [a.format(**fill) for a in argv]
+    fails(capsys, [argv[0], "--model", str(tiny_model_dir), *argv[1:], "--quiet"], expect.format(**fill), work)

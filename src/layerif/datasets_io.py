@@ -29,7 +29,9 @@ from typing import Any
 
 import torch
 
+from . import progress
 from .errors import UserError
+from .io import check_regular_file
 
 BUILTIN = "builtin"
 # (name, use) -> (positional arguments, keyword arguments) of datasets.load_dataset
@@ -50,12 +52,14 @@ CUDA_CALIBRATION = (128, 2048)
 
 
 def datasets_module() -> Any:
-    """The ``datasets`` package; missing, a :class:`UserError` naming the extra to install."""
+    """The ``datasets`` package, its progress bars on only with the library's progress (``--quiet``: off);
+    missing, a :class:`UserError` naming the extra to install."""
     try:
         import datasets
     except ImportError:
         raise UserError("this data set needs the `data` extra: pip install 'layerif[data]' (datasets, pyarrow)") \
             from None
+    (datasets.enable_progress_bars if progress.enabled() else datasets.disable_progress_bars)()
     return datasets
 
 
@@ -71,10 +75,23 @@ def needs_datasets(source: str) -> bool:
 
 def check_source(source: str, option: str) -> None:
     """A :class:`UserError` unless ``source`` is ``builtin``, a hub name or an existing path, and unless the
-    ``datasets`` package it needs is installed: checks made before a model loads."""
+    ``datasets`` package it needs is installed: checks made before a model loads. A local file must be a regular
+    one (a pipe would block), and a JSON / JSONL one must parse (:func:`layerif.data.load_records`, whose
+    one-line errors name the line: the ``datasets`` reader crashes on some malformed files, e.g. deep nesting)."""
     if source not in (BUILTIN, *HUB_NAMES) and not Path(source).exists():
         raise UserError(f"{option} {source!r} is neither {', '.join((BUILTIN, *HUB_NAMES))} nor an existing file "
                         "or folder")
+    if source not in (BUILTIN, *HUB_NAMES):
+        check_regular_file(source, option)
+        suffix = Path(source).suffix.lower()
+        if Path(source).is_file() and suffix in (".jsonl", ".json"):
+            from .data import load_records
+            from .results import read_json
+
+            if suffix == ".jsonl":
+                load_records(source)
+            else:
+                read_json(source, option)
     if needs_datasets(source):
         datasets_module()
 

@@ -368,6 +368,8 @@ def machine(device: str = "auto", gpu_memory_gb: float | None = None, world_size
         raise UserError(f"unknown device {device!r} (use auto, cpu or cuda)")
     if world_size < 1:
         raise UserError(f"--world-size must be >= 1 (got {world_size})")
+    if gpu not in GPU_PEAK_FLOPS:  # checked on any device: a misspelt name is never ignored silently
+        raise UserError(f"unknown --gpu {gpu!r} (use {', '.join(GPU_PEAK_FLOPS)})")
     if gpu_memory_gb is not None and not 0 < gpu_memory_gb < math.inf:
         raise UserError(f"--gpu-memory must be > 0 GB (got {gpu_memory_gb})")
     if device == "cpu":

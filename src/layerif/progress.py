@@ -22,6 +22,11 @@ def enable(on: bool = True) -> None:
     _enabled = on
 
 
+def enabled() -> bool:
+    """Whether progress is on (a library whose own bars the user's ``--quiet`` must silence asks this)."""
+    return _enabled
+
+
 def track(items: Iterable[T], desc: str, total: int | None = None, unit: str = "it") -> Iterator[T]:
     """Iterate over ``items``, showing a progress bar on stderr when enabled."""
     if not _enabled:

@@ -142,7 +142,7 @@ def run(args: CompareFinetuneArgs) -> str:
 
 def _runs(args: CompareFinetuneArgs, cmp: Comparison, allocations: list[str], budgets: list[int],
           seeds: list[int]) -> str:
-    s = setting(args, lambda n: [capacity_ranks("uniform", None, n, k, args.rank) for k in budgets])  # budgets, early
+    s = setting(args, lambda n: [capacity_ranks("first", None, n, k, args.rank) for k in budgets])  # K ≤ L, early
     plan = [(k, a, seed, "-") for k in budgets for seed in seeds for a in allocations if a != "random"]
     if "random" in allocations:
         plan += [(k, "random", seeds[d % len(seeds)], str(d)) for k in budgets for d in range(args.draws)]

@@ -102,7 +102,7 @@ def run(args: FinetuneArgs) -> str:
     args.check([args.allocation], [args.blocks])
     if args.save is not None:
         check_save_dir(args.save, SAVED_KIND, args.overwrite, args.model)
-    s = setting(args, lambda n: capacity_ranks("uniform", None, n, args.blocks, args.rank))  # the budget, early
+    s = setting(args, lambda n: capacity_ranks("first", None, n, args.blocks, args.rank))  # K ≤ L, early
     ranks, metric = args.ranks(s, args.allocation, args.blocks, args.draw_seed)
     label = args.allocation if ":" in args.allocation or metric is None else f"{args.allocation}:{args.metric}"
     progress.info(f"{label}: {ranks_summary(ranks)} ({int(ranks.sum())} rank units); training")
