@@ -1092,3 +1092,13 @@ def test_newer_commands_and_data_options_refuse_bad_input(tiny_model_dir, work, 
     fill = {"model": str(tiny_model_dir), "work": str(work)}
     argv = [a.format(**fill) for a in argv]
     fails(capsys, [argv[0], "--model", str(tiny_model_dir), *argv[1:], "--quiet"], expect.format(**fill), work)
+
+
+def test_lora_scores_of_a_saturated_model_are_not_zeros(tiny_model_dir, work, capsys):
+    """--finetune-lr 1e30 saturates the adapters: every gradient vanishes; the run stops (exit 1) naming it
+    instead of writing all-zero scores."""
+    rc = main(_score(tiny_model_dir, work, "--target", "lora", "--finetune-steps", "3", "--finetune-lr", "1e30"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1, err
+    assert "every block's influence is exactly zero: the train gradients vanished; --target lora" in err[0]
+    assert not (work / "out").exists()

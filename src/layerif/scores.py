@@ -444,6 +444,10 @@ def score(args: ScoreArgs, lm: LoadedModel | None = None, cache: Path | None = N
                   f"target {args.target}, estimator {args.estimator}")
     result = compute(lm, train, val, config.estimator, config.engine,
                      (cache or cache_dir(args)) if args.resume else None)
+    if not any(bool(result.influence[l].any()) for l in result.layers):  # all-zero scores are no ranking
+        hint = "; --target lora: the adapters' fine-tuning saturated the model (lower --finetune-lr)" \
+            if args.target == "lora" else ""
+        raise FloatingPointError(f"every block's influence is exactly zero: the train gradients vanished{hint}")
     result.meta |= {"model": lm.name, "task": label, "n_train": len(train), "n_val": len(val), "records": counts,
                     "n_train_distinct": n_distinct(train), "n_val_distinct": n_distinct(val)}
     if args.bootstrap or args.split_half:
