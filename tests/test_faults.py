@@ -945,7 +945,7 @@ def test_search_on_a_non_finite_model_stops_before_any_level(tiny_model_dir, wor
     m = _poisoned(tiny_model_dir, work / "nan-model", "model.layers.1.mlp.up_proj.weight")
     fails(capsys, ["prune", "--model", str(m), "--allocation", allocation, "--method", "magnitude", "--search-dir",
                    str(work / "sd"), "--quiet"],
-          "the dense model's next-token log-probabilities on the search windows holds non-finite values", work, status=1)
+          "the weight model.layers.1.mlp.up_proj.weight holds non-finite values (1 of 1536)", work, status=1)
 
 
 def test_non_finite_search_fitness_is_an_error(llama):

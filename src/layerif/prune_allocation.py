@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from . import allocate, progress
+from .errors import require_finite
 from .allocate import SparsityOptions, allocate_sparsity
 from .measure import PRUNER_MEASURED, Sources, allocation_metric
 from .calibration import InputStats, calibrate
@@ -113,8 +114,11 @@ def measured_metric(rule: allocate.Allocation, src: Sources, target: float, weig
 
     ``sensitivity``: the KL rise per block pruned alone at ``target``; ``search``:
     the per-block sparsity found by the search from ``start_ratios``. The level
-    database of ``m.method`` (calibrated on ``src.windows``) lives in ``m.db_root``.
+    database of ``m.method`` (calibrated on ``src.windows``) lives in ``m.db_root``. A non-finite weight is a
+    :class:`FloatingPointError` naming it, before any level is built.
     """
+    for name, param in src.model.named_parameters():  # a non-finite model builds no level (FloatingPointError)
+        require_finite(param, f"the weight {name}")
     db = level_database(m.db_root, src.model, m.method, src.windows, m.damping, m.block_size, m.model_name)
     if rule.metric == "sensitivity":
         db.ensure([[target]] * len(weights))
