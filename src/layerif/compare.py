@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from .influence import EstimatorConfig, ModuleStats
-from .io import pyplot
+from .io import label_axes, pyplot
 from .models import Projection
 from .scores import gram_influence
 from .stability import finite, layer_scores, pearson, spearman, top_k_blocks, top_k_overlap
@@ -122,10 +122,7 @@ def estimators_figure(names: list[str], layers: list[int], scores: dict[str, lis
     fig, (ax, ax2) = pyplot().subplots(1, 2, figsize=(11, 3.4), gridspec_kw={"width_ratios": [2.2, 1]})
     for i, e in enumerate(names):  # distinct markers and dashes: identical profiles stay visible
         ax.plot(layers, shares(scores[e]), marker="osd^v<>"[i % 7], ls=("-", "--", "-.", ":")[i % 4], ms=4, label=e)
-    ax.set_xlabel("decoder block")
-    ax.set_ylabel("share of S")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+    label_axes(ax, "decoder block", "share of S")
     M = torch.eye(len(names), dtype=torch.float64)
     for p in pairs:
         i, j = names.index(p["a"]), names.index(p["b"])

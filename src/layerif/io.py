@@ -383,6 +383,16 @@ def pyplot():
     return plt
 
 
+def label_axes(ax: Any, xlabel: str, ylabel: str, title: str | None = None) -> None:
+    """The house style of a plot's axes: labels, an optional title, a light grid and a small legend."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title is not None:
+        ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
 def write_figure(path: str | os.PathLike, fig: Any) -> Path:
     """Save a matplotlib figure atomically (format from the file suffix) and close it."""
     import matplotlib.pyplot as plt

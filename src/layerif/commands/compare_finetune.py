@@ -16,7 +16,7 @@ from .. import progress
 from ..allocate import CAPACITY_METRICS, capacity_ranks, parse_capacity
 from ..errors import UserError
 from ..finetune import ranks_summary, remove_lora
-from ..io import overwrite_field, pyplot
+from ..io import label_axes, overwrite_field, pyplot
 from ..measure import setting
 from ..options import option
 from ..train import evaluate_records
@@ -115,11 +115,7 @@ def plot(rows: list[dict], title: str):
         ks = sorted({r["blocks"] for r in runs if r["allocation"] == a})
         vals = [[r["accuracy"] for r in runs if r["allocation"] == a and r["blocks"] == k] for k in ks]
         ax.errorbar(ks, [np.mean(v) for v in vals], yerr=[np.std(v) for v in vals], marker="o", capsize=3, label=a)
-    ax.set_xlabel("budget K (blocks × rank)")
-    ax.set_ylabel("test accuracy (multiple choice)")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    label_axes(ax, "budget K (blocks × rank)", "test accuracy (multiple choice)", title)
     return fig
 
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from .. import allocate, progress
 from ..allocate import COMPARE_EXPERTS, allocate_experts, check_beta, top_k_for, uniform_experts
-from ..io import overwrite_field, pyplot
+from ..io import label_axes, overwrite_field, pyplot
 from ..lm_eval_io import lm_eval_keys, task_names
 from ..measure import allocation_metric, setting
 from ..moe import remove_lora_moe
@@ -123,11 +123,7 @@ def plot(allocs: dict[str, np.ndarray], title: str):
     fig, ax = pyplot().subplots(figsize=(8, 3.4))
     for a, e in allocs.items():
         ax.plot(range(len(e)), e, marker="o", markersize=3, label=a)
-    ax.set_xlabel("decoder block")
-    ax.set_ylabel("LoRA experts")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    label_axes(ax, "decoder block", "LoRA experts", title)
     return fig
 
 
