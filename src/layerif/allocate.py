@@ -37,7 +37,7 @@ of blocks, β < 0, non-finite metrics) raises :class:`~layerif.errors.UserError`
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -360,6 +360,7 @@ def top_k_for(experts) -> np.ndarray:
 # ----------------------------------------------------------------------------- registry and dispatch
 
 REVERSED = "-reversed"
+TUNED = "-tuned"
 EXPERTS_PER_BLOCK = 5
 """Default expert budget: T = 5 × number of blocks."""
 
@@ -388,6 +389,11 @@ class Allocation:
     A rule with a kind of its own carries its measurement: ``measure(sources) -> float64 [L]``
     (:class:`layerif.measure.Sources`: the dense model, scores, gains, calibration windows), ``calibrated``
     when it reads the calibration windows.
+    ``tune``: the grid ``--tune`` chooses the rule's hyper-parameter from, each candidate a dict of the
+    :class:`SparsityOptions` fields (the map) and :class:`layerif.measure.Sources` fields (the measurement, e.g.
+    OWL's M) it sets; ``tuned``: on a ``NAME-tuned`` rule (:func:`register_tuned`), NAME, whose grid it searches
+    (:func:`layerif.prune_allocation.tuned_setting`: the candidate with the least KL to the dense model on
+    calibration-side windows).
     ``sparsity(metric, target, weights, options, reverse) -> float64 [L]`` and
     ``experts(metric, n_blocks, total, beta, reverse) -> int64 [L]``; either may be
     ``None`` when the rule has no such map. ``reversible``: the kinds of map
@@ -403,6 +409,8 @@ class Allocation:
     reversible: tuple[str, ...] = ()
     measure: Callable[[Any], np.ndarray] | None = None
     calibrated: bool = False
+    tune: tuple[dict[str, float], ...] = ()
+    tuned: str | None = None
 
     @property
     def smoothable(self) -> bool:
@@ -420,23 +428,34 @@ def register(allocation: Allocation) -> Allocation:
     return allocation
 
 
+# The grids of --tune (ours, stated in the README): ε of the linear map as in the brief of issue 23, OWL's λ × M
+# joint grid, ATP's step β per block, DLP's α; each candidate is scored by the KL to the dense model on calibration-side
+# windows disjoint from the pruners' (never on test items or held-out windows).
+EPSILON_GRID = tuple({"epsilon": e} for e in (0.02, 0.05, 0.1, 0.15, 0.2))
+OWL_GRID = tuple({"owl_lambda": lam, "owl_m": m} for lam in (0.02, 0.05, 0.08, 0.1, 0.2) for m in (3.0, 5.0, 7.0, 10.0))
+ATP_GRID = tuple({"atp_step": b} for b in (0.005, 0.01, 0.02, 0.03))
+DLP_GRID = tuple({"dlp_alpha": a} for a in (0.02, 0.05, 0.1, 0.15, 0.2))
+
 register(Allocation(
     "layerif", "scores",
     sparsity=lambda m, target, w, o, rev: linear_sparsity(m, target, o.epsilon, w, reverse=rev),
-    experts=lambda m, n, total, beta, rev: layerif_experts(m, total, beta, rev), reversible=("sparsity", "experts")))
+    experts=lambda m, n, total, beta, rev: layerif_experts(m, total, beta, rev), reversible=("sparsity", "experts"),
+    tune=EPSILON_GRID))
 register(Allocation(
     "uniform", None,
     sparsity=lambda m, target, w, o, rev: uniform_sparsity(len(w), target),
     experts=lambda m, n, total, beta, rev: uniform_experts(n, total)))
 register(Allocation(
-    "owl", "outliers", sparsity=lambda m, target, w, o, rev: owl_sparsity(m, target, o.owl_lambda, w)))
+    "owl", "outliers", sparsity=lambda m, target, w, o, rev: owl_sparsity(m, target, o.owl_lambda, w), tune=OWL_GRID))
 register(Allocation(
     "alpha", "alpha",
     sparsity=lambda m, target, w, o, rev: linear_sparsity(m, target, o.epsilon, w, reverse=rev),
-    experts=lambda m, n, total, beta, rev: alpha_experts(m, total, beta), reversible=("sparsity",)))
+    experts=lambda m, n, total, beta, rev: alpha_experts(m, total, beta), reversible=("sparsity",), tune=EPSILON_GRID))
 # ATP: depth only; DLP: the median Wanda score per block (metric kind "dlp", measured by prune.allocation_metric).
-register(Allocation("atp", None, sparsity=lambda m, target, w, o, rev: atp_sparsity(len(w), target, o.atp_step, w)))
-register(Allocation("dlp", "dlp", sparsity=lambda m, target, w, o, rev: dlp_sparsity(m, target, o.dlp_alpha, w)))
+register(Allocation("atp", None, sparsity=lambda m, target, w, o, rev: atp_sparsity(len(w), target, o.atp_step, w),
+                    tune=ATP_GRID))
+register(Allocation("dlp", "dlp", sparsity=lambda m, target, w, o, rev: dlp_sparsity(m, target, o.dlp_alpha, w),
+                    tune=DLP_GRID))
 # The measured upper reference of the expert maps: LayerIF's rule applied to the per-block fine-tune gain g_l that
 # ``layerif validate`` measured (``--validation``), w_l = (g_l − min g)^β, instead of to the estimate S_l.
 register(Allocation(
@@ -480,6 +499,29 @@ def register_search_start(name: str) -> Allocation:
 
 for _start in ("uniform", "layerif", "owl", "alpha"):
     register_search_start(_start)
+
+
+def register_tuned(name: str) -> Allocation:
+    """``NAME-tuned``: the allocation ``name`` with its hyper-parameter chosen from its ``tune`` grid (``--tune``);
+    returns its rule. A rule without a grid is a ``ValueError``."""
+    rule = ALLOCATIONS[name]
+    if not rule.tune:
+        raise ValueError(f"the {name} allocation has no hyper-parameter grid to tune")
+    return register(replace(rule, name=name + TUNED, tuned=name))
+
+
+def tuned_label(label: str) -> str:
+    """The ``--tune`` arm of an allocation label: ``NAME`` -> ``NAME-tuned``, ``NAME-reversed`` ->
+    ``NAME-tuned-reversed``; a label whose rule has no grid is a :class:`UserError`."""
+    name, rev = parse_label(label)
+    if name + TUNED not in ALLOCATIONS:
+        tunable = ", ".join(a.name for a in ALLOCATIONS.values() if a.tune and a.tuned is None)
+        raise UserError(f"--tune: the {name} allocation has no hyper-parameter to tune (tunable: {tunable})")
+    return name + TUNED + (REVERSED if rev else "")
+
+
+for _name in [a.name for a in ALLOCATIONS.values() if a.tune]:
+    register_tuned(_name)
 
 COMPARE_SPARSITY = ("uniform", "owl", "alpha", "layerif", "layerif" + REVERSED)
 """The allocations ``compare-pruning`` runs by default."""

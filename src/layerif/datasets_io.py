@@ -23,7 +23,7 @@ Nothing here prints.
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -199,6 +199,29 @@ def calibration_windows(tokenizer, source: str, n: int, seqlen: int, seed: int,
     from .corpus import text_windows
 
     return text_windows(tokenizer, _split_local(source, text_field)[0], n, seqlen, seed)
+
+
+def windows_apart(draw: Callable[[int], torch.Tensor], exclude: torch.Tensor, n: int,
+                  doublings: int = 4) -> torch.LongTensor:
+    """``n`` windows [n, seqlen] disjoint from ``exclude`` [m, seqlen]: the first ``n`` windows of ``draw(k)`` (the
+    same source and seed rule as ``exclude``, k = m + n, doubled up to ``doublings`` times until enough are left)
+    whose token tuple is neither a window of ``exclude`` nor an earlier pick. With the C4 and WikiText2 rules (a
+    seeded sequence of draws) ``draw(m)`` is ``exclude`` itself, so these are the windows drawn after it. The
+    search's and ``--tune``'s KL fitness windows, apart from the pruners' calibration windows. Too few distinct
+    windows is a :class:`UserError`."""
+    seen = {tuple(w) for w in exclude.tolist()}
+    k = exclude.shape[0] + n
+    for _ in range(doublings + 1):
+        picked, taken = [], set(seen)
+        for w in draw(k).tolist():
+            if tuple(w) not in taken:
+                taken.add(tuple(w))
+                picked.append(w)
+                if len(picked) == n:
+                    return torch.tensor(picked, dtype=torch.long)
+        k *= 2
+    raise UserError(f"found {len(picked)} windows apart from the {exclude.shape[0]} calibration windows, "
+                    f"need {n} (--search-windows): lower it or --n-calib, or use a longer --calib text")
 
 
 def evaluation_text(source: str, text_field: str = "text") -> tuple[str, int | None]:

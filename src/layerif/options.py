@@ -427,7 +427,7 @@ class SearchOptions:
     search_evals: int = field(default=200, metadata={"help": "search: budget of fitness evaluations (the start counts one)"})
     search_offspring: int = field(default=8, metadata={"help": "search: offspring per generation (λ)"})
     search_survivors: int = field(default=2, metadata={"help": "search: offspring kept after screening, evaluated on every fitness window"})
-    search_windows: int = field(default=8, metadata={"help": "search / sensitivity: calibration-text windows (of --seqlen tokens) the KL fitness is measured on"})
+    search_windows: int = field(default=8, metadata={"help": "search / sensitivity / --tune: windows of --calib (of --seqlen tokens, apart from the calibration windows) the KL fitness is measured on"})
     search_screen_windows: int = field(default=2, metadata={"help": "search: windows the offspring are screened on (drawn anew each generation)"})
     search_step: float = field(default=search.STEP, metadata={"help": "search: sparsity step of the level grid (for equal blocks)"})
     search_low: float = field(default=search.LOW, metadata={"help": "search: lowest sparsity level a block may take"})

@@ -5,7 +5,10 @@
 database), runs the search from its start's ratios, and maps the metric to per-block sparsity
 (:func:`layerif.allocate.allocate_sparsity`). :func:`level_database` is the pruner side of the level database
 (:mod:`layerif.levels`): it prunes each (block, level) with the registered pruner and writes the folder the
-search then only reads.
+search then only reads. A ``NAME-tuned`` allocation (``--tune``) first chooses NAME's hyper-parameter from its grid
+(:func:`tuned_setting`) by the search's fitness, the KL to the dense model (:func:`layerif.search.kl_to_reference`)
+on the fitness windows: calibration-side text apart from the pruners' calibration windows
+(:func:`layerif.datasets_io.windows_apart`), never test items or held-out windows.
 """
 
 from __future__ import annotations
@@ -25,9 +28,11 @@ from .allocate import SparsityOptions, allocate_sparsity
 from .measure import PRUNER_MEASURED, Sources, allocation_metric
 from .calibration import InputStats, calibrate
 from .levels import LevelDatabase, windows_hash
-from .prune import BLOCK_SIZE, DAMPING, SETTINGS, PruneSettings, Pruner, get_pruner, pruned_weight
+from .prune import (BLOCK_SIZE, DAMPING, SETTINGS, PruneSettings, Pruner, get_pruner, prunable_modules, prune_model,
+                    pruned_weight)
 from .results import block_sparsity
-from .search import SearchConfig, run_search, run_sensitivity, search_levels
+from .search import (SearchConfig, kl_to_reference, reference_logprobs, run_search, run_sensitivity,
+                     search_levels)
 
 
 class PrunedLevels(LevelDatabase):
@@ -90,7 +95,9 @@ def level_database(root: Path, model: nn.Module, method: str, windows: torch.Ten
 class Measurement:
     """How the allocations measured with the pruner (``sensitivity``, ``search``) are measured.
 
-    ``method``: the pruner; ``fitness_windows``: token ids [n, seqlen] the KL is measured on; ``db_root``: the
+    Also how a ``NAME-tuned`` allocation's hyper-parameter is chosen (:func:`tuned_setting`).
+    ``method``: the pruner; ``fitness_windows``: token ids [n, seqlen] the KL is measured on (calibration-side
+    text apart from the pruners' calibration windows, :func:`layerif.datasets_io.windows_apart`); ``db_root``: the
     folder of the level databases; ``search``: the seeded search settings (needed by a search);
     ``search_init``: the start of a plain ``search`` label (a start allocation or an allocation.json);
     SparseGPT's ``damping`` / ``block_size``; ``batch_size`` of the KL passes; ``model_name`` for the
@@ -127,6 +134,76 @@ def measured_metric(rule: allocate.Allocation, src: Sources, target: float, weig
     return run_search(src.model, db, target, weights, m.fitness_windows, start_ratios, start, m.search, m.batch_size)
 
 
+def fitness_record(fitness: torch.Tensor, calibration: torch.Tensor | None) -> dict:
+    """What a result file records of the fitness windows: count, tokens per window, hash, the calibration windows'
+    hash and how many fitness windows are also calibration windows (token tuples; 0 when they are apart)."""
+    shared = set() if calibration is None else {tuple(w) for w in calibration.tolist()}
+    return {"windows": int(fitness.shape[0]), "seqlen": int(fitness.shape[1]), "hash": windows_hash(fitness),
+            "calibration_hash": windows_hash(calibration),
+            "shared_with_calibration": sum(tuple(w) in shared for w in fitness.tolist())}
+
+
+def _candidate(values: dict, options: SparsityOptions, src: Sources, caches: dict) -> tuple[SparsityOptions, Sources]:
+    """The map options and the metric sources of one grid candidate: its :class:`SparsityOptions` fields replace
+    ``options``'; its :class:`Sources` fields (e.g. ``owl_m``) replace ``src``'s, with a metric cache of their own per
+    distinct value (``caches``) unless they are ``src``'s."""
+    opt = {k: v for k, v in values.items() if k in SparsityOptions.__dataclass_fields__}
+    own = {k: v for k, v in values.items() if k not in opt}
+    if any(k not in Sources.__dataclass_fields__ for k in own):
+        raise ValueError(f"grid candidate {values}: not a SparsityOptions or Sources field")
+    if all(getattr(src, k) == v for k, v in own.items()):
+        return replace(options, **opt), src
+    cache = caches.setdefault(tuple(sorted(own.items())), {})
+    return replace(options, **opt), replace(src, **own, cache=cache)
+
+
+def tuned_setting(label: str, src: Sources, target: float, weights: np.ndarray, options: SparsityOptions,
+                  reverse: bool, m: Measurement) -> tuple[SparsityOptions, Sources, dict]:
+    """Choose the hyper-parameter of the ``NAME-tuned`` allocation ``label`` from NAME's grid
+    (:attr:`layerif.allocate.Allocation.tune`): for each candidate, prune ``src.model`` with ``m.method`` at its
+    per-block sparsity (calibrated on ``src.windows``, as the run prunes), measure the search's fitness, the mean
+    KL(P_dense ‖ P_pruned) per predicted token on ``m.fitness_windows`` (:func:`layerif.search.kl_to_reference`,
+    nats), and restore the dense weights. The least KL wins (ties: the first in the grid).
+
+    Only calibration-side data is read: ``src.windows`` and ``m.fitness_windows``. Returns the chosen candidate's
+    options and sources, and the record: ``grid``, ``fitness`` (one per candidate), ``chosen``, ``default`` (the
+    untuned values), ``fitness_windows`` (:func:`fitness_record`), ``seconds``.
+    """
+    rule, _ = allocate.get(label, "sparsity")
+    grid = list(allocate.ALLOCATIONS[rule.tuned].tune)
+    t0 = time.time()
+    model = src.model
+    dense = {name: mod.weight.detach().clone() for name, (_, mod) in prunable_modules(model).items()}
+    reference = reference_logprobs(model, m.fitness_windows, m.batch_size)
+    caches: dict = {}
+    settings, fitness = [], []
+    try:
+        for values in progress.track(grid, desc=f"tune {rule.tuned}", unit="candidate"):
+            opts, s = _candidate(values, options, src, caches)
+            ratios = allocate_sparsity(label, allocation_metric(label, s), target, weights, opts, reverse)
+            prune_model(model, ratios, m.method, src.windows, damping=m.damping, block_size=m.block_size)
+            fitness.append(kl_to_reference(model, m.fitness_windows, reference, m.batch_size))
+            settings.append((opts, s))
+            _restore(model, dense)
+    finally:
+        _restore(model, dense)
+    best = int(np.argmin(fitness))
+    keys = dict.fromkeys(k for values in grid for k in values)
+    default = {k: getattr(options if k in SparsityOptions.__dataclass_fields__ else src, k) for k in keys}
+    record = {"allocation": rule.tuned, "grid": grid, "fitness": [float(f) for f in fitness], "chosen": grid[best],
+              "default": default, "method": m.method, "target": float(target),
+              "fitness_windows": fitness_record(m.fitness_windows, src.windows), "seconds": round(time.time() - t0, 2)}
+    return *settings[best], record
+
+
+@torch.no_grad()
+def _restore(model: nn.Module, dense: dict[str, torch.Tensor]) -> None:
+    """Copy the dense weights ``dense`` (name -> weight) back into the model's projections."""
+    mods = prunable_modules(model)
+    for name, w in dense.items():
+        mods[name][1].weight.copy_(w)
+
+
 def block_sparsity_for(label: str, src: Sources, target: float, weights: np.ndarray,
                        options: SparsityOptions = SparsityOptions(), reverse: bool = False,
                        measurement: Measurement | None = None) -> tuple[np.ndarray, np.ndarray | None, dict | None]:
@@ -135,11 +212,16 @@ def block_sparsity_for(label: str, src: Sources, target: float, weights: np.ndar
 
     ``options.smooth`` smooths the metric of every rule with one (:attr:`Allocation.smoothable`; a search's start
     included). A search starts from ``search-START``'s START (or ``measurement.search_init``): the start's own
-    sparsity, or an allocation.json's.
+    sparsity, or an allocation.json's. A ``NAME-tuned`` label maps with the hyper-parameter :func:`tuned_setting`
+    chooses (its record is the third value); it needs ``measurement`` (the pruner, the fitness windows).
     """
     rule, _ = allocate.get(label, "sparsity")
     own = replace(options, smooth=options.smooth and rule.smoothable)
     record = None
+    if rule.tuned is not None:
+        if measurement is None:
+            raise ValueError(f"the {label} allocation is tuned with a pruner: give a Measurement")
+        own, src, record = tuned_setting(label, src, target, weights, own, reverse, measurement)
     if rule.metric in PRUNER_MEASURED:
         if measurement is None:
             raise ValueError(f"the {label} allocation is measured with a pruner: give a Measurement")
@@ -149,6 +231,7 @@ def block_sparsity_for(label: str, src: Sources, target: float, weights: np.ndar
             start_ratios = (block_sparsity_for(start, src, target, weights, options)[0]
                             if start in allocate.SEARCH_STARTS else block_sparsity(start, len(weights))[0])
         metric, record = measured_metric(rule, src, target, weights, measurement, start_ratios, start)
+        record["fitness_windows"] = fitness_record(measurement.fitness_windows, src.windows)
     else:
         metric = allocation_metric(label, src)
     return allocate_sparsity(label, metric, target, weights, own, reverse), metric, record

@@ -17,7 +17,7 @@ from .. import allocate, progress
 from ..allocate import COMPARE_SPARSITY, check_sparsity, search_start
 from ..errors import UserError
 from ..evaluate import mc_correct, window_nll
-from ..io import overwrite_field, pyplot
+from ..io import overwrite_field, pyplot, write_json
 from ..models import find_blocks
 from ..datasets_io import preload
 from ..options import ModelOptions, fill_calibration_size, option
@@ -31,7 +31,7 @@ from .base import register
 from ..lm_eval_io import item_lists, lm_eval_keys, summary
 from .compare import (Comparison, Metric, cell, count_verdict, group, lm_eval_metrics, lm_eval_tables,
                       paired_section, parse_list, read_rows, stats)
-from .prune import PruningOptions, eval_text, task_records, windows
+from .prune import PruningOptions, eval_text, fitness_windows, task_records, windows
 
 FIELDS = ("method", "sparsity", "allocation", "seed", "achieved", "perplexity", "accuracy", "seconds")
 METRICS = (Metric("accuracy", True, 3, "accuracy"), Metric("perplexity", False, 3, "perplexity"))
@@ -86,11 +86,33 @@ def markdown(rows: list[dict], meta: dict) -> str:
     # each search against its own start, and every other start against the uniform start (equal evaluations)
     pairs = [(a, search_start(a)) for a in searched]
     pairs += [(a, allocate.SEARCH + "uniform") for a in searched if a != allocate.SEARCH + "uniform"]
+    pairs += [(a, untuned(a)) for a in subjects if allocate.get(a, "sparsity")[0].tuned is not None]  # tuned vs default
     lines += paired_section(settings, (*METRICS, *extra), {**ITEMS, **{m.key: m.key for m in extra}},
                             baselines=[a for a in subjects if allocate.get(a, "sparsity")[0].metric != "scores"],
                             subjects=[a for a in subjects if allocate.get(a, "sparsity")[0].metric == "scores"],
                             label=lambda k: f"{k[0]} {k[1]:g}", pairs=pairs)
     return "\n".join(lines) + "\n"
+
+
+def with_tuned(allocations: list[str]) -> list[str]:
+    """``--tune``: each allocation with a hyper-parameter grid followed by its ``NAME-tuned`` arm (once)."""
+    out: list[str] = []
+    for a in allocations:
+        rule = allocate.get(a, "sparsity")[0]
+        out += [a] + ([allocate.tuned_label(a)] if rule.tune and rule.tuned is None else [])
+    return list(dict.fromkeys(out))
+
+
+def grid_text(grid: tuple[dict[str, float], ...]) -> str:
+    """A hyper-parameter grid as text: ``ε ∈ {0.02, 0.05}`` style per key (a joint grid: each key's values)."""
+    keys = dict.fromkeys(k for c in grid for k in c)
+    return " × ".join(f"{k} ∈ {{{', '.join(f'{v:g}' for v in dict.fromkeys(c[k] for c in grid))}}}" for k in keys)
+
+
+def untuned(label: str) -> str:
+    """The default arm of a ``NAME-tuned`` (``-reversed``) label: ``NAME`` (``-reversed``)."""
+    name, rev = allocate.parse_label(label)
+    return allocate.ALLOCATIONS[name].tuned + (allocate.REVERSED if rev else "")
 
 
 def plot(rows: list[dict], title: str):
@@ -186,13 +208,15 @@ def _resumed(args: CompareArgs, dest: Path, state: Path) -> dict:
             if key in items:
                 r["items"] = items[key]
         searches = read_json(folder / "search.json", "search") if (folder / "search.json").exists() else {}
-        return {"rows": rows, "searches": searches}
-    return {"rows": [], "searches": {}}
+        tunings = read_json(folder / "tuning.json", "tuning") if (folder / "tuning.json").exists() else {}
+        return {"rows": rows, "searches": searches, "tunings": tunings}
+    return {"rows": [], "searches": {}, "tunings": {}}
 
 
 def run(args: CompareArgs) -> str:
     """``layerif compare-pruning``: every allocation × pruner × sparsity × seed; writes csv, md and a plot."""
     allocations = parse_list(args.allocations, str, "allocations")
+    allocations = with_tuned(allocations) if args.tune else allocations
     methods = parse_list(args.methods, str, "methods")
     sparsities = parse_list(args.sparsities, float, "sparsities")
     seeds = parse_list(args.seeds, int, "seeds")
@@ -215,24 +239,25 @@ def run(args: CompareArgs) -> str:
     fields = FIELDS + tuple(lm_eval_keys(lm_eval_tasks))
     with Comparison("compare-pruning", args, fields, FIELDS[:4], args.overwrite or args.resume) as cmp:
         state = cmp.state  # rows, searches and level databases of finished runs, for --resume
-        resumed = _resumed(args, cmp.dest, state) if args.resume else {"rows": [], "searches": {}}
+        resumed = _resumed(args, cmp.dest, state) if args.resume else {"rows": [], "searches": {}, "tunings": {}}
         rows: list[dict] = resumed["rows"]
         state.mkdir(exist_ok=True)
         if args.resume and (cmp.dest / "levels").is_dir() and not (state / "levels").exists():
             shutil.copytree(cmp.dest / "levels", state / "levels")  # the finished run's level databases
         cmp.write_config(state)
-        md, lm, task = _runs(args, cmp, rows, resumed["searches"], records, allocations, methods, sparsities, seeds,
-                               held_out, size, lm_eval_tasks)
+        md, lm, task = _runs(args, cmp, rows, resumed["searches"], resumed["tunings"], records, allocations, methods,
+                             sparsities, seeds, held_out, size, lm_eval_tasks)
         cmp.save_rows(rows)
         return cmp.finish({"comparison.md": md, "comparison.png": plot(rows, f"{lm.name} · task {task}")}, md)
 
 
-def _runs(args: CompareArgs, cmp: Comparison, rows: list[dict], searches: dict, records, allocations: list[str],
-          methods: list[str], sparsities: list[float], seeds: list[int], held_out: tuple[str, int | None], size: str,
-          lm_eval_tasks: list[str]):
-    """Every run not in ``rows`` yet (rows, items and searches saved into the cache after each); ``held_out``:
-    the perplexity text and its window cap, ``size``: which calibration size defaults applied; ``lm_eval_tasks``:
-    the lm-eval tasks every model is also evaluated on (per-document results kept, like the accuracy's).
+def _runs(args: CompareArgs, cmp: Comparison, rows: list[dict], searches: dict, tunings: dict, records,
+          allocations: list[str], methods: list[str], sparsities: list[float], seeds: list[int],
+          held_out: tuple[str, int | None], size: str, lm_eval_tasks: list[str]):
+    """Every run not in ``rows`` yet (rows, items, searches and ``--tune`` records saved into the cache after each);
+    ``held_out``: the perplexity text and its window cap, ``size``: which calibration size defaults applied;
+    ``lm_eval_tasks``: the lm-eval tasks every model is also evaluated on (per-document results kept, like the
+    accuracy's).
     Returns (comparison.md, the model, the task)."""
     state = cmp.state
     rules = {a: allocate.get(a, "sparsity")[0] for a in allocations}
@@ -253,6 +278,13 @@ def _runs(args: CompareArgs, cmp: Comparison, rows: list[dict], searches: dict, 
     if lm_eval_tasks:
         meta["lm-eval"] = (f"{', '.join(lm_eval_tasks)} (zero-shot, lm-eval's HFLM on the in-memory model"
                            f"{f', first {args.lm_eval_limit} documents' if args.lm_eval_limit else ''})")
+    if any(rules[a].metric in PRUNER_MEASURED or rules[a].tuned for a in allocations):
+        meta["fitness"] = (f"KL to the dense model on {args.search_windows} windows of {args.calib} per seed, drawn "
+                           "apart from that seed's calibration windows (search, sensitivity, NAME-tuned)")
+    tuned = dict.fromkeys(rules[a].tuned for a in allocations if rules[a].tuned)
+    if tuned:
+        meta["tuning"] = "; ".join(f"{name} {grid_text(allocate.ALLOCATIONS[name].tune)}" for name in tuned) + \
+            " (the least KL wins; choices and KL values in tuning.json)"
 
     def evaluate() -> dict:
         nll = window_nll(model, tok, eval_text, seqlen=args.seqlen, max_windows=max_windows, batch_size=args.batch_size)
@@ -273,7 +305,7 @@ def _runs(args: CompareArgs, cmp: Comparison, rows: list[dict], searches: dict, 
     weights = prunable_params(model)
     metrics: dict = {}  # the metrics measured on the dense model (per seed for the calibrated ones)
     calib: dict[int, torch.Tensor] = {}  # seed -> calibration windows
-    fitness: dict[int, torch.Tensor] = {}  # seed -> KL windows of search and sensitivity
+    fitness: dict[int, torch.Tensor] = {}  # seed -> KL windows of search, sensitivity and --tune
     todo = [(seed, m, sp, a) for seed in seeds for m in methods for sp in sparsities for a in allocations
             if (m, sp, a, str(seed)) not in done]
     for seed, method, sp, label in progress.track(todo, desc="compare-pruning", unit="run"):
@@ -282,9 +314,9 @@ def _runs(args: CompareArgs, cmp: Comparison, rows: list[dict], searches: dict, 
         if seed not in calib:
             calib[seed] = windows(tok, args, args.n_calib, seed)
         measurement = None
-        if rule.metric in PRUNER_MEASURED:
+        if rule.metric in PRUNER_MEASURED or rule.tuned is not None:
             if seed not in fitness:
-                fitness[seed] = windows(tok, args, args.search_windows, seed)
+                fitness[seed] = fitness_windows(tok, args, seed, calib[seed])
             measurement = Measurement(method, fitness[seed], state / "levels",
                                       args.search_config(seed) if rule.metric == "search" else None,
                                       damping=args.damping, block_size=args.block_size, batch_size=args.batch_size,
@@ -294,6 +326,9 @@ def _runs(args: CompareArgs, cmp: Comparison, rows: list[dict], searches: dict, 
         if rule.metric == "search":
             searches[f"{method} {sp:g} seed {seed} from {search_start(label)}"] = rec
             write_search(state, searches, f"{lm.name}: search fitness by evaluations")
+        if rule.tuned is not None:
+            tunings[f"{method} {sp:g} seed {seed} {label}"] = rec
+            write_json(state / "tuning.json", tunings)
         prune_model(model, ratios, method, calib[seed], damping=args.damping, block_size=args.block_size)
         achieved, _ = achieved_sparsity(model)
         rows.append({"method": method, "sparsity": sp, "allocation": label, "seed": str(seed),
@@ -307,6 +342,8 @@ def _runs(args: CompareArgs, cmp: Comparison, rows: list[dict], searches: dict, 
     meta["seeds"] = ", ".join(sorted({str(r["seed"]) for r in rows if r["seed"] != "-"}, key=int))
     if searches:
         write_search(cmp.out, searches, f"{lm.name}: search fitness by evaluations")
+    if tunings:
+        write_json(cmp.out / "tuning.json", tunings)
     if (state / "levels").exists():  # the level databases belong to the result
         os.replace(state / "levels", cmp.out / "levels")
     return markdown(rows, meta), lm, task  # also when --resume found nothing left to run: the tables follow the code

@@ -53,6 +53,10 @@ class PruningOptions(LmEvalOptions, SearchOptions, EvaluationData, CalibrationDa
     task_items: int = option(200, "test items of a built-in --task (a file: its first N)")
     allow_repeats: bool = option(False, "allow more task items than a built-in split holds (records repeat)")
     batch_size: int = option(4, "windows / records per evaluation batch")
+    tune: bool = option(False, "choose the allocation's hyper-parameter (layerif, alpha: ε; owl: λ and M; atp: step; "
+                               "dlp: α) from its grid by the KL to the dense model on --search-windows windows of "
+                               "--calib apart from the calibration windows, never on test data (compare-pruning: "
+                               "adds a NAME-tuned arm beside each such allocation)")
 
     def sparsity_options(self, smooth: bool | None = None) -> SparsityOptions:
         return SparsityOptions(self.epsilon, self.smooth if smooth is None else smooth, self.owl_lambda,
@@ -94,6 +98,22 @@ def windows(tokenizer, args: PruningOptions, n: int, seed: int) -> torch.Tensor:
     from ..datasets_io import calibration_windows
 
     return calibration_windows(tokenizer, args.calib, n, args.seqlen, seed, args.text_field)
+
+
+def fitness_windows(tokenizer, args: PruningOptions, seed: int, calib: torch.Tensor | None) -> torch.Tensor:
+    """The ``--search-windows`` windows of the KL fitness (search, sensitivity, ``--tune``): ``--calib`` text drawn with
+    ``seed``, apart from the calibration windows ``calib`` (drawn here when None)."""
+    from ..datasets_io import windows_apart
+
+    calib = windows(tokenizer, args, args.n_calib, seed) if calib is None else calib
+    return windows_apart(lambda k: windows(tokenizer, args, k, seed), calib, args.search_windows)
+
+
+def tune_line(rec: dict) -> str:
+    """One line of a ``--tune`` record: the grid's KL values and the choice."""
+    kl = ", ".join(f"{'/'.join(f'{v:g}' for v in c.values())}: {f:.4g}" for c, f in zip(rec["grid"], rec["fitness"]))
+    return (f"tuned {rec['allocation']} ({', '.join(rec['chosen'])}) by KL to dense on {rec['fitness_windows']['windows']} "
+            f"calibration-side windows: {kl} → chose {rec['chosen']} ({rec['seconds']:.0f} s)")
 
 
 def eval_text(args: PruningOptions, max_windows: int | None) -> tuple[str, int | None]:
@@ -143,13 +163,16 @@ class PruneArgs(PruningOptions, ModelOptions):
 def _with_defaults(args: PruneArgs) -> PruneArgs:
     """``args`` with the default ``--allocation`` / ``--sparsity`` filled in; with ``--allocation-file`` (which sets
     both) either of them given is a :class:`UserError`, not silently ignored."""
+    if args.tune and args.allocation_file is not None:
+        raise UserError("--tune chooses an allocation's hyper-parameter; --allocation-file has none")
     if args.allocation_file is not None:
         given = [f"--{name}" for name in ("allocation", "sparsity") if getattr(args, name) is not None]
         if given:
             raise UserError(f"{' and '.join(given)} cannot be combined with --allocation-file, which sets the "
                             "per-block sparsity; drop one of them")
         return args
-    args = replace(args, allocation=args.allocation or DEFAULT_ALLOCATION,
+    allocation = args.allocation or DEFAULT_ALLOCATION
+    args = replace(args, allocation=allocate.tuned_label(allocation) if args.tune else allocation,
                    sparsity=DEFAULT_SPARSITY if args.sparsity is None else args.sparsity)
     check_sparsity(args.sparsity)
     return args
@@ -182,9 +205,10 @@ def run(args: PruneArgs) -> str:
     if args.save is not None:
         check_save_dir(args.save, "pruned model", args.overwrite, args.model)
     measured = allocation != "file" and rule.metric in PRUNER_MEASURED
+    tuned = allocation != "file" and rule.tuned is not None
     if measured:
         check_not_model_folder(args.search_dir, "--search-dir")
-    needs_data = (get_pruner(args.method).needs_calibration or measured
+    needs_data = (get_pruner(args.method).needs_calibration or measured or tuned
                   or (allocation != "file" and any(calibrated(a) for a in (args.allocation, start) if a)))
     if needs_data:
         preload(args.calib, "calib", args.text_field)
@@ -208,9 +232,9 @@ def run(args: PruneArgs) -> str:
         extra = {"allocation_file": args.allocation_file}
     else:
         measurement = None
-        if measured:
-            out = prepare_out_dir(args.search_dir)
-            measurement = Measurement(args.method, windows(lm.tokenizer, args, args.search_windows, args.seed),
+        if measured or tuned:
+            out = prepare_out_dir(args.search_dir) if measured else Path(args.search_dir)
+            measurement = Measurement(args.method, fitness_windows(lm.tokenizer, args, args.seed, calib),
                                       out / "levels", args.search_config(args.seed) if searching else None,
                                       args.search_init, args.damping, args.block_size, args.batch_size, lm.name)
         ratios, metric, rec = block_sparsity_for(allocation, Sources(model, scores, windows=calib, owl_m=args.owl_m),
@@ -220,6 +244,8 @@ def run(args: PruneArgs) -> str:
                 write_search(out, {allocation: rec}, f"{lm.name} · {args.method}")
                 rec = {k: v for k, v in rec.items() if k != "trajectory"}
             extra = {rule.metric: rec}
+        elif tuned:
+            extra = {"tune": rec}
     targets = prune_model(model, ratios, args.method, calib, nm=nm, damping=args.damping, block_size=args.block_size)
     for name, param in model.named_parameters():  # nothing non-finite is measured or saved
         require_finite(param, f"the pruned model's {name}")
@@ -254,6 +280,8 @@ def run(args: PruneArgs) -> str:
                      f"{s['evaluations']} evaluations ({s['seconds']:.0f} s); level database {s['database']['path']} "
                      f"({s['database']['bytes'] / 1e6:.1f} MB, built in {s['database']['build_seconds']:.0f} s); "
                      f"trajectory in {args.search_dir}/search.png")
+    if "tune" in extra:
+        lines.append(tune_line(extra["tune"]))
     if held_out is not None:
         text, most = held_out
         record["perplexity"] = require_finite(perplexity(model, lm.tokenizer, text, seqlen=args.seqlen,
