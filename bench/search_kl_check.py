@@ -10,8 +10,8 @@ it used::
 
 For uniform, alpha, layerif, sensitivity and every search in --search at --method and --target, it
 projects the allocation onto the search's level grid and prints the KL to the dense model on the
---fitness-windows windows (the calibration text's windows drawn with --seed, as compare-pruning draws
-them), how many levels it moved from the target and its largest distance from the grid; writes them as
+--fitness-windows windows (the calibration text's windows drawn with --seed apart from the calibration
+windows, as compare-pruning draws them), how many levels it moved from the target and its largest distance from the grid; writes them as
 JSON to --out. The level database is found (or built) from the same model, pruner and calibration
 windows (--n-calib, --seqlen, --seed) as the run's.
 """
@@ -24,6 +24,7 @@ from pathlib import Path
 
 from layerif.allocate import SparsityOptions, allocate_sparsity
 from layerif.corpus import load_text, split_text, text_windows
+from layerif.datasets_io import windows_apart
 from layerif.models import find_blocks, load_model
 from layerif.measure import Sources, allocation_metric
 from layerif.prune import prunable_params
@@ -54,7 +55,8 @@ def main() -> None:
     _, blocks = find_blocks(model)
     calib_text, _ = split_text(load_text(None))
     windows = text_windows(lm.tokenizer, calib_text, a.n_calib, a.seqlen, a.seed)
-    fitness = text_windows(lm.tokenizer, calib_text, a.fitness_windows, a.seqlen, a.seed)
+    fitness = windows_apart(lambda k: text_windows(lm.tokenizer, calib_text, k, a.seqlen, a.seed), windows,
+                            a.fitness_windows)
     w = prunable_params(model)
     db = level_database(Path(a.levels), model, a.method, windows, model_name=lm.name)
     scores, _ = block_scores(a.scores, len(blocks))

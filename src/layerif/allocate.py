@@ -502,12 +502,14 @@ for _start in ("uniform", "layerif", "owl", "alpha"):
 
 
 def register_tuned(name: str) -> Allocation:
-    """``NAME-tuned``: the allocation ``name`` with its hyper-parameter chosen from its ``tune`` grid (``--tune``);
-    returns its rule. A rule without a grid is a ``ValueError``."""
+    """``NAME-tuned``: the sparsity allocation ``name`` with its hyper-parameter chosen from its ``tune`` grid
+    (``--tune``; a pruning allocation only, no expert map); returns its rule. A rule without a grid is a
+    ``ValueError``."""
     rule = ALLOCATIONS[name]
     if not rule.tune:
         raise ValueError(f"the {name} allocation has no hyper-parameter grid to tune")
-    return register(replace(rule, name=name + TUNED, tuned=name))
+    return register(replace(rule, name=name + TUNED, tuned=name, experts=None,
+                            reversible=tuple(k for k in rule.reversible if k == "sparsity")))
 
 
 def tuned_label(label: str) -> str:
