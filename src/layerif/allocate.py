@@ -433,7 +433,7 @@ def register(allocation: Allocation) -> Allocation:
 # windows disjoint from the pruners' (never on test items or held-out windows).
 EPSILON_GRID = tuple({"epsilon": e} for e in (0.02, 0.05, 0.1, 0.15, 0.2))
 OWL_GRID = tuple({"owl_lambda": lam, "owl_m": m} for lam in (0.02, 0.05, 0.08, 0.1, 0.2) for m in (3.0, 5.0, 7.0, 10.0))
-ATP_GRID = tuple({"atp_step": b} for b in (0.005, 0.01, 0.02, 0.03))
+ATP_GRID = tuple({"atp_step": b} for b in (0.0025, 0.005, 0.01, 0.02, 0.03))
 DLP_GRID = tuple({"dlp_alpha": a} for a in (0.02, 0.05, 0.1, 0.15, 0.2))
 
 register(Allocation(
