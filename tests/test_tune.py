@@ -14,7 +14,7 @@ import torch
 import layerif.prune as P
 import layerif.prune_allocation as PA
 from conftest import TINY_VOCAB, make_tokenizer, tiny_model
-from layerif import allocate, datasets_io, evaluate, tasks
+from layerif import allocate, datasets_io, evaluate, lm_eval_io, tasks
 from layerif.allocate import SparsityOptions
 from layerif.commands import compare_pruning as CP
 from layerif.commands import prune as PC
@@ -85,6 +85,7 @@ def plain_kl(dense: torch.nn.Module, pruned: torch.nn.Module, windows: torch.Ten
 READERS = [(datasets_io, "evaluation_text"), (evaluate, "perplexity"), (evaluate, "window_nll"),
            (evaluate, "mc_correct"), (evaluate, "mc_accuracy"), (evaluate, "option_logprobs"),
            (evaluate, "exact_match_correct"), (tasks, "test_records"), (tasks, "get_task"),
+           (lm_eval_io, "evaluate"), (lm_eval_io, "load_task"),
            (PC, "perplexity"), (PC, "mc_accuracy"), (PC, "test_records"), (PC, "eval_text"),
            (CP, "window_nll"), (CP, "mc_correct"), (CP, "test_records"), (CP, "eval_text")]
 """Every reader of test items and held-out evaluation windows (the library's and the names the commands bound)."""
