@@ -175,6 +175,21 @@ def folder_lock(dest: Path, option: str = "--out") -> Iterator[Path]:
     no ``flock`` and is simply taken over.
     """
     lock = sibling(dest, "lock")
+    fd: int | None = None
+    try:
+        with signals_deferred():  # a signal while the lock file is made is delivered once its removal is certain
+            fd = _acquire(lock, dest, option)
+        yield lock
+    finally:
+        if fd is not None:
+            try:
+                os.unlink(lock)
+            finally:
+                os.close(fd)
+
+
+def _acquire(lock: Path, dest: Path, option: str) -> int:
+    """Open, ``flock`` and stamp (pid, host) the lock file ``lock`` of ``dest``; returns its descriptor."""
     while True:
         try:
             fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
@@ -192,15 +207,9 @@ def folder_lock(dest: Path, option: str = "--out") -> Iterator[Path]:
         except FileNotFoundError:
             pass
         os.close(fd)
-    try:
-        os.ftruncate(fd, 0)
-        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode())
-        yield lock
-    finally:
-        try:
-            os.unlink(lock)
-        finally:
-            os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode())
+    return fd
 
 
 @contextmanager
