@@ -177,16 +177,15 @@ def tuned_setting(label: str, src: Sources, target: float, weights: np.ndarray, 
     reference = reference_logprobs(model, m.fitness_windows, m.batch_size)
     caches: dict = {}
     settings, fitness = [], []
-    try:
-        for values in progress.track(grid, desc=f"tune {rule.tuned}", unit="candidate"):
-            opts, s = _candidate(values, options, src, caches)
-            ratios = allocate_sparsity(label, allocation_metric(label, s), target, weights, opts, reverse)
+    for values in progress.track(grid, desc=f"tune {rule.tuned}", unit="candidate"):
+        opts, s = _candidate(values, options, src, caches)
+        ratios = allocate_sparsity(label, allocation_metric(label, s), target, weights, opts, reverse)
+        try:
             prune_model(model, ratios, m.method, src.windows, damping=m.damping, block_size=m.block_size)
             fitness.append(kl_to_reference(model, m.fitness_windows, reference, m.batch_size))
-            settings.append((opts, s))
+        finally:  # every candidate starts from the dense weights, and so does the run after tuning
             _restore(model, dense)
-    finally:
-        _restore(model, dense)
+        settings.append((opts, s))
     best = int(np.argmin(fitness))
     keys = dict.fromkeys(k for values in grid for k in values)
     default = {k: getattr(options if k in SparsityOptions.__dataclass_fields__ else src, k) for k in keys}
