@@ -171,15 +171,57 @@ def test_evolve_on_a_known_objective_is_seeded_elitist_and_within_budget():
     def fitness(levels, idx):
         return float((cost * grid.ratios(levels) ** 2).sum())
 
-    config = S.SearchConfig(evals=120, offspring=6, survivors=2, screen_windows=1, seed=7)
-    a = S.evolve(fitness, grid, grid.project([0.5] * 5), 4, 10, config)
-    b = S.evolve(fitness, grid, grid.project([0.5] * 5), 4, 10, config)
+    config = S.SearchConfig(evals=120, offspring=6, survivors=(2,), screen_windows=(1,), seed=7)
+    a = S.evolve(fitness, grid, {"uniform": grid.project([0.5] * 5)}, 4, 10, config)
+    b = S.evolve(fitness, grid, {"uniform": grid.project([0.5] * 5)}, 4, 10, config)
     strip = lambda t: [{k: v for k, v in r.items() if k != "seconds"} for r in t]  # noqa: E731
     assert np.array_equal(a.levels, b.levels) and strip(a.trajectory) == strip(b.trajectory)
     assert a.evaluations <= 120 and a.evaluations == a.trajectory[-1]["evaluations"]
     fits = [r["fitness"] for r in a.trajectory]
     assert all(x >= y for x, y in zip(fits, fits[1:])) and fits[-1] < fits[0]
     assert a.levels.sum() == 0 and a.ratios[0] < 0.5 and a.ratios[3] > 0.5
+
+
+def test_multi_stage_selection_follows_the_schedule_a_plain_loop_gives():
+    """Stages (windows 1 then 3, survivors 4 then 2) with 6 fitness windows: per generation the 8 offspring are
+    scored on 1 window, the 4 best of them on 3 windows, the 2 best of those on all 6; the calls are counted here
+    one by one and each stage's survivors re-ranked by hand from the scores the previous stage saw."""
+    grid = S.LevelGrid(0.5, [100] * 6, step=0.05)
+    cost = np.array([3.0, 0.5, 1.0, 2.0, 0.2, 1.0])
+    calls: list[tuple[bytes, tuple[int, ...], float]] = []
+
+    def fitness(levels, idx):
+        value = float((cost * grid.ratios(levels) ** 2).sum() * (1 + 0.01 * len(idx)))
+        calls.append((levels.tobytes(), tuple(int(i) for i in idx), value))
+        return value
+
+    config = S.SearchConfig(evals=3 * 14 + 2, offspring=8, survivors=(4, 2), screen_windows=(1, 3), seed=3)
+    assert S.generation_cost(config, 6) == (8 + 4 + 2, 8 * 1 + 4 * 3 + 2 * 6)
+    starts = {"a": grid.project([0.5] * 6), "b": grid.project([0.3, 0.7, 0.5, 0.5, 0.7, 0.3])}
+    result = S.evolve(fitness, grid, starts, 6, 10, config)
+    first = min(starts, key=lambda n: (cost * grid.ratios(starts[n]) ** 2).sum())
+    assert result.start == first and set(result.start_fitnesses) == {"a", "b"}
+    assert [len(c[1]) for c in calls[:2]] == [6, 6]
+    gens = calls[2:]
+    assert len(gens) == 3 * 14 and result.evaluations == 2 + 3 * 14
+    assert result.tokens == 10 * (2 * 6 + 3 * (8 * 1 + 4 * 3 + 2 * 6))
+    for g in range(3):
+        stage1, stage2, final = gens[14 * g: 14 * g + 8], gens[14 * g + 8: 14 * g + 12], gens[14 * g + 12: 14 * g + 14]
+        assert {len(c[1]) for c in stage1} == {1} and {len(c[1]) for c in stage2} == {3}
+        assert {c[1] for c in final} == {tuple(range(6))}
+        best4 = [c[0] for c in sorted(stage1, key=lambda c: c[2])[:4]]
+        assert sorted(c[0] for c in stage2) == sorted(best4)
+        best2 = [c[0] for c in sorted(stage2, key=lambda c: c[2])[:2]]
+        assert sorted(c[0] for c in final) == sorted(best2)
+    fits = [r["fitness"] for r in result.trajectory]
+    assert all(x >= y for x, y in zip(fits, fits[1:]))
+
+
+@pytest.mark.parametrize("survivors, windows, match", [((2, 2), (1, 2), "fall"), ((4, 2), (2, 2), "grow"),
+                                                       ((9,), (1,), "fall"), ((2,), (1, 3), "one value")])
+def test_selection_stages_out_of_order_are_refused(survivors, windows, match):
+    with pytest.raises(UserError, match=match):
+        S.SearchConfig(offspring=8, survivors=survivors, screen_windows=windows).check()
 
 
 def planted_model():
@@ -199,9 +241,11 @@ def test_search_moves_sparsity_away_from_a_planted_sensitive_block(tmp_path):
     windows = calib(n=4, seqlen=12, seed=2)
     db = PA.level_database(tmp_path, model, "magnitude")
     before = {l: block_weights(model, l) for l in range(4)}
-    config = S.SearchConfig(evals=60, offspring=4, survivors=2, screen_windows=2, step=0.1, low=0.0, high=0.9, seed=0)
+    config = S.SearchConfig(evals=60, offspring=4, survivors=(2,), screen_windows=(2,), step=0.1, low=0.0, high=0.9,
+                            seed=0)
     db.ensure(S.search_levels(0.5, weights, config))  # the pruner side writes the levels; the search only reads
-    result, info = S.search_allocation(model, db, 0.5, weights, windows, [0.5] * 4, config, batch_size=4)
+    result, info = S.search_allocation(model, db, 0.5, weights, windows, {"uniform": [0.5] * 4}, config,
+                                       batch_size=4)
     assert result.ratios[1] < 0.5 and result.ratios[1] == result.ratios.min()
     assert result.fitness < result.start_fitness
     assert np.average(result.ratios, weights=weights) == pytest.approx(0.5, abs=1e-12)
@@ -230,9 +274,9 @@ def test_sensitivity_finds_the_planted_block_and_gives_it_the_least_sparsity(tmp
 
 def test_outputs_and_saved_allocations(tmp_path):
     grid = S.LevelGrid(0.5, [10, 10])
-    result = S.evolve(lambda k, i: float(abs(k[0])), grid, np.array([1, -1]), 2, 5,
-                      S.SearchConfig(evals=20, offspring=2, survivors=1, screen_windows=1))
-    rec = S.search_record(result, S.SearchConfig(), {"path": "x"}, "uniform", "wanda")
+    result = S.evolve(lambda k, i: float(abs(k[0])), grid, {"uniform": np.array([1, -1])}, 2, 5,
+                      S.SearchConfig(evals=20, offspring=2, survivors=(1,), screen_windows=(1,)))
+    rec = S.search_record(result, S.SearchConfig(), {"path": "x"}, "wanda")
     files = S.write_search(tmp_path, {"uniform": rec, "other": {**rec, "target": 0.7}}, "title")
     assert all((tmp_path / f).exists() for f in files)
     lines = (tmp_path / "search_trajectory.csv").read_text().splitlines()
@@ -256,7 +300,7 @@ def test_prune_with_search_then_apply_the_saved_allocation(stand_ins, model_dir,
     from pathlib import Path
 
     search = dict(allocation="search", method="wanda", search_init="layerif", search_evals=12, search_offspring=3,
-                  search_survivors=1, search_windows=3, search_screen_windows=1, search_dir=str(tmp_path / "s"))
+                  search_survivors=["1"], search_windows=3, search_screen_windows=["1"], search_dir=str(tmp_path / "s"))
     summary = PC.run(prune_args(model_dir, tmp_path, save=str(tmp_path / "pruned"), **search))
     assert "search from layerif" in summary
     assert "search-layerif" in PC.PruneArgs.__dataclass_fields__["allocation"].metadata["choices"]
@@ -295,8 +339,8 @@ def test_compare_pruning_with_search_and_sensitivity(stand_ins, model_dir, tmp_p
     from pathlib import Path
 
     args = compare_args(model_dir, tmp_path, allocations=["uniform", "sensitivity", "search-uniform", "search-layerif"],
-                        methods=["wanda"], seeds=["0"], search_evals=8, search_offspring=3, search_survivors=1,
-                        search_windows=2, search_screen_windows=1)
+                        methods=["wanda"], seeds=["0"], search_evals=8, search_offspring=3, search_survivors=["1"],
+                        search_windows=2, search_screen_windows=["1"])
     CP.run(args)
     out = Path(args.out)
     rows = read_csv(out / "comparison.csv")
@@ -316,17 +360,35 @@ def test_a_new_search_start_is_one_registration(stand_ins, model_dir, tmp_path, 
     """A search start added in one place (here: ATP, sparsity rising with depth) is an allocation search-NAME."""
     from layerif import allocate
 
-    monkeypatch.setattr(allocate, "ALLOCATIONS", dict(allocate.ALLOCATIONS))
-    monkeypatch.setattr(allocate, "SEARCH_STARTS", list(allocate.SEARCH_STARTS))
+    monkeypatch.setattr(allocate, "ALLOCATIONS", {k: v for k, v in allocate.ALLOCATIONS.items() if k != "search-atp"})
+    monkeypatch.setattr(allocate, "SEARCH_STARTS", [a for a in allocate.SEARCH_STARTS if a != "atp"])
     allocate.register_search_start("atp")
 
     PC.run(prune_args(model_dir, tmp_path, allocation="search-atp", method="magnitude", search_evals=6,
-                      search_offspring=2, search_survivors=1, search_windows=2, search_screen_windows=1,
+                      search_offspring=2, search_survivors=["1"], search_windows=2, search_screen_windows=["1"],
                       search_dir=str(tmp_path / "s"), save=str(tmp_path / "pruned")))
     saved = json.loads((tmp_path / "pruned" / "allocation.json").read_text())
     # ATP at 0.5 over 3 equal blocks: step 0.2 / (3 − 1) = 0.1, so 0.4, 0.5, 0.6 (on the search's 0.05 grid)
     assert saved["search"]["start"] == "atp" and saved["search"]["start_sparsity"] == pytest.approx([0.4, 0.5, 0.6])
     assert np.average(saved["sparsity"], weights=saved["prunable_params"]) == pytest.approx(0.5, abs=1e-12)
+
+
+@pytest.mark.parametrize("scores", [True, False])
+def test_search_best_starts_from_the_best_registered_start(stand_ins, model_dir, tmp_path, scores):
+    """``search-best`` evaluates every start it can compute (LayerIF's only with --scores; sensitivity measured
+    with the pruner) on all fitness windows and begins from the least KL; the saved record keeps each start's KL."""
+    from layerif import allocate
+
+    kw = {} if scores else {"scores": None}
+    PC.run(prune_args(model_dir, tmp_path, allocation="search-best", method="magnitude", search_evals=12,
+                      search_offspring=2, search_survivors=["1"], search_windows=2, search_screen_windows=["1"],
+                      search_dir=str(tmp_path / "s"), save=str(tmp_path / "pruned"), **kw))
+    rec = json.loads((tmp_path / "pruned" / "allocation.json").read_text())["search"]
+    expected = [a for a in allocate.SEARCH_STARTS if scores or allocate.ALLOCATIONS[a].metric != "scores"]
+    assert list(rec["starts"]) == expected and "sensitivity" in expected and ("layerif" in expected) == scores
+    assert rec["start"] == min(rec["starts"], key=rec["starts"].get)
+    assert rec["start_fitness"] == rec["starts"][rec["start"]] and rec["fitness"] <= rec["start_fitness"]
+    assert rec["evaluations"] >= len(expected)
 
 
 def test_the_sparsity_target_never_reenters_a_module(stand_ins, model_dir, tmp_path):
@@ -358,7 +420,7 @@ def test_the_sparsity_target_never_reenters_a_module(stand_ins, model_dir, tmp_p
                     bad.append(stack)
 
     search = dict(allocation="search-layerif", method="wanda", search_evals=6, search_offspring=2,
-                  search_survivors=1, search_windows=2, search_screen_windows=1, search_dir=str(tmp_path / "s"))
+                  search_survivors=["1"], search_windows=2, search_screen_windows=["1"], search_dir=str(tmp_path / "s"))
     sys.setprofile(profile)
     try:
         PC.run(prune_args(model_dir, tmp_path, **search))

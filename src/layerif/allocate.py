@@ -472,6 +472,11 @@ SEARCH_STARTS: list[str] = []
 """The allocations a search may start from (``search-START``, ``--search-init``)."""
 
 
+BEST = "best"
+"""``search-best`` / ``--search-init best``: the search starts from the best on the fitness of every registered start
+the run can compute (:data:`SEARCH_STARTS`; those of LayerIF scores only with ``--scores``)."""
+
+
 def search_start(label: str, default: str = "uniform") -> str:
     """The start of a ``search`` allocation label: ``search-START``'s START, else ``default`` (``--search-init``)."""
     return label.removeprefix(SEARCH) if label.startswith(SEARCH) else default
@@ -497,8 +502,9 @@ def register_search_start(name: str) -> Allocation:
     return register(Allocation(SEARCH + name, "search", sparsity=_searched))
 
 
-for _start in ("uniform", "layerif", "owl", "alpha"):
+for _start in ("uniform", "layerif", "owl", "alpha", "atp", "dlp", "sensitivity"):
     register_search_start(_start)
+register(Allocation(SEARCH + BEST, "search", sparsity=_searched))
 
 
 def register_tuned(name: str) -> Allocation:

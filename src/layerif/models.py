@@ -288,6 +288,34 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return best[1], best[2]
 
 
+class BlockTokens:
+    """Counts the tokens a model's decoder blocks process while it is entered, in whole-model passes: the sum over
+    block calls of the call's tokens (batch × sequence), divided by the number of blocks. A forward of n windows
+    of s tokens through the model adds n·s; block-by-block calibration adds the same per pass it makes. ``tokens``
+    (float) is the count so far."""
+
+    def __init__(self, model: nn.Module):
+        _, self.blocks = find_blocks(model)
+        self.total = 0
+        self.handles: list = []
+
+    def _hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        self.total += int(hidden.shape[:-1].numel())
+
+    @property
+    def tokens(self) -> float:
+        return self.total / len(self.blocks)
+
+    def __enter__(self) -> BlockTokens:
+        self.handles = [b.register_forward_pre_hook(self._hook, with_kwargs=True) for b in self.blocks]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()
+
+
 def is_conv1d(module: nn.Module) -> bool:
     """GPT-2's ``Conv1D``: a projection whose weight is stored as [in, out] (the one place this is checked)."""
     return type(module).__name__ == "Conv1D"

@@ -426,18 +426,29 @@ class SearchOptions:
 
     search_evals: int = field(default=200, metadata={"help": "search: budget of fitness evaluations (the start counts one)"})
     search_offspring: int = field(default=8, metadata={"help": "search: offspring per generation (λ)"})
-    search_survivors: int = field(default=2, metadata={"help": "search: offspring kept after screening, evaluated on every fitness window"})
+    search_survivors: list[str] = field(default_factory=lambda: ["2"], metadata={"help": "search: candidates kept after each screening stage, falling (e.g. 8,2: EvoPress's selection steps before the last); the last survivors are evaluated on every fitness window"})
     search_windows: int = field(default=8, metadata={"help": "search / sensitivity / --tune: windows of --calib (of --seqlen tokens, apart from the calibration windows) the KL fitness is measured on"})
-    search_screen_windows: int = field(default=2, metadata={"help": "search: windows the offspring are screened on (drawn anew each generation)"})
+    search_screen_windows: list[str] = field(default_factory=lambda: ["2"], metadata={"help": "search: fitness windows of each screening stage, growing (e.g. 1,4; drawn anew per stage and generation; a stage with --search-windows or more is skipped)"})
     search_step: float = field(default=search.STEP, metadata={"help": "search: sparsity step of the level grid (for equal blocks)"})
     search_low: float = field(default=search.LOW, metadata={"help": "search: lowest sparsity level a block may take"})
     search_high: float = field(default=search.HIGH, metadata={"help": "search: highest sparsity level a block may take"})
 
     def search_config(self, seed: int, targets: Sequence[float] = ()) -> search.SearchConfig:
         """The checked :class:`SearchConfig` of these options (level bounds checked against each of ``targets``)."""
-        config = search.SearchConfig(self.search_evals, self.search_offspring, self.search_survivors,
-                              self.search_screen_windows, self.search_step, self.search_low, self.search_high, seed)
+        config = search.SearchConfig(self.search_evals, self.search_offspring,
+                                     _ints(self.search_survivors, "search-survivors"),
+                                     _ints(self.search_screen_windows, "search-screen-windows"),
+                                     self.search_step, self.search_low, self.search_high, seed)
         config.check(targets)
         if self.search_windows < 1:
             raise UserError(f"--search-windows must be ≥ 1 (got {self.search_windows})")
         return config
+
+
+def _ints(values: Sequence, option: str) -> tuple[int, ...]:
+    """A comma-list option's values as positive integers, in order (repeats kept, for the caller to judge); an
+    unreadable value is a :class:`UserError` naming ``--option``."""
+    try:
+        return tuple(int(v) for v in values)
+    except (TypeError, ValueError):
+        raise UserError(f"--{option}: cannot read {','.join(map(str, values))} as integers") from None

@@ -116,12 +116,13 @@ class Measurement:
 
 
 def measured_metric(rule: allocate.Allocation, src: Sources, target: float, weights: np.ndarray, m: Measurement,
-                    start_ratios=None, start: str = "uniform") -> tuple[np.ndarray, dict]:
+                    starts: dict[str, np.ndarray] | None = None) -> tuple[np.ndarray, dict]:
     """The metric of an allocation measured with the pruner, and its record.
 
     ``sensitivity``: the KL rise per block pruned alone at ``target``; ``search``:
-    the per-block sparsity found by the search from ``start_ratios``. The level
-    database of ``m.method`` (calibrated on ``src.windows``) lives in ``m.db_root``. A non-finite weight is a
+    the per-block sparsity found by the search from the best of ``starts`` (name →
+    per-block sparsity, :func:`search_starts`). The level database of ``m.method``
+    (calibrated on ``src.windows``) lives in ``m.db_root``. A non-finite weight is a
     :class:`FloatingPointError` naming it, before any level is built.
     """
     for name, param in src.model.named_parameters():  # a non-finite model builds no level (FloatingPointError)
@@ -131,7 +132,22 @@ def measured_metric(rule: allocate.Allocation, src: Sources, target: float, weig
         db.ensure([[target]] * len(weights))
         return run_sensitivity(src.model, db, target, m.fitness_windows, m.batch_size)
     db.ensure(search_levels(target, weights, m.search))
-    return run_search(src.model, db, target, weights, m.fitness_windows, start_ratios, start, m.search, m.batch_size)
+    return run_search(src.model, db, target, weights, m.fitness_windows, starts, m.search, m.batch_size)
+
+
+def search_starts(start: str, src: Sources, target: float, weights: np.ndarray, options: SparsityOptions,
+                  m: Measurement) -> dict[str, np.ndarray]:
+    """The start allocations of a search, name → per-block sparsity float64 [L] at ``target``: ``start`` itself (a
+    registered start of :data:`layerif.allocate.SEARCH_STARTS`, or an allocation.json's path), or for
+    :data:`layerif.allocate.BEST` every registered start ``src`` can give (the LayerIF-score ones only with
+    scores). A measured start (``sensitivity``) is measured with ``m``."""
+    if start == allocate.BEST:
+        names = [a for a in allocate.SEARCH_STARTS if src.scores is not None or allocate.ALLOCATIONS[a].metric != "scores"]
+    elif start in allocate.SEARCH_STARTS:
+        names = [start]
+    else:
+        return {start: block_sparsity(start, len(weights))[0]}
+    return {a: block_sparsity_for(a, src, target, weights, options, measurement=m)[0] for a in names}
 
 
 def fitness_record(fitness: torch.Tensor, calibration: torch.Tensor | None) -> dict:
@@ -211,7 +227,7 @@ def block_sparsity_for(label: str, src: Sources, target: float, weights: np.ndar
 
     ``options.smooth`` smooths the metric of every rule with one (:attr:`Allocation.smoothable`; a search's start
     included). A search starts from ``search-START``'s START (or ``measurement.search_init``): the start's own
-    sparsity, or an allocation.json's. A ``NAME-tuned`` label maps with the hyper-parameter :func:`tuned_setting`
+    sparsity, or an allocation.json's; ``search-best`` from the best of them (:func:`search_starts`). A ``NAME-tuned`` label maps with the hyper-parameter :func:`tuned_setting`
     chooses (its record is the third value); it needs ``measurement`` (the pruner, the fitness windows).
     """
     rule, _ = allocate.get(label, "sparsity")
@@ -224,12 +240,9 @@ def block_sparsity_for(label: str, src: Sources, target: float, weights: np.ndar
     if rule.metric in PRUNER_MEASURED:
         if measurement is None:
             raise ValueError(f"the {label} allocation is measured with a pruner: give a Measurement")
-        start, start_ratios = "uniform", None
-        if rule.metric == "search":
-            start = allocate.search_start(label, measurement.search_init)
-            start_ratios = (block_sparsity_for(start, src, target, weights, options)[0]
-                            if start in allocate.SEARCH_STARTS else block_sparsity(start, len(weights))[0])
-        metric, record = measured_metric(rule, src, target, weights, measurement, start_ratios, start)
+        starts = (search_starts(allocate.search_start(label, measurement.search_init), src, target, weights, options,
+                                measurement) if rule.metric == "search" else None)
+        metric, record = measured_metric(rule, src, target, weights, measurement, starts)
         record["fitness_windows"] = fitness_record(measurement.fitness_windows, src.windows)
     else:
         metric = allocation_metric(label, src)

@@ -24,10 +24,13 @@ the three pieces and the measured baseline:
 * :func:`kl_to_reference` -- the fitness: mean over predicted tokens of
   KL(P_dense ‖ P_pruned) of the next-token distributions, in nats.
 * :func:`evolve` -- the (1 + λ) search: λ offspring of the parent by level-switch
-  mutation (1-3 switches, fewer more likely), screened on a random subset of the
-  fitness windows; the best few are evaluated on all fitness windows and the
-  best of them replaces the parent only if it is better there (elitist, so the
-  parent's full-set fitness never rises).
+  mutation (1-3 switches, fewer more likely), put through EvoPress's multi-step
+  selection: each stage scores the candidates left on a fresh random subset of
+  more fitness windows than the stage before and keeps fewer of them (few tokens
+  to screen, more for the survivors); the last survivors are evaluated on all
+  fitness windows and the best of them replaces the parent only if it is better
+  there (elitist, so the parent's full-set fitness never rises). Several starts
+  may be given: the best of them on all windows is the first parent.
 * :func:`block_sensitivity` -- the KL rise when one block alone is pruned at the
   target; the ``sensitivity`` allocation of :mod:`layerif.allocate` maps it with
   LayerIF's linear map (more sensitive, less sparsity).
@@ -209,16 +212,29 @@ def kl_to_reference(model: nn.Module, windows: torch.Tensor, reference: torch.Te
 
 @dataclass
 class SearchConfig:
-    """Settings of the evolutionary search (see :func:`evolve`)."""
+    """Settings of the evolutionary search (see :func:`evolve`).
+
+    ``survivors`` / ``screen_windows``: the selection stages before the last, one
+    entry each: stage i scores the candidates left on ``screen_windows[i]``
+    windows drawn at random and keeps the ``survivors[i]`` best. Survivors fall
+    and windows grow from stage to stage (EvoPress's ``--survivors_per_selection
+    8 2 1 --tokens_per_selection 2048 16384 65536`` is ``offspring=64,
+    survivors=(8, 2), screen_windows=(w1, w2)`` with the final stage on all
+    windows). A stage with at least as many windows as the fitness set is
+    skipped: the final stage covers it.
+    """
 
     evals: int = 200
     offspring: int = 8
-    survivors: int = 2
-    screen_windows: int = 2
+    survivors: tuple[int, ...] = (2,)
+    screen_windows: tuple[int, ...] = (2,)
     step: float = STEP
     low: float = LOW
     high: float = HIGH
     seed: int = 0
+
+    def __post_init__(self):
+        self.survivors, self.screen_windows = tuple(self.survivors), tuple(self.screen_windows)
 
     def check(self, targets: Sequence[float] = ()) -> None:
         """Raise a :class:`UserError` for a setting out of range, and for level bounds (``low``, ``high``,
@@ -228,10 +244,24 @@ class SearchConfig:
             raise UserError(f"--search-evals must be ≥ 1 (got {self.evals})")
         if self.offspring < 1:
             raise UserError(f"--search-offspring must be ≥ 1 (got {self.offspring})")
-        if not 1 <= self.survivors <= self.offspring:
-            raise UserError(f"--search-survivors must be in [1, offspring={self.offspring}] (got {self.survivors})")
-        if self.screen_windows < 1:
-            raise UserError(f"--search-screen-windows must be ≥ 1 (got {self.screen_windows})")
+        s, w = self.survivors, self.screen_windows
+        if len(s) != len(w):
+            raise UserError(f"--search-survivors ({_stages(s)}) and --search-screen-windows ({_stages(w)}) need one "
+                            "value per selection stage each")
+        if not all(1 <= a <= self.offspring for a in s) or any(a <= b for a, b in zip(s, s[1:])):
+            raise UserError(f"--search-survivors ({_stages(s)}) must fall from stage to stage, within [1, offspring="
+                            f"{self.offspring}]")
+        if not all(a >= 1 for a in w) or any(a >= b for a, b in zip(w, w[1:])):
+            raise UserError(f"--search-screen-windows ({_stages(w)}) must be ≥ 1 and grow from stage to stage")
+
+    def stages(self, n_windows: int) -> list[tuple[int, int]]:
+        """The screening stages used with ``n_windows`` fitness windows: (windows, survivors), those with fewer
+        windows than ``n_windows``."""
+        return [(w, s) for w, s in zip(self.screen_windows, self.survivors) if w < n_windows]
+
+
+def _stages(values: Sequence[int]) -> str:
+    return ",".join(map(str, values)) or "none"
 
 
 @dataclass
@@ -248,43 +278,60 @@ class SearchResult:
     grid: LevelGrid
     trajectory: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    start: str = ""
+    start_fitnesses: dict[str, float] = field(default_factory=dict)
 
 
-def generation_cost(config: SearchConfig, n_windows: int) -> int:
-    """Fitness evaluations per generation: every offspring once, plus the survivors on all windows when screening."""
-    return config.offspring + (config.survivors if config.screen_windows < n_windows else 0)
+def generation_cost(config: SearchConfig, n_windows: int) -> tuple[int, int]:
+    """(fitness evaluations, windows evaluated) per generation with ``n_windows`` fitness windows: the
+    ``offspring`` on the first stage's windows, each stage's survivors on the next stage's, the last survivors on
+    all windows."""
+    left, evals, windows = config.offspring, 0, 0
+    for w, s in config.stages(n_windows):
+        evals, windows, left = evals + left, windows + left * w, min(s, left)
+    return evals + left, windows + left * n_windows
 
 
-def evolve(fitness: Callable[[np.ndarray, np.ndarray], float], grid: LevelGrid, start: np.ndarray,
+def evolve(fitness: Callable[[np.ndarray, np.ndarray], float], grid: LevelGrid, starts: dict[str, np.ndarray],
            n_windows: int, seq_tokens: int, config: SearchConfig) -> SearchResult:
     """(1 + λ) evolutionary search over level configurations of ``grid``.
 
     ``fitness(levels, window_indices)`` is the value to minimise on those
-    fitness windows (each of ``seq_tokens`` predicted tokens). Every generation:
-    λ = ``offspring`` distinct level-switch mutants of the parent; if
-    ``screen_windows`` < ``n_windows`` they are screened on that many windows
-    drawn at random (the same for all of them) and the ``survivors`` best go on;
-    the candidates left are evaluated on all windows and the best replaces the
-    parent when its fitness is lower than the parent's (on all windows). The
-    start counts one evaluation; the search stops when the next generation would
-    exceed ``evals``. The trajectory has one row per generation (and one for the
-    start): evaluations and tokens so far, the parent's fitness on all windows.
-    Seeded by ``seed``: the same inputs give the same search.
+    fitness windows (each of ``seq_tokens`` predicted tokens). ``starts``: name →
+    level configuration (each with Σ k = 0); all are evaluated on every window
+    and the best (ties: the first) is the first parent. Every generation: λ =
+    ``offspring`` distinct level-switch mutants of the parent go through the
+    selection stages (:meth:`SearchConfig.stages`): each stage evaluates the
+    candidates left on that many windows drawn at random (the same for all of
+    them, drawn anew per stage and generation) and keeps its number of
+    survivors; the candidates left are evaluated on all windows and the best
+    replaces the parent when its fitness is lower than the parent's (on all
+    windows). Each start counts one evaluation; the search stops when the next
+    generation would exceed ``evals``. The trajectory has one row per generation
+    (and one for the start): evaluations and tokens (predicted tokens scored) so
+    far, the parent's fitness on all windows. Seeded by ``seed``: the same inputs
+    give the same search.
     """
     config.check()
+    if not starts:
+        raise ValueError("the search needs at least one start")
     rng = np.random.default_rng(config.seed)
     every = np.arange(n_windows)
-    parent = np.asarray(start, dtype=np.int64)
-    if parent.sum() != 0:
-        raise ValueError("the start configuration does not meet the budget (Σ k ≠ 0)")
     t0 = time.time()
-    best = fitness(parent, every)
-    evals, tokens = 1, n_windows * seq_tokens
+    start_fitnesses = {}
+    for name, levels in starts.items():
+        if np.asarray(levels).sum() != 0:
+            raise ValueError(f"the start configuration {name} does not meet the budget (Σ k ≠ 0)")
+        start_fitnesses[name] = fitness(np.asarray(levels, dtype=np.int64), every)
+    first = min(start_fitnesses, key=start_fitnesses.__getitem__)
+    parent, best = np.asarray(starts[first], dtype=np.int64), start_fitnesses[first]
+    evals, tokens = len(starts), len(starts) * n_windows * seq_tokens
     trajectory = [{"generation": 0, "evaluations": evals, "tokens": tokens, "fitness": best, "accepted": False,
                    "seconds": round(time.time() - t0, 2)}]
-    result = SearchResult(parent.copy(), grid.ratios(parent), best, parent.copy(), best, evals, tokens, grid, trajectory)
-    screen = config.screen_windows < n_windows
-    cost = generation_cost(config, n_windows)
+    result = SearchResult(parent.copy(), grid.ratios(parent), best, parent.copy(), best, evals, tokens, grid,
+                          trajectory, start=first, start_fitnesses=start_fitnesses)
+    stages = config.stages(n_windows)
+    cost, _ = generation_cost(config, n_windows)
     generations = max(0, (config.evals - evals) // cost)
     for gen in progress.track(range(1, generations + 1), desc="search", unit="generation"):
         seen = {parent.tobytes()}
@@ -298,12 +345,12 @@ def evolve(fitness: Callable[[np.ndarray, np.ndarray], float], grid: LevelGrid, 
                     break
         if not children:
             break
-        if screen:
-            subset = np.sort(rng.choice(n_windows, config.screen_windows, replace=False))
+        for windows, survivors in stages:
+            subset = np.sort(rng.choice(n_windows, windows, replace=False))
             scores = [fitness(c, subset) for c in children]
             evals += len(children)
-            tokens += len(children) * config.screen_windows * seq_tokens
-            children = [children[i] for i in np.argsort(scores, kind="stable")[: config.survivors]]
+            tokens += len(children) * windows * seq_tokens
+            children = [children[i] for i in np.argsort(scores, kind="stable")[:survivors]]
         scores = [fitness(c, every) for c in children]
         evals += len(children)
         tokens += len(children) * n_windows * seq_tokens
@@ -359,18 +406,21 @@ def search_levels(target: float, weights, config: SearchConfig) -> list[list[flo
 
 
 def search_allocation(model: nn.Module, db: LevelDatabase, target: float, weights, fitness_windows: torch.Tensor,
-                      start_ratios, config: SearchConfig, batch_size: int = 4) -> tuple[SearchResult, dict]:
+                      starts: dict[str, np.ndarray], config: SearchConfig,
+                      batch_size: int = 4) -> tuple[SearchResult, dict]:
     """EvoPress-style search for per-block sparsity at ``target`` (the parameter-weighted mean, exact).
 
-    ``weights``: prunable weights per block; ``start_ratios``: the start
-    allocation (projected onto the level grid, :meth:`LevelGrid.project`);
-    ``fitness_windows``: token ids [n, seqlen] the KL is measured on; ``db`` holds the
-    :func:`search_levels` (read only). The model is left dense. Returns the result and the database's :meth:`LevelDatabase.info`.
+    ``weights``: prunable weights per block; ``starts``: name → start allocation
+    (per-block sparsity, projected onto the level grid, :meth:`LevelGrid.project`;
+    the best on the fitness is the first parent); ``fitness_windows``: token ids
+    [n, seqlen] the KL is measured on; ``db`` holds the :func:`search_levels`
+    (read only). The model is left dense. Returns the result and the database's
+    :meth:`LevelDatabase.info`.
     """
     grid = LevelGrid(target, weights, config.step, config.low, config.high)
-    start = grid.project(start_ratios)
+    projected = {name: grid.project(ratios) for name, ratios in starts.items()}
     with KLFitness(model, db, grid, fitness_windows, batch_size) as fit:
-        result = evolve(fit, grid, start, fitness_windows.shape[0], fitness_windows.shape[1] - 1, config)
+        result = evolve(fit, grid, projected, fitness_windows.shape[0], fitness_windows.shape[1] - 1, config)
     return result, fit.db_info
 
 
@@ -400,10 +450,10 @@ def block_sensitivity(model: nn.Module, db: LevelDatabase, target: float, fitnes
 
 
 def run_search(model: nn.Module, db: LevelDatabase, target: float, weights, fitness_windows: torch.Tensor,
-               start_ratios, start: str, config: SearchConfig, batch_size: int = 4) -> tuple[np.ndarray, dict]:
+               starts: dict[str, np.ndarray], config: SearchConfig, batch_size: int = 4) -> tuple[np.ndarray, dict]:
     """:func:`search_allocation` → (the found per-block sparsity, its :func:`search_record`)."""
-    result, info = search_allocation(model, db, target, weights, fitness_windows, start_ratios, config, batch_size)
-    return result.ratios, search_record(result, config, info, start, db.method)
+    result, info = search_allocation(model, db, target, weights, fitness_windows, starts, config, batch_size)
+    return result.ratios, search_record(result, config, info, db.method)
 
 
 def run_sensitivity(model: nn.Module, db: LevelDatabase, target: float, fitness_windows: torch.Tensor,
@@ -456,11 +506,13 @@ def trajectory_figure(records: list[dict], title: str):
     return fig
 
 
-def search_record(result: SearchResult, config: SearchConfig, db_info: dict, start: str, method: str) -> dict:
-    """The JSON record of one search (an entry of ``search.json``)."""
+def search_record(result: SearchResult, config: SearchConfig, db_info: dict, method: str) -> dict:
+    """The JSON record of one search (an entry of ``search.json``): ``start`` the start it began from (the best of
+    ``starts``, start name → KL on all fitness windows), the found sparsity, the trajectory and the settings."""
     grid = result.grid
     return {
-        "method": method, "start": start, "target": grid.target, "seed": config.seed,
+        "method": method, "start": result.start, "starts": result.start_fitnesses, "target": grid.target,
+        "seed": config.seed,
         "weighted_sparsity": float(np.average(result.ratios, weights=grid.weights)),
         "sparsity": [float(r) for r in result.ratios], "levels": [int(k) for k in result.levels],
         "start_sparsity": [float(r) for r in grid.ratios(result.start_levels)],

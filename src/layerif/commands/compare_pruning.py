@@ -18,7 +18,7 @@ from ..allocate import COMPARE_SPARSITY, check_sparsity, search_start
 from ..errors import UserError
 from ..evaluate import mc_correct, window_nll
 from ..io import overwrite_field, pyplot, write_json
-from ..models import find_blocks
+from ..models import BlockTokens, find_blocks
 from ..datasets_io import preload
 from ..options import ModelOptions, fill_calibration_size, option
 from ..measure import PRUNER_MEASURED, Sources
@@ -33,7 +33,9 @@ from .compare import (Comparison, Metric, cell, count_verdict, group, lm_eval_me
                       paired_section, parse_list, read_rows, stats)
 from .prune import PruningOptions, eval_text, fitness_windows, task_records, windows
 
-FIELDS = ("method", "sparsity", "allocation", "seed", "achieved", "perplexity", "accuracy", "seconds")
+FIELDS = ("method", "sparsity", "allocation", "seed", "achieved", "perplexity", "accuracy", "seconds",
+          "alloc_seconds", "alloc_tokens")
+NUMERIC = ("sparsity", "achieved", "perplexity", "accuracy", "seconds", "alloc_seconds", "alloc_tokens")
 METRICS = (Metric("accuracy", True, 3, "accuracy"), Metric("perplexity", False, 3, "perplexity"))
 ITEMS = {"accuracy": "correct", "perplexity": "nll"}
 
@@ -84,14 +86,36 @@ def markdown(rows: list[dict], meta: dict) -> str:
                 if a in allocate.ALLOCATIONS or allocate.parse_label(a)[0] in allocate.ALLOCATIONS]
     searched = [a for a in subjects if a.startswith(allocate.SEARCH)]
     # each search against its own start, and every other start against the uniform start (equal evaluations)
+    # (and against sensitivity, the measured one-shot allocation a search should beat)
     pairs = [(a, search_start(a)) for a in searched]
     pairs += [(a, allocate.SEARCH + "uniform") for a in searched if a != allocate.SEARCH + "uniform"]
+    pairs += [(a, "sensitivity") for a in searched]
     pairs += [(a, untuned(a)) for a in subjects if allocate.get(a, "sparsity")[0].tuned is not None]  # tuned vs default
     lines += paired_section(settings, (*METRICS, *extra), {**ITEMS, **{m.key: m.key for m in extra}},
                             baselines=[a for a in subjects if allocate.get(a, "sparsity")[0].metric != "scores"],
                             subjects=[a for a in subjects if allocate.get(a, "sparsity")[0].metric == "scores"],
                             label=lambda k: f"{k[0]} {k[1]:g}", pairs=pairs)
+    lines += cost_table(rows)
     return "\n".join(lines) + "\n"
+
+
+def cost_table(rows: list[dict]) -> list[str]:
+    """The cost section of comparison.md: per allocation, the mean over its runs of the seconds spent choosing
+    the per-block sparsity (metric, tuning, search; not the final prune and evaluation) and of the tokens the
+    model's blocks processed for it, in whole-model passes (:class:`layerif.models.BlockTokens`)."""
+    runs = group([r for r in rows if r["allocation"] != "dense" and "alloc_seconds" in r], lambda r: 0).get(0, {})
+    if not runs:
+        return []
+    lines = ["", "## Cost of each allocation", "",
+             "Mean per run of the time spent choosing the per-block sparsity (the metric, a --tune grid, a search "
+             "and its level database; not the final prune and evaluation) and of the tokens the decoder blocks "
+             "processed for it, in whole-model forward passes. A metric measured once per calibration seed (OWL's "
+             "outliers, DLP, a level database) is charged to the first run that needs it.", "",
+             "| allocation | seconds | forward tokens (thousands) | runs |", "|---|---:|---:|---:|"]
+    for a, rs in runs.items():
+        lines.append(f"| {a} | {np.mean([r['alloc_seconds'] for r in rs]):.1f} | "
+                     f"{np.mean([r['alloc_tokens'] for r in rs]) / 1e3:.1f} | {len(rs)} |")
+    return lines
 
 
 def with_tuned(allocations: list[str]) -> list[str]:
@@ -199,7 +223,7 @@ def _resumed(args: CompareArgs, dest: Path, state: Path) -> dict:
                   if k not in ("resume", "overwrite", *GRID) and not _same_option(k, saved.get(k), v)]
         if differ:
             raise UserError(f"--resume: the earlier run in {dest} used other options ({', '.join(differ)})")
-        rows = read_rows(folder / "comparison.csv", ("sparsity", "achieved", "perplexity", "accuracy", "seconds"))
+        rows = read_rows(folder / "comparison.csv", NUMERIC)
         for r in rows:  # the lm-eval columns
             r.update({k: float(v) for k, v in r.items() if k.startswith("lm_eval/")})
         items = read_json(folder / "items.json", "items") if (folder / "items.json").exists() else {}
@@ -298,7 +322,7 @@ def _runs(args: CompareArgs, cmp: Comparison, rows: list[dict], searches: dict, 
     if ("dense", 0.0, "dense", "-") not in done:
         t0 = time.time()
         rows.append({"method": "dense", "sparsity": 0.0, "allocation": "dense", "seed": "-", "achieved": 0.0,
-                     **evaluate(), "seconds": round(time.time() - t0, 2)})
+                     **evaluate(), "seconds": round(time.time() - t0, 2), "alloc_seconds": 0.0, "alloc_tokens": 0.0})
         cmp.save_rows(rows, state)
     mods = prunable_modules(model)
     dense = {name: mod.weight.detach().clone() for name, (_, mod) in mods.items()}
@@ -322,7 +346,11 @@ def _runs(args: CompareArgs, cmp: Comparison, rows: list[dict], searches: dict, 
                                       damping=args.damping, block_size=args.block_size, batch_size=args.batch_size,
                                       model_name=lm.name)
         src = Sources(model, scores, windows=calib[seed], owl_m=args.owl_m, seed=seed, cache=metrics)
-        ratios, _, rec = block_sparsity_for(label, src, sp, weights, args.sparsity_options(), measurement=measurement)
+        t1 = time.time()
+        with BlockTokens(model) as cost:  # the allocation's own cost: a metric cached for the seed counts once
+            ratios, _, rec = block_sparsity_for(label, src, sp, weights, args.sparsity_options(),
+                                                measurement=measurement)
+        alloc = {"alloc_seconds": round(time.time() - t1, 2), "alloc_tokens": cost.tokens}
         if rule.metric == "search":
             searches[f"{method} {sp:g} seed {seed} from {search_start(label)}"] = rec
             write_search(state, searches, f"{lm.name}: search fitness by evaluations")
@@ -333,7 +361,7 @@ def _runs(args: CompareArgs, cmp: Comparison, rows: list[dict], searches: dict, 
         achieved, _ = achieved_sparsity(model)
         rows.append({"method": method, "sparsity": sp, "allocation": label, "seed": str(seed),
                      "achieved": float(np.average(achieved, weights=weights)), **evaluate(),
-                     "seconds": round(time.time() - t0, 2)})
+                     "seconds": round(time.time() - t0, 2), **alloc})
         with torch.no_grad():
             for name, w in dense.items():
                 mods[name][1].weight.copy_(w)

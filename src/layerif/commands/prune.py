@@ -153,7 +153,8 @@ class PruneArgs(PruningOptions, ModelOptions):
     save: str | None = option(None, "folder for the pruned model, allocation.json and recipe.yaml")
     allocation_file: str | None = option(None, "apply the per-block sparsity of a saved allocation.json (replaces "
                                                "--allocation and --sparsity)")
-    search_init: str = option("uniform", "start of --allocation search: uniform, layerif, owl, alpha or a saved "
+    search_init: str = option("uniform", "start of --allocation search: uniform, layerif, owl, alpha, atp, dlp, "
+                                         "sensitivity, best (the best of them on the fitness) or a saved "
                                          "allocation.json")
     search_dir: str = option("out/search", "folder of the level database and the search trajectory (search, "
                                            "sensitivity)")
@@ -191,8 +192,9 @@ def run(args: PruneArgs) -> str:
     args.check([args.method], f"--allocation {args.allocation} needs" if needs_scores else "")
     if searching:
         args.search_config(args.seed, [args.sparsity])
-        if start not in allocate.SEARCH_STARTS and not Path(start).exists():
-            raise UserError(f"--search-init {start!r} is neither {', '.join(allocate.SEARCH_STARTS)} nor a file")
+        if start not in (*allocate.SEARCH_STARTS, allocate.BEST) and not Path(start).exists():
+            raise UserError(f"--search-init {start!r} is neither {', '.join(allocate.SEARCH_STARTS)}, "
+                            f"{allocate.BEST} nor a file")
     if nm is not None:
         if allocation != "uniform":
             raise UserError(f"--nm {args.nm} prunes every block alike; use --allocation uniform")
