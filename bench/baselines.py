@@ -12,7 +12,7 @@
   gradients only on the targeted weights (no other parameter gradients).
 
 Both read the records the way ``layerif score --task T --n-train N --n-val K`` does.
-Usage: python bench/baselines.py plain|floor [--task capitals --n-train 48 --n-val 16 --target attn --per-val
+Usage: python bench/baselines.py plain|floor [--task capitals | --train T --val V] [--n-train 48 --n-val 16 --target attn --per-val
        --batch-size 8 --finetune-steps 0 --device cpu --dtype float32 --out influence.safetensors]
 Prints one JSON line: seconds of the work after loading, and the process's seconds so far.
 """
@@ -33,16 +33,23 @@ START = time.perf_counter()
 
 import torch  # noqa: E402
 
-from layerif.data import batches, collate, encode_split, per_sample_loss, stat_dtype  # noqa: E402
+from layerif.data import batches, collate, encode_split, load_records, per_sample_loss, stat_dtype  # noqa: E402
 from layerif.models import Projection, input_device, load_model, select_targets  # noqa: E402
 from layerif.tasks import get_task  # noqa: E402
 
 
-def task_records(tokenizer, task: str, n_train: int, n_val: int, seed: int = 0):
-    """The train and validation records of ``layerif score --task task --n-train --n-val --seed``."""
-    t = get_task(task)
-    train, _ = encode_split(tokenizer, t.split("train", n_train or None, seed)[: n_train or None], "train")
-    val, _ = encode_split(tokenizer, t.split("validation", n_val or None, seed)[: n_val or None], "validation")
+def task_records(tokenizer, task: str, n_train: int, n_val: int, seed: int = 0, train_file: str | None = None,
+                 val_file: str | None = None):
+    """The train and validation records of ``layerif score --task task --n-train --n-val --seed``, or of
+    ``--train train_file --val val_file`` (records files: text or prompt/completion) when given."""
+    if train_file:
+        rows = load_records(train_file)[: n_train or None], load_records(val_file)[: n_val or None]
+    else:
+        t = get_task(task)
+        rows = t.split("train", n_train or None, seed)[: n_train or None], t.split("validation", n_val or None, seed)[
+            : n_val or None]
+    train, _ = encode_split(tokenizer, rows[0], "train")
+    val, _ = encode_split(tokenizer, rows[1], "validation")
     return train, val
 
 
@@ -169,6 +176,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("method", choices=("plain", "floor"))
     ap.add_argument("--task", default="capitals")
+    ap.add_argument("--train", help="train records file (text or prompt/completion); replaces --task")
+    ap.add_argument("--val", help="validation records file, with --train")
     ap.add_argument("--n-train", type=int, default=48)
     ap.add_argument("--n-val", type=int, default=16)
     ap.add_argument("--target", default="attn")
@@ -180,7 +189,7 @@ def main() -> None:
     ap.add_argument("--out", help="plain: write the block influences here (safetensors, layer.L [k, n_train])")
     a = ap.parse_args()
     lm = load_model(device=a.device, dtype=a.dtype)
-    train, val = task_records(lm.tokenizer, a.task, a.n_train, a.n_val)
+    train, val = task_records(lm.tokenizer, a.task, a.n_train, a.n_val, train_file=a.train, val_file=a.val)
     if a.target == "lora":
         from layerif.lora import prepare_lora
 
