@@ -224,6 +224,25 @@ def test_selection_stages_out_of_order_are_refused(survivors, windows, match):
         S.SearchConfig(offspring=8, survivors=survivors, screen_windows=windows).check()
 
 
+def test_block_tokens_counts_whole_model_passes_as_a_hand_count():
+    """A forward of n windows of s tokens adds n·s; block-by-block calibration of k windows (without update)
+    runs block 0 once per window to catch its inputs (stopped there: 1/L of a pass each), one window through
+    every block for the call arguments, and each window through each block once."""
+    from layerif.calibration import calibrate
+    from layerif.models import BlockTokens
+
+    model = tiny_model("llama", n_layers=4, seed=0)
+    n, s = 3, 7
+    windows = calib(n=n, seqlen=s, seed=1)
+    with BlockTokens(model) as cost, torch.no_grad():
+        model(input_ids=windows)
+    assert cost.tokens == n * s
+    with BlockTokens(model) as cost:
+        for _ in calibrate(model, windows, update=False):
+            pass
+    assert cost.total == n * s + 4 * s + 4 * n * s and cost.tokens == cost.total / 4
+
+
 def planted_model():
     """A tiny model whose block 1 writes 30× more into the residual stream: pruning it changes the output most."""
     model = tiny_model("llama", n_layers=4, seed=1)
@@ -347,6 +366,9 @@ def test_compare_pruning_with_search_and_sensitivity(stand_ins, model_dir, tmp_p
     assert {r["allocation"] for r in rows} == {"dense", "uniform", "sensitivity", "search-uniform", "search-layerif"}
     for r in rows[1:]:
         assert float(r["achieved"]) == pytest.approx(0.5, abs=1 / 16)
+    cost = {r["allocation"]: float(r["alloc_tokens"]) for r in rows}
+    assert cost["uniform"] == 0 and cost["sensitivity"] > 0 and cost["search-layerif"] > 0
+    assert "## Cost of each allocation" in (out / "comparison.md").read_text()
     searches = json.loads((out / "search.json").read_text())
     assert sorted(searches) == ["wanda 0.5 seed 0 from layerif", "wanda 0.5 seed 0 from uniform"]
     assert all(s["evaluations"] <= 8 for s in searches.values()) and (out / "search.png").exists()
