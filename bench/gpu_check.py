@@ -70,8 +70,8 @@ def main() -> None:
     train, val = recs[n_val:], recs[:n_val]
     name = torch.cuda.get_device_name() if cuda else ""
     kind = next((g for g in GPU_PEAK_FLOPS if g in name), "H100")
-    plan = make_plan(model, train, val, machine("cuda" if cuda else "cpu", gpu=kind), target="attn", mode="streaming",
-                     max_memory_gb=a.max_memory, batch_size=a.batch_size)
+    plan = make_plan(model, train, val, machine("cuda" if cuda else "cpu", gpu=kind),
+                     EngineConfig("attn", batch_size=a.batch_size, max_memory_gb=a.max_memory, mode="streaming"))
     planned_s = "-" if plan["seconds"] is None else f"{plan['seconds']:.1f} s"
     planned_gb = (plan["peak_bytes"] - sum(plan["model"]["bytes_by_dtype"].values())) / 1e9
     lm = LoadedModel(model, SimpleNamespace(pad_token_id=0), "random 7B-shaped Llama (bfloat16)")

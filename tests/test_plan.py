@@ -12,7 +12,7 @@ import pytest
 
 from conftest import make_tokenizer
 from layerif.budget import METER, streaming_bytes
-from layerif.engine import materialized_plan
+from layerif.engine import EngineConfig, materialized_plan
 from layerif.cli import main
 from layerif.models import select_targets
 from layerif.plan import Machine, make_plan
@@ -53,7 +53,8 @@ def test_plan_buffer_bytes_equal_the_engines_tracked_allocations(mode, layout, p
     else:  # the same, with the Gram products' scratch (an eighth of the budget) aside
         budget = 1.5 * max(materialized_plan(targets, train, val, per_val, layout, 1e12).cost.values()) * 8 / 7
     max_memory_gb = budget / 1e9 if tight else 1e3
-    doc = make_plan(lm.model, train, val, BIG, max_memory_gb=max_memory_gb, **kw)
+    doc = make_plan(lm.model, train, val, BIG, EngineConfig("block", per_val=per_val, max_memory_gb=max_memory_gb,
+                                                           layout=layout, mode=mode, val_chunk=4))
     plan = doc["engines"][mode]
     assert doc["engine"] == mode and plan["fits"]
     assert (plan["groups"] > 1) == tight
@@ -73,7 +74,7 @@ def test_plan_buffer_bytes_equal_the_engines_tracked_allocations(mode, layout, p
 def test_the_engine_and_auto_share_one_materialized_plan():
     """``compute`` chooses the mode from the same plan the engine runs (groups with the scratch aside)."""
     lm, train, val = _setup("llama", seed=8)
-    doc = make_plan(lm.model, train, val, BIG, target="block", max_memory_gb=1e3)
+    doc = make_plan(lm.model, train, val, BIG, EngineConfig("block", max_memory_gb=1e3))
     assert doc["engine"] == "materialized" and doc["engines"]["materialized"]["groups"] == 1
 
 

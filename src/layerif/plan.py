@@ -42,14 +42,14 @@ from torch import nn
 
 from .budget import chunk_columns, gram_bytes, streaming_bytes, streaming_plan
 from .data import Encoded
-from .engine import MaterializedPlan, materialized_plan, memory_budget, ram_bytes
+from .engine import EngineConfig, MaterializedPlan, materialized_plan, memory_budget, ram_bytes
 from .grads import gram
 from .errors import UserError
 from .influence import get_estimator
 from .io import write_json
 from .models import (Projection, cache_dir, context_length, find_blocks, load_config, meta_model, resolve_dtype,
                      select_targets, weight_out_in)
-from .scores import PlanCheck, choose_mode, load_splits
+from .scores import PlanCheck, choose_mode, load_splits, score_config
 
 GPU_PEAK_FLOPS = {"H200": (989e12, 67e12), "H100": (989e12, 67e12), "A100": (312e12, 19.5e12)}
 """Stated peak dense (bf16, FP64) tensor-core rates, FLOP/s (vendor datasheets, SXM parts, no sparsity)."""
@@ -288,48 +288,48 @@ def streaming_section(targets, train, val, per_val, estimator, val_chunk, budget
     }
 
 
-def make_plan(model: nn.Module, train: list[Encoded], val: list[Encoded], machine: Machine, *, target: str = "attn",
-              estimator: str = "datainf", per_val: bool = False, batch_size: int = 8,
-              max_memory_gb: float | None = None, layout: str = "auto", mode: str = "auto", val_chunk: int = 8,
+def make_plan(model: nn.Module, train: list[Encoded], val: list[Encoded], machine: Machine,
+              engine: EngineConfig = EngineConfig(), estimator: str = "datainf",
               budget_bytes: float | None = None) -> dict:
-    """The plan of a scoring run (the plan.json document; bytes, FLOPs, seconds), for a model on any device.
+    """The plan of a scoring run (the plan.json document; bytes, FLOPs, seconds), for a model on any device,
+    with the run's ``engine`` settings and ``estimator`` (its registry name).
     It fits when the chosen engine's buffers fit the budget and the model and the buffers fit the machine's
     memory (the activations are an estimate: exceeding it with them is a note, ``notes_memory``).
     ``budget_bytes``: the buffer budget when the caller has it already (a run on this machine), else
-    :func:`layerif.engine.memory_budget` of ``max_memory_gb`` on ``machine``.
+    :func:`layerif.engine.memory_budget` of ``engine.max_memory_gb`` on ``machine``.
 
     Keys: ``model`` (parameters, bytes by dtype, blocks), ``targets`` (modules and their shapes),
     ``records``, ``machine``, ``budget_bytes``, ``engines`` (both engines' plans), ``engine`` (the one
     ``mode`` chooses, or None when nothing fits), ``peak_bytes``, ``fits``, ``reason``, ``stages``
     (FLOPs and seconds per stage of the chosen engine) and ``seconds`` (None without a throughput).
     """
-    targets = select_targets(model, target)
+    targets = select_targets(model, engine.selector)
     params = sum(p.numel() for p in model.parameters())
-    budget = budget_bytes if budget_bytes is not None else memory_budget(max_memory_gb, machine.device,
+    budget = budget_bytes if budget_bytes is not None else memory_budget(engine.max_memory_gb, machine.device,
                                                                          machine.memory_bytes)
-    engines = {"materialized": materialized_section(targets, train, val, per_val, layout, budget, params),
-               "streaming": streaming_section(targets, train, val, per_val, estimator, val_chunk, budget, params,
-                                              machine.world_size)}
+    engines = {"materialized": materialized_section(targets, train, val, engine.per_val, engine.layout, budget, params),
+               "streaming": streaming_section(targets, train, val, engine.per_val, estimator, engine.val_chunk, budget,
+                                              params, machine.world_size)}
     if machine.world_size > 1:
         engines["materialized"] = {"fits": False, "reason": "the materialized engine runs in one process"}
     m = engines["materialized"]
-    chosen = choose_mode(mode, estimator, m["groups"] if m["fits"] else 10**9, machine.world_size)
+    chosen = choose_mode(engine.mode, estimator, m["groups"] if m["fits"] else 10**9, machine.world_size)
     section = engines[chosen]
     max_tokens = max(len(e.input_ids) for e in (*train, *val))
     weights = model_bytes(model)
-    activations = activation_bytes(model, batch_size, max_tokens)
+    activations = activation_bytes(model, engine.batch_size, max_tokens)
     hidden = model.get_input_embeddings().weight.shape[1]
-    rate, source = throughput(machine.device, machine.gpu, hidden, batch_size * _tokens(train) / len(train))
+    rate, source = throughput(machine.device, machine.gpu, hidden, engine.batch_size * _tokens(train) / len(train))
     doc: dict = {
         "model": {"parameters": params, "bytes_by_dtype": weights, "bytes": sum(weights.values()),
                   "blocks": len(find_blocks(model)[1])},
-        "targets": {"selector": target, "modules": len(targets),
+        "targets": {"selector": engine.selector, "modules": len(targets),
                     "shapes": dict(Counter(_shape(t) for t in targets))},
         "records": {"train": len(train), "validation": len(val), "train_tokens": _tokens(train),
                     "validation_tokens": _tokens(val), "max_tokens": max_tokens},
         "machine": {"device": machine.device, "memory_bytes": machine.memory_bytes, "world_size": machine.world_size,
                     **({"gpu": machine.gpu} if machine.device == "cuda" else {})},
-        "budget_bytes": budget, "mode": mode, "engine": chosen, "engines": engines,
+        "budget_bytes": budget, "mode": engine.mode, "engine": chosen, "engines": engines,
         "activation_bytes_estimate": activations,
         "throughput_flops": ({"passes": rate[0], "algebra": rate[1]} if rate else None), "throughput_source": source,
     }
@@ -394,9 +394,8 @@ def plan_of(args, where: Machine) -> dict:
     train, val, task, counts = load_splits(args, tokenizer, context_length(config))
     dtype = resolve_dtype(args.dtype, torch.device(where.device))
     model = meta_model(config, dtype, args.trust_remote_code)
-    doc = make_plan(model, train, val, where, target=args.target, estimator=args.estimator, per_val=args.per_val,
-                    batch_size=args.batch_size, max_memory_gb=args.max_memory, layout=args.layout, mode=args.mode,
-                    val_chunk=args.val_chunk)
+    config = score_config(args)
+    doc = make_plan(model, train, val, where, config.engine, config.estimator.name)
     if getattr(args, "split_half", False):
         notes.append("--split-half scores each half again (two more runs on half the records; not in the estimate)")
     return {"model_name": label, "dtype": str(dtype).removeprefix("torch."), "task": task} | doc | {"notes": notes}
@@ -418,9 +417,8 @@ def fit_check(args, where: Machine) -> PlanCheck:
             model = meta_model(config, resolve_dtype(args.dtype, torch.device(where.device)), args.trust_remote_code)
         except UserError:  # a config the meta device cannot build: the run itself will say what is wrong
             return
-        doc = make_plan(model, train, val, where, target=args.target, estimator=args.estimator,
-                        per_val=args.per_val, batch_size=args.batch_size, max_memory_gb=args.max_memory,
-                        layout=args.layout, mode=args.mode, val_chunk=args.val_chunk,
+        config = score_config(args)
+        doc = make_plan(model, train, val, where, config.engine, config.estimator.name,
                         budget_bytes=memory_budget(args.max_memory))  # the run's own budget on this machine
         if not doc["fits"]:
             raise UserError(refusal(doc))
