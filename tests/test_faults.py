@@ -835,8 +835,8 @@ def test_scores_folder_whose_scores_json_is_a_folder(tiny_model_dir, work, capsy
 
 
 @pytest.mark.parametrize("rows,expect", [
-    ("0.5,uniform,magnitude,0,0.5,12.0,0.5,1.0\n0.5,owl,magn", "comparison.csv line 3 is damaged (column 'achieved'"),
-    ("0.5,uniform,magnitude,0,0.5,twelve,0.5,1.0\n", "comparison.csv line 2 is damaged (column 'perplexity': 'twelve')"),
+    ("0.5,uniform,magnitude,0,0.5,12.0,0.5,1.0,0.0,0.0\n0.5,owl,magn", "comparison.csv line 3 is damaged (column 'achieved'"),
+    ("0.5,uniform,magnitude,0,0.5,twelve,0.5,1.0,0.0,0.0\n", "comparison.csv line 2 is damaged (column 'perplexity': 'twelve')"),
 ], ids=["truncated", "not-a-number"])
 def test_resume_over_a_damaged_comparison_csv(tiny_model_dir, work, capsys, no_model_load, rows, expect):
     from layerif.cli import build_args, make_parser
@@ -847,10 +847,10 @@ def test_resume_over_a_damaged_comparison_csv(tiny_model_dir, work, capsys, no_m
             "--sparsities", "0.5", "--seeds", "0", "--n-calib", "3", "--seqlen", "16", "--eval-windows", "2",
             "--task", "capitals", "--task-items", "4", "--out", str(work / "cmp"), "--quiet"]
     (work / "cmp").mkdir()
-    write_config(work / "cmp", "compare-pruning", build_args(COMMANDS["compare-pruning"].args,
-                                                             make_parser().parse_known_args(argv)[0]))
+    parsed = make_parser().parse_known_args(argv)[0]  # loads the commands (COMMANDS) too
+    write_config(work / "cmp", "compare-pruning", build_args(COMMANDS["compare-pruning"].args, parsed))
     (work / "cmp" / "comparison.csv").write_text(
-        "sparsity,allocation,method,seed,achieved,perplexity,accuracy,seconds\n" + rows)
+        "sparsity,allocation,method,seed,achieved,perplexity,accuracy,seconds,alloc_seconds,alloc_tokens\n" + rows)
     fails(capsys, [*argv, "--resume"], expect, work)
 
 
