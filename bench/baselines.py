@@ -128,11 +128,15 @@ def baseline_cmd(method: str, **opts) -> list[str]:
     return cmd
 
 
-def score_cmd(**opts) -> list[str]:
-    """The command line of a ``layerif score`` process, options as in :func:`baseline_cmd` (``--overwrite``:
+def layerif_cmd(command: str, **opts) -> list[str]:
+    """The command line of a ``layerif COMMAND`` process, options as in :func:`baseline_cmd` (``--overwrite``:
     repeated rounds write the same folder)."""
-    return [*baseline_cmd("x", **opts)[:1], "-m", "layerif", "score", "--quiet", "--overwrite",
-            *baseline_cmd("x", **opts)[3:]]
+    return [sys.executable, "-m", "layerif", command, "--quiet", "--overwrite", *baseline_cmd("x", **opts)[3:]]
+
+
+def score_cmd(**opts) -> list[str]:
+    """The command line of a ``layerif score`` process (:func:`layerif_cmd`)."""
+    return layerif_cmd("score", **opts)
 
 
 def difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> str:

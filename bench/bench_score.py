@@ -35,14 +35,13 @@ import platform
 import pydoc_data.topics
 import random
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
-from baselines import baseline_cmd, difference, median, score_cmd, timed
+from baselines import baseline_cmd, difference, layerif_cmd, median, score_cmd, timed
 
 
 def write_shapes(folder: Path, n_train: int, n_val: int) -> dict[str, tuple[str, str]]:
@@ -76,13 +75,7 @@ def plan_costs(opts: dict, folder: Path) -> dict[str, float]:
     layerif's passes (``passes``), of its algebra (``algebra``: Gram or streaming products) and of the floor's
     single forward+backward over the train and the validation records (``floor``): ``{"passes": ..., "algebra":
     ..., "floor": ..., "passes_s": ..., "algebra_s": ..., "floor_s": ...}``."""
-    cmd = [sys.executable, "-m", "layerif", "plan", "--quiet", "--overwrite", "--out", str(folder)]
-    for k, v in opts.items():
-        if v is True:
-            cmd.append(f"--{k.replace('_', '-')}")
-        elif v not in (None, False):
-            cmd += [f"--{k.replace('_', '-')}", str(v)]
-    subprocess.run(cmd, check=True, capture_output=True)
+    subprocess.run(layerif_cmd("plan", **opts, out=folder), check=True, capture_output=True)
     plan = json.loads((folder / "plan.json").read_text())
     stages, engine = plan["stages"], plan["engines"][plan["engine"]]
     val, train = stages["validation passes"], stages["train passes"]

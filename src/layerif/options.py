@@ -446,7 +446,7 @@ class SearchOptions:
 
 
 def _ints(values: Sequence, option: str) -> tuple[int, ...]:
-    """A comma-list option's values as positive integers, in order (repeats kept, for the caller to judge); an
+    """A comma-list option's values as integers, in order (ranges and repeats are judged by the caller); an
     unreadable value is a :class:`UserError` naming ``--option``."""
     try:
         return tuple(int(v) for v in values)

@@ -142,7 +142,8 @@ def search_starts(start: str, src: Sources, target: float, weights: np.ndarray, 
     :data:`layerif.allocate.BEST` every registered start ``src`` can give (the LayerIF-score ones only with
     scores). A measured start (``sensitivity``) is measured with ``m``."""
     if start == allocate.BEST:
-        names = [a for a in allocate.SEARCH_STARTS if src.scores is not None or allocate.ALLOCATIONS[a].metric != "scores"]
+        names = [a for a in allocate.SEARCH_STARTS
+                 if src.scores is not None or allocate.ALLOCATIONS[a].metric != "scores"]
     elif start in allocate.SEARCH_STARTS:
         names = [start]
     else:
@@ -227,8 +228,9 @@ def block_sparsity_for(label: str, src: Sources, target: float, weights: np.ndar
 
     ``options.smooth`` smooths the metric of every rule with one (:attr:`Allocation.smoothable`; a search's start
     included). A search starts from ``search-START``'s START (or ``measurement.search_init``): the start's own
-    sparsity, or an allocation.json's; ``search-best`` from the best of them (:func:`search_starts`). A ``NAME-tuned`` label maps with the hyper-parameter :func:`tuned_setting`
-    chooses (its record is the third value); it needs ``measurement`` (the pruner, the fitness windows).
+    sparsity, or an allocation.json's; ``search-best`` from the best of them (:func:`search_starts`). A
+    ``NAME-tuned`` label maps with the hyper-parameter :func:`tuned_setting` chooses (its record is the third
+    value); it needs ``measurement`` (the pruner, the fitness windows).
     """
     rule, _ = allocate.get(label, "sparsity")
     own = replace(options, smooth=options.smooth and rule.smoothable)
