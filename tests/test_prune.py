@@ -192,6 +192,39 @@ def test_sparsegpt_equals_the_reference_code():
     torch.testing.assert_close(P.sparsegpt_weight(W, H, s, block_size=32), reference_sparsegpt(W, H, s, 32))
 
 
+@pytest.mark.parametrize("rows, cols, block", [(48, 96, 32), (37, 256, 128), (20, 64, 16)])
+@pytest.mark.parametrize("seed", range(2))
+def test_sparsegpt_at_several_ratios_is_the_reference_at_each(rows, cols, block, seed):
+    """One sweep over stacked ratios (the level database's call) against the reference transcription run once
+    per ratio, and bitwise against the single-ratio call; a dead input (zero Hessian row) included."""
+    g = torch.Generator().manual_seed(seed)
+    X = layer_inputs(seed, d=cols)
+    X[:, 3] = 0
+    W = torch.randn(rows, cols, generator=g)
+    H = X.T @ X
+    # ratios at which the reference's int(size·s) + 1 and our round(size·s) prune the same count per column block
+    ratios = [(k - 0.4) / (rows * block) for k in (1, rows * block // 3, rows * block // 2, rows * block * 7 // 10)]
+    stacked = P.sparsegpt_weights(W, H, ratios, block_size=block)
+    for ratio, Ws in zip(ratios, stacked):
+        torch.testing.assert_close(Ws, reference_sparsegpt(W, H, ratio, block))
+        assert torch.equal(Ws, P.sparsegpt_weight(W, H, ratio, block_size=block))
+    for nm in ((2, 4), (1, 4)):
+        assert torch.equal(P.sparsegpt_weights(W, H, [0.1, 0.5], nm=nm, block_size=block)[1],
+                           P.sparsegpt_weight(W, H, 0.5, nm=nm, block_size=block))
+
+
+def test_lowest_mask_is_a_stable_sorts_choice():
+    """Selection (k-th value, then the first ties by position) against the plain stable sort, with many ties and NaN."""
+    g = torch.Generator().manual_seed(0)
+    for score in (torch.randint(0, 4, (7, 9), generator=g).float(), torch.randn(5, 6, generator=g),
+                  torch.tensor([[1.0, float("nan"), 0.0], [float("nan"), 1.0, 2.0]])):
+        for ratio in (0.0, 0.1, 0.5, 0.77, 0.9, 1.0):
+            k = int(round(ratio * score.numel()))
+            expected = torch.zeros(score.numel(), dtype=torch.bool)
+            expected[torch.sort(score.flatten(), stable=True).indices[:k]] = True
+            assert torch.equal(P.lowest_mask(score, ratio), expected.view_as(score)), (score, ratio)
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_sparsegpt_reconstructs_better_than_magnitude_and_wanda(seed):
     X = layer_inputs(seed)

@@ -36,7 +36,7 @@ block, measured as OWL's ratios); ``atp`` (ATP: sparsity rising with depth, no m
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -124,11 +124,20 @@ def row_mask(score: torch.Tensor, ratio: float) -> torch.Tensor:
 
 
 def lowest_mask(score: torch.Tensor, ratio: float) -> torch.Tensor:
-    """True for the round(ratio · size) lowest scores of the whole tensor (ties by position)."""
+    """True for the round(ratio · size) lowest scores of the whole tensor (ties by position; NaN highest).
+
+    The k-th lowest score is found by selection, not by a sort: every score below it is in, and of the scores
+    equal to it the first ones in row-major order (a stable sort's choice).
+    """
     k = int(round(ratio * score.numel()))
-    mask = torch.zeros(score.numel(), dtype=torch.bool, device=score.device)
-    if k:
-        mask[torch.sort(score.flatten(), stable=True).indices[:k]] = True
+    flat = score.flatten()
+    if not k:
+        return torch.zeros_like(score, dtype=torch.bool)
+    kth = torch.kthvalue(flat, k).values
+    nan = bool(torch.isnan(kth))
+    mask = ~torch.isnan(flat) if nan else flat < kth
+    ties = torch.nonzero(torch.isnan(flat) if nan else flat == kth).squeeze(1)[: k - int(mask.sum())]
+    mask[ties] = True
     return mask.view_as(score)
 
 
@@ -148,21 +157,26 @@ def wanda_score(weight: torch.Tensor, sq_norm: torch.Tensor) -> torch.Tensor:
     return weight.detach().float().abs() * sq_norm.float().sqrt().unsqueeze(0)
 
 
-def sparsegpt_weight(
+def sparsegpt_weights(
     weight: torch.Tensor,
     hessian: torch.Tensor,
-    ratio: float,
+    ratios: Sequence[float],
     nm: tuple[int, int] | None = None,
     block_size: int = BLOCK_SIZE,
     damping: float = DAMPING,
-) -> torch.Tensor:
-    """SparseGPT's pruned and reconstructed [out, in] weight (float32), the reference algorithm.
+) -> list[torch.Tensor]:
+    """SparseGPT's pruned and reconstructed [out, in] weight (float32) at each of ``ratios``, the reference
+    algorithm run for all of them in one sweep.
 
     ``hessian`` is Σ x xᵀ over the calibration tokens [in, in] (its scale does not
     matter). Inputs that never fire get their column zeroed. The mask of each
     block of ``block_size`` columns takes the round(ratio · size) lowest
-    w² / [H⁻¹]_jj² (or N of each M with ``nm``), and each pruned column's error
-    is propagated to the later columns through the upper Cholesky factor of H⁻¹.
+    w² / [H⁻¹]_jj² (or N of each M with ``nm``, the ratios then unused), and each
+    pruned column's error is propagated to the later columns through the upper
+    Cholesky factor of H⁻¹. The factor is computed once; the ratios' weights are
+    stacked [len(ratios), out, in] and swept column by column together (the
+    per-column updates are elementwise, the update of the later columns one
+    matmul per ratio), so every ratio's result is exactly the one it gets alone.
     """
     W = weight.detach().float().clone()
     H = hessian.detach().float().clone()
@@ -175,31 +189,46 @@ def sparsegpt_weight(
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     if nm is not None and block_size % nm[1]:
         raise UserError(f"the SparseGPT block size {block_size} is not a multiple of M={nm[1]}")
+    S = W.t().unsqueeze(0).repeat(len(ratios), 1, 1)  # [ratios, in, out]: a column of W is a contiguous row
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
-        W1 = W[:, i1:i2].clone()
+        W1 = S[:, i1:i2].clone()
         Q1 = torch.zeros_like(W1)
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
-        if nm is None:
-            mask1 = lowest_mask(W1**2 / torch.diag(Hinv1).reshape(1, -1) ** 2, ratio)
+        d1 = torch.diag(Hinv1)
+        if nm is None:  # scored as [out, size], so ties fall as in the reference
+            mask1 = torch.stack([lowest_mask(W1[k].t() ** 2 / d1.reshape(1, -1) ** 2, r).t()
+                                 for k, r in enumerate(ratios)])
         else:  # chosen group by group below, on the weights updated so far (as the reference)
             mask1 = torch.zeros_like(W1, dtype=torch.bool)
         for i in range(i2 - i1):
             w = W1[:, i]
-            d = Hinv1[i, i]
             if nm is not None and i % nm[1] == 0:
-                group = W1[:, i : i + nm[1]] ** 2 / torch.diag(Hinv1)[i : i + nm[1]].reshape(1, -1) ** 2
-                mask1[:, i : i + nm[1]] = nm_mask(group, *nm)
-            q = w.clone()
-            q[mask1[:, i]] = 0
+                group = W1[:, i : i + nm[1]].transpose(1, 2) ** 2 / d1[i : i + nm[1]] ** 2  # [ratios, out, M]
+                mask1[:, i : i + nm[1]] = nm_mask(group.reshape(-1, nm[1]), *nm).view(group.shape).transpose(1, 2)
+            q = w.masked_fill(mask1[:, i], 0)
             Q1[:, i] = q
-            err = (w - q) / d
-            W1[:, i:] -= err.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
+            err = (w - q) / Hinv1[i, i]
+            W1[:, i + 1 :] -= Hinv1[i, i + 1 :].unsqueeze(1) * err.unsqueeze(1)
             Err1[:, i] = err
-        W[:, i1:i2] = Q1
-        W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
-    return W
+        S[:, i1:i2] = Q1
+        for k in range(len(ratios)):
+            S[k, i2:] -= Err1[k].t().contiguous().matmul(Hinv[i1:i2, i2:]).t()  # the reference's operands
+    return [Wk.t() for Wk in S.unbind(0)]
+
+
+def sparsegpt_weight(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    ratio: float,
+    nm: tuple[int, int] | None = None,
+    block_size: int = BLOCK_SIZE,
+    damping: float = DAMPING,
+) -> torch.Tensor:
+    """SparseGPT's pruned and reconstructed [out, in] weight (float32) at one ``ratio``
+    (:func:`sparsegpt_weights`)."""
+    return sparsegpt_weights(weight, hessian, [ratio], nm, block_size, damping)[0]
 
 
 # ----------------------------------------------------------------------------- the pruner registry
@@ -244,6 +273,8 @@ class Pruner:
     keeps_survivors: bool = True
     modifier: str | None = None
     settings: tuple[str, ...] = ()
+    prune_levels: Callable[[torch.Tensor, Sequence[float], InputStats | None, PruneSettings],
+                           list[torch.Tensor]] | None = None
 
     def __post_init__(self):
         if self.needs_hessian and not self.needs_calibration:
@@ -288,25 +319,41 @@ def _sparsegpt(W: torch.Tensor, ratio: float, stats: InputStats, s: PruneSetting
     return sparsegpt_weight(W, stats.hessian, ratio, s.nm, s.block_size, s.damping)
 
 
+def _sparsegpt_levels(W: torch.Tensor, ratios: Sequence[float], stats: InputStats, s: PruneSettings
+                      ) -> list[torch.Tensor]:
+    """SparseGPT's weights at several ratios in one sweep (:func:`sparsegpt_weights`)."""
+    return sparsegpt_weights(W, stats.hessian, ratios, s.nm, s.block_size, s.damping)
+
+
 register(Pruner("magnitude", _magnitude, needs_calibration=False))
 register(Pruner("wanda", _wanda, needs_calibration=True, modifier="WandaPruningModifier"))
 register(Pruner("sparsegpt", _sparsegpt, needs_calibration=True, needs_hessian=True, keeps_survivors=False,
-                modifier="SparseGPTModifier", settings=("block_size", "damping")))
+                modifier="SparseGPTModifier", settings=("block_size", "damping"), prune_levels=_sparsegpt_levels))
+
+
+def pruned_levels(module: nn.Module, pruner: Pruner, ratios: Sequence[float], stats: InputStats | None,
+                  settings: PruneSettings) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """The projection pruned by ``pruner`` at each of ``ratios``, without changing it: per ratio, (the zeros of
+    its pruned [out, in] weight (bool), the whole pruned [out, in] weight in the module's dtype when the pruner
+    changes surviving weights, else ``None``). One :attr:`Pruner.prune_levels` call for several ratios when the
+    pruner has it."""
+    if pruner.needs_calibration and stats is None:
+        raise ValueError(f"{pruner.name} needs calibration statistics")
+    W = weight_out_in(module).detach()
+    stats = stats if pruner.needs_calibration else None
+    if pruner.prune_levels is not None and len(ratios) > 1:
+        outs = pruner.prune_levels(W, ratios, stats, settings)
+    else:
+        outs = [pruner.prune(W, ratio, stats, settings) for ratio in ratios]
+    if pruner.keeps_survivors:
+        return [(out | (W == 0), None) for out in outs]
+    return [(new == 0, new) for new in (out.to(W.dtype) for out in outs)]
 
 
 def pruned_weight(module: nn.Module, pruner: Pruner, ratio: float, stats: InputStats | None,
                   settings: PruneSettings) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The projection pruned by ``pruner``, without changing it: (the zeros of its pruned [out, in] weight
-    (bool), the whole pruned [out, in] weight in the module's dtype when the pruner changes surviving weights,
-    else ``None``)."""
-    if pruner.needs_calibration and stats is None:
-        raise ValueError(f"{pruner.name} needs calibration statistics")
-    W = weight_out_in(module).detach()
-    out = pruner.prune(W, ratio, stats if pruner.needs_calibration else None, settings)
-    if pruner.keeps_survivors:
-        return out | (W == 0), None
-    new = out.to(W.dtype)
-    return new == 0, new
+    """The projection pruned by ``pruner`` at one ``ratio`` (:func:`pruned_levels`)."""
+    return pruned_levels(module, pruner, [ratio], stats, settings)[0]
 
 
 def prune_module(

@@ -29,10 +29,15 @@ from .measure import PRUNER_MEASURED, Sources, allocation_metric
 from .calibration import InputStats, calibrate
 from .levels import LevelDatabase, windows_hash
 from .prune import (BLOCK_SIZE, DAMPING, SETTINGS, PruneSettings, Pruner, get_pruner, prunable_modules, prune_model,
-                    pruned_weight)
+                    pruned_levels)
 from .results import block_sparsity
 from .search import (SearchConfig, kl_to_reference, reference_logprobs, run_search, run_sensitivity,
                      search_levels)
+
+
+LEVELS_BYTES = 2**30
+"""The float32 bytes of one block's pruned weights the level database builds at a time (levels of a block
+pruned together, :meth:`PrunedLevels.ensure`)."""
 
 
 class PrunedLevels(LevelDatabase):
@@ -61,7 +66,9 @@ class PrunedLevels(LevelDatabase):
         """Build every missing level: ``ratios[l]`` are the ratios block l needs. Returns :meth:`info`.
 
         The blocks are calibrated in order on the dense model's activations (the model is left unchanged) up to
-        the last one with a missing level; levels already on disk are skipped.
+        the last one with a missing level; levels already on disk are skipped. A block's missing levels are
+        pruned together (:func:`layerif.prune.pruned_levels`), as many at a time as fit in
+        :data:`LEVELS_BYTES` of float32 weights.
         """
         todo = self.missing(ratios)
         if any(todo):
@@ -69,17 +76,18 @@ class PrunedLevels(LevelDatabase):
             progress.info(f"building {sum(map(len, todo))} pruned levels of {self.method} in {self.path}")
             last = max(i for i, t in enumerate(todo) if t)
             for idx, stats in self._blocks():
-                for ratio in todo[idx]:
-                    self.write(idx, ratio, {rel: self._pruned(mod, None if stats is None else stats[rel], ratio)
-                                            for rel, mod in self.modules[idx].items()})
+                mods = self.modules[idx]
+                at_once = max(1, LEVELS_BYTES // (4 * sum(m.weight.numel() for m in mods.values())))
+                for k in range(0, len(todo[idx]), at_once):
+                    group = todo[idx][k : k + at_once]
+                    pruned = {rel: pruned_levels(mod, self.pruner, group, None if stats is None else stats[rel],
+                                                 self.options) for rel, mod in mods.items()}
+                    for j, ratio in enumerate(group):  # the model itself stays dense
+                        self.write(idx, ratio, {rel: levels[j] for rel, levels in pruned.items()})
                 if idx == last:
                     break
             self.add_build_seconds(time.time() - t0)
         return self.info()
-
-    def _pruned(self, module: nn.Module, stats: InputStats | None, ratio: float):
-        mask, new = pruned_weight(module, self.pruner, ratio, stats, self.options)  # the model itself stays dense
-        return mask, (None if new is None else new.float())
 
 
 def level_database(root: Path, model: nn.Module, method: str, windows: torch.Tensor | None = None,
