@@ -563,12 +563,22 @@ def test_compare_pruning(stand_ins, model_dir, tmp_path, monkeypatch):
     assert "- task: " + args.task in md
     assert (out / "comparison.png").stat().st_size > 0
     assert "comparison.csv" in summary and "## comparison.md" in (out / "report.md").read_text()
+    (tmp_path / "before.md").write_text(md)
     # resume: nothing left to run
     monkeypatch.setattr(CP, "prune_model", lambda *a, **k: pytest.fail("resume re-ran a finished run"))
     CP.run(compare_args(model_dir, tmp_path, resume=True))
     assert len(read_csv(out / "comparison.csv")) == len(rows)
     with pytest.raises(UserError, match="other options"):
         CP.run(compare_args(model_dir, tmp_path, resume=True, epsilon=0.3))
+    # resume with other --pairs: nothing re-run, the asked pair is in the paired table
+    CP.run(compare_args(model_dir, tmp_path, resume=True, pairs=["owl:alpha"]))
+    md = (out / "comparison.md").read_text()
+    assert "| wanda 0.5 | perplexity (mean NLL, nats) | owl | alpha |" in md
+    assert "| wanda 0.5 | perplexity (mean NLL, nats) | owl | alpha" not in (tmp_path / "before.md").read_text()
+    for bad, why in ((["owl"], "not ALLOCATION:REFERENCE"), (["owl:owl"], "two different"),
+                     (["owl:atp"], "'atp' is not among --allocations")):
+        with pytest.raises(UserError, match=why):
+            CP.run(compare_args(model_dir, tmp_path, resume=True, pairs=bad))
     # resume with a larger grid: only the new runs are made, every earlier row is kept
     made = []
     monkeypatch.setattr(CP, "prune_model", lambda *a, **k: made.append(a[1]))

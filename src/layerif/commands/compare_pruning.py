@@ -6,6 +6,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -54,13 +55,16 @@ class CompareArgs(PruningOptions, ModelOptions):
                                     "for accuracy "
                                     "(default: the task of --scores, else capitals)")
     resume: bool = option(False, "keep the rows of an earlier run with the same options in --out")
+    pairs: list[str] = option([], "more paired comparisons for comparison.md, A:B each (A − B, both among "
+                                  "--allocations), e.g. layerif:atp; a --resume run may change them")
     out: str = option("out/compare-pruning", "output folder")
     overwrite: bool = overwrite_field()
 
 
-def markdown(rows: list[dict], meta: dict) -> str:
+def markdown(rows: list[dict], meta: dict, asked: Sequence[tuple[str, str]] = ()) -> str:
     """comparison.md: one table per pruner (mean ± std over seeds, best in bold), the summary of best means,
-    and the paired differences of the LayerIF allocations where the rows keep their per-item results."""
+    and the paired differences where the rows keep their per-item results: of the LayerIF allocations, of each
+    search and tuned allocation against its references, and the ``asked`` (allocation, reference) pairs."""
     dense = next((r for r in rows if r["allocation"] == "dense"), None)
     lines = [f"# Pruning allocations on {meta['model']}", "",
              "Mean ± standard deviation over calibration seeds; bold: the best allocation at that sparsity.", ""]
@@ -91,6 +95,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
     pairs += [(a, allocate.SEARCH + "uniform") for a in searched if a != allocate.SEARCH + "uniform"]
     pairs += [(a, "sensitivity") for a in searched]
     pairs += [(a, untuned(a)) for a in subjects if allocate.get(a, "sparsity")[0].tuned is not None]  # tuned vs default
+    pairs += [p for p in asked if p not in pairs]
     lines += paired_section(settings, (*METRICS, *extra), {**ITEMS, **{m.key: m.key for m in extra}},
                             baselines=[a for a in subjects if allocate.get(a, "sparsity")[0].metric != "scores"],
                             subjects=[a for a in subjects if allocate.get(a, "sparsity")[0].metric == "scores"],
@@ -116,6 +121,21 @@ def cost_table(rows: list[dict]) -> list[str]:
         lines.append(f"| {a} | {np.mean([r['alloc_seconds'] for r in rs]):.1f} | "
                      f"{np.mean([r['alloc_tokens'] for r in rs]) / 1e3:.1f} | {len(rs)} |")
     return lines
+
+
+def parse_pairs(values: Sequence[str], allocations: Sequence[str]) -> list[tuple[str, str]]:
+    """``--pairs`` as (allocation, reference) tuples; a value that is not ``A:B`` of two different
+    ``allocations`` is a :class:`UserError`."""
+    pairs = []
+    for value in dict.fromkeys(values):
+        parts = value.split(":")
+        if len(parts) != 2 or parts[0] == parts[1]:
+            raise UserError(f"--pairs: {value!r} is not ALLOCATION:REFERENCE of two different allocations")
+        missing = [p for p in parts if p not in allocations]
+        if missing:
+            raise UserError(f"--pairs: {missing[0]!r} is not among --allocations ({', '.join(allocations)})")
+        pairs.append((parts[0], parts[1]))
+    return pairs
 
 
 def with_tuned(allocations: list[str]) -> list[str]:
@@ -192,6 +212,7 @@ def smooth_note(smooth: bool, allocations: list[str]) -> str:
 
 
 GRID = ("allocations", "methods", "sparsities", "seeds")  # options --resume may change: the runs to add
+REPORT = ("pairs",)  # options --resume may change: what comparison.md shows
 
 
 PATHS = ("out", "model", "scores", "task", "text")  # options that may name a file or folder
@@ -220,7 +241,7 @@ def _resumed(args: CompareArgs, dest: Path, state: Path) -> dict:
         except UserError:
             raise UserError(f"--resume: {folder}/config.json is missing or unreadable") from None
         differ = [k for k, v in asdict(args).items()
-                  if k not in ("resume", "overwrite", *GRID) and not _same_option(k, saved.get(k), v)]
+                  if k not in ("resume", "overwrite", *REPORT, *GRID) and not _same_option(k, saved.get(k), v)]
         if differ:
             raise UserError(f"--resume: the earlier run in {dest} used other options ({', '.join(differ)})")
         rows = read_rows(folder / "comparison.csv", NUMERIC)
@@ -244,6 +265,7 @@ def run(args: CompareArgs) -> str:
     methods = parse_list(args.methods, str, "methods")
     sparsities = parse_list(args.sparsities, float, "sparsities")
     seeds = parse_list(args.seeds, int, "seeds")
+    pairs = parse_pairs(args.pairs, allocations)
     args, size = fill_calibration_size(args, args.CPU_CALIBRATION)  # config.json keeps the values used
     rules = {a: allocate.get(a, "sparsity")[0] for a in allocations}
     for sp in sparsities:
@@ -270,18 +292,19 @@ def run(args: CompareArgs) -> str:
             shutil.copytree(cmp.dest / "levels", state / "levels")  # the finished run's level databases
         cmp.write_config(state)
         md, lm, task = _runs(args, cmp, rows, resumed["searches"], resumed["tunings"], records, allocations, methods,
-                             sparsities, seeds, held_out, size, lm_eval_tasks)
+                             sparsities, seeds, held_out, size, lm_eval_tasks, pairs)
         cmp.save_rows(rows)
         return cmp.finish({"comparison.md": md, "comparison.png": plot(rows, f"{lm.name} · task {task}")}, md)
 
 
 def _runs(args: CompareArgs, cmp: Comparison, rows: list[dict], searches: dict, tunings: dict, records,
           allocations: list[str], methods: list[str], sparsities: list[float], seeds: list[int],
-          held_out: tuple[str, int | None], size: str, lm_eval_tasks: list[str]):
+          held_out: tuple[str, int | None], size: str, lm_eval_tasks: list[str],
+          pairs: list[tuple[str, str]]):
     """Every run not in ``rows`` yet (rows, items, searches and ``--tune`` records saved into the cache after each);
     ``held_out``: the perplexity text and its window cap, ``size``: which calibration size defaults applied;
     ``lm_eval_tasks``: the lm-eval tasks every model is also evaluated on (per-document results kept, like the
-    accuracy's).
+    accuracy's); ``pairs``: the ``--pairs`` comparisons.
     Returns (comparison.md, the model, the task)."""
     state = cmp.state
     rules = {a: allocate.get(a, "sparsity")[0] for a in allocations}
@@ -374,7 +397,7 @@ def _runs(args: CompareArgs, cmp: Comparison, rows: list[dict], searches: dict, 
         write_json(cmp.out / "tuning.json", tunings)
     if (state / "levels").exists():  # the level databases belong to the result
         os.replace(state / "levels", cmp.out / "levels")
-    return markdown(rows, meta), lm, task  # also when --resume found nothing left to run: the tables follow the code
+    return markdown(rows, meta, pairs), lm, task  # also when --resume found nothing left to run: the tables follow the code
 
 
 register("compare-pruning", CompareArgs, run,
