@@ -213,6 +213,22 @@ def test_sparsegpt_at_several_ratios_is_the_reference_at_each(rows, cols, block,
                            P.sparsegpt_weight(W, H, 0.5, nm=nm, block_size=block))
 
 
+def test_wanda_at_several_ratios_is_each_ratio_alone():
+    """The level database's call (one score, one sort) against Wanda's mask computed afresh at each ratio."""
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(24, 40, generator=g)
+    stats = P.InputStats(torch.nn.Linear(40, 24), hessian=False)
+    stats.sq = torch.randint(0, 3, (40,), generator=g).float()  # ties in the score
+    ratios = [0.0, 0.1, 0.45, 0.5, 0.9]
+    masks = P.PRUNERS["wanda"].prune_levels(W, ratios, stats, P.PruneSettings())
+    for ratio, mask in zip(ratios, masks):
+        score = P.wanda_score(W, stats.sq)
+        expected = torch.zeros_like(mask)
+        k = int(round(ratio * 40))
+        expected.scatter_(1, torch.sort(score, dim=1, stable=True).indices[:, :k], True)
+        assert torch.equal(mask, expected), ratio
+
+
 def test_lowest_mask_is_a_stable_sorts_choice():
     """Selection (k-th value, then the first ties by position) against the plain stable sort, with many ties and NaN."""
     g = torch.Generator().manual_seed(0)

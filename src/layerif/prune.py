@@ -113,14 +113,21 @@ def parse_nm(nm: str | None) -> tuple[int, int] | None:
 # ----------------------------------------------------------------------------- masks
 
 
+def row_masks(score: torch.Tensor, ratios: Sequence[float]) -> list[torch.Tensor]:
+    """Per ratio, True for the round(ratio · in) lowest scores of each row of an [out, in] score (ties by
+    position); the rows are sorted once for every ratio."""
+    ks = [int(round(r * score.shape[1])) for r in ratios]
+    order = torch.sort(score, dim=1, stable=True).indices if max(ks) else None
+    masks = [torch.zeros_like(score, dtype=torch.bool) for _ in ks]
+    for mask, k in zip(masks, ks):
+        if k:
+            mask.scatter_(1, order[:, :k], True)
+    return masks
+
+
 def row_mask(score: torch.Tensor, ratio: float) -> torch.Tensor:
     """True for the round(ratio · in) lowest scores of each row of an [out, in] score; ties by position."""
-    k = int(round(ratio * score.shape[1]))
-    mask = torch.zeros_like(score, dtype=torch.bool)
-    if k:
-        idx = torch.sort(score, dim=1, stable=True).indices[:, :k]
-        mask.scatter_(1, idx, True)
-    return mask
+    return row_masks(score, [ratio])[0]
 
 
 def lowest_mask(score: torch.Tensor, ratio: float) -> torch.Tensor:
@@ -310,8 +317,14 @@ def _magnitude(W: torch.Tensor, ratio: float, stats: None, s: PruneSettings) -> 
 
 def _wanda(W: torch.Tensor, ratio: float, stats: InputStats, s: PruneSettings) -> torch.Tensor:
     """The lowest |W_ij| · ‖X_j‖₂ of each row (or N of every M inputs of a row)."""
+    return _wanda_levels(W, [ratio], stats, s)[0]
+
+
+def _wanda_levels(W: torch.Tensor, ratios: Sequence[float], stats: InputStats, s: PruneSettings
+                  ) -> list[torch.Tensor]:
+    """Wanda's masks at several ratios from one score and one sort of its rows (:func:`row_masks`)."""
     score = wanda_score(W, stats.sq)
-    return nm_mask(score, *s.nm) if s.nm else row_mask(score, ratio)
+    return [nm_mask(score, *s.nm)] * len(ratios) if s.nm else row_masks(score, ratios)
 
 
 def _sparsegpt(W: torch.Tensor, ratio: float, stats: InputStats, s: PruneSettings) -> torch.Tensor:
@@ -326,7 +339,8 @@ def _sparsegpt_levels(W: torch.Tensor, ratios: Sequence[float], stats: InputStat
 
 
 register(Pruner("magnitude", _magnitude, needs_calibration=False))
-register(Pruner("wanda", _wanda, needs_calibration=True, modifier="WandaPruningModifier"))
+register(Pruner("wanda", _wanda, needs_calibration=True, modifier="WandaPruningModifier",
+                prune_levels=_wanda_levels))
 register(Pruner("sparsegpt", _sparsegpt, needs_calibration=True, needs_hessian=True, keeps_survivors=False,
                 modifier="SparseGPTModifier", settings=("block_size", "damping"), prune_levels=_sparsegpt_levels))
 
