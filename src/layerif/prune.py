@@ -180,10 +180,11 @@ def sparsegpt_weights(
     block of ``block_size`` columns takes the round(ratio · size) lowest
     w² / [H⁻¹]_jj² (or N of each M with ``nm``, the ratios then unused), and each
     pruned column's error is propagated to the later columns through the upper
-    Cholesky factor of H⁻¹. The factor is computed once; the ratios' weights are
-    stacked [len(ratios), out, in] and swept column by column together (the
-    per-column updates are elementwise, the update of the later columns one
-    matmul per ratio), so every ratio's result is exactly the one it gets alone.
+    Cholesky factor of H⁻¹. The factor is computed once; the ratios' transposed
+    weights are stacked [len(ratios), in, out] (a column of W a contiguous row)
+    and swept column by column together (the per-column updates are elementwise,
+    the update of the later columns one matmul per ratio on the reference's
+    operands), so every ratio's result is exactly the one it gets alone.
     """
     W = weight.detach().float().clone()
     H = hessian.detach().float().clone()
@@ -222,7 +223,7 @@ def sparsegpt_weights(
         S[:, i1:i2] = Q1
         for k in range(len(ratios)):
             S[k, i2:] -= Err1[k].t().contiguous().matmul(Hinv[i1:i2, i2:]).t()  # the reference's operands
-    return [Wk.t() for Wk in S.unbind(0)]
+    return [Wk.t().contiguous() for Wk in S.unbind(0)]
 
 
 def sparsegpt_weight(
