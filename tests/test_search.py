@@ -378,6 +378,21 @@ def test_compare_pruning_with_search_and_sensitivity(stand_ins, model_dir, tmp_p
         assert md.count(pair) == 2, pair  # accuracy and perplexity
 
 
+def test_search_best_reuses_the_sensitivity_the_run_measured(stand_ins, model_dir, tmp_path, monkeypatch):
+    """In one comparison the sensitivity allocation and the search's sensitivity start are one measurement per
+    (seed, pruner, target): the same KL rises, measured once."""
+    calls = []
+    real = PA.run_sensitivity
+    monkeypatch.setattr(PA, "run_sensitivity", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    args = compare_args(model_dir, tmp_path, allocations=["sensitivity", "search-best"], methods=["magnitude"],
+                        seeds=["0"], sparsities=["0.5", "0.6"], search_evals=10, search_offspring=2,
+                        search_survivors=["1"], search_windows=2, search_screen_windows=["1"])
+    CP.run(args)
+    assert calls == [0.5, 0.6]
+    searches = json.loads((tmp_path / "cmp" / "search.json").read_text())
+    assert all("sensitivity" in s["starts"] for s in searches.values())
+
+
 def test_a_new_search_start_is_one_registration(stand_ins, model_dir, tmp_path, monkeypatch):
     """A search start added in one place (here: ATP, sparsity rising with depth) is an allocation search-NAME."""
     from layerif import allocate

@@ -27,7 +27,7 @@ from .errors import require_finite
 from .allocate import SparsityOptions, allocate_sparsity
 from .measure import PRUNER_MEASURED, Sources, allocation_metric
 from .calibration import InputStats, calibrate
-from .levels import LevelDatabase, windows_hash
+from .levels import LevelDatabase, ratio_key, windows_hash
 from .prune import (BLOCK_SIZE, DAMPING, SETTINGS, PruneSettings, Pruner, get_pruner, prunable_modules, prune_model,
                     pruned_levels)
 from .results import block_sparsity
@@ -127,7 +127,8 @@ def measured_metric(rule: allocate.Allocation, src: Sources, target: float, weig
                     starts: dict[str, np.ndarray] | None = None) -> tuple[np.ndarray, dict]:
     """The metric of an allocation measured with the pruner, and its record.
 
-    ``sensitivity``: the KL rise per block pruned alone at ``target``; ``search``:
+    ``sensitivity``: the KL rise per block pruned alone at ``target`` (kept in ``src.cache``, so a search from it
+    and the ``sensitivity`` allocation of one run measure it once); ``search``:
     the per-block sparsity found by the search from the best of ``starts`` (name →
     per-block sparsity, :func:`search_starts`). The level database of ``m.method``
     (calibrated on ``src.windows``) lives in ``m.db_root``. A non-finite weight is a
@@ -136,9 +137,13 @@ def measured_metric(rule: allocate.Allocation, src: Sources, target: float, weig
     for name, param in src.model.named_parameters():  # a non-finite model builds no level (FloatingPointError)
         require_finite(param, f"the weight {name}")
     db = level_database(m.db_root, src.model, m.method, src.windows, m.damping, m.block_size, m.model_name)
-    if rule.metric == "sensitivity":
-        db.ensure([[target]] * len(weights))
-        return run_sensitivity(src.model, db, target, m.fitness_windows, m.batch_size)
+    if rule.metric == "sensitivity":  # measured once per database, target and fitness windows (src.cache)
+        key = ("sensitivity", str(db.path), ratio_key(target), windows_hash(m.fitness_windows))
+        if key not in src.cache:
+            db.ensure([[target]] * len(weights))
+            src.cache[key] = run_sensitivity(src.model, db, target, m.fitness_windows, m.batch_size)
+        kl, record = src.cache[key]
+        return kl.copy(), dict(record)
     db.ensure(search_levels(target, weights, m.search))
     return run_search(src.model, db, target, weights, m.fitness_windows, starts, m.search, m.batch_size)
 

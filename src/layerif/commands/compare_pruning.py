@@ -270,7 +270,8 @@ def run(args: CompareArgs) -> str:
     rules = {a: allocate.get(a, "sparsity")[0] for a in allocations}
     for sp in sparsities:
         check_sparsity(sp)
-    needs_scores = any(allocate.get(search_start(a, a), "sparsity")[0].metric == "scores" for a in allocations)
+    starts = [search_start(a, a) for a in allocations]  # a search-best tries the LayerIF start only with --scores
+    needs_scores = any(s != allocate.BEST and allocate.get(s, "sparsity")[0].metric == "scores" for s in starts)
     args.check(methods, "the layerif allocations need" if needs_scores else "")
     if any(r.metric == "search" for r in rules.values()):
         args.search_config(0, sparsities)  # the level bounds against every target, before the model loads
