@@ -361,7 +361,8 @@ def pruned_levels(module: nn.Module, pruner: Pruner, ratios: Sequence[float], st
     else:
         outs = [pruner.prune(W, ratio, stats, settings) for ratio in ratios]
     if pruner.keeps_survivors:
-        return [(out | (W == 0), None) for out in outs]
+        zeros = W == 0  # once for every ratio
+        return [(out | zeros, None) for out in outs]
     return [(new == 0, new) for new in (out.to(W.dtype) for out in outs)]
 
 
